@@ -1,0 +1,3 @@
+"""stats-gateway: a lean, self-hosted AI gateway."""
+
+__version__ = "0.1.0"

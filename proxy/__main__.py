@@ -1,0 +1,239 @@
+"""The command line: `stats-gateway` and `python -m proxy`.
+
+serve (default)   run the gateway
+check-config      validate the config and print a summary
+keys              create, list and revoke API keys
+credits           add credit to a team's wallet, or show it
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from proxy.config import NANOS_PER_USD, ConfigError, GatewayConfig, load_config
+
+DEFAULT_CONFIG = "config/gateway.yaml"
+COMMANDS = ("serve", "check-config", "keys", "credits")
+
+
+def _usd(text: str) -> int:
+    try:
+        amount = Decimal(text)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"expected an amount in USD such as 25 or 0.50, got {text!r}") from None
+    if not amount.is_finite():
+        raise argparse.ArgumentTypeError(f"expected a finite amount, got {text!r}")
+    return int(amount * NANOS_PER_USD)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stats-gateway", description="A lean, self-hosted AI gateway.")
+    parser.add_argument("--log-level", default=os.environ.get("GATEWAY_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command")
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument(
+            "--config",
+            default=os.environ.get("GATEWAY_CONFIG", DEFAULT_CONFIG),
+            help=f"the gateway's YAML config (default: $GATEWAY_CONFIG or {DEFAULT_CONFIG})",
+        )
+        return p
+
+    serve = with_config(sub.add_parser("serve", help="run the gateway (the default command)"))
+    serve.add_argument("--host", help="address to listen on (default: server.host)")
+    serve.add_argument("--port", type=int, help="port to listen on (default: server.port)")
+    serve.add_argument("--workers", type=int, help="worker processes (default: server.workers)")
+
+    with_config(sub.add_parser("check-config", help="validate the config and print a summary"))
+
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
+    create = with_config(keys.add_parser("create", help="create a key (and its team if new); prints the key last"))
+    create.add_argument("--team", required=True)
+    create.add_argument("--name", default="", help="a label for the key")
+    create.add_argument("--management", action="store_true", help="may call the management APIs")
+    create.add_argument("--credit", type=_usd, metavar="USD", help="add this much credit to the team's wallet")
+    listing = with_config(keys.add_parser("list", help="list keys (never their secrets)"))
+    listing.add_argument("--team")
+    revoke = with_config(keys.add_parser("revoke", help="revoke a key by its id"))
+    revoke.add_argument("kid")
+
+    credits = sub.add_parser("credits", help="team wallets").add_subparsers(dest="action", required=True)
+    add = with_config(credits.add_parser("add", help="add credit to a team's wallet"))
+    add.add_argument("--team", required=True)
+    add.add_argument("--usd", type=_usd, required=True, metavar="USD")
+    show = with_config(credits.add_parser("show", help="show a team's balance"))
+    show.add_argument("--team", required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(arg in COMMANDS for arg in argv[:1]) and not any(a in ("-h", "--help") for a in argv[:1]):
+        argv.insert(0, "serve")  # `serve` is the default command
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        config = load_config(args.config)
+        if args.command == "serve":
+            return _serve(config, args)
+        if args.command == "check-config":
+            return _check(config)
+        return asyncio.run(_admin(config, args))
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _serve(config: GatewayConfig, args: argparse.Namespace) -> int:
+    host = args.host or config.server.host
+    port = config.server.port if args.port is None else args.port
+    workers = args.workers or config.server.workers
+    if workers < 1:
+        print("--workers must be at least 1", file=sys.stderr)
+        return 2
+    own_dir = None
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # prometheus-client picks its multiprocess mode from this variable when first imported.
+        own_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="stats-gateway-metrics-")
+    from proxy.app import run  # after the variable is set
+    from proxy.routing import RouteTable
+
+    RouteTable(config)  # route-table errors are config errors: report them before binding anything
+    try:
+        return run(config, host, port, workers)
+    except OSError as e:
+        print(f"cannot serve on {host}:{port}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    finally:
+        if own_dir:
+            shutil.rmtree(own_dir, ignore_errors=True)
+
+
+def _check(config: GatewayConfig) -> int:
+    from proxy.routing import RouteTable
+
+    table = RouteTable(config)
+    print(f"config {config.source}: OK")
+    print(f"store: {config.store.url}")
+    print(f"providers ({len(config.providers)}):")
+    for name, p in config.providers.items():
+        key = "api key set" if p.api_key else "no api key"
+        print(f"  {name:<14} kind={p.kind:<18} {p.base_url}  ({key})")
+    print(f"models ({len(config.models)}):")
+    for model_id, m in config.models.items():
+        targets = ", ".join(f"{t.provider}/{t.model}" for t in m.targets)
+        print(f"  {model_id:<40} {','.join(m.endpoints):<20} -> {targets}")
+    print(f"routes ({len(table.routes)}):")
+    for route, surface in table.routes:
+        print(f"  {route.method:<6} {route.path:<28} {surface.name}")
+    return 0
+
+
+async def _admin(config: GatewayConfig, args: argparse.Namespace) -> int:
+    from proxy.store import StoreError, open_store
+
+    try:
+        store = await open_store(config.store.url)
+    except StoreError as e:
+        print(f"store error: {e}", file=sys.stderr)
+        return 1
+    args.cache_ttl = config.auth.cache_ttl_s
+    try:
+        handler: Callable[[Any, argparse.Namespace], Awaitable[int]] = _ACTIONS[(args.command, args.action)]
+        return await handler(store, args)
+    finally:
+        await store.close()
+
+
+async def _keys_create(store: Any, args: argparse.Namespace) -> int:
+    from proxy.auth import generate_key, hash_secret, split_key
+    from proxy.credit import usd
+    from proxy.store.base import SCOPE_INFERENCE, SCOPE_MANAGEMENT
+
+    team = await store.ensure_team(args.team)
+    kid, key = generate_key()
+    parts = split_key(key)
+    assert parts is not None
+    scopes = (SCOPE_INFERENCE, SCOPE_MANAGEMENT) if args.management else (SCOPE_INFERENCE,)
+    await store.create_key(team_id=team.id, kid=kid, secret_hash=hash_secret(parts[1]), name=args.name, scopes=scopes)
+    balance = team.balance_nanos
+    if args.credit:
+        balance = await store.add_credit(team.id, args.credit, note=f"keys create {kid}")
+    print(f"created key {kid} for team {team.name!r} ({team.id}), scopes: {', '.join(scopes)}")
+    print(f"team wallet: {usd(balance)}")
+    print("the key is shown once; store it now:")
+    print(key)
+    return 0
+
+
+async def _keys_list(store: Any, args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    team_id = None
+    if args.team:
+        team = await store.get_team(args.team)
+        if team is None:
+            print(f"no team named {args.team!r}", file=sys.stderr)
+            return 1
+        team_id = team.id
+    rows = await store.list_keys(team_id)
+    print(f"{'kid':<14} {'team':<20} {'status':<9} {'scopes':<22} {'created (UTC)':<20} name")
+    for k in rows:
+        created = datetime.fromtimestamp(k.created_at, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        print(f"{k.kid:<14} {k.team_name:<20} {k.status:<9} {','.join(k.scopes):<22} {created:<20} {k.name}")
+    return 0
+
+
+async def _keys_revoke(store: Any, args: argparse.Namespace) -> int:
+    from proxy.store.base import REVOKED
+
+    if not await store.set_key_status(args.kid, REVOKED):
+        print(f"no active key {args.kid!r}", file=sys.stderr)
+        return 1
+    print(f"revoked key {args.kid} (running gateways refuse it within auth.cache_ttl_s = {args.cache_ttl:g} s)")
+    return 0
+
+
+async def _credits_add(store: Any, args: argparse.Namespace) -> int:
+    from proxy.credit import usd
+
+    team = await store.ensure_team(args.team)
+    balance = await store.add_credit(team.id, args.usd, note="credits add")
+    print(f"team {team.name!r} wallet: {usd(balance)}")
+    return 0
+
+
+async def _credits_show(store: Any, args: argparse.Namespace) -> int:
+    from proxy.credit import usd
+
+    team = await store.get_team(args.team)
+    if team is None:
+        print(f"no team named {args.team!r}", file=sys.stderr)
+        return 1
+    print(f"team {team.name!r} ({team.id}) wallet: {usd(team.balance_nanos)}")
+    return 0
+
+
+_ACTIONS = {
+    ("keys", "create"): _keys_create,
+    ("keys", "list"): _keys_list,
+    ("keys", "revoke"): _keys_revoke,
+    ("credits", "add"): _credits_add,
+    ("credits", "show"): _credits_show,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

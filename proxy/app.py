@@ -1,0 +1,226 @@
+"""Build the aiohttp application from a config, and run it: one process, or a supervisor and N workers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+
+from aiohttp import web
+
+from proxy.auth import KeyCache
+from proxy.config import GatewayConfig
+from proxy.credit import WalletCache
+from proxy.gateway import GATEWAY, Gateway
+from proxy.metrics import Metrics
+from proxy.routing import RouteTable
+from proxy.store import open_store
+from proxy.surfaces import ops
+from proxy.surfaces.openai import inference_handler, models_handler
+from proxy.upstream import Upstream
+
+log = logging.getLogger("proxy")
+
+
+def build_app(config: GatewayConfig) -> web.Application:
+    """The gateway as an aiohttp Application: routes from the config; store and clients opened on startup."""
+    routes = RouteTable(config)
+    gw = Gateway(config, routes, Metrics())
+    app = web.Application(client_max_size=config.server.max_body_bytes + 1)
+    app[GATEWAY] = gw
+    app.cleanup_ctx.append(_resources)
+    app.on_shutdown.append(_drain)
+
+    known: dict[str, set[str]] = {}
+    for route, surface in routes.routes:
+        handler = models_handler if surface.name == "openai.models" else inference_handler(surface, route.default_model)
+        app.router.add_route(route.method, route.path, handler)
+        known.setdefault(route.path, set()).add(route.method)
+    for path, handler in (("/healthz", ops.healthz), ("/readyz", ops.readyz), ("/metrics", ops.metrics)):
+        app.router.add_get(path, handler)
+        known.setdefault(path, set()).add("GET")
+    app.router.add_route("*", "/{tail:.*}", ops.not_found(known))
+    return app
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    gw = app[GATEWAY]
+    config = gw.config
+    gw.store = await open_store(config.store.url)
+    gw.keys = KeyCache(gw.store, config.auth.cache_ttl_s)
+    gw.wallets = WalletCache(gw.store, config.auth.cache_ttl_s, config.auth.min_balance_nanos)
+    gw.upstreams = {name: Upstream(name, provider) for name, provider in config.providers.items()}
+    try:
+        yield
+    finally:
+        for upstream in gw.upstreams.values():
+            await upstream.close()
+        await gw.store.close()
+
+
+async def _drain(app: web.Application) -> None:
+    app[GATEWAY].draining = True
+
+
+def warn_about(config: GatewayConfig) -> None:
+    """Log what will surely fail at request time but is not a config error (e.g. a missing API key)."""
+    used = {t.provider for m in config.models.values() for t in m.targets}
+    for name in sorted(used):
+        provider = config.providers[name]
+        if not provider.api_key and not provider.base_url.startswith(("http://127.", "http://localhost")):
+            log.warning("provider %r has no api_key: requests to its models will be refused upstream", name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# running
+
+
+async def serve(
+    config: GatewayConfig,
+    host: str,
+    port: int,
+    *,
+    reuse_port: bool = False,
+    announce: Callable[[str], None] | None = None,
+) -> None:
+    """Serve until SIGTERM or SIGINT, then stop accepting, drain in-flight requests and close."""
+    app = build_app(config)
+    access_log = logging.getLogger("aiohttp.access") if config.server.access_log else None
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=access_log,
+        handler_cancellation=True,  # a client that goes away cancels its request: the upstream is closed
+        shutdown_timeout=config.server.drain_timeout_s,
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, reuse_port=reuse_port, backlog=2048)
+        await site.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        bound = site._server.sockets[0].getsockname()[:2] if site._server else (host, port)  # type: ignore[union-attr]
+        if announce:
+            announce(f"http://{_host(bound[0])}:{bound[1]}")
+        await stop.wait()
+        log.info("stopping: draining in-flight requests (up to %g s)", config.server.drain_timeout_s)
+    finally:
+        await runner.cleanup()
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def run(config: GatewayConfig, host: str, port: int, workers: int) -> int:
+    """The `serve` command: one process, or a supervisor forking `workers` processes on one port."""
+    import uvloop
+
+    warn_about(config)
+    if workers == 1:
+
+        def announce(url: str) -> None:
+            log.info("stats-gateway listening on %s (1 worker, config %s)", url, config.source)
+
+        uvloop.run(serve(config, host, port, announce=announce))
+        return 0
+    return _supervise(config, host, port, workers)
+
+
+def _supervise(config: GatewayConfig, host: str, port: int, workers: int) -> int:
+    """Fork `workers` processes, each with its own SO_REUSEPORT socket; restart one that dies."""
+    import uvloop
+
+    from proxy.store import open_store as _open
+
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not metrics_dir:
+        raise RuntimeError("PROMETHEUS_MULTIPROC_DIR must be set before proxy.app is imported for workers > 1")
+    for name in os.listdir(metrics_dir):  # values of a previous run are not ours
+        if name.endswith(".db"):
+            os.unlink(os.path.join(metrics_dir, name))
+
+    async def migrate() -> None:  # once, before the workers race to do it
+        store = await _open(config.store.url)
+        await store.close()
+
+    asyncio.run(migrate())
+    # Reserve the port (and learn it when 0 was asked) with a bound, non-listening SO_REUSEPORT socket.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    reserve = socket.socket(family, socket.SOCK_STREAM)
+    reserve.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    reserve.bind((host, port))
+    port = reserve.getsockname()[1]
+
+    def spawn() -> int:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 0
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                reserve.close()
+                uvloop.run(serve(config, host, port, reuse_port=True))
+            except BaseException:
+                log.exception("worker %d failed", os.getpid())
+                code = 1
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        return pid
+
+    from prometheus_client import multiprocess
+
+    children: dict[int, float] = {}
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    for _ in range(workers):
+        children[spawn()] = time.monotonic()
+    log.info(
+        "stats-gateway listening on http://%s:%d (%d workers, config %s)", _host(host), port, workers, config.source
+    )
+    quick_deaths = 0
+    exit_code = 0
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        started = children.pop(pid, None)
+        if started is None:
+            continue
+        multiprocess.mark_process_dead(pid)
+        code = os.waitstatus_to_exitcode(status)
+        if stopping:
+            exit_code = exit_code or (code if code > 0 else 0)
+            continue
+        quick_deaths = quick_deaths + 1 if time.monotonic() - started < 5 else 0
+        if quick_deaths >= 5:
+            log.error("workers keep dying at start (last exit %s): stopping", code)
+            on_signal(signal.SIGTERM, None)
+            exit_code = 1
+            continue
+        log.error("worker %d exited (%s): starting another", pid, code)
+        time.sleep(min(0.2 * quick_deaths, 2.0))
+        children[spawn()] = time.monotonic()
+    reserve.close()
+    log.info("stopped")
+    sys.stdout.flush()
+    return exit_code

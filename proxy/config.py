@@ -1,0 +1,354 @@
+"""Gateway configuration: msgspec Structs, `${VAR:-default}` substitution, errors with YAML paths.
+
+`load_config(path)` reads the YAML file, substitutes environment variables in string values, converts
+the result into `GatewayConfig` and checks cross references. Every problem raises `ConfigError`
+naming the file, the YAML path (`$.models['openai/gpt-4o-mini'].targets[0].provider`), its line and
+what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import yaml
+
+NANOS_PER_USD = 1_000_000_000
+
+# Endpoint ids of the reference surface: what a model may declare it serves.
+ENDPOINT_IDS = frozenset(
+    {
+        "chat.completions",
+        "responses",
+        "messages",
+        "embeddings",
+        "moderations",
+        "rerank",
+        "audio.speech",
+        "audio.transcriptions",
+        "audio.translations",
+        "images.generations",
+        "images.edits",
+        "video.generation",
+        "music.generate",
+        "ocr",
+        "batch",
+    }
+)
+
+PROVIDER_KINDS = ("openai", "openai-compatible")
+
+
+class ConfigError(Exception):
+    """A configuration problem, located in its file."""
+
+    def __init__(self, file: str | os.PathLike[str], path: str, message: str, line: int | None = None):
+        self.file = str(file)
+        self.path = path
+        self.message = message
+        self.line = line
+        where = f"{self.file}:{line}" if line else self.file
+        super().__init__(f"{where}: {path}: {message}" if path else f"{where}: {message}")
+
+
+class _Base(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
+    """Policy for every config Struct: unknown keys are errors."""
+
+
+class ServerConfig(_Base):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    max_body_bytes: int = 16 * 1024 * 1024
+    drain_timeout_s: float = 30.0
+    access_log: bool = False
+
+
+class StoreConfig(_Base):
+    url: str = "sqlite:///./data/gateway.db"
+
+
+class AuthConfig(_Base):
+    cache_ttl_s: float = 5.0
+    min_balance_usd: Decimal = Decimal("1.00")
+
+    @property
+    def min_balance_nanos(self) -> int:
+        return int(self.min_balance_usd * NANOS_PER_USD)
+
+
+class MetaConfig(_Base):
+    always: bool = False
+
+
+class MetricsConfig(_Base):
+    enabled: bool = True
+
+
+class Timeouts(_Base):
+    connect_s: float = 10.0
+    read_s: float = 300.0
+    total_s: float = 900.0
+
+
+class ProviderConfig(_Base):
+    kind: Literal["openai", "openai-compatible"]
+    base_url: str
+    api_key: str = ""
+    headers: dict[str, str] = {}
+    timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
+    max_connections: int = 512
+
+
+class Target(_Base):
+    provider: str
+    model: str
+
+
+class ModelConfig(_Base):
+    targets: list[Target]
+    endpoints: list[str] = msgspec.field(default_factory=lambda: ["chat.completions"])
+    aliases: list[str] = []
+    owned_by: str = ""
+    created: int = 0
+
+
+class RouteConfig(_Base):
+    method: str
+    path: str
+    surface: str
+    default_model: str = ""
+
+
+DEFAULT_ROUTES = [
+    RouteConfig(method="POST", path="/v1/chat/completions", surface="openai.chat"),
+    RouteConfig(method="POST", path="/v1/embeddings", surface="openai.embeddings"),
+    RouteConfig(
+        method="POST",
+        path="/v1/moderations",
+        surface="openai.moderations",
+        default_model="openai/omni-moderation-latest",
+    ),
+    RouteConfig(method="GET", path="/v1/models", surface="openai.models"),
+]
+
+
+class GatewayConfig(_Base):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    store: StoreConfig = msgspec.field(default_factory=StoreConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    meta: MetaConfig = msgspec.field(default_factory=MetaConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    providers: dict[str, ProviderConfig] = {}
+    models: dict[str, ModelConfig] = {}
+    routes: list[RouteConfig] = msgspec.field(
+        default_factory=lambda: [msgspec.structs.replace(r) for r in DEFAULT_ROUTES]
+    )
+    source: str = ""  # the file this came from; set by load_config, not read from YAML
+
+
+# ---------------------------------------------------------------------------------------------------------
+# paths
+
+Segment = str | int
+
+
+def format_path(segments: Iterable[Segment]) -> str:
+    out = "$"
+    for seg in segments:
+        if isinstance(seg, int):
+            out += f"[{seg}]"
+        elif re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", seg):
+            out += f".{seg}"
+        else:
+            out += f"[{seg!r}]"
+    return out
+
+
+def _parse_msgspec_path(text: str) -> list[Segment]:
+    """`$.targets[0].port` (a msgspec error path) as segments."""
+    segments: list[Segment] = []
+    for name, index in re.findall(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]", text.removeprefix("$")):
+        segments.append(name if name else int(index))
+    return segments
+
+
+def _line_of(node: yaml.Node | None, segments: list[Segment]) -> int | None:
+    """The 1-based line of the deepest YAML node found along `segments`."""
+    line = None
+    for seg in segments:
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+        child = None
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if key.value == seg:
+                    child = value
+                    break
+        elif isinstance(node, yaml.SequenceNode) and isinstance(seg, int) and seg < len(node.value):
+            child = node.value[seg]
+        node = child
+    if node is not None:
+        line = node.start_mark.line + 1
+    return line
+
+
+# ---------------------------------------------------------------------------------------------------------
+# environment substitution
+
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)([^}]*))?\}")
+
+
+def substitute(value: str, env: dict[str, str] | os._Environ[str]) -> str:
+    """Replace `${VAR}`, `${VAR:-default}` (unset or empty) and `${VAR-default}` (unset); `$$` is `$`."""
+
+    def repl(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name, op, default = m.group(1), m.group(2), m.group(3)
+        current = env.get(name)
+        if op == ":-":
+            return current if current else default
+        if op == "-":
+            return default if current is None else current
+        if current is None:
+            raise KeyError(name)
+        return current
+
+    return _VAR.sub(repl, value)
+
+
+def _substitute_tree(obj: Any, path: list[Segment], env: Any, fail: Any) -> Any:
+    if isinstance(obj, str):
+        try:
+            return substitute(obj, env)
+        except KeyError as e:
+            fail(path, f"environment variable {e.args[0]} is not set (write ${{{e.args[0]}:-}} to allow it empty)")
+    if isinstance(obj, dict):
+        return {k: _substitute_tree(v, [*path, k], env, fail) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_substitute_tree(v, [*path, i], env, fail) for i, v in enumerate(obj)]
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loading
+
+
+def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> GatewayConfig:
+    """Read, substitute, convert and check the config at `path`."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(file, "", f"cannot read the config file: {e.strerror or e}") from None
+    try:
+        root = yaml.compose(text)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        raise ConfigError(file, "", f"not valid YAML: {getattr(e, 'problem', None) or e}", line) from None
+    raw = {} if raw is None else raw
+
+    def fail(segments: list[Segment], message: str) -> None:
+        raise ConfigError(file, format_path(segments), message, _line_of(root, segments))
+
+    if not isinstance(raw, dict):
+        fail([], f"expected a mapping at the top level, got {type(raw).__name__}")
+    raw = _substitute_tree(raw, [], os.environ if env is None else env, fail)
+    raw.pop("source", None)
+
+    # Convert each entry of the keyed maps alone first, so an error names its key (msgspec says `[...]`).
+    entry_types: dict[str, type] = {"providers": ProviderConfig, "models": ModelConfig}
+    for section, typ in entry_types.items():
+        entries = raw.get(section)
+        if isinstance(entries, dict):
+            for key, value in entries.items():
+                _convert(value, typ, [section, str(key)], fail)
+    config = _convert(raw, GatewayConfig, [], fail)
+    config.source = str(file)
+    check(config, fail)
+    return config
+
+
+def _convert(obj: Any, typ: type, prefix: list[Segment], fail: Any) -> Any:
+    try:
+        return msgspec.convert(obj, typ, strict=False)
+    except msgspec.ValidationError as e:
+        message, _, where = str(e).partition(" - at ")
+        fail([*prefix, *_parse_msgspec_path(where)], message)
+
+
+def check(config: GatewayConfig, fail: Any) -> None:
+    """Cross-field checks that the types alone cannot express."""
+    server = config.server
+    if not 0 <= server.port <= 65535:
+        fail(["server", "port"], f"expected a port number 0-65535, got {server.port}")
+    if server.workers < 1:
+        fail(["server", "workers"], f"expected at least 1 worker, got {server.workers}")
+    if server.max_body_bytes < 1024:
+        fail(["server", "max_body_bytes"], f"expected at least 1024 bytes, got {server.max_body_bytes}")
+    if server.drain_timeout_s < 0:
+        fail(["server", "drain_timeout_s"], "expected a duration >= 0 seconds")
+    if config.auth.cache_ttl_s < 0:
+        fail(["auth", "cache_ttl_s"], "expected a duration >= 0 seconds")
+    if not config.store.url.startswith(("sqlite://",)):
+        fail(["store", "url"], f"expected a sqlite:///path URL, got {config.store.url!r}")
+
+    for name, provider in config.providers.items():
+        where = ["providers", name]
+        if not re.match(r"https?://[^/\s]+", provider.base_url):
+            fail([*where, "base_url"], f"expected an http(s) URL, got {provider.base_url!r}")
+        for field in ("connect_s", "read_s", "total_s"):
+            if getattr(provider.timeouts, field) <= 0:
+                fail([*where, "timeouts", field], "expected a duration > 0 seconds")
+        if provider.max_connections < 1:
+            fail([*where, "max_connections"], "expected at least 1")
+
+    providers = sorted(config.providers)
+    for model_id, model in config.models.items():
+        where: list[Segment] = ["models", model_id]
+        if not model.targets:
+            fail([*where, "targets"], "expected at least one target")
+        for i, target in enumerate(model.targets):
+            if target.provider not in config.providers:
+                fail(
+                    [*where, "targets", i, "provider"],
+                    f"unknown provider {target.provider!r} (expected one of: {', '.join(providers) or 'none defined'})",
+                )
+        for i, endpoint in enumerate(model.endpoints):
+            if endpoint not in ENDPOINT_IDS:
+                fail(
+                    [*where, "endpoints", i],
+                    f"unknown endpoint {endpoint!r} (expected one of: {', '.join(sorted(ENDPOINT_IDS))})",
+                )
+
+    seen: dict[tuple[str, str], int] = {}
+    for i, route in enumerate(config.routes):
+        route.method = route.method.upper()
+        if not route.path.startswith("/"):
+            fail(["routes", i, "path"], f"expected a path starting with '/', got {route.path!r}")
+        key = (route.method, route.path)
+        if key in seen:
+            fail(["routes", i], f"duplicate route {route.method} {route.path} (also routes[{seen[key]}])")
+        seen[key] = i
+        if route.default_model and route.default_model not in config.models:
+            fail(["routes", i, "default_model"], f"unknown model {route.default_model!r}")
+
+
+def fail_at(config: GatewayConfig, segments: list[Segment], message: str) -> None:
+    """Raise a ConfigError for a check made after loading (e.g. by the route table)."""
+    root = None
+    if config.source:
+        try:
+            root = yaml.compose(Path(config.source).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            root = None
+    raise ConfigError(config.source or "<config>", format_path(segments), message, _line_of(root, segments))

@@ -1,0 +1,62 @@
+"""The credit gate: a team's wallet must hold at least the configured minimum before each request.
+
+Balances are cached per team for the auth TTL. `adjust` applies a debit or top-up to the cached value
+at once, so concurrent requests see it without waiting for the store.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import final
+
+from proxy.config import NANOS_PER_USD
+from proxy.errors import Code, GatewayError
+from proxy.store.base import Store, StoreError
+
+
+def usd(nanos: int) -> str:
+    """Nano-dollars as a dollar amount for people: `$1.00`, `$0.000125`."""
+    sign = "-" if nanos < 0 else ""
+    whole, frac = divmod(abs(nanos), NANOS_PER_USD)
+    digits = f"{frac:09d}".rstrip("0")
+    return f"{sign}${whole}.{digits.ljust(2, '0')}"
+
+
+@final
+class WalletCache:
+    __slots__ = ("_entries", "min_balance_nanos", "store", "ttl")
+
+    def __init__(self, store: Store, ttl: float, min_balance_nanos: int):
+        self.store = store
+        self.ttl = ttl
+        self.min_balance_nanos = min_balance_nanos
+        self._entries: dict[str, tuple[int, float]] = {}
+
+    async def balance(self, team_id: str) -> int:
+        entry = self._entries.get(team_id)
+        if entry is not None and entry[1] > time.monotonic():
+            return entry[0]
+        try:
+            balance = await self.store.get_balance(team_id)
+        except StoreError as e:
+            raise GatewayError(Code.unavailable, "The wallet store is unavailable; retry shortly.") from e
+        balance = balance or 0
+        self._entries[team_id] = (balance, time.monotonic() + self.ttl)
+        return balance
+
+    async def check(self, team_id: str, team_name: str) -> int:
+        """The team's balance, or `GatewayError(insufficient_credits)` when it is under the minimum."""
+        balance = await self.balance(team_id)
+        if balance < self.min_balance_nanos:
+            raise GatewayError(
+                Code.insufficient_credits,
+                f"Team {team_name!r} has {usd(balance)} of credit; each request needs at least "
+                f"{usd(self.min_balance_nanos)}. Add credit with `stats-gateway credits add --team "
+                f"{team_name} --usd AMOUNT`.",
+            )
+        return balance
+
+    def adjust(self, team_id: str, delta_nanos: int) -> None:
+        entry = self._entries.get(team_id)
+        if entry is not None:
+            self._entries[team_id] = (entry[0] + delta_nanos, entry[1])

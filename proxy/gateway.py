@@ -1,0 +1,33 @@
+"""The state one gateway process serves from, hung off the aiohttp app (never module globals)."""
+
+from __future__ import annotations
+
+from typing import final
+
+from aiohttp import web
+
+from proxy.auth import KeyCache
+from proxy.config import GatewayConfig
+from proxy.credit import WalletCache
+from proxy.metrics import Metrics
+from proxy.routing import RouteTable
+from proxy.store.base import Store
+from proxy.upstream import Upstream
+
+
+@final
+class Gateway:
+    __slots__ = ("config", "draining", "keys", "metrics", "routes", "store", "upstreams", "wallets")
+
+    def __init__(self, config: GatewayConfig, routes: RouteTable, metrics: Metrics):
+        self.config = config
+        self.routes = routes
+        self.metrics = metrics
+        self.store: Store | None = None
+        self.keys: KeyCache | None = None
+        self.wallets: WalletCache | None = None
+        self.upstreams: dict[str, Upstream] = {}
+        self.draining = False
+
+
+GATEWAY = web.AppKey("gateway", Gateway)

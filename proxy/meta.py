@@ -1,0 +1,133 @@
+"""Per-request timings and usage, measured on one monotonic clock (`time.perf_counter`).
+
+A `RequestMeta` lives for one request. Handlers stamp it at fixed points; `as_dict()` derives the
+reference's figures: latency, provider latency, TTFT, generation time, TPOT, throughput, overhead.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import final
+
+import msgspec
+
+
+class Usage(msgspec.Struct, omit_defaults=True):
+    """Token counts in the gateway's neutral terms."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+    cached_input_tokens: int = 0
+    reasoning_tokens: int = 0
+
+
+def new_request_id() -> str:
+    return "req_" + os.urandom(12).hex()
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
+
+
+@final
+class RequestMeta:
+    __slots__ = (
+        "attempts",
+        "model",
+        "provider",
+        "request_id",
+        "status",
+        "stream",
+        "surface",
+        "t_first_token",
+        "t_start",
+        "t_upstream_end",
+        "t_upstream_start",
+        "upstream_model",
+        "usage",
+    )
+
+    def __init__(self, request_id: str, surface: str, t_start: float):
+        self.request_id = request_id
+        self.surface = surface
+        self.t_start = t_start
+        self.model = ""
+        self.provider = ""
+        self.upstream_model = ""
+        self.stream = False
+        self.status = 0
+        self.t_upstream_start = 0.0
+        self.t_first_token = 0.0
+        self.t_upstream_end = 0.0
+        self.usage: Usage | None = None
+        self.attempts: list[dict] = []
+
+    def upstream_started(self) -> None:
+        self.t_upstream_start = time.perf_counter()
+
+    def upstream_ended(self, status: int) -> None:
+        self.t_upstream_end = time.perf_counter()
+        self.attempts.append(
+            {
+                "provider": self.provider,
+                "status": status,
+                "duration_ms": _ms(self.t_upstream_end - self.t_upstream_start),
+            }
+        )
+
+    # Derived figures, in seconds; None where not measured.
+    def latency(self, now: float | None = None) -> float:
+        return (now or time.perf_counter()) - self.t_start
+
+    def provider_latency(self) -> float | None:
+        if not self.t_upstream_start or not self.t_upstream_end:
+            return None
+        return self.t_upstream_end - self.t_upstream_start
+
+    def ttft(self) -> float | None:
+        return self.t_first_token - self.t_start if self.t_first_token else None
+
+    def generation(self) -> float | None:
+        if self.t_first_token and self.t_upstream_end:
+            return self.t_upstream_end - self.t_first_token
+        return self.provider_latency()
+
+    def tpot(self) -> float | None:
+        """Time per output token after the first: (provider duration - TTFT) / (output tokens - 1)."""
+        out = self.usage.output_tokens if self.usage else 0
+        if not self.t_first_token or not self.t_upstream_end or out < 2:
+            return None
+        return (self.t_upstream_end - self.t_first_token) / (out - 1)
+
+    def throughput(self) -> float | None:
+        """Output tokens per second of provider time."""
+        duration = self.provider_latency()
+        out = self.usage.output_tokens if self.usage else 0
+        if not duration or not out:
+            return None
+        return out / duration
+
+    def as_dict(self, now: float | None = None) -> dict:
+        now = now or time.perf_counter()
+        latency = self.latency(now)
+        provider = self.provider_latency()
+        ttft, generation, tpot, throughput = self.ttft(), self.generation(), self.tpot(), self.throughput()
+        return {
+            "request_id": self.request_id,
+            "provider": self.provider,
+            "model": self.model,
+            "upstream_model": self.upstream_model,
+            "endpoint": self.surface,
+            "stream": self.stream,
+            "latency_ms": _ms(latency),
+            "provider_latency_ms": None if provider is None else _ms(provider),
+            "ttft_ms": None if ttft is None else _ms(ttft),
+            "generation_ms": None if generation is None else _ms(generation),
+            "tpot_ms": None if tpot is None else _ms(tpot),
+            "throughput_tps": None if throughput is None else round(throughput, 3),
+            "output_speed_tps": None if not tpot else round(1.0 / tpot, 3),
+            "gateway_overhead_ms": None if provider is None else _ms(max(latency - provider, 0.0)),
+            "attempts": self.attempts,
+        }

@@ -1,0 +1,98 @@
+"""The route table (method + path → surface) and model resolution (name → model and its targets)."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import final
+
+from proxy.config import GatewayConfig, ModelConfig, RouteConfig, fail_at
+from proxy.errors import Code, GatewayError
+
+
+@dataclass(frozen=True, slots=True)
+class Surface:
+    """A client-facing API: its name in the route table and the endpoint id models declare."""
+
+    name: str
+    endpoint: str
+    upstream_path: str
+    streaming: bool = False
+    required: tuple[str, ...] = ()
+
+
+# The surfaces this gateway speaks. Routes name them; models declare the endpoint ids.
+SURFACES: dict[str, Surface] = {
+    s.name: s
+    for s in (
+        Surface("openai.chat", "chat.completions", "/chat/completions", streaming=True, required=("messages",)),
+        Surface("openai.embeddings", "embeddings", "/embeddings", required=("input",)),
+        Surface("openai.moderations", "moderations", "/moderations", required=("input",)),
+        Surface("openai.models", "", ""),
+    )
+}
+
+
+@final
+class RouteTable:
+    """Routes and models from the config, checked once at start-up."""
+
+    __slots__ = ("_aliases", "config", "models", "routes")
+
+    def __init__(self, config: GatewayConfig):
+        self.config = config
+        self.models: dict[str, ModelConfig] = config.models
+        self.routes: list[tuple[RouteConfig, Surface]] = []
+        for i, route in enumerate(config.routes):
+            surface = SURFACES.get(route.surface)
+            if surface is None:
+                fail_at(
+                    config,
+                    ["routes", i, "surface"],
+                    f"unknown surface {route.surface!r} (expected one of: {', '.join(SURFACES)})",
+                )
+                continue
+            if route.default_model and surface.endpoint not in config.models[route.default_model].endpoints:
+                fail_at(
+                    config,
+                    ["routes", i, "default_model"],
+                    f"model {route.default_model!r} does not serve {surface.endpoint}",
+                )
+            self.routes.append((route, surface))
+        # Other names a model answers to: its bare name after the provider prefix, its targets'
+        # upstream names and its configured aliases. A name claimed by two models is ambiguous.
+        aliases: dict[str, set[str]] = {}
+        for model_id, model in config.models.items():
+            names = {model_id.partition("/")[2], *(t.model for t in model.targets), *model.aliases}
+            for name in names - {"", model_id}:
+                aliases.setdefault(name, set()).add(model_id)
+        self._aliases = {name: sorted(ids) for name, ids in aliases.items() if name not in config.models}
+
+    def resolve(self, name: str, surface: Surface) -> tuple[str, ModelConfig]:
+        """(public id, model) for a requested model name that serves `surface`."""
+        model = self.models.get(name)
+        model_id = name
+        if model is None:
+            ids = self._aliases.get(name)
+            if ids is None:
+                raise GatewayError(Code.model_not_found, self._unknown(name), param="model")
+            if len(ids) > 1:
+                raise GatewayError(
+                    Code.ambiguous_model,
+                    f"The model name {name!r} is ambiguous: it matches {', '.join(ids)}. Use one of those ids.",
+                    param="model",
+                )
+            model_id = ids[0]
+            model = self.models[model_id]
+        if surface.endpoint not in model.endpoints:
+            raise GatewayError(
+                Code.model_not_supported,
+                f"The model {model_id!r} does not serve {surface.endpoint} (it serves: {', '.join(model.endpoints)}).",
+                param="model",
+            )
+        return model_id, model
+
+    def _unknown(self, name: str) -> str:
+        close = difflib.get_close_matches(name, [*self.models, *self._aliases], n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        return f"The model {name!r} is not configured on this gateway.{hint} GET /v1/models lists the models it serves."

@@ -1,0 +1,91 @@
+"""Incremental Server-Sent Events framing.
+
+`EventBuffer.feed(chunk)` returns the bytes of the complete events the chunk finishes, exactly as they
+arrived, and keeps an unfinished event for the next chunk. Nothing is re-encoded: framing (LF or CRLF,
+comments, `event:` lines) reaches the client untouched.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import final
+
+_BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+_SEPARATORS = (b"\r\n\r\n", b"\n\n", b"\r\r")
+# An event must never grow without bound: an upstream that never ends one is broken.
+MAX_EVENT_BYTES = 8 * 1024 * 1024
+
+
+class SSEError(Exception):
+    """The upstream's event stream is not valid SSE."""
+
+
+def _end_of_last_event(data: bytes) -> int:
+    """The offset just past the last event boundary in `data`, 0 if it has none."""
+    if b"\r" in data:
+        return max((i + len(sep) for sep in _SEPARATORS if (i := data.rfind(sep)) >= 0), default=0)
+    i = data.rfind(b"\n\n")
+    return i + 2 if i >= 0 else 0
+
+
+@final
+class EventBuffer:
+    __slots__ = ("_last3", "_parts", "_size")
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []  # an unfinished event, as it arrived
+        self._size = 0
+        self._last3 = b""  # the unfinished event's last three bytes
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The complete events that `chunk` finishes (b"" if none), unchanged."""
+        if self._parts:
+            # A boundary can only be new in the chunk or straddle the tail's last bytes.
+            if not _end_of_last_event(self._last3 + chunk):
+                self._keep(chunk)
+                return b""
+            data = b"".join((*self._parts, chunk))
+            self._parts, self._size, self._last3 = [], 0, b""
+        else:
+            data = chunk
+        end = _end_of_last_event(data)
+        if end == len(data):
+            return data
+        self._keep(data[end:])
+        return data[:end]
+
+    def _keep(self, part: bytes) -> None:
+        self._parts.append(part)
+        self._size += len(part)
+        self._last3 = (self._last3 + part)[-3:]
+        if self._size > MAX_EVENT_BYTES:
+            raise SSEError(f"an upstream event exceeds {MAX_EVENT_BYTES} bytes without ending")
+
+    @property
+    def pending(self) -> bytes:
+        """An unfinished event left when the stream ended (b"" when it ended cleanly)."""
+        return b"".join(self._parts)
+
+
+def split_events(data: bytes) -> list[bytes]:
+    """Complete events (each with its terminator) from what `EventBuffer.feed` returned."""
+    if b"\r" not in data:
+        parts = data.split(b"\n\n")
+        return [part + b"\n\n" for part in parts[:-1]]
+    events, start = [], 0
+    for match in _BOUNDARY.finditer(data):
+        events.append(data[start : match.end()])
+        start = match.end()
+    return events
+
+
+def event_data(event: bytes) -> bytes | None:
+    """The event's `data` payload (data lines joined by LF), or None for a comment-only event."""
+    payload = [line[6:] if line[5:6] == b" " else line[5:] for line in event.splitlines() if line.startswith(b"data:")]
+    if not payload:
+        return None
+    return payload[0] if len(payload) == 1 else b"\n".join(payload)
+
+
+def data_event(payload: bytes) -> bytes:
+    return b"data: " + payload + b"\n\n"

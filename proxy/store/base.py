@@ -1,0 +1,63 @@
+"""The store interface: keys (hashed), teams and wallets. Backends implement `Store`."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import msgspec
+
+ACTIVE = "active"
+DISABLED = "disabled"
+REVOKED = "revoked"
+KEY_STATUSES = (ACTIVE, DISABLED, REVOKED)
+
+SCOPE_INFERENCE = "inference"
+SCOPE_MANAGEMENT = "management"
+
+
+class KeyRecord(msgspec.Struct, frozen=True):
+    """An API key as stored: never its secret, only the secret's hash."""
+
+    kid: str
+    team_id: str
+    team_name: str
+    secret_hash: bytes
+    scopes: tuple[str, ...]
+    status: str
+    name: str
+    created_at: int
+
+    @property
+    def management(self) -> bool:
+        return SCOPE_MANAGEMENT in self.scopes
+
+
+class Team(msgspec.Struct, frozen=True):
+    id: str
+    name: str
+    balance_nanos: int
+    created_at: int
+
+
+class Store(Protocol):
+    """What the gateway needs from its database. Methods raise `StoreError` on failure."""
+
+    url: str
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def ping(self) -> None: ...
+    async def get_key(self, kid: str) -> KeyRecord | None: ...
+    async def get_balance(self, team_id: str) -> int | None: ...
+    async def ensure_team(self, name: str) -> Team: ...
+    async def get_team(self, name: str) -> Team | None: ...
+    async def create_key(
+        self, *, team_id: str, kid: str, secret_hash: bytes, name: str, scopes: tuple[str, ...]
+    ) -> KeyRecord: ...
+    async def list_keys(self, team_id: str | None = None) -> list[KeyRecord]: ...
+    async def set_key_status(self, kid: str, status: str) -> bool: ...
+    async def add_credit(self, team_id: str, amount_nanos: int, note: str = "") -> int: ...
+
+
+class StoreError(Exception):
+    """The store could not do what was asked (unreachable, locked, corrupt)."""

@@ -1,0 +1,40 @@
+"""Versioned schema migrations. Append only: a released step is never edited."""
+
+from __future__ import annotations
+
+SQLITE: list[str] = [
+    # 1: teams, wallets with a ledger, hashed API keys
+    """
+    CREATE TABLE teams (
+        id          TEXT PRIMARY KEY,
+        name        TEXT NOT NULL UNIQUE,
+        created_at  INTEGER NOT NULL
+    );
+    CREATE TABLE wallets (
+        team_id        TEXT PRIMARY KEY REFERENCES teams(id),
+        balance_nanos  INTEGER NOT NULL DEFAULT 0,
+        currency       TEXT NOT NULL DEFAULT 'USD',
+        updated_at     INTEGER NOT NULL
+    );
+    CREATE TABLE wallet_ledger (
+        id            INTEGER PRIMARY KEY AUTOINCREMENT,
+        team_id       TEXT NOT NULL REFERENCES teams(id),
+        amount_nanos  INTEGER NOT NULL,
+        kind          TEXT NOT NULL,
+        note          TEXT NOT NULL DEFAULT '',
+        created_at    INTEGER NOT NULL
+    );
+    CREATE INDEX wallet_ledger_team ON wallet_ledger(team_id, created_at);
+    CREATE TABLE api_keys (
+        kid          TEXT PRIMARY KEY,
+        team_id      TEXT NOT NULL REFERENCES teams(id),
+        name         TEXT NOT NULL DEFAULT '',
+        secret_hash  BLOB NOT NULL,
+        scopes       TEXT NOT NULL,
+        status       TEXT NOT NULL DEFAULT 'active',
+        created_at   INTEGER NOT NULL,
+        revoked_at   INTEGER
+    );
+    CREATE INDEX api_keys_team ON api_keys(team_id);
+    """,
+]

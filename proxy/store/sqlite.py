@@ -1,0 +1,196 @@
+"""The embedded store: SQLite through aiosqlite, WAL mode, migrations by `PRAGMA user_version`."""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+import time
+from pathlib import Path
+
+import aiosqlite
+
+from proxy.store import migrations
+from proxy.store.base import ACTIVE, REVOKED, KeyRecord, StoreError, Team
+
+_KEY_COLUMNS = """
+    k.kid, k.team_id, t.name, k.secret_hash, k.scopes, k.status, k.name, k.created_at
+"""
+
+
+def sqlite_path(url: str) -> str:
+    """`sqlite:///./data/gateway.db` → `./data/gateway.db`; `sqlite:////abs` → `/abs`; `sqlite://:memory:`."""
+    rest = url.removeprefix("sqlite://")
+    if rest in (":memory:", "/:memory:"):
+        return ":memory:"
+    if not rest.startswith("/"):
+        raise ValueError(f"expected sqlite:///relative/path or sqlite:////absolute/path, got {url!r}")
+    return rest[1:]
+
+
+def _row_to_key(row: sqlite3.Row | tuple) -> KeyRecord:
+    kid, team_id, team_name, secret_hash, scopes, status, name, created_at = row
+    return KeyRecord(
+        kid=kid,
+        team_id=team_id,
+        team_name=team_name,
+        secret_hash=bytes(secret_hash),
+        scopes=tuple(s for s in scopes.split(",") if s),
+        status=status,
+        name=name,
+        created_at=created_at,
+    )
+
+
+class SqliteStore:
+    """`Store` on one aiosqlite connection (its own thread); SQLite serialises writers itself."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.path = sqlite_path(url)
+        self._db: aiosqlite.Connection | None = None
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise StoreError("the store is not open")
+        return self._db
+
+    async def open(self) -> None:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._db.execute("PRAGMA journal_mode=WAL")
+            await self._db.execute("PRAGMA synchronous=NORMAL")
+            await self._db.execute("PRAGMA busy_timeout=5000")
+            await self._db.execute("PRAGMA foreign_keys=ON")
+            await self._migrate()
+        except sqlite3.Error as e:
+            await self.close()
+            raise StoreError(f"cannot open the SQLite store at {self.path}: {e}") from e
+
+    async def _migrate(self) -> None:
+        async with self.db.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        version = row[0] if row else 0
+        if version > len(migrations.SQLITE):
+            raise StoreError(
+                f"the store at {self.path} has schema version {version}, newer than this gateway's "
+                f"{len(migrations.SQLITE)}: upgrade the gateway"
+            )
+        for number, script in enumerate(migrations.SQLITE[version:], start=version + 1):
+            # executescript commits first; the version bump is part of the same script.
+            await self.db.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version={number};\nCOMMIT;")
+
+    async def close(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            await db.close()
+
+    async def ping(self) -> None:
+        try:
+            async with self.db.execute("SELECT 1") as cur:
+                await cur.fetchone()
+        except sqlite3.Error as e:
+            raise StoreError(str(e)) from e
+
+    async def get_key(self, kid: str) -> KeyRecord | None:
+        sql = f"SELECT {_KEY_COLUMNS} FROM api_keys k JOIN teams t ON t.id = k.team_id WHERE k.kid = ?"
+        try:
+            async with self.db.execute(sql, (kid,)) as cur:
+                row = await cur.fetchone()
+        except sqlite3.Error as e:
+            raise StoreError(str(e)) from e
+        return _row_to_key(row) if row else None
+
+    async def get_balance(self, team_id: str) -> int | None:
+        try:
+            async with self.db.execute("SELECT balance_nanos FROM wallets WHERE team_id = ?", (team_id,)) as cur:
+                row = await cur.fetchone()
+        except sqlite3.Error as e:
+            raise StoreError(str(e)) from e
+        return row[0] if row else None
+
+    async def get_team(self, name: str) -> Team | None:
+        sql = (
+            "SELECT t.id, t.name, COALESCE(w.balance_nanos, 0), t.created_at FROM teams t "
+            "LEFT JOIN wallets w ON w.team_id = t.id WHERE t.name = ?"
+        )
+        async with self.db.execute(sql, (name,)) as cur:
+            row = await cur.fetchone()
+        return Team(*row) if row else None
+
+    async def ensure_team(self, name: str) -> Team:
+        now = int(time.time())
+        team_id = "team_" + secrets.token_hex(8)
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            await self.db.execute(
+                "INSERT INTO teams (id, name, created_at) VALUES (?, ?, ?) ON CONFLICT(name) DO NOTHING",
+                (team_id, name, now),
+            )
+            await self.db.execute(
+                "INSERT INTO wallets (team_id, balance_nanos, updated_at) "
+                "SELECT id, 0, ? FROM teams WHERE name = ? ON CONFLICT(team_id) DO NOTHING",
+                (now, name),
+            )
+            await self.db.execute("COMMIT")
+        except BaseException:
+            await self.db.execute("ROLLBACK")
+            raise
+        team = await self.get_team(name)
+        assert team is not None
+        return team
+
+    async def create_key(
+        self, *, team_id: str, kid: str, secret_hash: bytes, name: str, scopes: tuple[str, ...]
+    ) -> KeyRecord:
+        await self.db.execute(
+            "INSERT INTO api_keys (kid, team_id, name, secret_hash, scopes, status, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (kid, team_id, name, secret_hash, ",".join(scopes), ACTIVE, int(time.time())),
+        )
+        record = await self.get_key(kid)
+        assert record is not None
+        return record
+
+    async def list_keys(self, team_id: str | None = None) -> list[KeyRecord]:
+        sql = f"SELECT {_KEY_COLUMNS} FROM api_keys k JOIN teams t ON t.id = k.team_id"
+        args: tuple = ()
+        if team_id is not None:
+            sql += " WHERE k.team_id = ?"
+            args = (team_id,)
+        async with self.db.execute(sql + " ORDER BY k.created_at, k.kid", args) as cur:
+            rows = await cur.fetchall()
+        return [_row_to_key(row) for row in rows]
+
+    async def set_key_status(self, kid: str, status: str) -> bool:
+        revoked_at = int(time.time()) if status == REVOKED else None
+        cur = await self.db.execute(
+            "UPDATE api_keys SET status = ?, revoked_at = COALESCE(revoked_at, ?) "
+            "WHERE kid = ? AND status != 'revoked'",
+            (status, revoked_at, kid),
+        )
+        return cur.rowcount > 0
+
+    async def add_credit(self, team_id: str, amount_nanos: int, note: str = "") -> int:
+        now = int(time.time())
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            await self.db.execute(
+                "UPDATE wallets SET balance_nanos = balance_nanos + ?, updated_at = ? WHERE team_id = ?",
+                (amount_nanos, now, team_id),
+            )
+            await self.db.execute(
+                "INSERT INTO wallet_ledger (team_id, amount_nanos, kind, note, created_at) VALUES (?, ?, ?, ?, ?)",
+                (team_id, amount_nanos, "topup" if amount_nanos >= 0 else "adjustment", note, now),
+            )
+            async with self.db.execute("SELECT balance_nanos FROM wallets WHERE team_id = ?", (team_id,)) as cur:
+                row = await cur.fetchone()
+            await self.db.execute("COMMIT")
+        except BaseException:
+            await self.db.execute("ROLLBACK")
+            raise
+        if row is None:
+            raise StoreError(f"team {team_id} has no wallet")
+        return row[0]

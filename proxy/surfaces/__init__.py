@@ -1,0 +1,1 @@
+"""Client-facing API families: one module each."""

@@ -1,0 +1,248 @@
+"""OpenAI surfaces: chat completions (streamed or not), embeddings, moderations, and the model list.
+
+One handler serves every inference surface: authenticate, read and check the body, resolve the model,
+check credit, forward to the first target and send back what it answers, with meta when asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+import msgspec
+import orjson
+from aiohttp import web
+from msgspec import UNSET
+
+from proxy.auth import token_from_headers
+from proxy.errors import Code, GatewayError, render, sse_error_event
+from proxy.gateway import GATEWAY, Gateway
+from proxy.meta import RequestMeta, new_request_id
+from proxy.routing import Surface
+from proxy.sse import SSEError
+from proxy.translators.openai import ChatStream, build_request, decode_request, inject_member, response_usage
+from proxy.upstream import Upstream
+
+log = logging.getLogger("proxy.surfaces.openai")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+CLIENT_CLOSED = 499  # nginx's convention: the client went away before the answer was complete
+_TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
+_encode = msgspec.json.Encoder().encode
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    length = request.content_length
+    if length is not None and length > limit:
+        raise GatewayError(Code.payload_too_large, f"The request body is {length} bytes; the limit is {limit}.")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise GatewayError(Code.payload_too_large, f"The request body exceeds the limit of {limit} bytes.") from None
+
+
+def _check_required(view: object, surface: Surface) -> None:
+    for field in surface.required:
+        raw = getattr(view, field)
+        if raw is UNSET:
+            raise GatewayError(Code.invalid_request, f"Missing required field `{field}`.", param=field)
+        first = bytes(raw)[:1]
+        if field == "messages" and first != b"[":
+            raise GatewayError(Code.invalid_request, "`messages` must be an array of message objects.", param=field)
+        if field == "input" and first not in (b"[", b'"'):
+            raise GatewayError(Code.invalid_request, "`input` must be a string or an array.", param=field)
+
+
+def inference_handler(surface: Surface, default_model: str) -> Handler:
+    """The aiohttp handler for an OpenAI inference surface."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        gw = request.app[GATEWAY]
+        meta = RequestMeta(new_request_id(), surface.name, time.perf_counter())
+        in_flight = gw.metrics.in_flight.labels(surface.name)
+        in_flight.inc()
+        try:
+            return await _serve(request, gw, surface, default_model, meta)
+        except GatewayError as e:
+            meta.status = e.status
+            return render(e, meta.request_id)
+        except asyncio.CancelledError:
+            meta.status = CLIENT_CLOSED
+            raise
+        except Exception:
+            log.exception("request %s failed", meta.request_id)
+            meta.status = 500
+            return render(
+                GatewayError(Code.internal_error, "The gateway failed to serve this request."), meta.request_id
+            )
+        finally:
+            in_flight.dec()
+            gw.metrics.record(meta, time.perf_counter())
+
+    return handle
+
+
+async def _serve(
+    request: web.Request, gw: Gateway, surface: Surface, default_model: str, meta: RequestMeta
+) -> web.StreamResponse:
+    key = await gw.keys.authenticate(token_from_headers(request.headers))  # type: ignore[union-attr]
+    body = await read_body(request, gw.config.server.max_body_bytes)
+    view = decode_request(body)
+    _check_required(view, surface)
+    name = view.model if view.model is not UNSET else default_model
+    if not name:
+        raise GatewayError(Code.invalid_request, "Missing required field `model`.", param="model")
+    model_id, model = gw.routes.resolve(name, surface)
+    meta.model = model_id
+    await gw.wallets.check(key.team_id, key.team_name)  # type: ignore[union-attr]
+
+    target = model.targets[0]
+    upstream = gw.upstreams[target.provider]
+    meta.provider, meta.upstream_model = target.provider, target.model
+    stream = surface.streaming and view.stream
+    meta.stream = stream
+    wants_meta = view.meta if isinstance(view.meta, bool) else gw.config.meta.always
+    upstream_body, wants_usage = build_request(body, view, target.model, surface.streaming)
+
+    meta.upstream_started()
+    try:
+        resp = await upstream.session.post(upstream.url(surface.upstream_path), data=upstream_body)
+    except _TRANSPORT_ERRORS as e:
+        meta.upstream_ended(0)
+        raise upstream.failure(e, "connecting") from None
+    try:
+        if stream and resp.status == 200 and resp.content_type == "text/event-stream":
+            return await _stream(request, resp, upstream, meta, ChatStream(wants_usage, wants_meta))
+        return await _respond(resp, upstream, meta, wants_meta)
+    finally:
+        resp.release()  # returns the connection to the pool, or closes it if the body was not read to the end
+
+
+async def _respond(
+    resp: aiohttp.ClientResponse, upstream: Upstream, meta: RequestMeta, wants_meta: bool
+) -> web.Response:
+    try:
+        data = await resp.read()
+    except _TRANSPORT_ERRORS as e:
+        meta.upstream_ended(0)
+        raise upstream.failure(e, "reading its response") from None
+    meta.upstream_ended(resp.status)
+    if resp.status >= 400:
+        return _upstream_error(resp, data, upstream, meta)
+    meta.usage = response_usage(data)
+    if wants_meta:
+        data = inject_member(data, "meta", _encode(meta.as_dict()))
+    meta.status = resp.status
+    return web.Response(
+        body=data, status=resp.status, headers={"Content-Type": "application/json", "x-request-id": meta.request_id}
+    )
+
+
+def _upstream_error(resp: aiohttp.ClientResponse, data: bytes, upstream: Upstream, meta: RequestMeta) -> web.Response:
+    """An upstream error status: its JSON body passes through; anything else is wrapped in our envelope."""
+    if resp.status in (401, 403):
+        # The client's key was fine; the gateway's credentials for this provider were not.
+        raise GatewayError(
+            Code.upstream_bad_response,
+            f"The provider {upstream.name!r} rejected the gateway's credentials (HTTP {resp.status}): "
+            f"check the api_key configured for it.",
+        )
+    meta.status = resp.status
+    if resp.content_type == "application/json" or "json" in resp.content_type:
+        try:
+            orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass
+        else:
+            return web.Response(
+                body=data,
+                status=resp.status,
+                headers={"Content-Type": "application/json", "x-request-id": meta.request_id},
+            )
+    snippet = data[:300].decode("utf-8", "replace").strip()
+    raise GatewayError(
+        Code.upstream_bad_response,
+        f"The provider {upstream.name!r} answered HTTP {resp.status}: {snippet or '(empty body)'}",
+        status=resp.status,
+    )
+
+
+async def _stream(
+    request: web.Request, resp: aiohttp.ClientResponse, upstream: Upstream, meta: RequestMeta, state: ChatStream
+) -> web.StreamResponse:
+    out = web.StreamResponse(status=200, headers={**SSE_HEADERS, "x-request-id": meta.request_id})
+    await out.prepare(request)
+    meta.status = 200
+    content = resp.content
+    try:
+        while not state.done:
+            chunk = await content.readany()
+            if not chunk:
+                break
+            data = state.feed(chunk)
+            if state.first_token and not meta.t_first_token:
+                meta.t_first_token = time.perf_counter()
+            if data:
+                await out.write(data)
+    except (*_TRANSPORT_ERRORS, SSEError) as e:
+        meta.upstream_ended(0)
+        meta.usage = state.usage
+        if isinstance(e, SSEError):
+            error = GatewayError(
+                Code.upstream_bad_response, f"The provider {upstream.name!r} sent a broken stream: {e}"
+            )
+        else:
+            error = upstream.failure(e, "streaming")
+        await _write_quietly(out, sse_error_event(error, meta.request_id))
+        resp.close()
+        return out
+    except ConnectionError:  # the client went away: stop reading; the upstream connection is closed
+        meta.status = CLIENT_CLOSED
+        meta.usage = state.usage
+        resp.close()
+        return out
+    meta.upstream_ended(200)
+    meta.usage = state.usage
+    if state.truncated:
+        error = GatewayError(
+            Code.upstream_bad_response,
+            f"The provider {upstream.name!r} closed the stream before it finished (no [DONE] received).",
+        )
+        await _write_quietly(out, sse_error_event(error, meta.request_id))
+        return out
+    await _write_quietly(out, state.finish(_encode(meta.as_dict()) if state.wants_meta else None))
+    return out
+
+
+async def _write_quietly(out: web.StreamResponse, data: bytes) -> None:
+    with contextlib.suppress(ConnectionError):
+        await out.write(data)
+
+
+async def models_handler(request: web.Request) -> web.StreamResponse:
+    """`GET /v1/models`: the configured models in OpenAI's list format (authenticated, no credit needed)."""
+    gw = request.app[GATEWAY]
+    request_id = new_request_id()
+    try:
+        await gw.keys.authenticate(token_from_headers(request.headers))  # type: ignore[union-attr]
+    except GatewayError as e:
+        return render(e, request_id)
+    data = [
+        {
+            "id": model_id,
+            "object": "model",
+            "created": model.created,
+            "owned_by": model.owned_by or model_id.partition("/")[0] or "gateway",
+        }
+        for model_id, model in gw.config.models.items()
+    ]
+    return web.Response(
+        body=orjson.dumps({"object": "list", "data": data}),
+        headers={"Content-Type": "application/json", "x-request-id": request_id},
+    )

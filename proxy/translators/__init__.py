@@ -1,0 +1,1 @@
+"""Translators between client surfaces and provider kinds: one module per provider kind."""

@@ -1,0 +1,298 @@
+"""OpenAI surfaces → OpenAI-compatible providers: a pass-through.
+
+The request body stays bytes: when it already names the upstream model and carries no gateway-only
+field, it is forwarded untouched; otherwise only its top-level members are spliced (nested values are
+copied as raw bytes, never re-encoded). Responses are forwarded as they came; usage is read from them.
+"""
+
+from __future__ import annotations
+
+from typing import Final, final
+
+import msgspec
+from msgspec import UNSET, Raw, UnsetType
+
+from proxy.errors import Code, GatewayError
+from proxy.meta import Usage
+from proxy.sse import EventBuffer, data_event, event_data, split_events
+
+# Request members the gateway consumes; never forwarded upstream (see the reference digest).
+GATEWAY_FIELDS: Final = (
+    "meta",
+    "usage",
+    "provider",
+    "provider_options",
+    "debug",
+    "echo_upstream_request",
+    "session_id",
+)
+
+DONE: Final = b"data: [DONE]\n\n"
+
+
+class _StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+class RequestView(msgspec.Struct):
+    """The members of an OpenAI-surface request that the gateway reads; the rest stay bytes."""
+
+    model: str | UnsetType = UNSET
+    stream: bool = False
+    stream_options: _StreamOptions | None = None
+    messages: Raw | UnsetType = UNSET
+    input: Raw | UnsetType = UNSET
+    # gateway-only
+    meta: bool | UnsetType | None = UNSET
+    usage: bool | UnsetType | None = UNSET
+    provider: Raw | UnsetType = UNSET
+    provider_options: Raw | UnsetType = UNSET
+    debug: Raw | UnsetType = UNSET
+    echo_upstream_request: Raw | UnsetType = UNSET
+    session_id: Raw | UnsetType = UNSET
+
+    def has_gateway_fields(self) -> bool:
+        return any(getattr(self, name) is not UNSET for name in GATEWAY_FIELDS)
+
+
+_view_decoder = msgspec.json.Decoder(RequestView)
+_members_decoder = msgspec.json.Decoder(dict[str, Raw])
+_encoder = msgspec.json.Encoder()
+
+
+def decode_request(body: bytes) -> RequestView:
+    """The view of a request body; GatewayError(400) naming what is wrong."""
+    if not body:
+        raise GatewayError(Code.invalid_json, "The request body is empty; expected a JSON object.")
+    try:
+        return _view_decoder.decode(body)
+    except msgspec.ValidationError as e:
+        message, _, where = str(e).partition(" - at ")
+        param = where.strip("`").removeprefix("$.") or None
+        raise GatewayError(
+            Code.invalid_request, f"Invalid request: {message}" + (f" at {param}" if param else ""), param=param
+        ) from None
+    except msgspec.DecodeError as e:
+        raise GatewayError(Code.invalid_json, f"The request body is not valid JSON: {e}") from None
+
+
+def patch_members(body: bytes, set_members: dict[str, bytes], drop: tuple[str, ...] = ()) -> bytes:
+    """`body` (a JSON object) with top-level members replaced, added or removed; the rest copied as bytes."""
+    members = _members_decoder.decode(body)
+    for name in drop:
+        members.pop(name, None)
+    for name, value in set_members.items():
+        members[name] = Raw(value)
+    return _encoder.encode(members)
+
+
+def inject_member(body: bytes, name: str, value: bytes) -> bytes:
+    """Add `"name": value` at the end of a JSON object without decoding it."""
+    end = body.rstrip()
+    if not end.endswith(b"}"):
+        return body
+    head = end[:-1].rstrip()
+    sep = b"" if head.endswith(b"{") else b","
+    return head + sep + b'"' + name.encode() + b'":' + value + b"}"
+
+
+def build_request(body: bytes, view: RequestView, upstream_model: str, streaming_surface: bool) -> tuple[bytes, bool]:
+    """(the upstream body, whether the client asked for usage in its stream)."""
+    set_members: dict[str, bytes] = {}
+    if view.model is UNSET or view.model != upstream_model:
+        set_members["model"] = _encoder.encode(upstream_model)
+    wants_usage = bool(view.usage)
+    if streaming_surface and view.stream:
+        if view.stream_options is not None and view.stream_options.include_usage:
+            wants_usage = True
+        else:  # ask for usage anyway: metering needs it; the chunk is withheld from the client
+            options = _members_decoder.decode(body).get("stream_options")
+            merged = _members_decoder.decode(options) if options is not None and bytes(options)[:1] == b"{" else {}
+            merged["include_usage"] = Raw(b"true")
+            set_members["stream_options"] = _encoder.encode(merged)
+    if not set_members and not view.has_gateway_fields():
+        return body, wants_usage
+    return patch_members(body, set_members, GATEWAY_FIELDS), wants_usage
+
+
+# ---------------------------------------------------------------------------------------------------------
+# usage
+
+
+class _PromptDetails(msgspec.Struct):
+    cached_tokens: int | None = None
+
+
+class _CompletionDetails(msgspec.Struct):
+    reasoning_tokens: int | None = None
+
+
+class OpenAIUsage(msgspec.Struct):
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    prompt_tokens_details: _PromptDetails | None = None
+    completion_tokens_details: _CompletionDetails | None = None
+
+    def neutral(self) -> Usage:
+        prompt = self.prompt_tokens or 0
+        completion = self.completion_tokens or 0
+        return Usage(
+            input_tokens=prompt,
+            output_tokens=completion,
+            total_tokens=self.total_tokens or prompt + completion,
+            cached_input_tokens=(self.prompt_tokens_details.cached_tokens or 0) if self.prompt_tokens_details else 0,
+            reasoning_tokens=(
+                (self.completion_tokens_details.reasoning_tokens or 0) if self.completion_tokens_details else 0
+            ),
+        )
+
+
+class _ResponseView(msgspec.Struct):
+    usage: OpenAIUsage | None = None
+
+
+_response_decoder = msgspec.json.Decoder(_ResponseView)
+
+
+def response_usage(body: bytes) -> Usage | None:
+    """Usage from a JSON response body; GatewayError(502) when the body is not a JSON object."""
+    try:
+        view = _response_decoder.decode(body)
+    except msgspec.DecodeError as e:
+        raise GatewayError(
+            Code.upstream_bad_response, f"The provider answered with a body that is not valid JSON: {e}"
+        ) from None
+    return view.usage.neutral() if view.usage else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# streams
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+    reasoning_content: str | None = None
+    refusal: str | None = None
+    tool_calls: Raw | None = None
+    function_call: Raw | None = None
+
+
+class _Choice(msgspec.Struct):
+    delta: _Delta | None = None
+
+
+class _ChunkView(msgspec.Struct):
+    id: str = ""
+    created: int = 0
+    model: str = ""
+    choices: list[_Choice] | None = None
+    usage: OpenAIUsage | None = None
+
+
+_chunk_decoder = msgspec.json.Decoder(_ChunkView)
+
+
+def _may_carry_usage(data: bytes) -> bool:
+    return b'"usage":{' in data or b'"usage": {' in data
+
+
+def _has_token(chunk: _ChunkView) -> bool:
+    for choice in chunk.choices or ():
+        d = choice.delta
+        if d is not None and (d.content or d.reasoning_content or d.refusal or d.tool_calls or d.function_call):
+            return True
+    return False
+
+
+@final
+class ChatStream:
+    """One chat stream's state. `feed` takes upstream bytes and returns what to send the client now."""
+
+    __slots__ = (
+        "_buffer",
+        "_held",
+        "created",
+        "done",
+        "first_token",
+        "id",
+        "model",
+        "usage",
+        "wants_meta",
+        "wants_usage",
+    )
+
+    def __init__(self, wants_usage: bool, wants_meta: bool):
+        self._buffer = EventBuffer()
+        self._held: bytes | None = None  # the usage chunk, kept to carry meta
+        self.wants_usage = wants_usage
+        self.wants_meta = wants_meta
+        self.first_token = False
+        self.done = False
+        self.usage: Usage | None = None
+        self.id = ""
+        self.created = 0
+        self.model = ""
+
+    def feed(self, chunk: bytes) -> bytes:
+        complete = self._buffer.feed(chunk)
+        if not complete or self.done:
+            return b""
+        if self.first_token and b"[DONE]" not in complete and not _may_carry_usage(complete):
+            return complete  # the common case: forward as it came
+        out = []
+        for event in split_events(complete):
+            data = event_data(event)
+            if data is None:
+                out.append(event)
+                continue
+            if data.strip() == b"[DONE]":
+                self.done = True
+                break
+            out.append(self._on_data(event, data))
+        return b"".join(out)
+
+    def _on_data(self, event: bytes, data: bytes) -> bytes:
+        carries_usage = _may_carry_usage(data)
+        if self.first_token and not carries_usage:
+            return event
+        try:
+            chunk = _chunk_decoder.decode(data)
+        except msgspec.DecodeError:
+            return event  # not ours to judge: forward it
+        if not self.first_token:
+            if not self.id:
+                self.id, self.created, self.model = chunk.id, chunk.created, chunk.model
+            self.first_token = _has_token(chunk)
+        if chunk.usage is None:
+            return event
+        self.usage = chunk.usage.neutral()
+        if chunk.choices:  # usage riding on a content chunk (some compatible servers)
+            return event if self.wants_usage else data_event(patch_members(data, {}, ("usage",)))
+        if self.wants_meta:
+            self._held = data if self.wants_usage else patch_members(data, {}, ("usage",))
+            return b""
+        return event if self.wants_usage else b""
+
+    @property
+    def truncated(self) -> bool:
+        """The upstream ended without `[DONE]`."""
+        return not self.done
+
+    def finish(self, meta: bytes | None) -> bytes:
+        """The closing bytes: the final chunk (usage and/or meta) when asked for, then `[DONE]`."""
+        if meta is None:
+            return (data_event(self._held) if self._held else b"") + DONE
+        if self._held is not None:
+            return data_event(inject_member(self._held, "meta", meta)) + DONE
+        final = _encoder.encode(
+            {
+                "id": self.id,
+                "object": "chat.completion.chunk",
+                "created": self.created,
+                "model": self.model,
+                "choices": [],
+                "meta": Raw(meta),
+            }
+        )
+        return data_event(final) + DONE

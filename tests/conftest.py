@@ -1,0 +1,86 @@
+"""Fixtures: a mock upstream, the default config pointed at it, keys in a fresh store, a gateway client."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from proxy.app import build_app
+from proxy.auth import generate_key, hash_secret, split_key
+from proxy.config import NANOS_PER_USD, GatewayConfig, load_config
+from proxy.store import open_store
+from proxy.store.base import SCOPE_INFERENCE, SCOPE_MANAGEMENT
+from tests.mock_upstream import MockControl, build_mock
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = ROOT / "config" / "gateway.yaml"
+
+
+@dataclass
+class Mock:
+    url: str
+    control: MockControl
+
+
+@pytest.fixture
+async def mock(aiohttp_server) -> Mock:
+    control = MockControl()
+    server = await aiohttp_server(build_mock(control), host="127.0.0.1")
+    return Mock(url=str(server.make_url("/v1")), control=control)
+
+
+@pytest.fixture
+def store_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path}/gateway.db"
+
+
+def env_for(mock: Mock, store_url: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.endswith(("_BASE_URL", "_API_KEY"))}
+    env.update(OPENAI_BASE_URL=mock.url, OPENAI_API_KEY="sk-upstream-secret", GATEWAY_STORE=store_url, **extra)
+    return env
+
+
+@pytest.fixture
+def config(mock: Mock, store_url: str) -> GatewayConfig:
+    return load_config(DEFAULT_CONFIG, env=env_for(mock, store_url))
+
+
+MakeKey = Callable[..., Awaitable[str]]
+
+
+@pytest.fixture
+def make_key(store_url: str) -> MakeKey:
+    async def make(team: str = "acme", credit_usd: float = 10.0, management: bool = False) -> str:
+        store = await open_store(store_url)
+        try:
+            t = await store.ensure_team(team)
+            kid, key = generate_key()
+            scopes = (SCOPE_INFERENCE, SCOPE_MANAGEMENT) if management else (SCOPE_INFERENCE,)
+            secret = split_key(key)[1]  # type: ignore[index]
+            await store.create_key(team_id=t.id, kid=kid, secret_hash=hash_secret(secret), name="", scopes=scopes)
+            if credit_usd:
+                await store.add_credit(t.id, int(credit_usd * NANOS_PER_USD))
+            return key
+        finally:
+            await store.close()
+
+    return make
+
+
+@pytest.fixture
+async def gateway(aiohttp_client, config: GatewayConfig) -> TestClient:
+    return await aiohttp_client(build_app(config))
+
+
+@pytest.fixture
+async def key(make_key: MakeKey) -> str:
+    return await make_key()
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}

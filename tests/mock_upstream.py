@@ -1,0 +1,167 @@
+"""A controllable OpenAI-compatible upstream for the tests (127.0.0.1 only).
+
+Each test sets `MockControl` fields to choose what the next requests get: a normal answer, a stream
+gated on an event (to prove the gateway forwards before the upstream finishes), an error status, a
+body that is not JSON, a stall, or a stream cut short. The mock records what it received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+@dataclass
+class MockControl:
+    mode: str = "ok"  # ok | status | not_json | stall | truncate | broken_sse | plain_error
+    status: int = 500
+    error_body: bytes = b'{"error": {"message": "upstream says no", "type": "server_error", "code": null}}'
+    events: int = 5  # content chunks in a stream
+    gate_after: int = 0  # when > 0, wait for `gate` after sending this many content chunks
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    stall_s: float = 0.0
+    usage_in_content_chunk: bool = False
+    received: list[Received] = field(default_factory=list)
+    disconnected: asyncio.Event = field(default_factory=asyncio.Event)
+    first_sent: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def last(self) -> Received:
+        return self.received[-1]
+
+
+def _chunk(model: str, delta: dict, finish: str | None = None, **extra: Any) -> bytes:
+    body = {
+        "id": "chatcmpl-mock",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        **extra,
+    }
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+USAGE = {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16}
+
+
+def build_mock(control: MockControl) -> web.Application:
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        control.received.append(Received(request.path, dict(request.headers), body))
+        payload = orjson.loads(body)
+        model = payload.get("model", "")
+        if control.mode == "stall":
+            await asyncio.sleep(control.stall_s)
+        if control.mode == "status":
+            return web.Response(status=control.status, body=control.error_body, content_type="application/json")
+        if control.mode == "plain_error":
+            return web.Response(status=control.status, text="<html>Bad Gateway</html>", content_type="text/html")
+        if control.mode == "not_json":
+            return web.Response(status=200, text="this is not json", content_type="application/json")
+        if not payload.get("stream"):
+            return web.json_response(
+                {
+                    "id": "chatcmpl-mock",
+                    "object": "chat.completion",
+                    "created": 1700000000,
+                    "model": model,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": "Hello there!"},
+                            "finish_reason": "stop",
+                        }
+                    ],
+                    "usage": USAGE,
+                }
+            )
+        return await _stream(request, payload, model)
+
+    async def _stream(request: web.Request, payload: dict, model: str) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
+        usage_extra = {"usage": None} if include_usage else {}
+        try:
+            await resp.write(_chunk(model, {"role": "assistant", "content": ""}, **usage_extra))
+            for i in range(control.events):
+                last = i == control.events - 1
+                extra = {"usage": USAGE} if (last and include_usage and control.usage_in_content_chunk) else usage_extra
+                await resp.write(_chunk(model, {"content": f"tok{i} "}, **extra))
+                control.first_sent.set()
+                if control.gate_after and i + 1 == control.gate_after:
+                    await control.gate.wait()
+            if control.mode == "truncate":
+                return resp  # ends without finish, usage or [DONE]
+            if control.mode == "broken_sse":
+                await resp.write(b"data: " + b"x" * 64)  # an event that never ends
+                return resp
+            await resp.write(_chunk(model, {}, "stop", **usage_extra))
+            if include_usage and not control.usage_in_content_chunk:
+                await resp.write(
+                    b"data: "
+                    + orjson.dumps(
+                        {
+                            "id": "chatcmpl-mock",
+                            "object": "chat.completion.chunk",
+                            "created": 1700000000,
+                            "model": model,
+                            "choices": [],
+                            "usage": USAGE,
+                        }
+                    )
+                    + b"\n\n"
+                )
+            await resp.write(b"data: [DONE]\n\n")
+        except (asyncio.CancelledError, ConnectionError):
+            control.disconnected.set()
+            raise
+        return resp
+
+    async def embeddings(request: web.Request) -> web.Response:
+        body = await request.read()
+        control.received.append(Received(request.path, dict(request.headers), body))
+        payload = orjson.loads(body)
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
+                "model": payload["model"],
+                "usage": {"prompt_tokens": 3, "total_tokens": 3},
+            }
+        )
+
+    async def moderations(request: web.Request) -> web.Response:
+        body = await request.read()
+        control.received.append(Received(request.path, dict(request.headers), body))
+        payload = orjson.loads(body)
+        return web.json_response(
+            {"id": "modr-mock", "model": payload["model"], "results": [{"flagged": False, "categories": {}}]}
+        )
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post("/v1/moderations", moderations)
+    return app
+
+
+def now_ms() -> float:
+    return time.perf_counter() * 1000.0
