@@ -1,0 +1,89 @@
+"""Keys end to end: hashed storage, Bearer and x-api-key, revocation within the cache TTL, the wallet gate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy.app import build_app
+from proxy.auth import split_key
+from proxy.config import load_config
+from proxy.store import open_store
+from proxy.store.base import REVOKED
+from tests.conftest import DEFAULT_CONFIG, auth, env_for
+
+CHAT = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture
+async def no_cache_gateway(aiohttp_client, mock, store_url):
+    config = load_config(DEFAULT_CONFIG, env=env_for(mock, store_url))
+    config.auth.cache_ttl_s = 0  # every request reads the store: changes are seen at once
+    return await aiohttp_client(build_app(config))
+
+
+async def test_secret_is_stored_only_as_a_hash(make_key, store_url, tmp_path: Path):
+    key = await make_key()
+    kid, secret = split_key(key)  # type: ignore[misc]
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob("gateway.db*"))
+    assert kid.encode() in raw  # the store is really there ...
+    assert secret.encode() not in raw and key.encode() not in raw  # ... and holds no secret
+
+
+async def test_x_api_key_header_is_accepted(gateway, key):
+    r = await gateway.post("/v1/chat/completions", json=CHAT, headers={"x-api-key": key})
+    assert r.status == 200
+
+
+async def test_revoked_key_is_refused(no_cache_gateway, key, store_url):
+    assert (await no_cache_gateway.post("/v1/chat/completions", json=CHAT, headers=auth(key))).status == 200
+    store = await open_store(store_url)
+    try:
+        assert await store.set_key_status(split_key(key)[0], REVOKED)  # type: ignore[index]
+    finally:
+        await store.close()
+    r = await no_cache_gateway.post("/v1/chat/completions", json=CHAT, headers=auth(key))
+    assert r.status == 401
+    assert "revoked" in (await r.json())["error"]["message"]
+
+
+async def test_cached_key_survives_store_changes_until_ttl(gateway, key, store_url):
+    """With the default TTL a revocation takes effect after at most auth.cache_ttl_s (documented bound)."""
+    assert (await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(key))).status == 200
+    store = await open_store(store_url)
+    try:
+        await store.set_key_status(split_key(key)[0], REVOKED)  # type: ignore[index]
+    finally:
+        await store.close()
+    assert (await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(key))).status == 200
+
+
+async def test_top_up_lifts_the_402(no_cache_gateway, make_key, store_url):
+    key = await make_key(team="lean", credit_usd=0)
+    assert (await no_cache_gateway.post("/v1/chat/completions", json=CHAT, headers=auth(key))).status == 402
+    store = await open_store(store_url)
+    try:
+        team = await store.get_team("lean")
+        await store.add_credit(team.id, 2_000_000_000)  # type: ignore[union-attr]
+    finally:
+        await store.close()
+    assert (await no_cache_gateway.post("/v1/chat/completions", json=CHAT, headers=auth(key))).status == 200
+
+
+async def test_unknown_kids_do_not_reach_the_store_twice(gateway, monkeypatch):
+    from proxy.gateway import GATEWAY
+
+    gw = gateway.server.app[GATEWAY]
+    calls = []
+    original = gw.store.get_key
+
+    async def counting(kid: str):
+        calls.append(kid)
+        return await original(kid)
+
+    monkeypatch.setattr(gw.store, "get_key", counting)
+    bogus = "aistats_v1_sk_feedfacecafe_" + "z" * 43
+    for _ in range(3):
+        assert (await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(bogus))).status == 401
+    assert calls == ["feedfacecafe"]
