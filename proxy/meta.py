@@ -62,20 +62,14 @@ class RequestMeta:
         self.t_first_token = 0.0
         self.t_upstream_end = 0.0
         self.usage: Usage | None = None
-        self.attempts: list[dict] = []
+        self.attempts: list[tuple[str, int, float, float]] = []  # (provider, status, start, end)
 
     def upstream_started(self) -> None:
         self.t_upstream_start = time.perf_counter()
 
     def upstream_ended(self, status: int) -> None:
         self.t_upstream_end = time.perf_counter()
-        self.attempts.append(
-            {
-                "provider": self.provider,
-                "status": status,
-                "duration_ms": _ms(self.t_upstream_end - self.t_upstream_start),
-            }
-        )
+        self.attempts.append((self.provider, status, self.t_upstream_start, self.t_upstream_end))
 
     # Derived figures, in seconds; None where not measured.
     def latency(self, now: float | None = None) -> float:
@@ -129,5 +123,8 @@ class RequestMeta:
             "throughput_tps": None if throughput is None else round(throughput, 3),
             "output_speed_tps": None if not tpot else round(1.0 / tpot, 3),
             "gateway_overhead_ms": None if provider is None else _ms(max(latency - provider, 0.0)),
-            "attempts": self.attempts,
+            "attempts": [
+                {"provider": provider, "status": status, "duration_ms": _ms(end - start)}
+                for provider, status, start, end in self.attempts
+            ],
         }

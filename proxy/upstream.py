@@ -33,9 +33,10 @@ class Upstream:
         connector = aiohttp.TCPConnector(limit=config.max_connections, ttl_dns_cache=300, enable_cleanup_closed=True)
         self.session = aiohttp.ClientSession(
             connector=connector,
+            # Upstream cookies must never be stored: they would be replayed for every tenant's requests.
+            cookie_jar=aiohttp.DummyCookieJar(),
             headers=headers,
             timeout=self.timeout,
-            skip_auto_headers=("Accept-Encoding",),
             read_bufsize=2**16,
         )
         self._urls: dict[str, URL] = {}

@@ -22,6 +22,7 @@ from proxy.auth import token_from_headers
 from proxy.errors import Code, GatewayError, render, sse_error_event
 from proxy.gateway import GATEWAY, Gateway
 from proxy.meta import RequestMeta, new_request_id
+from proxy.metrics import Metrics
 from proxy.routing import Surface
 from proxy.sse import SSEError
 from proxy.translators.openai import ChatStream, build_request, decode_request, inject_member, response_usage
@@ -59,13 +60,13 @@ def _check_required(view: object, surface: Surface) -> None:
             raise GatewayError(Code.invalid_request, "`input` must be a string or an array.", param=field)
 
 
-def inference_handler(surface: Surface, default_model: str) -> Handler:
+def inference_handler(surface: Surface, default_model: str, metrics: Metrics) -> Handler:
     """The aiohttp handler for an OpenAI inference surface."""
+    in_flight = metrics.in_flight.labels(surface.name)
 
     async def handle(request: web.Request) -> web.StreamResponse:
         gw = request.app[GATEWAY]
         meta = RequestMeta(new_request_id(), surface.name, time.perf_counter())
-        in_flight = gw.metrics.in_flight.labels(surface.name)
         in_flight.inc()
         try:
             return await _serve(request, gw, surface, default_model, meta)
