@@ -9,7 +9,10 @@ dictionary lookups, and label values are bounded: models and providers come from
 from __future__ import annotations
 
 import os
-from typing import final
+from bisect import bisect_left
+from collections.abc import Iterable
+from itertools import accumulate
+from typing import Any, final
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -21,6 +24,9 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client import multiprocess as mp
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from proxy.meta import RequestMeta
 
@@ -34,6 +40,83 @@ _OVERHEAD = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0
 
 def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Single-process instruments. prometheus-client's own take a lock and walk the buckets in Python (about
+# 2 us an observation); these keep plain per-series arrays and are exposed through the library's
+# custom-collector API. Multiprocess mode needs the library's file-backed values, so it keeps them.
+
+
+@final
+class _HistogramSeries:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+@final
+class _ValueSeries:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1) -> None:
+        self.value += amount
+
+    def dec(self, amount: float = 1) -> None:
+        self.value -= amount
+
+
+class _LeanMetric:
+    """`.labels(*values)` like prometheus-client's metrics; `family()` for the collector."""
+
+    def __init__(
+        self, kind: str, name: str, documentation: str, labelnames: tuple[str, ...], buckets: tuple[float, ...] = ()
+    ):
+        self.kind = kind
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = labelnames
+        self.bounds = tuple(float(b) for b in buckets)
+        self.series: dict[tuple[str, ...], _HistogramSeries | _ValueSeries] = {}
+
+    def labels(self, *values: str) -> Any:
+        series = self.series.get(values)
+        if series is None:
+            series = self.series[values] = _HistogramSeries(self.bounds) if self.bounds else _ValueSeries()
+        return series
+
+    def family(self) -> Metric:
+        if self.kind == "histogram":
+            family: Metric = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+            les = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
+            for values, series in self.series.items():
+                assert isinstance(series, _HistogramSeries)
+                cumulative = list(accumulate(series.counts))
+                family.add_metric(list(values), list(zip(les, cumulative, strict=True)), series.sum)  # type: ignore[attr-defined]
+            return family
+        cls = CounterMetricFamily if self.kind == "counter" else GaugeMetricFamily
+        family = cls(self.name, self.documentation, labels=self.labelnames)
+        for values, series in self.series.items():
+            family.add_metric(list(values), series.value)  # type: ignore[union-attr,attr-defined]
+        return family
+
+
+class _LeanCollector(Collector):
+    def __init__(self, metrics: list[_LeanMetric]):
+        self.metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        return [m.family() for m in self.metrics]
 
 
 @final
@@ -57,70 +140,77 @@ class Metrics:
     def __init__(self) -> None:
         disable_created_metrics()  # `*_created` series double the output and nobody graphs them
         self.multiprocess = multiprocess_dir() is not None
-        # In multiprocess mode the values live in files; metrics register nowhere and `render` collects.
         self.registry = CollectorRegistry()
-        reg = None if self.multiprocess else self.registry
-        self.requests = Counter(
+        lean: list[_LeanMetric] = []
+
+        def make(kind: str, name: str, doc: str, labels: tuple[str, ...], buckets: tuple[float, ...] = ()) -> Any:
+            if not self.multiprocess:
+                lean.append(_LeanMetric(kind, name, doc, labels, buckets))
+                return lean[-1]
+            # Values live in per-process files; `render` collects them all. Metrics register nowhere.
+            if kind == "histogram":
+                return Histogram(name, doc, labels, buckets=buckets, registry=None)
+            if kind == "gauge":
+                return Gauge(name, doc, labels, registry=None, multiprocess_mode="livesum")
+            return Counter(name, doc, labels, registry=None)
+
+        self.requests = make(
+            "counter",
             "gateway_requests",
             "Requests answered, by surface, model, provider and HTTP status.",
             (*_LABELS, "status"),
-            registry=reg,
         )
-        self.in_flight = Gauge(
-            "gateway_in_flight_requests",
-            "Requests being served now.",
-            ("surface",),
-            registry=reg,
-            multiprocess_mode="livesum",
-        )
-        self.duration = Histogram(
+        self.in_flight = make("gauge", "gateway_in_flight_requests", "Requests being served now.", ("surface",))
+        self.duration = make(
+            "histogram",
             "gen_ai_server_request_duration_seconds",
             "End-to-end request duration at the gateway.",
             _LABELS,
-            buckets=_DURATION,
-            registry=reg,
+            _DURATION,
         )
-        self.upstream_duration = Histogram(
+        self.upstream_duration = make(
+            "histogram",
             "gen_ai_client_operation_duration_seconds",
             "Duration of the provider call, first byte sent to last received.",
             _LABELS,
-            buckets=_DURATION,
-            registry=reg,
+            _DURATION,
         )
-        self.ttft = Histogram(
+        self.ttft = make(
+            "histogram",
             "gen_ai_server_time_to_first_token_seconds",
             "Time from the request's arrival to the first output token (streams).",
             _LABELS,
-            buckets=_TTFT,
-            registry=reg,
+            _TTFT,
         )
-        self.tpot = Histogram(
+        self.tpot = make(
+            "histogram",
             "gen_ai_server_time_per_output_token_seconds",
             "Time per output token after the first (streams).",
             _LABELS,
-            buckets=_TPOT,
-            registry=reg,
+            _TPOT,
         )
-        self.throughput = Histogram(
+        self.throughput = make(
+            "histogram",
             "gateway_output_throughput_tokens_per_second",
             "Output tokens per second of provider time.",
             _LABELS,
-            buckets=_THROUGHPUT,
-            registry=reg,
+            _THROUGHPUT,
         )
-        self.overhead = Histogram(
+        self.overhead = make(
+            "histogram",
             "gateway_overhead_seconds",
             "Time the gateway adds: end-to-end duration minus provider duration.",
             ("surface",),
-            buckets=_OVERHEAD,
-            registry=reg,
+            _OVERHEAD,
         )
-        self.tokens = Counter(
+        self.tokens = make(
+            "counter",
             "gen_ai_client_token_usage",
             "Tokens metered, by type (input, output).",
             (*_LABELS, "gen_ai_token_type"),
-            registry=reg,
         )
+        if lean:
+            self.registry.register(_LeanCollector(lean))
         self._children: dict[tuple[str, str, str], tuple] = {}
         self._counts: dict[tuple[str, str, str, int], object] = {}
 
