@@ -47,7 +47,10 @@ def build_app(config: GatewayConfig) -> web.Application:
         )
         app.router.add_route(route.method, route.path, handler)
         known.setdefault(route.path, set()).add(route.method)
-    for path, handler in (("/healthz", ops.healthz), ("/readyz", ops.readyz), ("/metrics", ops.metrics)):
+    ops_routes = [("/healthz", ops.healthz), ("/readyz", ops.readyz)]
+    if config.metrics.enabled:
+        ops_routes.append(("/metrics", ops.metrics))
+    for path, handler in ops_routes:
         app.router.add_get(path, handler)
         known.setdefault(path, set()).add("GET")
     app.router.add_route("*", "/{tail:.*}", ops.not_found(known))

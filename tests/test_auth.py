@@ -87,3 +87,15 @@ async def test_unknown_kids_do_not_reach_the_store_twice(gateway, monkeypatch):
     for _ in range(3):
         assert (await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(bogus))).status == 401
     assert calls == ["feedfacecafe"]
+
+
+async def test_concurrent_store_writes_do_not_interleave(store_url):
+    import asyncio
+
+    store = await open_store(store_url)
+    try:
+        team = await store.ensure_team("busy")
+        await asyncio.gather(*(store.add_credit(team.id, 1_000) for _ in range(50)), store.ensure_team("other"))
+        assert (await store.get_team("busy")).balance_nanos == 50_000  # type: ignore[union-attr]
+    finally:
+        await store.close()

@@ -88,3 +88,11 @@ async def test_metrics_endpoint_after_traffic(gateway, key):
     unknown = (("model", ""), ("provider", ""), ("status", "404"), ("surface", "openai.chat"))
     assert got["gateway_requests_total", unknown] == 1
     assert got["gateway_in_flight_requests", (("surface", "openai.chat"),)] == 0
+
+
+async def test_metrics_can_be_switched_off(aiohttp_client, config):
+    from proxy.app import build_app
+
+    config.metrics.enabled = False
+    client = await aiohttp_client(build_app(config))
+    assert (await client.get("/metrics")).status == 404

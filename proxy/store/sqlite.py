@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import sqlite3
 import time
@@ -48,6 +49,8 @@ class SqliteStore:
         self.url = url
         self.path = sqlite_path(url)
         self._db: aiosqlite.Connection | None = None
+        # One connection serves every coroutine: a write transaction must not interleave with another.
+        self._write = asyncio.Lock()
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -123,21 +126,22 @@ class SqliteStore:
     async def ensure_team(self, name: str) -> Team:
         now = int(time.time())
         team_id = "team_" + secrets.token_hex(8)
-        await self.db.execute("BEGIN IMMEDIATE")
-        try:
-            await self.db.execute(
-                "INSERT INTO teams (id, name, created_at) VALUES (?, ?, ?) ON CONFLICT(name) DO NOTHING",
-                (team_id, name, now),
-            )
-            await self.db.execute(
-                "INSERT INTO wallets (team_id, balance_nanos, updated_at) "
-                "SELECT id, 0, ? FROM teams WHERE name = ? ON CONFLICT(team_id) DO NOTHING",
-                (now, name),
-            )
-            await self.db.execute("COMMIT")
-        except BaseException:
-            await self.db.execute("ROLLBACK")
-            raise
+        async with self._write:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                await self.db.execute(
+                    "INSERT INTO teams (id, name, created_at) VALUES (?, ?, ?) ON CONFLICT(name) DO NOTHING",
+                    (team_id, name, now),
+                )
+                await self.db.execute(
+                    "INSERT INTO wallets (team_id, balance_nanos, updated_at) "
+                    "SELECT id, 0, ? FROM teams WHERE name = ? ON CONFLICT(team_id) DO NOTHING",
+                    (now, name),
+                )
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
         team = await self.get_team(name)
         assert team is not None
         return team
@@ -145,11 +149,12 @@ class SqliteStore:
     async def create_key(
         self, *, team_id: str, kid: str, secret_hash: bytes, name: str, scopes: tuple[str, ...]
     ) -> KeyRecord:
-        await self.db.execute(
-            "INSERT INTO api_keys (kid, team_id, name, secret_hash, scopes, status, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (kid, team_id, name, secret_hash, ",".join(scopes), ACTIVE, int(time.time())),
-        )
+        async with self._write:
+            await self.db.execute(
+                "INSERT INTO api_keys (kid, team_id, name, secret_hash, scopes, status, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (kid, team_id, name, secret_hash, ",".join(scopes), ACTIVE, int(time.time())),
+            )
         record = await self.get_key(kid)
         assert record is not None
         return record
@@ -166,31 +171,33 @@ class SqliteStore:
 
     async def set_key_status(self, kid: str, status: str) -> bool:
         revoked_at = int(time.time()) if status == REVOKED else None
-        cur = await self.db.execute(
-            "UPDATE api_keys SET status = ?, revoked_at = COALESCE(revoked_at, ?) "
-            "WHERE kid = ? AND status != 'revoked'",
-            (status, revoked_at, kid),
-        )
+        async with self._write:
+            cur = await self.db.execute(
+                "UPDATE api_keys SET status = ?, revoked_at = COALESCE(revoked_at, ?) "
+                "WHERE kid = ? AND status != 'revoked'",
+                (status, revoked_at, kid),
+            )
         return cur.rowcount > 0
 
     async def add_credit(self, team_id: str, amount_nanos: int, note: str = "") -> int:
         now = int(time.time())
-        await self.db.execute("BEGIN IMMEDIATE")
-        try:
-            await self.db.execute(
-                "UPDATE wallets SET balance_nanos = balance_nanos + ?, updated_at = ? WHERE team_id = ?",
-                (amount_nanos, now, team_id),
-            )
-            await self.db.execute(
-                "INSERT INTO wallet_ledger (team_id, amount_nanos, kind, note, created_at) VALUES (?, ?, ?, ?, ?)",
-                (team_id, amount_nanos, "topup" if amount_nanos >= 0 else "adjustment", note, now),
-            )
-            async with self.db.execute("SELECT balance_nanos FROM wallets WHERE team_id = ?", (team_id,)) as cur:
-                row = await cur.fetchone()
-            await self.db.execute("COMMIT")
-        except BaseException:
-            await self.db.execute("ROLLBACK")
-            raise
+        async with self._write:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                await self.db.execute(
+                    "UPDATE wallets SET balance_nanos = balance_nanos + ?, updated_at = ? WHERE team_id = ?",
+                    (amount_nanos, now, team_id),
+                )
+                await self.db.execute(
+                    "INSERT INTO wallet_ledger (team_id, amount_nanos, kind, note, created_at) VALUES (?, ?, ?, ?, ?)",
+                    (team_id, amount_nanos, "topup" if amount_nanos >= 0 else "adjustment", note, now),
+                )
+                async with self.db.execute("SELECT balance_nanos FROM wallets WHERE team_id = ?", (team_id,)) as cur:
+                    row = await cur.fetchone()
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
         if row is None:
             raise StoreError(f"team {team_id} has no wallet")
         return row[0]

@@ -27,10 +27,11 @@ async def readyz(request: web.Request) -> web.Response:
     ready = not gw.draining
     checks["lifecycle"] = "draining" if gw.draining else "serving"
     try:
-        assert gw.store is not None
+        if gw.store is None:
+            raise StoreError("not open")
         await asyncio.wait_for(gw.store.ping(), 1.0)
         checks["store"] = "ok"
-    except (TimeoutError, StoreError, AssertionError) as e:
+    except (TimeoutError, StoreError) as e:
         ready = False
         checks["store"] = f"unavailable: {e}" if str(e) else "unavailable"
     body = {"status": "ready" if ready else "not_ready", "checks": checks, "providers": sorted(gw.upstreams)}
