@@ -1,0 +1,236 @@
+"""Load generators, each measuring one target for a fixed time.
+
+- `wrk_load`: plain chat requests with wrk (`-t1 --latency`, a generated Lua script for method, headers
+  and body), parsed from wrk's report.
+- `closed_loop`: the same with aiohttp, for machines without wrk: C workers, each sending its next
+  request when the previous one is answered.
+- `stream_load`: K workers, each opening one stream after the other, timing the first event from the
+  moment the request is sent and every event's delay (arrival minus the mock's `t_sent_ns`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import statistics
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+PROMPT = [{"role": "user", "content": "Say hello in one short sentence."}]
+REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=30)
+WRK_SCRIPT = """wrk.method = "POST"
+wrk.body = [==[{body}]==]
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer {api_key}"
+"""
+_MS_PER_UNIT = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+
+
+class BenchError(Exception):
+    """A benchmark could not run or measure; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where requests go, with the key and model name that target expects."""
+
+    name: str
+    url: str
+    api_key: str
+    model: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Content-Type": "application/json", "Authorization": f"Bearer {self.api_key}"}
+
+    def chat_body(self, *, stream: bool) -> bytes:
+        body: dict[str, Any] = {"model": self.model, "messages": PROMPT, "max_tokens": 256}
+        if stream:
+            body |= {"stream": True, "stream_options": {"include_usage": True}}
+        return orjson.dumps(body)
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """One measurement. For streams, requests are whole streams and latency is a stream's duration."""
+
+    tool: str
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    ttft_ms: float | None = None
+    event_delay_ms: float | None = None
+
+
+def percentile(values: Sequence[float], pct: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(pct / 100 * len(ordered)) - 1)]
+
+
+def wrk_load(wrk: str, target: Target, connections: int, duration_s: int, workdir: Path) -> Result:
+    script = workdir / f"{target.name}.lua"
+    script.write_text(WRK_SCRIPT.format(body=target.chat_body(stream=False).decode(), api_key=target.api_key))
+    argv = [wrk, "-t1", f"-c{connections}", f"-d{duration_s}s", "--timeout", "10s", "--latency"]
+    argv += ["-s", str(script), target.url]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=duration_s + 30, check=False)
+    if proc.returncode != 0:
+        raise BenchError(f"wrk against {target.name} failed ({proc.returncode}): {proc.stderr or proc.stdout}")
+    return parse_wrk(proc.stdout)
+
+
+def parse_wrk(report: str) -> Result:
+    """Requests/s, p50, p99 and errors (non-2xx/3xx answers and socket errors) from `wrk --latency`."""
+    rate = re.search(r"^Requests/sec:\s+([\d.]+)", report, re.M)
+    if rate is None or float(rate.group(1)) == 0:
+        raise BenchError(f"wrk completed no requests:\n{report}")
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", report)
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", report)
+    errors = sum(int(n) for n in socket_errors.groups()) if socket_errors else 0
+    errors += int(non_2xx.group(1)) if non_2xx else 0
+    return Result(
+        tool="wrk",
+        requests_per_s=float(rate.group(1)),
+        p50_ms=_wrk_percentile_ms(report, 50),
+        p99_ms=_wrk_percentile_ms(report, 99),
+        errors=errors,
+    )
+
+
+def _wrk_percentile_ms(report: str, pct: int) -> float:
+    match = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s|m|h)\s*$", report, re.M)
+    if match is None:
+        raise BenchError(f"no {pct}% latency in wrk's report:\n{report}")
+    return float(match.group(1)) * _MS_PER_UNIT[match.group(2)]
+
+
+async def _run_workers(
+    workers: int, duration_s: float, one: Callable[[aiohttp.ClientSession], Awaitable[None]]
+) -> float:
+    """Run `workers` loops of `one(session)` until `duration_s` has passed; the elapsed seconds."""
+    connector = aiohttp.TCPConnector(limit=workers)
+    async with aiohttp.ClientSession(connector=connector, timeout=REQUEST_TIMEOUT) as session:
+        start = time.perf_counter()
+        deadline = start + duration_s
+
+        async def loop() -> None:
+            while time.perf_counter() < deadline:
+                await one(session)
+
+        await asyncio.gather(*(loop() for _ in range(workers)))
+        return time.perf_counter() - start
+
+
+def _require(samples: Sequence[float], target: Target, errors: int) -> None:
+    if not samples:
+        raise BenchError(f"no successful request to {target.name} ({errors} failed)")
+
+
+async def closed_loop(target: Target, connections: int, duration_s: float) -> Result:
+    body = target.chat_body(stream=False)
+    latencies: list[float] = []
+    errors = 0
+
+    async def one(session: aiohttp.ClientSession) -> None:
+        nonlocal errors
+        start = time.perf_counter()
+        try:
+            async with session.post(target.url, data=body, headers=target.headers) as resp:
+                await resp.read()
+        except (aiohttp.ClientError, TimeoutError):
+            errors += 1
+            return
+        latencies.append(time.perf_counter() - start)
+        if resp.status != 200:
+            errors += 1
+
+    elapsed = await _run_workers(connections, duration_s, one)
+    _require(latencies, target, errors)
+    return Result(
+        tool="aiohttp",
+        requests_per_s=len(latencies) / elapsed,
+        p50_ms=percentile(latencies, 50) * 1e3,
+        p99_ms=percentile(latencies, 99) * 1e3,
+        errors=errors,
+    )
+
+
+@dataclass(slots=True)
+class _StreamStats:
+    durations: list[float]
+    ttfts: list[float]
+    delays_ns: list[int]
+    errors: int = 0
+
+
+async def _read_stream(resp: aiohttp.ClientResponse, start: float, stats: _StreamStats) -> bool:
+    """Time every event of one stream; whether it ended with `data: [DONE]`."""
+    first: float | None = None
+    done = False
+    async for line in resp.content:
+        received_ns = time.time_ns()
+        if not line.startswith(b"data:"):
+            continue
+        if first is None:
+            first = time.perf_counter() - start
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
+            done = True
+            continue
+        sent_ns = orjson.loads(payload).get("t_sent_ns")
+        if sent_ns is not None:
+            stats.delays_ns.append(received_ns - sent_ns)
+    if done and first is not None:
+        stats.ttfts.append(first)
+    return done
+
+
+async def stream_load(target: Target, streams: int, duration_s: float) -> Result:
+    body = target.chat_body(stream=True)
+    stats = _StreamStats(durations=[], ttfts=[], delays_ns=[])
+
+    async def one(session: aiohttp.ClientSession) -> None:
+        start = time.perf_counter()
+        try:
+            async with session.post(target.url, data=body, headers=target.headers) as resp:
+                done = resp.status == 200 and await _read_stream(resp, start, stats)
+        except (aiohttp.ClientError, TimeoutError):
+            done = False
+        if done:
+            stats.durations.append(time.perf_counter() - start)
+        else:
+            stats.errors += 1
+
+    elapsed = await _run_workers(streams, duration_s, one)
+    _require(stats.durations, target, stats.errors)
+    return Result(
+        tool="aiohttp",
+        requests_per_s=len(stats.durations) / elapsed,
+        p50_ms=percentile(stats.durations, 50) * 1e3,
+        p99_ms=percentile(stats.durations, 99) * 1e3,
+        errors=stats.errors,
+        ttft_ms=statistics.median(stats.ttfts) * 1e3,
+        event_delay_ms=statistics.fmean(stats.delays_ns) / 1e6 if stats.delays_ns else None,
+    )
+
+
+async def preflight(target: Target) -> None:
+    """One plain and one streaming request, so a misconfigured target fails before any load."""
+    async with aiohttp.ClientSession(timeout=REQUEST_TIMEOUT) as session:
+        for stream in (False, True):
+            async with session.post(target.url, data=target.chat_body(stream=stream), headers=target.headers) as r:
+                text = await r.text()
+            kind = "streaming" if stream else "plain"
+            if r.status != 200:
+                raise BenchError(f"{target.name}: a {kind} chat request was answered {r.status}: {text[:500]}")
+            if stream and "data: [DONE]" not in text:
+                raise BenchError(f"{target.name}: the stream did not end with data: [DONE]: {text[-500:]}")

@@ -1,0 +1,169 @@
+"""The results table: samples averaged over rounds, compared with `direct`, written as Markdown and JSON."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import uvloop
+
+from bench.loads import Result
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DIRECT = "direct"
+COLUMNS = (
+    "target",
+    "load",
+    "tool",
+    "requests/s",
+    "p50 ms",
+    "p99 ms",
+    "added p50 vs direct",
+    "TTFT ms",
+    "per-event delay ms",
+    "added per-event delay vs direct",
+    "errors",
+)
+NOTES = """\
+Means over {rounds} round(s) of {duration} s per measurement; targets interleaved within each round.
+For stream loads, requests/s counts whole streams and p50/p99 are stream durations.
+TTFT: median time from sending a streaming request to its first event.
+Per-event delay: mean over all events of (arrival time - the mock's `t_sent_ns` in the event); direct
+includes the client's own cost, so the added columns (this row minus direct, same load) are the overhead.
+Errors: non-200 answers, failed connections and streams without `data: [DONE]`."""
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    round: int
+    target: str
+    load: str
+    result: Result
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    target: str
+    load: str
+    tool: str
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    ttft_ms: float | None
+    event_delay_ms: float | None
+    added_p50_ms: float | None = None
+    added_event_delay_ms: float | None = None
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
+
+
+def _difference(value: float | None, baseline: float | None) -> float | None:
+    return None if value is None or baseline is None else value - baseline
+
+
+def _row(target: str, load: str, results: Sequence[Result]) -> Row:
+    return Row(
+        target=target,
+        load=load,
+        tool=results[0].tool,
+        requests_per_s=statistics.fmean(r.requests_per_s for r in results),
+        p50_ms=statistics.fmean(r.p50_ms for r in results),
+        p99_ms=statistics.fmean(r.p99_ms for r in results),
+        errors=sum(r.errors for r in results),
+        ttft_ms=_mean([r.ttft_ms for r in results]),
+        event_delay_ms=_mean([r.event_delay_ms for r in results]),
+    )
+
+
+def aggregate(samples: Sequence[Sample], targets: Sequence[str]) -> list[Row]:
+    """One row per (load, target): loads in the order measured, targets in the order given, with the
+    differences to `direct`."""
+    loads = list(dict.fromkeys(sample.load for sample in samples))
+    groups: dict[tuple[str, str], list[Result]] = {}
+    for sample in sorted(samples, key=lambda s: (loads.index(s.load), targets.index(s.target))):
+        groups.setdefault((sample.load, sample.target), []).append(sample.result)
+    rows = {key: _row(key[1], key[0], results) for key, results in groups.items()}
+    compared = []
+    for (load, target), row in rows.items():
+        direct = rows.get((load, DIRECT))
+        if direct is not None and target != DIRECT:
+            row = replace(
+                row,
+                added_p50_ms=row.p50_ms - direct.p50_ms,
+                added_event_delay_ms=_difference(row.event_delay_ms, direct.event_delay_ms),
+            )
+        compared.append(row)
+    return compared
+
+
+def _ms(value: float | None, sign: str = "") -> str:
+    return "—" if value is None else f"{value:{sign}.2f}"
+
+
+def _cells(row: Row) -> list[str]:
+    return [
+        row.target,
+        row.load,
+        row.tool,
+        f"{row.requests_per_s:,.0f}",
+        _ms(row.p50_ms),
+        _ms(row.p99_ms),
+        _ms(row.added_p50_ms, "+"),
+        _ms(row.ttft_ms),
+        _ms(row.event_delay_ms),
+        _ms(row.added_event_delay_ms, "+"),
+        str(row.errors),
+    ]
+
+
+def markdown_table(rows: Sequence[Row]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine_info(wrk: str | None) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "aiohttp": aiohttp.__version__,
+        "uvloop": uvloop.__version__,
+        "platform": platform.platform(),
+    }
+    if wrk is not None:
+        banner = subprocess.run([wrk, "-v"], capture_output=True, text=True, timeout=10, check=False).stdout
+        info["wrk"] = " ".join(banner.split()[:2])
+    return info
+
+
+def _line(values: dict[str, Any]) -> str:
+    return " · ".join(f"{key}: {value}" for key, value in values.items())
+
+
+def markdown_report(rows: Sequence[Row], info: dict[str, Any], settings: dict[str, Any], title: str) -> str:
+    notes = NOTES.format(rounds=settings["rounds"], duration=settings["duration_s"])
+    return f"# {title}\n\n{_line(info)}\n\n{_line(settings)}\n\n{markdown_table(rows)}\n\n{notes}\n"
+
+
+def save(stamp: str, report: str, payload: dict[str, Any]) -> Path:
+    """Write `<stamp>.json`, `<stamp>.md` and `latest.md` under bench/results; the Markdown path.
+
+    `payload` may hold the `Row` and `Sample` dataclasses: orjson serializes them."""
+    RESULTS_DIR.mkdir(exist_ok=True)
+    (RESULTS_DIR / f"{stamp}.json").write_bytes(orjson.dumps(payload, option=orjson.OPT_INDENT_2))
+    path = RESULTS_DIR / f"{stamp}.md"
+    path.write_text(report)
+    (RESULTS_DIR / "latest.md").write_text(report)
+    return path
