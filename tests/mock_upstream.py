@@ -40,6 +40,8 @@ class MockControl:
     received: list[Received] = field(default_factory=list)
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
     first_sent: asyncio.Event = field(default_factory=asyncio.Event)
+    pad_bytes: int = 0  # extra content per chunk, to make streams heavy
+    bytes_sent: int = 0  # stream bytes the mock has handed to its transport so far
 
     @property
     def last(self) -> Received:
@@ -104,7 +106,9 @@ def build_mock(control: MockControl) -> web.Application:
             for i in range(control.events):
                 last = i == control.events - 1
                 extra = {"usage": USAGE} if (last and include_usage and control.usage_in_content_chunk) else usage_extra
-                await resp.write(_chunk(model, {"content": f"tok{i} "}, **extra))
+                event = _chunk(model, {"content": f"tok{i} " + "x" * control.pad_bytes}, **extra)
+                await resp.write(event)
+                control.bytes_sent += len(event)
                 control.first_sent.set()
                 if control.gate_after and i + 1 == control.gate_after:
                     await control.gate.wait()

@@ -200,3 +200,21 @@ def test_meta_field_names_match_reference():
         "attempts",
     } == names
     msgspec.json.encode(RequestMeta("r", "openai.chat", 0.0).as_dict())
+
+
+async def test_slow_client_slows_the_upstream(gateway, key, mock):
+    """Back-pressure: a client that stops reading stalls the upstream; nothing piles up in the gateway."""
+    mock.control.events, mock.control.pad_bytes = 192, 256 * 1024  # 48 MiB if nothing pushed back
+    r = await gateway.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=auth(key))
+    await asyncio.wait_for(r.content.readuntil(b"tok0"), 5)
+    # The client now reads nothing. Wait until the upstream's progress stops (bounded in time).
+    loop = asyncio.get_running_loop()
+    deadline, last, stable_since = loop.time() + 10, -1, loop.time()
+    while loop.time() < deadline and loop.time() - stable_since < 0.5:
+        if mock.control.bytes_sent != last:
+            last, stable_since = mock.control.bytes_sent, loop.time()
+        await asyncio.sleep(0.05)
+    total = 192 * 256 * 1024
+    assert mock.control.bytes_sent < total / 3, f"upstream pushed {mock.control.bytes_sent} bytes unread"
+    body = await asyncio.wait_for(r.read(), 30)  # reading again lets the rest through, intact
+    assert body.endswith(b"data: [DONE]\n\n") and body.count(b"tok") == 191
