@@ -35,6 +35,7 @@ def _ms(seconds: float) -> float:
 class RequestMeta:
     __slots__ = (
         "attempts",
+        "finished",
         "model",
         "provider",
         "request_id",
@@ -58,6 +59,7 @@ class RequestMeta:
         self.upstream_model = ""
         self.stream = False
         self.status = 0
+        self.finished = False  # the whole response reached the client's connection
         self.t_upstream_start = 0.0
         self.t_first_token = 0.0
         self.t_upstream_end = 0.0

@@ -42,6 +42,8 @@ class MockControl:
     first_sent: asyncio.Event = field(default_factory=asyncio.Event)
     pad_bytes: int = 0  # extra content per chunk, to make streams heavy
     bytes_sent: int = 0  # stream bytes the mock has handed to its transport so far
+    linger_after_done_s: float = 0.0  # like a real network: the body's end arrives after [DONE]
+    peers: list[int] = field(default_factory=list)  # client port of each request: equal ports = reused
 
     @property
     def last(self) -> Received:
@@ -67,6 +69,7 @@ def build_mock(control: MockControl) -> web.Application:
     async def chat(request: web.Request) -> web.StreamResponse:
         body = await request.read()
         control.received.append(Received(request.path, dict(request.headers), body))
+        control.peers.append(request.transport.get_extra_info("peername")[1])  # type: ignore[union-attr]
         payload = orjson.loads(body)
         model = payload.get("model", "")
         if control.mode == "stall":
@@ -134,6 +137,8 @@ def build_mock(control: MockControl) -> web.Application:
                     + b"\n\n"
                 )
             await resp.write(b"data: [DONE]\n\n")
+            if control.linger_after_done_s:
+                await asyncio.sleep(control.linger_after_done_s)
         except (asyncio.CancelledError, ConnectionError):
             control.disconnected.set()
             raise

@@ -10,6 +10,7 @@ import pytest
 
 from proxy.app import build_app
 from proxy.config import load_config
+from proxy.gateway import GATEWAY
 from tests.conftest import DEFAULT_CONFIG, auth, env_for
 
 CHAT = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
@@ -218,3 +219,21 @@ async def test_slow_client_slows_the_upstream(gateway, key, mock):
     assert mock.control.bytes_sent < total / 3, f"upstream pushed {mock.control.bytes_sent} bytes unread"
     body = await asyncio.wait_for(r.read(), 30)  # reading again lets the rest through, intact
     assert body.endswith(b"data: [DONE]\n\n") and body.count(b"tok") == 191
+
+
+async def test_upstream_connection_is_reused_after_a_stream(gateway, key, mock):
+    mock.control.linger_after_done_s = 0.05  # the end of the chunked body comes after [DONE]
+    for _ in range(3):
+        r = await gateway.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=auth(key))
+        assert (await asyncio.wait_for(r.read(), 5)).endswith(b"data: [DONE]\n\n")
+    assert len(set(mock.control.peers)) == 1, mock.control.peers
+
+
+async def test_client_leaving_after_done_is_not_counted_as_aborted(gateway, key, mock):
+    mock.control.linger_after_done_s = 2  # the gateway is still draining the upstream when the client leaves
+    r = await gateway.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=auth(key))
+    assert (await asyncio.wait_for(r.read(), 5)).endswith(b"data: [DONE]\n\n")
+    r.close()
+    await gateway.close()  # closes the client's connection: the server cancels the draining handler
+    metrics = gateway.server.app[GATEWAY].metrics.render()[0].decode()
+    assert 'status="200"' in metrics and 'status="499"' not in metrics

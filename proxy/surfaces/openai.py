@@ -36,6 +36,8 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
 CLIENT_CLOSED = 499  # nginx's convention: the client went away before the answer was complete
 _TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 _encode = msgspec.json.Encoder().encode
+_DRAIN_BYTES = 64 * 1024  # after [DONE], read at most this much ...
+_DRAIN_S = 1.0  # ... for at most this long, before closing the upstream connection instead
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -74,7 +76,8 @@ def inference_handler(surface: Surface, default_model: str, metrics: Metrics) ->
             meta.status = e.status
             return render(e, meta.request_id)
         except asyncio.CancelledError:
-            meta.status = CLIENT_CLOSED
+            if not meta.finished:
+                meta.status = CLIENT_CLOSED
             raise
         except Exception:
             log.exception("request %s failed", meta.request_id)
@@ -155,7 +158,7 @@ def _upstream_error(resp: aiohttp.ClientResponse, data: bytes, upstream: Upstrea
             f"check the api_key configured for it.",
         )
     meta.status = resp.status
-    if resp.content_type == "application/json" or "json" in resp.content_type:
+    if "json" in resp.content_type:  # application/json, application/problem+json, …
         try:
             orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -218,7 +221,24 @@ async def _stream(
         await _write_quietly(out, sse_error_event(error, meta.request_id))
         return out
     await _write_quietly(out, state.finish(_encode(meta.as_dict()) if state.wants_meta else None))
+    with contextlib.suppress(ConnectionError):
+        await out.write_eof()  # the client's stream is complete before the upstream's is drained
+        meta.finished = True
+    await _drain(resp.content)
     return out
+
+
+async def _drain(content: aiohttp.StreamReader) -> None:
+    """Read what follows `[DONE]` (normally just the end of the chunked body, which may come a moment
+    later), so that the upstream connection goes back to the pool instead of being closed."""
+    budget = _DRAIN_BYTES
+    with contextlib.suppress(*_TRANSPORT_ERRORS):
+        async with asyncio.timeout(_DRAIN_S):
+            while budget > 0 and not content.is_eof():
+                chunk = await content.readany()
+                if not chunk:
+                    break
+                budget -= len(chunk)
 
 
 async def _write_quietly(out: web.StreamResponse, data: bytes) -> None:
