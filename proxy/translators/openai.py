@@ -78,7 +78,10 @@ def decode_request(body: bytes) -> RequestView:
 
 def patch_members(body: bytes, set_members: dict[str, bytes], drop: tuple[str, ...] = ()) -> bytes:
     """`body` (a JSON object) with top-level members replaced, added or removed; the rest copied as bytes."""
-    members = _members_decoder.decode(body)
+    return _patch(_members_decoder.decode(body), set_members, drop)
+
+
+def _patch(members: dict[str, Raw], set_members: dict[str, bytes], drop: tuple[str, ...]) -> bytes:
     for name in drop:
         members.pop(name, None)
     for name, value in set_members.items():
@@ -102,17 +105,21 @@ def build_request(body: bytes, view: RequestView, upstream_model: str, streaming
     if view.model is UNSET or view.model != upstream_model:
         set_members["model"] = _encoder.encode(upstream_model)
     wants_usage = bool(view.usage)
+    ask_usage = False  # metering needs usage: ask for it even when the client did not (and withhold it)
     if streaming_surface and view.stream:
         if view.stream_options is not None and view.stream_options.include_usage:
             wants_usage = True
-        else:  # ask for usage anyway: metering needs it; the chunk is withheld from the client
-            options = _members_decoder.decode(body).get("stream_options")
-            merged = _members_decoder.decode(options) if options is not None and bytes(options)[:1] == b"{" else {}
-            merged["include_usage"] = Raw(b"true")
-            set_members["stream_options"] = _encoder.encode(merged)
-    if not set_members and not view.has_gateway_fields():
+        else:
+            ask_usage = True
+    if not set_members and not ask_usage and not view.has_gateway_fields():
         return body, wants_usage
-    return patch_members(body, set_members, GATEWAY_FIELDS), wants_usage
+    members = _members_decoder.decode(body)
+    if ask_usage:
+        options = members.get("stream_options")
+        merged = _members_decoder.decode(options) if options is not None and bytes(options)[:1] == b"{" else {}
+        merged["include_usage"] = Raw(b"true")
+        set_members["stream_options"] = _encoder.encode(merged)
+    return _patch(members, set_members, GATEWAY_FIELDS), wants_usage
 
 
 # ---------------------------------------------------------------------------------------------------------
