@@ -7,18 +7,16 @@ known key does no database round trip; a revoked key stops working within that T
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import secrets
-import time
 from typing import Final, final
 
+from proxy.cache import Missing, TTLCache
 from proxy.errors import Code, GatewayError
 from proxy.store.base import ACTIVE, KeyRecord, Store, StoreError
 
 KEY_PREFIX: Final = "aistats_v1_sk_"
-_MAX_ENTRIES: Final = 50_000
 
 
 def generate_key() -> tuple[str, str]:
@@ -60,13 +58,11 @@ _INVALID = "Invalid API key. Send `Authorization: Bearer aistats_v1_sk_…` with
 class KeyCache:
     """kid → KeyRecord (or None for an unknown kid), each entry valid for `ttl` seconds."""
 
-    __slots__ = ("_entries", "_pending", "store", "ttl")
+    __slots__ = ("_cache", "store")
 
     def __init__(self, store: Store, ttl: float):
         self.store = store
-        self.ttl = ttl
-        self._entries: dict[str, tuple[KeyRecord | None, float]] = {}
-        self._pending: dict[str, asyncio.Task[KeyRecord | None]] = {}
+        self._cache: TTLCache[str, KeyRecord | None] = TTLCache(self._fetch, ttl)
 
     async def authenticate(self, token: str | None) -> KeyRecord:
         """The active key `token` names; `GatewayError(invalid_api_key)` otherwise."""
@@ -76,49 +72,17 @@ class KeyCache:
         if parts is None:
             raise GatewayError(Code.invalid_api_key, _INVALID)
         kid, secret = parts
-        entry = self._entries.get(kid)
-        record = entry[0] if entry is not None and entry[1] > time.monotonic() else await self._load(kid)
+        record = self._cache.fresh(kid)
+        if isinstance(record, Missing):
+            record = await self._cache.load(kid)
         if record is None or not hmac.compare_digest(record.secret_hash, hash_secret(secret)):
             raise GatewayError(Code.invalid_api_key, _INVALID)
         if record.status != ACTIVE:
             raise GatewayError(Code.invalid_api_key, f"This API key ({kid}) is {record.status}.")
         return record
 
-    async def _load(self, kid: str) -> KeyRecord | None:
-        # One lookup per kid at a time, in its own task: a waiter's cancellation never cancels it.
-        task = self._pending.get(kid)
-        if task is None:
-            task = asyncio.get_running_loop().create_task(self._fetch(kid))
-            task.add_done_callback(_retrieve)
-            self._pending[kid] = task
-        return await asyncio.shield(task)
-
     async def _fetch(self, kid: str) -> KeyRecord | None:
         try:
-            record = await self.store.get_key(kid)
+            return await self.store.get_key(kid)
         except StoreError as e:
             raise GatewayError(Code.unavailable, "The key store is unavailable; retry shortly.") from e
-        finally:
-            del self._pending[kid]
-        if len(self._entries) >= _MAX_ENTRIES:
-            self._evict()
-        self._entries[kid] = (record, time.monotonic() + self.ttl)
-        return record
-
-    def _evict(self) -> None:
-        now = time.monotonic()
-        self._entries = {k: v for k, v in self._entries.items() if v[1] > now and v[0] is not None}
-        if len(self._entries) >= _MAX_ENTRIES:
-            self._entries.clear()
-
-    def invalidate(self, kid: str | None = None) -> None:
-        if kid is None:
-            self._entries.clear()
-        else:
-            self._entries.pop(kid, None)
-
-
-def _retrieve(task: asyncio.Task) -> None:
-    """Mark a lookup's exception as seen even when every waiter has gone."""
-    if not task.cancelled():
-        task.exception()

@@ -6,9 +6,9 @@ at once, so concurrent requests see it without waiting for the store.
 
 from __future__ import annotations
 
-import time
 from typing import final
 
+from proxy.cache import Missing, TTLCache
 from proxy.config import NANOS_PER_USD
 from proxy.errors import Code, GatewayError
 from proxy.store.base import Store, StoreError
@@ -24,25 +24,22 @@ def usd(nanos: int) -> str:
 
 @final
 class WalletCache:
-    __slots__ = ("_entries", "min_balance_nanos", "store", "ttl")
+    __slots__ = ("_cache", "min_balance_nanos", "store")
 
     def __init__(self, store: Store, ttl: float, min_balance_nanos: int):
         self.store = store
-        self.ttl = ttl
         self.min_balance_nanos = min_balance_nanos
-        self._entries: dict[str, tuple[int, float]] = {}
+        self._cache: TTLCache[str, int] = TTLCache(self._fetch, ttl)
 
     async def balance(self, team_id: str) -> int:
-        entry = self._entries.get(team_id)
-        if entry is not None and entry[1] > time.monotonic():
-            return entry[0]
+        balance = self._cache.fresh(team_id)
+        return await self._cache.load(team_id) if isinstance(balance, Missing) else balance
+
+    async def _fetch(self, team_id: str) -> int:
         try:
-            balance = await self.store.get_balance(team_id)
+            return await self.store.get_balance(team_id) or 0
         except StoreError as e:
             raise GatewayError(Code.unavailable, "The wallet store is unavailable; retry shortly.") from e
-        balance = balance or 0
-        self._entries[team_id] = (balance, time.monotonic() + self.ttl)
-        return balance
 
     async def check(self, team_id: str, team_name: str) -> int:
         """The team's balance, or `GatewayError(insufficient_credits)` when it is under the minimum."""
@@ -57,6 +54,5 @@ class WalletCache:
         return balance
 
     def adjust(self, team_id: str, delta_nanos: int) -> None:
-        entry = self._entries.get(team_id)
-        if entry is not None:
-            self._entries[team_id] = (entry[0] + delta_nanos, entry[1])
+        """Apply a debit or top-up to the cached balance at once."""
+        self._cache.update(team_id, lambda balance: balance + delta_nanos)
