@@ -129,6 +129,19 @@ async def serve(
         await runner.cleanup()
 
 
+def _accepting(host: str, port: int, timeout: float) -> bool:
+    """Whether a worker accepts connections on the port within `timeout` seconds."""
+    target = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((target, port), timeout=0.5).close()
+            return True
+        except OSError:
+            time.sleep(0.02)
+    return False
+
+
 def _host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
@@ -206,6 +219,8 @@ def _supervise(config: GatewayConfig, host: str, port: int, workers: int) -> int
     signal.signal(signal.SIGINT, on_signal)
     for _ in range(workers):
         children[spawn()] = time.monotonic()
+    if not _accepting(host, port, timeout=30):
+        log.error("no worker is accepting connections on port %d after 30 s", port)
     log.info(
         "stats-gateway listening on http://%s:%d (%d workers, config %s)", _host(host), port, workers, config.source
     )
