@@ -99,3 +99,17 @@ async def test_concurrent_store_writes_do_not_interleave(store_url):
         assert (await store.get_team("busy")).balance_nanos == 50_000  # type: ignore[union-attr]
     finally:
         await store.close()
+
+
+async def test_no_secret_reaches_the_logs(gateway, key, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    kid, secret = split_key(key)  # type: ignore[misc]
+    wrong = key[:-6] + "ABCDEF"
+    for token in (key, wrong, "aistats_v1_sk_" + kid + "_" + "s" * 40, "garbage-" + secret):
+        await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(token))
+    await gateway.post("/v1/chat/completions", data=b"{broken", headers=auth(key))
+    logged = caplog.text + "".join(str(r.args) for r in caplog.records)
+    assert caplog.records  # something was logged (aiohttp, the store), just not a secret
+    assert secret not in logged and secret[:12] not in logged
