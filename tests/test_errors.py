@@ -40,6 +40,11 @@ async def expect_error(resp, status: int, code: str, *fragments: str) -> dict:
         (b'{"messages": []}', "invalid_request", "`model`"),
         (b'{"model": "x", "messages": [], "meta": "yes"}', "invalid_request", "meta"),
         (b'\xff\xfe{"model": 1}', "invalid_json", "not valid JSON"),
+        (
+            b'{"model": "openai/gpt-4o-mini", "messages": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+            "invalid_json",
+            "too deeply",
+        ),
     ],
 )
 async def test_400_bad_bodies(gateway, key, mock, body, code, fragment):
@@ -202,3 +207,10 @@ async def test_stream_stall_mid_way_ends_with_timeout_event(aiohttp_client, mock
     body = await asyncio.wait_for(r.read(), 5)
     assert b"tok1" in body and b"data: [DONE]" not in body
     assert b"upstream_timeout" in body.strip().split(b"\n\n")[-1]
+
+
+async def test_upstream_json_nested_too_deeply_is_a_502(gateway, key, mock):
+    mock.control.mode, mock.control.status = "status", 200
+    mock.control.error_body = b'{"choices": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    r = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(key))
+    await expect_error(r, 502, "upstream_bad_response", "too deeply")

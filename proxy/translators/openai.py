@@ -74,6 +74,8 @@ def decode_request(body: bytes) -> RequestView:
         ) from None
     except msgspec.DecodeError as e:
         raise GatewayError(Code.invalid_json, f"The request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise GatewayError(Code.invalid_json, "The request body nests JSON values too deeply.") from None
 
 
 def patch_members(body: bytes, set_members: dict[str, bytes], drop: tuple[str, ...] = ()) -> bytes:
@@ -166,6 +168,8 @@ def response_usage(body: bytes) -> Usage | None:
     """Usage from a JSON response body; GatewayError(502) when the body is not a JSON object."""
     try:
         view = _response_decoder.decode(body)
+    except RecursionError:
+        raise GatewayError(Code.upstream_bad_response, "The provider answered JSON nested too deeply.") from None
     except msgspec.DecodeError as e:
         raise GatewayError(
             Code.upstream_bad_response, f"The provider answered with a body that is not valid JSON: {e}"
@@ -265,7 +269,7 @@ class ChatStream:
             return event
         try:
             chunk = _chunk_decoder.decode(data)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             return event  # not ours to judge: forward it
         if not self.first_token:
             if not self.id:
