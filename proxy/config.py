@@ -262,8 +262,9 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
 
     if not isinstance(raw, dict):
         fail([], f"expected a mapping at the top level, got {type(raw).__name__}")
+    if "source" in raw:  # a field of ours, set below, not a key of the file
+        fail(["source"], "Object contains unknown field `source`")
     raw = _substitute_tree(raw, [], os.environ if env is None else env, fail)
-    raw.pop("source", None)
 
     # Convert each entry of the keyed maps alone first, so an error names its key (msgspec says `[...]`).
     entry_types: dict[str, type] = {"providers": ProviderConfig, "models": ModelConfig}
