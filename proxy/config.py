@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 import yaml
@@ -97,7 +97,7 @@ class Timeouts(_Base):
 
 
 class ProviderConfig(_Base):
-    kind: Literal["openai", "openai-compatible"]
+    kind: str
     base_url: str
     api_key: str = ""
     headers: dict[str, str] = {}
@@ -125,17 +125,18 @@ class RouteConfig(_Base):
     default_model: str = ""
 
 
-DEFAULT_ROUTES = [
-    RouteConfig(method="POST", path="/v1/chat/completions", surface="openai.chat"),
-    RouteConfig(method="POST", path="/v1/embeddings", surface="openai.embeddings"),
-    RouteConfig(
-        method="POST",
-        path="/v1/moderations",
-        surface="openai.moderations",
-        default_model="openai/omni-moderation-latest",
-    ),
-    RouteConfig(method="GET", path="/v1/models", surface="openai.models"),
-]
+DEFAULT_MODERATION_MODEL = "openai/omni-moderation-latest"
+
+
+def default_routes(models: dict[str, ModelConfig]) -> list[RouteConfig]:
+    """The routes used when the config has no `routes` key."""
+    moderation = DEFAULT_MODERATION_MODEL if DEFAULT_MODERATION_MODEL in models else ""
+    return [
+        RouteConfig(method="POST", path="/v1/chat/completions", surface="openai.chat"),
+        RouteConfig(method="POST", path="/v1/embeddings", surface="openai.embeddings"),
+        RouteConfig(method="POST", path="/v1/moderations", surface="openai.moderations", default_model=moderation),
+        RouteConfig(method="GET", path="/v1/models", surface="openai.models"),
+    ]
 
 
 class GatewayConfig(_Base):
@@ -146,9 +147,7 @@ class GatewayConfig(_Base):
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     providers: dict[str, ProviderConfig] = {}
     models: dict[str, ModelConfig] = {}
-    routes: list[RouteConfig] = msgspec.field(
-        default_factory=lambda: [msgspec.structs.replace(r) for r in DEFAULT_ROUTES]
-    )
+    routes: list[RouteConfig] = []  # none in the file: default_routes(models)
     source: str = ""  # the file this came from; set by load_config, not read from YAML
 
 
@@ -179,23 +178,21 @@ def _parse_msgspec_path(text: str) -> list[Segment]:
 
 
 def _line_of(node: yaml.Node | None, segments: list[Segment]) -> int | None:
-    """The 1-based line of the deepest YAML node found along `segments`."""
-    line = None
+    """The 1-based line of the deepest entry found along `segments` (a mapping entry's key line)."""
+    line = node.start_mark.line + 1 if node is not None else None
     for seg in segments:
-        if node is None:
-            break
-        line = node.start_mark.line + 1
         child = None
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
                 if key.value == seg:
-                    child = value
+                    child, line = value, key.start_mark.line + 1
                     break
         elif isinstance(node, yaml.SequenceNode) and isinstance(seg, int) and seg < len(node.value):
             child = node.value[seg]
+            line = child.start_mark.line + 1
+        if child is None:
+            break
         node = child
-    if node is not None:
-        line = node.start_mark.line + 1
     return line
 
 
@@ -258,7 +255,10 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
     raw = {} if raw is None else raw
 
     def fail(segments: list[Segment], message: str) -> None:
-        raise ConfigError(file, format_path(segments), message, _line_of(root, segments))
+        # msgspec names the object that holds an unknown field; the line is the field's own.
+        unknown = re.search(r"unknown field `([^`]+)`", message)
+        at = [*segments, unknown.group(1)] if unknown else segments
+        raise ConfigError(file, format_path(segments), message, _line_of(root, at))
 
     if not isinstance(raw, dict):
         fail([], f"expected a mapping at the top level, got {type(raw).__name__}")
@@ -275,6 +275,8 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
                 _convert(value, typ, [section, str(key)], fail)
     config = _convert(raw, GatewayConfig, [], fail)
     config.source = str(file)
+    if "routes" not in raw:
+        config.routes = default_routes(config.models)
     check(config, fail)
     return config
 
@@ -305,6 +307,11 @@ def check(config: GatewayConfig, fail: Any) -> None:
 
     for name, provider in config.providers.items():
         where = ["providers", name]
+        if provider.kind not in PROVIDER_KINDS:
+            fail(
+                [*where, "kind"],
+                f"unknown provider kind {provider.kind!r} (expected one of: {', '.join(PROVIDER_KINDS)})",
+            )
         if not re.match(r"https?://[^/\s]+", provider.base_url):
             fail([*where, "base_url"], f"expected an http(s) URL, got {provider.base_url!r}")
         for field in ("connect_s", "read_s", "total_s"):
