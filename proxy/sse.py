@@ -71,11 +71,15 @@ def split_events(data: bytes) -> list[bytes]:
     """Complete events (each with its terminator) from what `EventBuffer.feed` returned."""
     if b"\r" not in data:
         parts = data.split(b"\n\n")
-        return [part + b"\n\n" for part in parts[:-1]]
-    events, start = [], 0
-    for match in _BOUNDARY.finditer(data):
-        events.append(data[start : match.end()])
-        start = match.end()
+        events = [part + b"\n\n" for part in parts[:-1]]
+    else:
+        events, start = [], 0
+        for match in _BOUNDARY.finditer(data):
+            events.append(data[start : match.end()])
+            start = match.end()
+        parts = [data[start:]]
+    if parts[-1] and events:  # extra line ends after the last boundary belong to the last event
+        events[-1] += parts[-1]
     return events
 
 

@@ -185,8 +185,9 @@ class _Delta(msgspec.Struct):
     content: str | None = None
     reasoning_content: str | None = None
     refusal: str | None = None
-    tool_calls: Raw | None = None
-    function_call: Raw | None = None
+    # Raw, not `Raw | None`: msgspec reads that union as "null only" and rejects a real tool call.
+    tool_calls: Raw | UnsetType = UNSET
+    function_call: Raw | UnsetType = UNSET
 
 
 class _Choice(msgspec.Struct):
@@ -208,11 +209,19 @@ def _may_carry_usage(data: bytes) -> bool:
     return b'"usage":{' in data or b'"usage": {' in data
 
 
+_EMPTY = (b"null", b"[]", b"{}")
+
+
 def _has_token(chunk: _ChunkView) -> bool:
     for choice in chunk.choices or ():
         d = choice.delta
-        if d is not None and (d.content or d.reasoning_content or d.refusal or d.tool_calls or d.function_call):
+        if d is None:
+            continue
+        if d.content or d.reasoning_content or d.refusal:
             return True
+        for call in (d.tool_calls, d.function_call):
+            if call is not UNSET and bytes(call) not in _EMPTY:
+                return True
     return False
 
 
