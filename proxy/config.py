@@ -312,7 +312,7 @@ def check(config: GatewayConfig, fail: Any) -> None:
                 [*where, "kind"],
                 f"unknown provider kind {provider.kind!r} (expected one of: {', '.join(PROVIDER_KINDS)})",
             )
-        if not re.match(r"https?://[^/\s]+", provider.base_url):
+        if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", provider.base_url):
             fail([*where, "base_url"], f"expected an http(s) URL, got {provider.base_url!r}")
         for field in ("connect_s", "read_s", "total_s"):
             if getattr(provider.timeouts, field) <= 0:
