@@ -136,6 +136,14 @@ def _check(config: GatewayConfig) -> int:
     for model_id, m in config.models.items():
         targets = ", ".join(f"{t.provider}/{t.model}" for t in m.targets)
         print(f"  {model_id:<40} {','.join(m.endpoints):<20} -> {targets}")
+    if config.prices is None:
+        print("pricing: none (no pricing file): requests are not priced")
+    else:
+        unpriced = [m for m in config.models if m not in config.prices.models]
+        print(
+            f"pricing: {len(config.prices.models)} models in {config.prices.currency}, "
+            f"effective {config.prices.effective}" + (f"; unpriced: {', '.join(unpriced)}" if unpriced else "")
+        )
     print(f"routes ({len(table.routes)}):")
     for route, surface in table.routes:
         print(f"  {route.method:<6} {route.path:<28} {surface.name}")

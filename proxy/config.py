@@ -8,17 +8,20 @@ what was expected.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from datetime import date
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import msgspec
 import yaml
 
 NANOS_PER_USD = 1_000_000_000
+log = logging.getLogger("proxy.config")
 
 # Endpoint ids of the reference surface: what a model may declare it serves.
 ENDPOINT_IDS = frozenset(
@@ -118,6 +121,31 @@ class ModelConfig(_Base):
     created: int = 0
 
 
+class PriceSheet(_Base):
+    """USD per million tokens (and per request), as written in pricing.yaml."""
+
+    input_per_mtok: Decimal = Decimal(0)
+    output_per_mtok: Decimal = Decimal(0)
+    cached_input_per_mtok: Decimal | None = None  # unset: cached input costs the input price
+    cache_write_per_mtok: Decimal | None = None  # unset: cache writes cost the input price
+    reasoning_per_mtok: Decimal | None = None  # unset: reasoning tokens are billed as output
+    per_request: Decimal = Decimal(0)
+
+
+class ModelPrices(PriceSheet, kw_only=True):
+    targets: dict[str, PriceSheet] = {}  # per provider: a whole sheet that replaces the model's
+
+
+class PricingFile(_Base, kw_only=True):
+    currency: str = "USD"
+    effective: str  # the date the prices were taken, YYYY-MM-DD
+    models: dict[str, ModelPrices] = {}
+
+
+class PricingConfig(_Base):
+    file: str = "pricing.yaml"  # relative to the gateway config's folder
+
+
 class RouteConfig(_Base):
     method: str
     path: str
@@ -145,10 +173,12 @@ class GatewayConfig(_Base):
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     meta: MetaConfig = msgspec.field(default_factory=MetaConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    pricing: PricingConfig = msgspec.field(default_factory=PricingConfig)
     providers: dict[str, ProviderConfig] = {}
     models: dict[str, ModelConfig] = {}
     routes: list[RouteConfig] = []  # none in the file: default_routes(models)
     source: str = ""  # the file this came from; set by load_config, not read from YAML
+    prices: PricingFile | None = None  # the pricing file's contents; set by load_config
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -238,13 +268,15 @@ def _substitute_tree(obj: Any, path: list[Segment], env: Any, fail: Any) -> Any:
 # loading
 
 
-def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> GatewayConfig:
-    """Read, substitute, convert and check the config at `path`."""
-    file = Path(path)
+Fail = Callable[[list[Segment], str], NoReturn]
+
+
+def _read(file: Path, env: dict[str, str] | os._Environ[str], what: str) -> tuple[dict[str, Any], Fail]:
+    """The YAML mapping in `file`, substituted, and a `fail` that locates errors in it."""
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as e:
-        raise ConfigError(file, "", f"cannot read the config file: {e.strerror or e}") from None
+        raise ConfigError(file, "", f"cannot read the {what}: {e.strerror or e}") from None
     try:
         root = yaml.compose(text)
         raw = yaml.safe_load(text)
@@ -254,7 +286,7 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
         raise ConfigError(file, "", f"not valid YAML: {getattr(e, 'problem', None) or e}", line) from None
     raw = {} if raw is None else raw
 
-    def fail(segments: list[Segment], message: str) -> None:
+    def fail(segments: list[Segment], message: str) -> NoReturn:
         # msgspec names the object that holds an unknown field; the line is the field's own.
         unknown = re.search(r"unknown field `([^`]+)`", message)
         at = [*segments, unknown.group(1)] if unknown else segments
@@ -262,23 +294,64 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
 
     if not isinstance(raw, dict):
         fail([], f"expected a mapping at the top level, got {type(raw).__name__}")
-    if "source" in raw:  # a field of ours, set below, not a key of the file
-        fail(["source"], "Object contains unknown field `source`")
-    raw = _substitute_tree(raw, [], os.environ if env is None else env, fail)
+    return _substitute_tree(raw, [], env, fail), fail
 
-    # Convert each entry of the keyed maps alone first, so an error names its key (msgspec says `[...]`).
-    entry_types: dict[str, type] = {"providers": ProviderConfig, "models": ModelConfig}
+
+def _convert_entries(raw: dict[str, Any], entry_types: dict[str, type], fail: Fail) -> None:
+    """Convert each entry of the keyed maps alone first, so an error names its key (msgspec says `[...]`)."""
     for section, typ in entry_types.items():
         entries = raw.get(section)
         if isinstance(entries, dict):
             for key, value in entries.items():
                 _convert(value, typ, [section, str(key)], fail)
+
+
+def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> GatewayConfig:
+    """Read, substitute, convert and check the config at `path` (and its pricing file)."""
+    file = Path(path)
+    environ = os.environ if env is None else env
+    raw, fail = _read(file, environ, "config file")
+    for internal in ("source", "prices"):  # fields of ours, set below, not keys of the file
+        if internal in raw:
+            fail([internal], f"Object contains unknown field `{internal}`")
+    _convert_entries(raw, {"providers": ProviderConfig, "models": ModelConfig}, fail)
     config = _convert(raw, GatewayConfig, [], fail)
     config.source = str(file)
     if "routes" not in raw:
         config.routes = default_routes(config.models)
     check(config, fail)
+    pricing = file.parent / config.pricing.file
+    if pricing.exists() or "pricing" in raw:  # the default file is optional; a named one is not
+        config.prices = load_pricing(pricing, config, environ)
     return config
+
+
+def load_pricing(file: Path, config: GatewayConfig, env: dict[str, str] | os._Environ[str]) -> PricingFile:
+    raw, fail = _read(file, env, "pricing file")
+    _convert_entries(raw, {"models": ModelPrices}, fail)
+    prices: PricingFile = _convert(raw, PricingFile, [], fail)
+    try:
+        date.fromisoformat(prices.effective)
+    except ValueError:
+        fail(["effective"], f"expected a date YYYY-MM-DD, got {prices.effective!r}")
+    for model_id, model in prices.models.items():
+        sheets: list[tuple[list[Segment], PriceSheet]] = [(["models", model_id], model)]
+        sheets += [(["models", model_id, "targets", name], sheet) for name, sheet in model.targets.items()]
+        for where, sheet in sheets:
+            for field in PriceSheet.__struct_fields__:
+                value = getattr(sheet, field)
+                if value is not None and (value < 0 or not value.is_finite()):
+                    fail([*where, field], f"expected a price >= 0 in {prices.currency}, got {value}")
+        for name in model.targets:
+            served = {t.provider for t in config.models[model_id].targets} if model_id in config.models else set()
+            if name not in served:
+                fail(
+                    ["models", model_id, "targets", name],
+                    f"{model_id!r} has no target at provider {name!r} (its providers: {', '.join(sorted(served))})",
+                )
+        if model_id not in config.models:
+            log.warning("%s: prices for %r, which the config does not serve", file, model_id)
+    return prices
 
 
 def _convert(obj: Any, typ: type, prefix: list[Segment], fail: Any) -> Any:

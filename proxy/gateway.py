@@ -10,6 +10,7 @@ from proxy.auth import KeyCache
 from proxy.config import GatewayConfig
 from proxy.credit import WalletCache
 from proxy.metrics import Metrics
+from proxy.pricing import Pricing
 from proxy.routing import RouteTable
 from proxy.store.base import Store
 from proxy.upstream import Upstream
@@ -17,10 +18,11 @@ from proxy.upstream import Upstream
 
 @final
 class Gateway:
-    __slots__ = ("config", "draining", "keys", "metrics", "routes", "store", "upstreams", "wallets")
+    __slots__ = ("config", "draining", "keys", "metrics", "pricing", "routes", "store", "upstreams", "wallets")
 
     def __init__(self, config: GatewayConfig, routes: RouteTable, metrics: Metrics):
         self.config = config
+        self.pricing = Pricing(config.prices)
         self.routes = routes
         self.metrics = metrics
         self.store: Store | None = None

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import os
 import time
-from typing import final
+from typing import TYPE_CHECKING, final
 
 import msgspec
+import orjson
+
+if TYPE_CHECKING:
+    from proxy.pricing import Tariff
 
 
 class Usage(msgspec.Struct, omit_defaults=True):
@@ -20,6 +24,7 @@ class Usage(msgspec.Struct, omit_defaults=True):
     output_tokens: int = 0
     total_tokens: int = 0
     cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
     reasoning_tokens: int = 0
 
 
@@ -35,8 +40,11 @@ def _ms(seconds: float) -> float:
 class RequestMeta:
     __slots__ = (
         "attempts",
+        "cost_nanos",
+        "currency",
         "finished",
         "model",
+        "pricing_lines",
         "provider",
         "request_id",
         "status",
@@ -64,7 +72,22 @@ class RequestMeta:
         self.t_first_token = 0.0
         self.t_upstream_end = 0.0
         self.usage: Usage | None = None
+        self.cost_nanos: int | None = None  # None: the model is not priced
+        self.currency = "USD"
+        self.pricing_lines: list[dict] = []
         self.attempts: list[tuple[str, int, float, float]] = []  # (provider, status, start, end)
+
+    def price(self, tariff: Tariff | None) -> bytes:
+        """Cost this request's usage; the `cost_nanos`, `currency`, `pricing_lines` members (b"" if unpriced)."""
+        if tariff is None:
+            return b""
+        self.cost_nanos, self.pricing_lines = tariff.cost(self.usage)
+        self.currency = tariff.currency
+        return b'"cost_nanos":%d,"currency":%s,"pricing_lines":%s' % (
+            self.cost_nanos,
+            orjson.dumps(self.currency),
+            orjson.dumps(self.pricing_lines),
+        )
 
     def upstream_started(self) -> None:
         self.t_upstream_start = time.perf_counter()
@@ -125,6 +148,7 @@ class RequestMeta:
             "throughput_tps": None if throughput is None else round(throughput, 3),
             "output_speed_tps": None if not tpot else round(1.0 / tpot, 3),
             "gateway_overhead_ms": None if provider is None else _ms(max(latency - provider, 0.0)),
+            "cost_nanos": self.cost_nanos,
             "attempts": [
                 {"provider": provider, "status": status, "duration_ms": _ms(end - start)}
                 for provider, status, start, end in self.attempts

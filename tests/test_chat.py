@@ -198,6 +198,7 @@ def test_meta_field_names_match_reference():
         "throughput_tps",
         "output_speed_tps",
         "gateway_overhead_ms",
+        "cost_nanos",
         "attempts",
     } == names
     msgspec.json.encode(RequestMeta("r", "openai.chat", 0.0).as_dict())

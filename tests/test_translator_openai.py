@@ -368,9 +368,9 @@ def run(chunks: list[bytes], wants_usage: bool, wants_meta: bool) -> tuple[ChatS
 @pytest.mark.parametrize(("wants_usage", "forwarded"), [(False, False), (True, True)])
 def test_stream_forwards_everything_but_withheld_usage(cut: str, wants_usage: bool, forwarded: bool) -> None:
     state, out = run(cuts(STREAM)[cut], wants_usage, wants_meta=False)
-    expected = [PING, ROLE, HEL, PING, LO, FINISH, *([USAGE_CHUNK] if forwarded else [])]
-    assert out == b"".join(expected)
-    assert state.finish(None) == DONE
+    assert out == b"".join([PING, ROLE, HEL, PING, LO, FINISH])
+    # a usage chunk the client asked for is kept to carry the cost, and sent just before [DONE]
+    assert state.finish(None) == (USAGE_CHUNK if forwarded else b"") + DONE
     assert state.done and not state.truncated
     assert state.usage == USAGE
     assert state.first_token
@@ -462,9 +462,11 @@ def test_stream_without_done_is_truncated() -> None:
 
 def test_stream_ending_after_complete_events_without_done_is_truncated() -> None:
     state, out = run([ROLE, HEL, FINISH, USAGE_CHUNK], wants_usage=True, wants_meta=False)
-    assert out == ROLE + HEL + FINISH + USAGE_CHUNK
+    assert out == ROLE + HEL + FINISH
     assert state.truncated
     assert state.usage == USAGE
+    assert state.abort() == USAGE_CHUNK  # still delivered, before the error event
+    assert state.abort() == b""
 
 
 def test_nothing_after_done_is_forwarded() -> None:
@@ -594,18 +596,22 @@ def test_finish_with_meta_and_no_usage_chunk_is_a_standalone_chunk() -> None:
     )
 
 
-def test_finish_with_meta_after_forwarded_usage_is_a_standalone_chunk() -> None:
+def test_finish_merges_cost_and_meta_into_the_usage_chunk() -> None:
     state, out = run([STREAM], wants_usage=True, wants_meta=False)
-    assert USAGE_CHUNK in out
-    final = state.finish(META)
+    assert USAGE_CHUNK not in out
+    final = state.finish(META, b'"cost_nanos":7,"currency":"USD","pricing_lines":[]')
     assert json.loads(final[len(b"data: ") : -len(b"\n\n" + DONE)]) == {
-        "id": "chatcmpl-9",
-        "object": "chat.completion.chunk",
-        "created": 1700000000,
-        "model": "gpt-4o-mini-2024-07-18",
-        "choices": [],
+        **json.loads(USAGE_CHUNK[len(b"data: ") : -2]),
+        "cost_nanos": 7,
+        "currency": "USD",
+        "pricing_lines": [],
         "meta": json.loads(META),
     }
+
+
+def test_cost_is_not_sent_to_a_client_that_did_not_ask_for_usage() -> None:
+    state, _ = run([STREAM], wants_usage=False, wants_meta=False)
+    assert state.finish(None, b'"cost_nanos":7,"currency":"USD","pricing_lines":[]') == DONE
 
 
 def test_finish_on_an_empty_stream() -> None:

@@ -23,9 +23,10 @@ from proxy.errors import Code, GatewayError, render, sse_error_event
 from proxy.gateway import GATEWAY, Gateway
 from proxy.meta import RequestMeta, new_request_id
 from proxy.metrics import Metrics
+from proxy.pricing import Tariff
 from proxy.routing import Surface
 from proxy.sse import SSEError
-from proxy.translators.openai import ChatStream, build_request, decode_request, inject_member, response_usage
+from proxy.translators.openai import ChatStream, build_request, decode_request, inject_members, response_usage
 from proxy.upstream import Upstream
 
 log = logging.getLogger("proxy.surfaces.openai")
@@ -121,15 +122,16 @@ async def _serve(
         meta.upstream_ended(0)
         raise upstream.failure(e, "connecting") from None
     try:
+        tariff = gw.pricing.tariff(model_id, target.provider)
         if stream and resp.status == 200 and resp.content_type == "text/event-stream":
-            return await _stream(request, resp, upstream, meta, ChatStream(wants_usage, wants_meta))
-        return await _respond(resp, upstream, meta, wants_meta)
+            return await _stream(request, resp, upstream, meta, ChatStream(wants_usage, wants_meta), tariff)
+        return await _respond(resp, upstream, meta, wants_meta, tariff)
     finally:
         resp.release()  # returns the connection to the pool, or closes it if the body was not read to the end
 
 
 async def _respond(
-    resp: aiohttp.ClientResponse, upstream: Upstream, meta: RequestMeta, wants_meta: bool
+    resp: aiohttp.ClientResponse, upstream: Upstream, meta: RequestMeta, wants_meta: bool, tariff: Tariff | None
 ) -> web.Response:
     try:
         data = await resp.read()
@@ -140,8 +142,10 @@ async def _respond(
     if resp.status >= 400:
         return _upstream_error(resp, data, upstream, meta)
     meta.usage = response_usage(data)
+    members = meta.price(tariff)
     if wants_meta:
-        data = inject_member(data, "meta", _encode(meta.as_dict()))
+        members += (b"," if members else b"") + b'"meta":' + _encode(meta.as_dict())
+    data = inject_members(data, members)
     meta.status = resp.status
     return web.Response(
         body=data, status=resp.status, headers={"Content-Type": "application/json", "x-request-id": meta.request_id}
@@ -178,7 +182,12 @@ def _upstream_error(resp: aiohttp.ClientResponse, data: bytes, upstream: Upstrea
 
 
 async def _stream(
-    request: web.Request, resp: aiohttp.ClientResponse, upstream: Upstream, meta: RequestMeta, state: ChatStream
+    request: web.Request,
+    resp: aiohttp.ClientResponse,
+    upstream: Upstream,
+    meta: RequestMeta,
+    state: ChatStream,
+    tariff: Tariff | None,
 ) -> web.StreamResponse:
     out = web.StreamResponse(status=200, headers={**SSE_HEADERS, "x-request-id": meta.request_id})
     await out.prepare(request)
@@ -203,7 +212,7 @@ async def _stream(
             )
         else:
             error = upstream.failure(e, "streaming")
-        await _write_quietly(out, sse_error_event(error, meta.request_id))
+        await _write_quietly(out, state.abort() + sse_error_event(error, meta.request_id))
         resp.close()
         return out
     except ConnectionError:  # the client went away: stop reading; the upstream connection is closed
@@ -218,9 +227,10 @@ async def _stream(
             Code.upstream_bad_response,
             f"The provider {upstream.name!r} closed the stream before it finished (no [DONE] received).",
         )
-        await _write_quietly(out, sse_error_event(error, meta.request_id))
+        await _write_quietly(out, state.abort() + sse_error_event(error, meta.request_id))
         return out
-    await _write_quietly(out, state.finish(_encode(meta.as_dict()) if state.wants_meta else None))
+    cost = meta.price(tariff)
+    await _write_quietly(out, state.finish(_encode(meta.as_dict()) if state.wants_meta else None, cost))
     with contextlib.suppress(ConnectionError):
         await out.write_eof()  # the client's stream is complete before the upstream's is drained
         meta.finished = True

@@ -91,14 +91,19 @@ def _patch(members: dict[str, Raw], set_members: dict[str, bytes], drop: tuple[s
     return _encoder.encode(members)
 
 
-def inject_member(body: bytes, name: str, value: bytes) -> bytes:
-    """Add `"name": value` at the end of a JSON object without decoding it."""
+def inject_members(body: bytes, members: bytes) -> bytes:
+    """Append `members` (`"a":1,"b":2`) to a JSON object without decoding it."""
     end = body.rstrip()
-    if not end.endswith(b"}"):
+    if not end.endswith(b"}") or not members:
         return body
     head = end[:-1].rstrip()
     sep = b"" if head.endswith(b"{") else b","
-    return head + sep + b'"' + name.encode() + b'":' + value + b"}"
+    return head + sep + members + b"}"
+
+
+def inject_member(body: bytes, name: str, value: bytes) -> bytes:
+    """Add `"name": value` at the end of a JSON object without decoding it."""
+    return inject_members(body, b'"' + name.encode() + b'":' + value)
 
 
 def build_request(body: bytes, view: RequestView, upstream_model: str, streaming_surface: bool) -> tuple[bytes, bool]:
@@ -289,30 +294,42 @@ class ChatStream:
         self.usage = chunk.usage.neutral()
         if chunk.choices:  # usage riding on a content chunk (some compatible servers)
             return event if self.wants_usage else data_event(patch_members(data, {}, ("usage",)))
-        if self.wants_meta:
+        if self.wants_meta or self.wants_usage:  # kept to carry cost and meta, sent just before [DONE]
             self._held = data if self.wants_usage else patch_members(data, {}, ("usage",))
-            return b""
-        return event if self.wants_usage else b""
+        return b""
 
     @property
     def truncated(self) -> bool:
         """The upstream ended without `[DONE]`."""
         return not self.done
 
-    def finish(self, meta: bytes | None) -> bytes:
-        """The closing bytes: the final chunk (usage and/or meta) when asked for, then `[DONE]`."""
-        if meta is None:
-            return (data_event(self._held) if self._held else b"") + DONE
+    def abort(self) -> bytes:
+        """What to send before an error event ends the stream: the usage chunk, when asked for and held."""
+        held, self._held = self._held, None
+        return data_event(held) if held is not None and self.wants_usage else b""
+
+    def finish(self, meta: bytes | None, cost: bytes = b"") -> bytes:
+        """The closing bytes: the final chunk when asked for, then `[DONE]`.
+
+        The final chunk is the usage chunk (when the client asked for usage) carrying `cost` (the
+        `"cost_nanos":…,"currency":…,"pricing_lines":[…]` members) and `meta`; or, without usage, a chunk
+        with `choices: []` carrying `meta` alone.
+        """
+        parts = [cost] if cost and self.wants_usage else []
+        if meta is not None:
+            parts.append(b'"meta":' + meta)
+        extra = b",".join(parts)
         if self._held is not None:
-            return data_event(inject_member(self._held, "meta", meta)) + DONE
-        final = _encoder.encode(
+            return data_event(inject_members(self._held, extra)) + DONE
+        if not extra:
+            return DONE
+        head = _encoder.encode(
             {
                 "id": self.id,
                 "object": "chat.completion.chunk",
                 "created": self.created,
                 "model": self.model,
                 "choices": [],
-                "meta": Raw(meta),
             }
         )
-        return data_event(final) + DONE
+        return data_event(inject_members(head, extra)) + DONE

@@ -1,0 +1,101 @@
+"""Prices and cost lines, in integer nano-dollars.
+
+A price sheet gives USD per million units (tokens) and per request. `Tariff` holds the same prices as
+integer nano-dollars per million units, so a line costs `round_half_up(quantity * price / 1e6)` nanos:
+the only rounding, once per line. A request's cost is the sum of its lines. No float is ever summed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Final
+
+from proxy.config import NANOS_PER_USD, PriceSheet, PricingFile
+from proxy.meta import Usage
+
+PER_MILLION: Final = 1_000_000
+
+
+def _nanos(usd: Decimal) -> int:
+    return int((usd * NANOS_PER_USD).to_integral_value())
+
+
+@dataclass(frozen=True, slots=True)
+class Tariff:
+    """One model at one provider: nano-dollars per million units, and per request."""
+
+    input: int
+    output: int
+    cached_input: int
+    cache_write: int
+    reasoning: int | None
+    per_request: int
+    currency: str
+    effective: str
+
+    @classmethod
+    def of(cls, sheet: PriceSheet, currency: str, effective: str) -> Tariff:
+        def per(value: Decimal | None, fallback: Decimal) -> int:
+            return _nanos(fallback if value is None else value)
+
+        return cls(
+            input=_nanos(sheet.input_per_mtok),
+            output=_nanos(sheet.output_per_mtok),
+            cached_input=per(sheet.cached_input_per_mtok, sheet.input_per_mtok),
+            cache_write=per(sheet.cache_write_per_mtok, sheet.input_per_mtok),
+            reasoning=None if sheet.reasoning_per_mtok is None else _nanos(sheet.reasoning_per_mtok),
+            per_request=_nanos(sheet.per_request),
+            currency=currency,
+            effective=effective,
+        )
+
+    def cost(self, usage: Usage | None) -> tuple[int, list[dict[str, Any]]]:
+        """(total nanos, pricing lines) for one request's usage."""
+        lines: list[dict[str, Any]] = []
+
+        def line(meter: str, quantity: int, price: int, unit: str = "1M tokens") -> None:
+            if quantity <= 0 or price <= 0:
+                return
+            per = PER_MILLION if unit == "1M tokens" else 1
+            amount = (quantity * price + per // 2) // per
+            lines.append(
+                {"meter": meter, "quantity": quantity, "unit": unit, "unit_price_nanos": price, "amount_nanos": amount}
+            )
+
+        if usage is not None:
+            cached = min(usage.cached_input_tokens, usage.input_tokens)
+            writes = min(usage.cache_write_tokens, usage.input_tokens - cached)
+            line("input_tokens", usage.input_tokens - cached - writes, self.input)
+            line("cached_input_tokens", cached, self.cached_input)
+            line("cache_write_tokens", writes, self.cache_write)
+            if self.reasoning is None:
+                line("output_tokens", usage.output_tokens, self.output)
+            else:
+                reasoning = min(usage.reasoning_tokens, usage.output_tokens)
+                line("output_tokens", usage.output_tokens - reasoning, self.output)
+                line("reasoning_tokens", reasoning, self.reasoning)
+        line("requests", 1, self.per_request, unit="request")
+        return sum(entry["amount_nanos"] for entry in lines), lines
+
+
+class Pricing:
+    """Tariffs by (model id, provider), compiled once at start-up."""
+
+    def __init__(self, file: PricingFile | None):
+        self.currency = file.currency if file else "USD"
+        self._tariffs: dict[tuple[str, str], Tariff] = {}
+        self._defaults: dict[str, Tariff] = {}
+        if file is None:
+            return
+        for model_id, prices in file.models.items():
+            self._defaults[model_id] = Tariff.of(prices, file.currency, file.effective)
+            for provider, sheet in prices.targets.items():
+                self._tariffs[(model_id, provider)] = Tariff.of(sheet, file.currency, file.effective)
+
+    def tariff(self, model_id: str, provider: str) -> Tariff | None:
+        """The prices for `model_id` served by `provider`; None when the model is not priced."""
+        return self._tariffs.get((model_id, provider)) or self._defaults.get(model_id)
+
+    def priced(self, model_id: str) -> bool:
+        return model_id in self._defaults
