@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
+from proxy.accounting import Accountant
 from proxy.auth import KeyCache
 from proxy.config import GatewayConfig
 from proxy.credit import WalletCache
@@ -24,6 +25,7 @@ from proxy.routing import RouteTable
 from proxy.store import open_store
 from proxy.surfaces import ops
 from proxy.surfaces.openai import inference_handler, models_handler
+from proxy.surfaces.platform import generations_handler
 from proxy.upstream import Upstream
 
 log = logging.getLogger("proxy")
@@ -39,12 +41,9 @@ def build_app(config: GatewayConfig) -> web.Application:
     app.on_shutdown.append(_drain)
 
     known: dict[str, set[str]] = {}
+    platform = {"openai.models": models_handler, "platform.generations": generations_handler}
     for route, surface in routes.routes:
-        handler = (
-            models_handler
-            if surface.name == "openai.models"
-            else inference_handler(surface, route.default_model, gw.metrics)
-        )
+        handler = platform.get(surface.name) or inference_handler(surface, route.default_model, gw.metrics)
         app.router.add_route(route.method, route.path, handler)
         known.setdefault(route.path, set()).add(route.method)
     ops_routes = [("/healthz", ops.healthz), ("/readyz", ops.readyz)]
@@ -63,10 +62,15 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     gw.store = await open_store(config.store.url)
     gw.keys = KeyCache(gw.store, config.auth.cache_ttl_s)
     gw.wallets = WalletCache(gw.store, config.auth.cache_ttl_s, config.auth.min_balance_nanos)
+    if config.accounting.enabled:
+        gw.accountant = Accountant(gw.store, gw.wallets, config.accounting.max_backlog)
+        gw.accountant.start()
     gw.upstreams = {name: Upstream(name, provider) for name, provider in config.providers.items()}
     try:
         yield
-    finally:
+    finally:  # after the server has drained: every request that ran has been submitted
+        if gw.accountant is not None:
+            await gw.accountant.close(timeout=max(config.server.drain_timeout_s, 10.0))
         for upstream in gw.upstreams.values():
             await upstream.close()
         await gw.store.close()

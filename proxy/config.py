@@ -93,6 +93,11 @@ class MetricsConfig(_Base):
     enabled: bool = True
 
 
+class AccountingConfig(_Base):
+    enabled: bool = True  # record every request and debit its cost
+    max_backlog: int = 100_000  # records waiting for the store before new requests get 503
+
+
 class Timeouts(_Base):
     connect_s: float = 10.0
     read_s: float = 300.0
@@ -164,6 +169,7 @@ def default_routes(models: dict[str, ModelConfig]) -> list[RouteConfig]:
         RouteConfig(method="POST", path="/v1/embeddings", surface="openai.embeddings"),
         RouteConfig(method="POST", path="/v1/moderations", surface="openai.moderations", default_model=moderation),
         RouteConfig(method="GET", path="/v1/models", surface="openai.models"),
+        RouteConfig(method="GET", path="/v1/generations", surface="platform.generations"),
     ]
 
 
@@ -174,6 +180,7 @@ class GatewayConfig(_Base):
     meta: MetaConfig = msgspec.field(default_factory=MetaConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     pricing: PricingConfig = msgspec.field(default_factory=PricingConfig)
+    accounting: AccountingConfig = msgspec.field(default_factory=AccountingConfig)
     providers: dict[str, ProviderConfig] = {}
     models: dict[str, ModelConfig] = {}
     routes: list[RouteConfig] = []  # none in the file: default_routes(models)
@@ -373,6 +380,8 @@ def check(config: GatewayConfig, fail: Any) -> None:
         fail(["server", "max_body_bytes"], f"expected at least 1024 bytes, got {server.max_body_bytes}")
     if server.drain_timeout_s < 0:
         fail(["server", "drain_timeout_s"], "expected a duration >= 0 seconds")
+    if config.accounting.max_backlog < 1:
+        fail(["accounting", "max_backlog"], "expected at least 1")
     if config.auth.cache_ttl_s < 0:
         fail(["auth", "cache_ttl_s"], "expected a duration >= 0 seconds")
     if not config.store.url.startswith(("sqlite://",)):

@@ -24,11 +24,12 @@ def usd(nanos: int) -> str:
 
 @final
 class WalletCache:
-    __slots__ = ("_cache", "min_balance_nanos", "store")
+    __slots__ = ("_cache", "min_balance_nanos", "pending", "store")
 
     def __init__(self, store: Store, ttl: float, min_balance_nanos: int):
         self.store = store
         self.min_balance_nanos = min_balance_nanos
+        self.pending: dict[str, int] = {}  # team → debits not yet in the store (kept by the accountant)
         self._cache: TTLCache[str, int] = TTLCache(self._fetch, ttl)
 
     async def balance(self, team_id: str) -> int:
@@ -37,7 +38,8 @@ class WalletCache:
 
     async def _fetch(self, team_id: str) -> int:
         try:
-            return await self.store.get_balance(team_id) or 0
+            stored = await self.store.get_balance(team_id) or 0
+            return stored - self.pending.get(team_id, 0)
         except StoreError as e:
             raise GatewayError(Code.unavailable, "The wallet store is unavailable; retry shortly.") from e
 

@@ -6,6 +6,7 @@ from typing import final
 
 from aiohttp import web
 
+from proxy.accounting import Accountant
 from proxy.auth import KeyCache
 from proxy.config import GatewayConfig
 from proxy.credit import WalletCache
@@ -18,7 +19,18 @@ from proxy.upstream import Upstream
 
 @final
 class Gateway:
-    __slots__ = ("config", "draining", "keys", "metrics", "pricing", "routes", "store", "upstreams", "wallets")
+    __slots__ = (
+        "accountant",
+        "config",
+        "draining",
+        "keys",
+        "metrics",
+        "pricing",
+        "routes",
+        "store",
+        "upstreams",
+        "wallets",
+    )
 
     def __init__(self, config: GatewayConfig, routes: RouteTable, metrics: Metrics):
         self.config = config
@@ -30,6 +42,7 @@ class Gateway:
         self.wallets: WalletCache | None = None
         self.upstreams: dict[str, Upstream] = {}
         self.draining = False
+        self.accountant: Accountant | None = None
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

@@ -42,20 +42,30 @@ class RequestMeta:
         "attempts",
         "cost_nanos",
         "currency",
+        "error_code",
+        "error_message",
         "finished",
+        "key_id",
         "model",
+        "native_id",
         "pricing_lines",
         "provider",
+        "request_bytes",
         "request_id",
         "status",
         "stream",
+        "streamed_events",
         "surface",
+        "t_end",
         "t_first_token",
         "t_start",
         "t_upstream_end",
         "t_upstream_start",
+        "tariff",
+        "team_id",
         "upstream_model",
         "usage",
+        "usage_source",
     )
 
     def __init__(self, request_id: str, surface: str, t_start: float):
@@ -76,6 +86,17 @@ class RequestMeta:
         self.currency = "USD"
         self.pricing_lines: list[dict] = []
         self.attempts: list[tuple[str, int, float, float]] = []  # (provider, status, start, end)
+        # for accounting
+        self.team_id = ""
+        self.key_id = ""
+        self.tariff: Tariff | None = None
+        self.request_bytes = 0
+        self.streamed_events = 0
+        self.usage_source = "reported"
+        self.native_id = ""
+        self.error_code = ""
+        self.error_message = ""
+        self.t_end = 0.0
 
     def price(self, tariff: Tariff | None) -> bytes:
         """Cost this request's usage; the `cost_nanos`, `currency`, `pricing_lines` members (b"" if unpriced)."""

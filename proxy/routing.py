@@ -29,6 +29,7 @@ SURFACES: dict[str, Surface] = {
         Surface("openai.embeddings", "embeddings", "/embeddings", required=("input",)),
         Surface("openai.moderations", "moderations", "/moderations", required=("input",)),
         Surface("openai.models", "", ""),
+        Surface("platform.generations", "", ""),
     )
 }
 

@@ -607,6 +607,7 @@ DEFAULT_ROUTES = [
     ("POST", "/v1/embeddings", "openai.embeddings"),
     ("POST", "/v1/moderations", "openai.moderations"),
     ("GET", "/v1/models", "openai.models"),
+    ("GET", "/v1/generations", "platform.generations"),
 ]
 
 
@@ -652,6 +653,7 @@ def test_shipped_config_loads_on_defaults_and_every_target_resolves() -> None:
         ("POST", "/v1/embeddings"),
         ("POST", "/v1/moderations"),
         ("GET", "/v1/models"),
+        ("GET", "/v1/generations"),
     ]
 
 

@@ -190,6 +190,7 @@ def test_surfaces() -> None:
         "openai.embeddings": ("embeddings", "/embeddings", False),
         "openai.moderations": ("moderations", "/moderations", False),
         "openai.models": ("", "", False),
+        "platform.generations": ("", "", False),
     }
     assert CHAT.required == ("messages",)
     assert EMBEDDINGS.required == MODERATIONS.required == ("input",)

@@ -17,7 +17,7 @@ from proxy.translators.openai import (
     decode_request,
     inject_member,
     patch_members,
-    response_usage,
+    response_view,
 )
 
 # ---------------------------------------------------------------------------------------------------------
@@ -298,7 +298,7 @@ def test_inject_member(body: bytes, expected: bytes) -> None:
     ids=["none", "null", "empty", "no-total", "details", "null-details", "embeddings"],
 )
 def test_response_usage(body: bytes, usage: Usage | None) -> None:
-    assert response_usage(body) == usage
+    assert response_view(body)[0] == usage
 
 
 @pytest.mark.parametrize(
@@ -306,7 +306,7 @@ def test_response_usage(body: bytes, usage: Usage | None) -> None:
 )
 def test_response_usage_rejects_bodies_that_are_not_json_objects(body: bytes) -> None:
     with pytest.raises(GatewayError) as info:
-        response_usage(body)
+        response_view(body)
     assert info.value.code is Code.upstream_bad_response
     assert info.value.status == 502
 

@@ -39,6 +39,31 @@ class Team(msgspec.Struct, frozen=True):
     created_at: int
 
 
+class Generation(msgspec.Struct, frozen=True):
+    """One request's record: who, what, outcome, usage, cost and timings (JSON members kept as JSON)."""
+
+    request_id: str
+    created_at: int  # unix milliseconds
+    team_id: str
+    key_id: str
+    endpoint: str
+    model_id: str
+    provider: str
+    upstream_model: str
+    native_response_id: str
+    stream: bool
+    status_code: int
+    success: bool
+    error_code: str
+    error_message: str
+    usage: msgspec.Raw
+    usage_source: str  # reported | estimated | none
+    cost_nanos: int
+    currency: str
+    pricing_lines: msgspec.Raw
+    timings: msgspec.Raw
+
+
 class Store(Protocol):
     """What the gateway needs from its database. Methods raise `StoreError` on failure."""
 
@@ -57,6 +82,11 @@ class Store(Protocol):
     async def list_keys(self, team_id: str | None = None) -> list[KeyRecord]: ...
     async def set_key_status(self, kid: str, status: str) -> bool: ...
     async def add_credit(self, team_id: str, amount_nanos: int, note: str = "") -> int: ...
+    async def record(self, generations: list[Generation]) -> None:
+        """Insert the records and debit each team by their cost, in one transaction, each record once."""
+        ...
+
+    async def get_generation(self, team_id: str, request_id: str) -> Generation | None: ...
 
 
 class StoreError(Exception):

@@ -37,4 +37,33 @@ SQLITE: list[str] = [
     );
     CREATE INDEX api_keys_team ON api_keys(team_id);
     """,
+    # 2: one record per request, written with its wallet debit in one transaction
+    """
+    CREATE TABLE generations (
+        request_id          TEXT PRIMARY KEY,
+        batch               INTEGER NOT NULL,
+        created_at          INTEGER NOT NULL,
+        team_id             TEXT NOT NULL REFERENCES teams(id),
+        key_id              TEXT NOT NULL,
+        endpoint            TEXT NOT NULL,
+        model_id            TEXT NOT NULL,
+        provider            TEXT NOT NULL,
+        upstream_model      TEXT NOT NULL,
+        native_response_id  TEXT NOT NULL DEFAULT '',
+        stream              INTEGER NOT NULL,
+        status_code         INTEGER NOT NULL,
+        success             INTEGER NOT NULL,
+        error_code          TEXT NOT NULL DEFAULT '',
+        error_message       TEXT NOT NULL DEFAULT '',
+        usage               TEXT NOT NULL,
+        usage_source        TEXT NOT NULL,
+        cost_nanos          INTEGER NOT NULL,
+        currency            TEXT NOT NULL,
+        pricing_lines       TEXT NOT NULL,
+        timings             TEXT NOT NULL
+    );
+    CREATE INDEX generations_batch ON generations(batch);
+    CREATE INDEX generations_team_time ON generations(team_id, created_at);
+    CREATE INDEX generations_native ON generations(native_response_id);
+    """,
 ]

@@ -9,9 +9,10 @@ import time
 from pathlib import Path
 
 import aiosqlite
+import msgspec
 
 from proxy.store import migrations
-from proxy.store.base import ACTIVE, REVOKED, KeyRecord, StoreError, Team
+from proxy.store.base import ACTIVE, REVOKED, Generation, KeyRecord, StoreError, Team
 
 _KEY_COLUMNS = """
     k.kid, k.team_id, t.name, k.secret_hash, k.scopes, k.status, k.name, k.created_at
@@ -201,3 +202,56 @@ class SqliteStore:
         if row is None:
             raise StoreError(f"team {team_id} has no wallet")
         return row[0]
+
+    async def record(self, generations: list[Generation]) -> None:
+        # Rows carry this batch's id; a record already written (a replay) is ignored and keeps its own,
+        # so the debit below, summed over this batch's rows, charges every record exactly once.
+        batch = secrets.randbits(62)
+        rows = [(batch, *_generation_row(g)) for g in generations]
+        now = int(time.time())
+        try:
+            async with self._write:
+                await self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    await self.db.executemany(
+                        f"INSERT OR IGNORE INTO generations (batch, {_GENERATION_COLUMNS}) "
+                        f"VALUES (?, {', '.join('?' * len(Generation.__struct_fields__))})",
+                        rows,
+                    )
+                    await self.db.execute(
+                        "UPDATE wallets SET updated_at = ?, balance_nanos = balance_nanos - (SELECT "
+                        "SUM(g.cost_nanos) FROM generations g WHERE g.batch = ? AND g.team_id = wallets.team_id) "
+                        "WHERE team_id IN (SELECT team_id FROM generations WHERE batch = ?)",
+                        (now, batch, batch),
+                    )
+                    await self.db.execute("COMMIT")
+                except BaseException:
+                    await self.db.execute("ROLLBACK")
+                    raise
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot record usage: {e}") from e
+
+    async def get_generation(self, team_id: str, request_id: str) -> Generation | None:
+        sql = (
+            f"SELECT {_GENERATION_COLUMNS} FROM generations WHERE team_id = ? "
+            "AND (request_id = ? OR native_response_id = ?) ORDER BY created_at DESC LIMIT 1"
+        )
+        async with self.db.execute(sql, (team_id, request_id, request_id)) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        values = dict(zip(Generation.__struct_fields__, row, strict=True))
+        for name in ("usage", "pricing_lines", "timings"):
+            values[name] = msgspec.Raw(values[name].encode())
+        values["stream"], values["success"] = bool(values["stream"]), bool(values["success"])
+        return Generation(**values)
+
+
+_GENERATION_COLUMNS = ", ".join(Generation.__struct_fields__)
+
+
+def _generation_row(g: Generation) -> tuple:
+    return tuple(
+        bytes(v).decode() if isinstance(v, msgspec.Raw) else v
+        for v in (getattr(g, name) for name in Generation.__struct_fields__)
+    )

@@ -23,10 +23,9 @@ from proxy.errors import Code, GatewayError, render, sse_error_event
 from proxy.gateway import GATEWAY, Gateway
 from proxy.meta import RequestMeta, new_request_id
 from proxy.metrics import Metrics
-from proxy.pricing import Tariff
 from proxy.routing import Surface
 from proxy.sse import SSEError
-from proxy.translators.openai import ChatStream, build_request, decode_request, inject_members, response_usage
+from proxy.translators.openai import ChatStream, build_request, decode_request, inject_members, response_view
 from proxy.upstream import Upstream
 
 log = logging.getLogger("proxy.surfaces.openai")
@@ -74,7 +73,7 @@ def inference_handler(surface: Surface, default_model: str, metrics: Metrics) ->
         try:
             return await _serve(request, gw, surface, default_model, meta)
         except GatewayError as e:
-            meta.status = e.status
+            meta.status, meta.error_code, meta.error_message = e.status, e.code.name, e.message
             return render(e, meta.request_id)
         except asyncio.CancelledError:
             if not meta.finished:
@@ -88,7 +87,10 @@ def inference_handler(surface: Surface, default_model: str, metrics: Metrics) ->
             )
         finally:
             in_flight.dec()
-            gw.metrics.record(meta, time.perf_counter())
+            meta.t_end = time.perf_counter()
+            gw.metrics.record(meta, meta.t_end)
+            if meta.team_id and gw.accountant is not None:
+                gw.accountant.submit(meta)
 
     return handle
 
@@ -97,7 +99,9 @@ async def _serve(
     request: web.Request, gw: Gateway, surface: Surface, default_model: str, meta: RequestMeta
 ) -> web.StreamResponse:
     key = await gw.keys.authenticate(token_from_headers(request.headers))  # type: ignore[union-attr]
+    meta.team_id, meta.key_id = key.team_id, key.kid
     body = await read_body(request, gw.config.server.max_body_bytes)
+    meta.request_bytes = len(body)
     view = decode_request(body)
     _check_required(view, surface)
     name = view.model if view.model is not UNSET else default_model
@@ -106,10 +110,13 @@ async def _serve(
     model_id, model = gw.routes.resolve(name, surface)
     meta.model = model_id
     await gw.wallets.check(key.team_id, key.team_name)  # type: ignore[union-attr]
+    if gw.accountant is not None and gw.accountant.backlogged:
+        raise GatewayError(Code.unavailable, "Usage records are waiting for the store; retry shortly.")
 
     target = model.targets[0]
     upstream = gw.upstreams[target.provider]
     meta.provider, meta.upstream_model = target.provider, target.model
+    meta.tariff = gw.pricing.tariff(model_id, target.provider)
     stream = surface.streaming and view.stream
     meta.stream = stream
     wants_meta = view.meta if isinstance(view.meta, bool) else gw.config.meta.always
@@ -122,16 +129,15 @@ async def _serve(
         meta.upstream_ended(0)
         raise upstream.failure(e, "connecting") from None
     try:
-        tariff = gw.pricing.tariff(model_id, target.provider)
         if stream and resp.status == 200 and resp.content_type == "text/event-stream":
-            return await _stream(request, resp, upstream, meta, ChatStream(wants_usage, wants_meta), tariff)
-        return await _respond(resp, upstream, meta, wants_meta, tariff)
+            return await _stream(request, resp, upstream, meta, ChatStream(wants_usage, wants_meta))
+        return await _respond(resp, upstream, meta, wants_meta)
     finally:
         resp.release()  # returns the connection to the pool, or closes it if the body was not read to the end
 
 
 async def _respond(
-    resp: aiohttp.ClientResponse, upstream: Upstream, meta: RequestMeta, wants_meta: bool, tariff: Tariff | None
+    resp: aiohttp.ClientResponse, upstream: Upstream, meta: RequestMeta, wants_meta: bool
 ) -> web.Response:
     try:
         data = await resp.read()
@@ -141,8 +147,8 @@ async def _respond(
     meta.upstream_ended(resp.status)
     if resp.status >= 400:
         return _upstream_error(resp, data, upstream, meta)
-    meta.usage = response_usage(data)
-    members = meta.price(tariff)
+    meta.usage, meta.native_id = response_view(data)
+    members = meta.price(meta.tariff)
     if wants_meta:
         members += (b"," if members else b"") + b'"meta":' + _encode(meta.as_dict())
     data = inject_members(data, members)
@@ -187,7 +193,17 @@ async def _stream(
     upstream: Upstream,
     meta: RequestMeta,
     state: ChatStream,
-    tariff: Tariff | None,
+) -> web.StreamResponse:
+    try:
+        return await _relay(request, resp, upstream, meta, state)
+    finally:  # also when the client went away: what was streamed is the basis of an estimate
+        meta.streamed_events, meta.native_id = state.events, state.id
+        if meta.usage is None:
+            meta.usage = state.usage
+
+
+async def _relay(
+    request: web.Request, resp: aiohttp.ClientResponse, upstream: Upstream, meta: RequestMeta, state: ChatStream
 ) -> web.StreamResponse:
     out = web.StreamResponse(status=200, headers={**SSE_HEADERS, "x-request-id": meta.request_id})
     await out.prepare(request)
@@ -212,6 +228,7 @@ async def _stream(
             )
         else:
             error = upstream.failure(e, "streaming")
+        meta.error_code, meta.error_message = error.code.name, error.message
         await _write_quietly(out, state.abort() + sse_error_event(error, meta.request_id))
         resp.close()
         return out
@@ -227,9 +244,10 @@ async def _stream(
             Code.upstream_bad_response,
             f"The provider {upstream.name!r} closed the stream before it finished (no [DONE] received).",
         )
+        meta.error_code, meta.error_message = error.code.name, error.message
         await _write_quietly(out, state.abort() + sse_error_event(error, meta.request_id))
         return out
-    cost = meta.price(tariff)
+    cost = meta.price(meta.tariff)
     await _write_quietly(out, state.finish(_encode(meta.as_dict()) if state.wants_meta else None, cost))
     with contextlib.suppress(ConnectionError):
         await out.write_eof()  # the client's stream is complete before the upstream's is drained

@@ -163,14 +163,15 @@ class OpenAIUsage(msgspec.Struct):
 
 
 class _ResponseView(msgspec.Struct):
+    id: str = ""
     usage: OpenAIUsage | None = None
 
 
 _response_decoder = msgspec.json.Decoder(_ResponseView)
 
 
-def response_usage(body: bytes) -> Usage | None:
-    """Usage from a JSON response body; GatewayError(502) when the body is not a JSON object."""
+def response_view(body: bytes) -> tuple[Usage | None, str]:
+    """(usage, the provider's response id) from a JSON body; GatewayError(502) when it is not a JSON object."""
     try:
         view = _response_decoder.decode(body)
     except RecursionError:
@@ -179,7 +180,7 @@ def response_usage(body: bytes) -> Usage | None:
         raise GatewayError(
             Code.upstream_bad_response, f"The provider answered with a body that is not valid JSON: {e}"
         ) from None
-    return view.usage.neutral() if view.usage else None
+    return (view.usage.neutral() if view.usage else None), view.id
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -239,6 +240,7 @@ class ChatStream:
         "_held",
         "created",
         "done",
+        "events",
         "first_token",
         "id",
         "model",
@@ -254,6 +256,7 @@ class ChatStream:
         self.wants_meta = wants_meta
         self.first_token = False
         self.done = False
+        self.events = 0  # data events received: the basis of an estimate when no usage comes
         self.usage: Usage | None = None
         self.id = ""
         self.created = 0
@@ -263,6 +266,7 @@ class ChatStream:
         complete = self._buffer.feed(chunk)
         if not complete or self.done:
             return b""
+        self.events += complete.count(b"data:")
         if self.first_token and b"[DONE]" not in complete and not _may_carry_usage(complete):
             return complete  # the common case: forward as it came
         out = []
