@@ -1,6 +1,6 @@
 """Measure the gateway against a bare proxy and the mock upstream itself, in one run.
 
-`python -m bench [--duration S] [--rounds R] [--targets direct,bare,gateway] [--quick]`
+`python -m bench [--duration S] [--rounds R] [--targets direct,bare,gateway,gateway-noacct] [--quick]`
 
 Starts the mock upstream, the bare proxy and the gateway (with a fresh key in a temporary store) on
 free ports of 127.0.0.1, then measures every load against every target, round-robin within each load
@@ -36,7 +36,7 @@ from bench.loads import BenchError, Result, Target, closed_loop, preflight, stre
 REPO = Path(__file__).resolve().parent.parent
 CHAT_PATH = "/v1/chat/completions"
 GATEWAY_CONFIG = "config/gateway.yaml"
-TARGETS = ("direct", "bare", "gateway")
+TARGETS = ("direct", "bare", "gateway", "gateway-noacct")
 READY_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 5.0
 WARMUP_CONNECTIONS = 8
@@ -159,7 +159,9 @@ class Launcher:
         wait_ready(name, child, lambda: tcp_open(port), self.procs.log(name))
 
     def target(self, name: str) -> Target:
-        return {"direct": self.direct, "bare": self.bare, "gateway": self.gateway}[name]()
+        if name.startswith("gateway"):
+            return self.gateway(name, accounting=name == "gateway")
+        return {"direct": self.direct, "bare": self.bare}[name]()
 
     def direct(self) -> Target:
         return Target("direct", _chat_url(self.mock_port), UPSTREAM_KEY, "gpt-4o-mini")
@@ -169,20 +171,22 @@ class Launcher:
         self._serve("bare", port, "bench.bare_proxy", "--upstream", f"http://127.0.0.1:{self.mock_port}")
         return Target("bare", _chat_url(port), UPSTREAM_KEY, "gpt-4o-mini")
 
-    def gateway(self) -> Target:
+    def gateway(self, name: str, accounting: bool) -> Target:
+        """The gateway; `gateway-noacct` is the same with accounting (records and debits) switched off."""
         env = {
             **os.environ,
             "OPENAI_BASE_URL": f"http://127.0.0.1:{self.mock_port}/v1",
             "OPENAI_API_KEY": UPSTREAM_KEY,
-            "GATEWAY_STORE": f"sqlite:///{self.workdir / 'bench.db'}",
+            "GATEWAY_STORE": f"sqlite:///{self.workdir / (name + '.db')}",
+            "GATEWAY_ACCOUNTING": "true" if accounting else "false",
         }
         key = create_key(env)
         port = free_port()
         argv = [sys.executable, "-m", "proxy", "serve", "--config", GATEWAY_CONFIG, "--host", "127.0.0.1"]
         argv += ["--port", str(port), "--workers", str(self.args.gateway_workers)]
-        child = self.procs.start("gateway", argv, env)
-        wait_ready("gateway", child, lambda: healthy(port), self.procs.log("gateway"))
-        return Target("gateway", _chat_url(port), key, "openai/gpt-4o-mini")
+        child = self.procs.start(name, argv, env)
+        wait_ready(name, child, lambda: healthy(port), self.procs.log(name))
+        return Target(name, _chat_url(port), key, "openai/gpt-4o-mini")
 
 
 def create_key(env: dict[str, str]) -> str:
@@ -231,7 +235,7 @@ def measure_all(measure: Measurer, targets: list[Target], rounds: int, steps: li
                 result = measure(load, target)
                 samples.append(report.Sample(round_no + 1, target.name, load.name, result))
                 print(
-                    f"  round {round_no + 1}/{rounds} · {load.name:<28} · {target.name:<8} "
+                    f"  round {round_no + 1}/{rounds} · {load.name:<28} · {target.name:<14} "
                     f"{result.requests_per_s:>9,.0f}/s  p50 {result.p50_ms:8.2f} ms  "
                     f"errors {result.errors}",
                     flush=True,
@@ -292,7 +296,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--duration", type=int, default=5, help="seconds per measurement (default 5)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds over all loads and targets (default 2)")
-    parser.add_argument("--targets", type=_target_list, default=list(TARGETS), help="default direct,bare,gateway")
+    parser.add_argument(
+        "--targets", type=_target_list, default=list(TARGETS), help="default direct,bare,gateway,gateway-noacct"
+    )
     parser.add_argument("--quick", action="store_true", help="1 s per measurement, 1 round (a smoke test)")
     parser.add_argument("--gateway-workers", type=int, default=1)
     parser.add_argument("--streams", type=int, default=32, help="concurrent streams (default 32)")
