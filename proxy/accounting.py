@@ -16,27 +16,16 @@ import time
 from collections import deque
 from typing import final
 
-import msgspec
 import orjson
 
 from proxy.credit import WalletCache
 from proxy.meta import RequestMeta, Usage
-from proxy.store.base import Generation, Store, StoreError
+from proxy.store.base import ROW_COST, ROW_TEAM, Generation, Store, StoreError
 
 log = logging.getLogger("proxy.accounting")
 
 MAX_BATCH = 500
-_TIMINGS = (
-    "latency_ms",
-    "provider_latency_ms",
-    "ttft_ms",
-    "generation_ms",
-    "tpot_ms",
-    "throughput_tps",
-    "output_speed_tps",
-    "gateway_overhead_ms",
-    "attempts",
-)
+LINGER_S = 0.05  # how long a record may wait for others to share its transaction
 
 
 def estimate(meta: RequestMeta) -> None:
@@ -50,43 +39,42 @@ def estimate(meta: RequestMeta) -> None:
     meta.usage_source = "estimated"
 
 
-def generation(meta: RequestMeta, created_ms: int) -> Generation:
-    timings = meta.as_dict(meta.t_end)
+def row(meta: RequestMeta, created_ms: int) -> tuple:
+    """The generation record of a finished request, as a row in the store's column order."""
     usage = meta.usage
-    return Generation(
-        request_id=meta.request_id,
-        created_at=created_ms,
-        team_id=meta.team_id,
-        key_id=meta.key_id,
-        endpoint=meta.surface,
-        model_id=meta.model,
-        provider=meta.provider,
-        upstream_model=meta.upstream_model,
-        native_response_id=meta.native_id,
-        stream=meta.stream,
-        status_code=meta.status,
-        success=200 <= meta.status < 300 and not meta.error_code,
-        error_code=meta.error_code,
-        error_message=meta.error_message,
-        usage=msgspec.Raw(
-            orjson.dumps(
-                {
-                    "prompt_tokens": usage.input_tokens,
-                    "completion_tokens": usage.output_tokens,
-                    "total_tokens": usage.total_tokens,
-                    "cached_tokens": usage.cached_input_tokens,
-                    "cache_write_tokens": usage.cache_write_tokens,
-                    "reasoning_tokens": usage.reasoning_tokens,
-                }
-                if usage
-                else {}
-            )
-        ),
-        usage_source=meta.usage_source if usage else "none",
-        cost_nanos=meta.cost_nanos or 0,
-        currency=meta.currency,
-        pricing_lines=msgspec.Raw(orjson.dumps(meta.pricing_lines)),
-        timings=msgspec.Raw(orjson.dumps({k: timings[k] for k in _TIMINGS})),
+    usage_json = (
+        {
+            "prompt_tokens": usage.input_tokens,
+            "completion_tokens": usage.output_tokens,
+            "total_tokens": usage.total_tokens,
+            "cached_tokens": usage.cached_input_tokens,
+            "cache_write_tokens": usage.cache_write_tokens,
+            "reasoning_tokens": usage.reasoning_tokens,
+        }
+        if usage
+        else {}
+    )
+    return (
+        meta.request_id,
+        created_ms,
+        meta.team_id,
+        meta.key_id,
+        meta.surface,
+        meta.model,
+        meta.provider,
+        meta.upstream_model,
+        meta.native_id,
+        meta.stream,
+        meta.status,
+        200 <= meta.status < 300 and not meta.error_code,
+        meta.error_code,
+        meta.error_message,
+        orjson.dumps(usage_json).decode(),
+        meta.usage_source if usage else "none",
+        meta.cost_nanos or 0,
+        meta.currency,
+        orjson.dumps(meta.pricing_lines).decode(),
+        orjson.dumps(meta.timings(meta.t_end)).decode(),
     )
 
 
@@ -110,7 +98,7 @@ class Accountant:
         self.wallets = wallets
         self.max_queue = max_queue
         self.pending = wallets.pending  # team → debits submitted but not yet committed
-        self.unwritten: dict[str, Generation | RequestMeta] = {}  # request id → waiting record
+        self.unwritten: dict[str, tuple | RequestMeta] = {}  # request id → waiting meta, then its row
         self._queue: deque[tuple[RequestMeta, int]] = deque()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -130,7 +118,8 @@ class Accountant:
         """Account a finished request: debit its cost in memory now, record it soon. Never blocks."""
         if meta.cost_nanos is None and meta.tariff is not None:
             estimate(meta)
-            meta.price(meta.tariff)
+            if meta.usage is not None:  # a provider answered (or streamed): bill it; else nothing to bill
+                meta.price(meta.tariff)
         cost = meta.cost_nanos or 0
         if cost:
             self.wallets.adjust(meta.team_id, -cost)
@@ -143,11 +132,10 @@ class Accountant:
     def lookup(self, team_id: str, request_id: str) -> Generation | None:
         """A record not yet in the store (by request id), built on demand."""
         waiting = self.unwritten.get(request_id)
-        if waiting is None or waiting.team_id != team_id:
+        if waiting is None:
             return None
-        if isinstance(waiting, Generation):
-            return waiting
-        return generation(waiting, int(time.time() * 1000))
+        values = waiting if isinstance(waiting, tuple) else row(waiting, int(time.time() * 1000))
+        return Generation.from_row(values) if values[ROW_TEAM] == team_id else None
 
     async def _run(self) -> None:
         while True:
@@ -155,34 +143,37 @@ class Accountant:
                 self._idle.set()
                 self._wake.clear()
                 await self._wake.wait()
+            if len(self._queue) < MAX_BATCH:
+                await asyncio.sleep(LINGER_S)  # let a batch gather: one transaction for many requests
             batch = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_BATCH))]
-            records = [generation(meta, created) for meta, created in batch]
-            for record in records:
-                self.unwritten[record.request_id] = record
+            rows = [row(meta, created) for meta, created in batch]
+            for values in rows:
+                self.unwritten[values[0]] = values
             self._writing = True
             try:
-                await self._write(records)
+                await self._write(rows)
             finally:
                 self._writing = False
 
-    async def _write(self, records: list[Generation]) -> None:
+    async def _write(self, rows: list[tuple]) -> None:
         delay = 0.1
         while True:
             try:
-                await self.store.record(records)
+                await self.store.record(rows)
                 break
             except StoreError as e:  # keep the batch: nothing is dropped, it is tried again
-                log.error("writing %d usage records failed (%s); retrying in %.1f s", len(records), e, delay)
+                log.error("writing %d usage records failed (%s); retrying in %.1f s", len(rows), e, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        for record in records:
-            self.unwritten.pop(record.request_id, None)
-            if record.cost_nanos:
-                left = self.pending.get(record.team_id, 0) - record.cost_nanos
+        for values in rows:
+            self.unwritten.pop(values[0], None)
+            team, cost = values[ROW_TEAM], values[ROW_COST]
+            if cost:
+                left = self.pending.get(team, 0) - cost
                 if left:
-                    self.pending[record.team_id] = left
+                    self.pending[team] = left
                 else:
-                    self.pending.pop(record.team_id, None)
+                    self.pending.pop(team, None)
 
     async def flush(self) -> None:
         """Wait until every submitted record is in the store."""

@@ -149,6 +149,22 @@ class RequestMeta:
             return None
         return out / duration
 
+    def timings(self, now: float) -> dict:
+        """The timing figures alone, for the generation record."""
+        provider, ttft, tpot, throughput = self.provider_latency(), self.ttft(), self.tpot(), self.throughput()
+        generation = self.generation()
+        latency = now - self.t_start
+        return {
+            "latency_ms": _ms(latency),
+            "provider_latency_ms": None if provider is None else _ms(provider),
+            "ttft_ms": None if ttft is None else _ms(ttft),
+            "generation_ms": None if generation is None else _ms(generation),
+            "tpot_ms": None if tpot is None else _ms(tpot),
+            "throughput_tps": None if throughput is None else round(throughput, 3),
+            "gateway_overhead_ms": None if provider is None else _ms(max(latency - provider, 0.0)),
+            "attempts": [[p, status, _ms(end - start)] for p, status, start, end in self.attempts],
+        }
+
     def as_dict(self, now: float | None = None) -> dict:
         now = now or time.perf_counter()
         latency = self.latency(now)

@@ -124,7 +124,7 @@ async def test_a_replayed_batch_is_charged_once(gateway, key, mock, store_url):
     async with gw.store.db.execute("SELECT request_id FROM generations") as cur:
         (request_id,) = await cur.fetchone()
     record = await gw.store.get_generation(team_id, request_id)
-    await gw.store.record([record, record])  # a retry after a lost acknowledgement, twice over
+    await gw.store.record([record.row(), record.row()])  # a retry after a lost acknowledgement, twice over
     assert await balance(store_url, "acme") == before
     assert await count_generations(store_url) == 1
 
@@ -214,3 +214,26 @@ async def test_sigterm_during_open_streams_loses_no_record(mock, store_url, tmp_
             await proc.wait()
     assert await count_generations(store_url) == 20, log.read_text()
     assert await balance(store_url, "acme") == 10 * NANOS_PER_USD - 20 * COST
+
+
+async def test_no_charge_when_no_provider_answered(aiohttp_client, mock, store_url, make_key, tmp_path):
+    """Even a model with a per-request fee costs nothing when its provider could not be reached."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "gateway.yaml").write_text(DEFAULT_CONFIG.read_text())
+    (tmp_path / "pricing.yaml").write_text(
+        'effective: "2025-10-01"\nmodels:\n  openai/gpt-4o-mini: {input_per_mtok: 1, per_request: 0.01}\n'
+    )
+    env = env_for(mock, store_url)
+    env["OPENAI_BASE_URL"] = f"http://127.0.0.1:{port}/v1"  # nothing listens there
+    client = await aiohttp_client(build_app(load_config(tmp_path / "gateway.yaml", env=env)))
+    key = await make_key()
+    before = await balance(store_url, "acme")
+    r = await client.post("/v1/chat/completions", json=CHAT, headers=auth(key))
+    assert r.status == 502
+    await client.server.app[GATEWAY].accountant.flush()
+    assert await count_generations(store_url) == 1
+    assert await balance(store_url, "acme") == before

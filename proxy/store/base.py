@@ -63,6 +63,27 @@ class Generation(msgspec.Struct, frozen=True):
     pricing_lines: msgspec.Raw
     timings: msgspec.Raw
 
+    @classmethod
+    def from_row(cls, values: tuple) -> Generation:
+        """A row in GENERATION_COLUMNS order (JSON columns as text) as a Generation."""
+        fields = dict(zip(cls.__struct_fields__, values, strict=True))
+        for name in _JSON_FIELDS:
+            fields[name] = msgspec.Raw(fields[name].encode())
+        fields["stream"], fields["success"] = bool(fields["stream"]), bool(fields["success"])
+        return cls(**fields)
+
+    def row(self) -> tuple:
+        return tuple(
+            bytes(v).decode() if isinstance(v, msgspec.Raw) else v
+            for v in (getattr(self, name) for name in self.__struct_fields__)
+        )
+
+
+_JSON_FIELDS = ("usage", "pricing_lines", "timings")
+GENERATION_COLUMNS = ", ".join(Generation.__struct_fields__)
+ROW_TEAM = Generation.__struct_fields__.index("team_id")
+ROW_COST = Generation.__struct_fields__.index("cost_nanos")
+
 
 class Store(Protocol):
     """What the gateway needs from its database. Methods raise `StoreError` on failure."""
@@ -82,8 +103,8 @@ class Store(Protocol):
     async def list_keys(self, team_id: str | None = None) -> list[KeyRecord]: ...
     async def set_key_status(self, kid: str, status: str) -> bool: ...
     async def add_credit(self, team_id: str, amount_nanos: int, note: str = "") -> int: ...
-    async def record(self, generations: list[Generation]) -> None:
-        """Insert the records and debit each team by their cost, in one transaction, each record once."""
+    async def record(self, rows: list[tuple]) -> None:
+        """Insert generation rows and debit each team by their cost, in one transaction, each row once."""
         ...
 
     async def get_generation(self, team_id: str, request_id: str) -> Generation | None: ...

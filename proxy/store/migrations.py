@@ -41,7 +41,6 @@ SQLITE: list[str] = [
     """
     CREATE TABLE generations (
         request_id          TEXT PRIMARY KEY,
-        batch               INTEGER NOT NULL,
         created_at          INTEGER NOT NULL,
         team_id             TEXT NOT NULL REFERENCES teams(id),
         key_id              TEXT NOT NULL,
@@ -62,7 +61,6 @@ SQLITE: list[str] = [
         pricing_lines       TEXT NOT NULL,
         timings             TEXT NOT NULL
     );
-    CREATE INDEX generations_batch ON generations(batch);
     CREATE INDEX generations_team_time ON generations(team_id, created_at);
     CREATE INDEX generations_native ON generations(native_response_id);
     """,

@@ -9,10 +9,19 @@ import time
 from pathlib import Path
 
 import aiosqlite
-import msgspec
 
 from proxy.store import migrations
-from proxy.store.base import ACTIVE, REVOKED, Generation, KeyRecord, StoreError, Team
+from proxy.store.base import (
+    ACTIVE,
+    GENERATION_COLUMNS,
+    REVOKED,
+    ROW_COST,
+    ROW_TEAM,
+    Generation,
+    KeyRecord,
+    StoreError,
+    Team,
+)
 
 _KEY_COLUMNS = """
     k.kid, k.team_id, t.name, k.secret_hash, k.scopes, k.status, k.name, k.created_at
@@ -203,26 +212,36 @@ class SqliteStore:
             raise StoreError(f"team {team_id} has no wallet")
         return row[0]
 
-    async def record(self, generations: list[Generation]) -> None:
-        # Rows carry this batch's id; a record already written (a replay) is ignored and keeps its own,
-        # so the debit below, summed over this batch's rows, charges every record exactly once.
-        batch = secrets.randbits(62)
-        rows = [(batch, *_generation_row(g)) for g in generations]
+    async def record(self, rows: list[tuple]) -> None:
+        """Insert generation rows (in `GENERATION_COLUMNS` order) and debit each team by their cost, in one
+        transaction. A row whose request id is already stored (a replay) is skipped and not charged again."""
         now = int(time.time())
         try:
             async with self._write:
                 await self.db.execute("BEGIN IMMEDIATE")
                 try:
+                    ids = [row[0] for row in rows]
+                    marks = ", ".join("?" * len(ids))
+                    async with self.db.execute(
+                        f"SELECT request_id FROM generations WHERE request_id IN ({marks})", ids
+                    ) as cur:
+                        stored = {r[0] for r in await cur.fetchall()}
+                    fresh = {row[0]: row for row in rows if row[0] not in stored}  # also one per id in the batch
+                    # Multi-row INSERTs: one statement per chunk, not one step (and GIL hand-off) per row.
+                    values = list(fresh.values())
+                    for start in range(0, len(values), _ROWS_PER_INSERT):
+                        chunk = values[start : start + _ROWS_PER_INSERT]
+                        await self.db.execute(
+                            f"INSERT INTO generations ({GENERATION_COLUMNS}) VALUES "
+                            + ", ".join([_ROW_MARKS] * len(chunk)),
+                            [v for r in chunk for v in r],
+                        )
+                    debits: dict[str, int] = {}
+                    for row in fresh.values():
+                        debits[row[ROW_TEAM]] = debits.get(row[ROW_TEAM], 0) + row[ROW_COST]
                     await self.db.executemany(
-                        f"INSERT OR IGNORE INTO generations (batch, {_GENERATION_COLUMNS}) "
-                        f"VALUES (?, {', '.join('?' * len(Generation.__struct_fields__))})",
-                        rows,
-                    )
-                    await self.db.execute(
-                        "UPDATE wallets SET updated_at = ?, balance_nanos = balance_nanos - (SELECT "
-                        "SUM(g.cost_nanos) FROM generations g WHERE g.batch = ? AND g.team_id = wallets.team_id) "
-                        "WHERE team_id IN (SELECT team_id FROM generations WHERE batch = ?)",
-                        (now, batch, batch),
+                        "UPDATE wallets SET balance_nanos = balance_nanos - ?, updated_at = ? WHERE team_id = ?",
+                        [(cost, now, team) for team, cost in debits.items() if cost],
                     )
                     await self.db.execute("COMMIT")
                 except BaseException:
@@ -233,25 +252,13 @@ class SqliteStore:
 
     async def get_generation(self, team_id: str, request_id: str) -> Generation | None:
         sql = (
-            f"SELECT {_GENERATION_COLUMNS} FROM generations WHERE team_id = ? "
+            f"SELECT {GENERATION_COLUMNS} FROM generations WHERE team_id = ? "
             "AND (request_id = ? OR native_response_id = ?) ORDER BY created_at DESC LIMIT 1"
         )
         async with self.db.execute(sql, (team_id, request_id, request_id)) as cur:
             row = await cur.fetchone()
-        if row is None:
-            return None
-        values = dict(zip(Generation.__struct_fields__, row, strict=True))
-        for name in ("usage", "pricing_lines", "timings"):
-            values[name] = msgspec.Raw(values[name].encode())
-        values["stream"], values["success"] = bool(values["stream"]), bool(values["success"])
-        return Generation(**values)
+        return None if row is None else Generation.from_row(tuple(row))
 
 
-_GENERATION_COLUMNS = ", ".join(Generation.__struct_fields__)
-
-
-def _generation_row(g: Generation) -> tuple:
-    return tuple(
-        bytes(v).decode() if isinstance(v, msgspec.Raw) else v
-        for v in (getattr(g, name) for name in Generation.__struct_fields__)
-    )
+_ROW_MARKS = "(" + ", ".join("?" * len(Generation.__struct_fields__)) + ")"
+_ROWS_PER_INSERT = 500  # x 20 columns stays far below SQLite's 32,766 bound parameters
