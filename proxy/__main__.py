@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     credits = sub.add_parser("credits", help="team wallets").add_subparsers(dest="action", required=True)
     add = with_config(credits.add_parser("add", help="add credit to a team's wallet"))
     add.add_argument("--team", required=True)
-    add.add_argument("--usd", type=_usd, required=True, metavar="USD")
+    add.add_argument("--usd", "--amount", dest="usd", type=_usd, required=True, metavar="USD")
     show = with_config(credits.add_parser("show", help="show a team's balance"))
     show.add_argument("--team", required=True)
     return parser

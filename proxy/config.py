@@ -170,6 +170,10 @@ def default_routes(models: dict[str, ModelConfig]) -> list[RouteConfig]:
         RouteConfig(method="POST", path="/v1/moderations", surface="openai.moderations", default_model=moderation),
         RouteConfig(method="GET", path="/v1/models", surface="openai.models"),
         RouteConfig(method="GET", path="/v1/generations", surface="platform.generations"),
+        RouteConfig(method="GET", path="/v1/key", surface="platform.key"),
+        RouteConfig(method="GET", path="/v1/credits", surface="platform.credits"),
+        RouteConfig(method="GET", path="/v1/pricing/models", surface="platform.pricing_models"),
+        RouteConfig(method="POST", path="/v1/pricing/calculate", surface="platform.pricing_calculate"),
     ]
 
 

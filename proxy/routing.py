@@ -30,6 +30,10 @@ SURFACES: dict[str, Surface] = {
         Surface("openai.moderations", "moderations", "/moderations", required=("input",)),
         Surface("openai.models", "", ""),
         Surface("platform.generations", "", ""),
+        Surface("platform.key", "", ""),
+        Surface("platform.credits", "", ""),
+        Surface("platform.pricing_models", "", ""),
+        Surface("platform.pricing_calculate", "", ""),
     )
 }
 

@@ -608,6 +608,10 @@ DEFAULT_ROUTES = [
     ("POST", "/v1/moderations", "openai.moderations"),
     ("GET", "/v1/models", "openai.models"),
     ("GET", "/v1/generations", "platform.generations"),
+    ("GET", "/v1/key", "platform.key"),
+    ("GET", "/v1/credits", "platform.credits"),
+    ("GET", "/v1/pricing/models", "platform.pricing_models"),
+    ("POST", "/v1/pricing/calculate", "platform.pricing_calculate"),
 ]
 
 
@@ -654,6 +658,10 @@ def test_shipped_config_loads_on_defaults_and_every_target_resolves() -> None:
         ("POST", "/v1/moderations"),
         ("GET", "/v1/models"),
         ("GET", "/v1/generations"),
+        ("GET", "/v1/key"),
+        ("GET", "/v1/credits"),
+        ("GET", "/v1/pricing/models"),
+        ("POST", "/v1/pricing/calculate"),
     ]
 
 

@@ -191,6 +191,10 @@ def test_surfaces() -> None:
         "openai.moderations": ("moderations", "/moderations", False),
         "openai.models": ("", "", False),
         "platform.generations": ("", "", False),
+        "platform.key": ("", "", False),
+        "platform.credits": ("", "", False),
+        "platform.pricing_models": ("", "", False),
+        "platform.pricing_calculate": ("", "", False),
     }
     assert CHAT.required == ("messages",)
     assert EMBEDDINGS.required == MODERATIONS.required == ("input",)

@@ -85,6 +85,19 @@ ROW_TEAM = Generation.__struct_fields__.index("team_id")
 ROW_COST = Generation.__struct_fields__.index("cost_nanos")
 
 
+class TopUp(msgspec.Struct, frozen=True):
+    amount_nanos: int
+    note: str
+    created_at: int  # unix seconds
+
+
+class Credits(msgspec.Struct, frozen=True):
+    balance_nanos: int
+    top_ups: list[TopUp]
+    spend_24h_nanos: int
+    spend_30d_nanos: int
+
+
 class Store(Protocol):
     """What the gateway needs from its database. Methods raise `StoreError` on failure."""
 
@@ -108,6 +121,7 @@ class Store(Protocol):
         ...
 
     async def get_generation(self, team_id: str, request_id: str) -> Generation | None: ...
+    async def credits(self, team_id: str, top_ups: int = 20) -> Credits: ...
 
 
 class StoreError(Exception):

@@ -17,10 +17,12 @@ from proxy.store.base import (
     REVOKED,
     ROW_COST,
     ROW_TEAM,
+    Credits,
     Generation,
     KeyRecord,
     StoreError,
     Team,
+    TopUp,
 )
 
 _KEY_COLUMNS = """
@@ -249,6 +251,27 @@ class SqliteStore:
                     raise
         except sqlite3.Error as e:
             raise StoreError(f"cannot record usage: {e}") from e
+
+    async def credits(self, team_id: str, top_ups: int = 20) -> Credits:
+        """The wallet's balance, its latest top-ups, and what the team spent over 24 hours and 30 days."""
+        now_ms = int(time.time() * 1000)
+        try:
+            balance = await self.get_balance(team_id) or 0
+            async with self.db.execute(
+                "SELECT amount_nanos, note, created_at FROM wallet_ledger WHERE team_id = ? "
+                "ORDER BY created_at DESC, id DESC LIMIT ?",
+                (team_id, top_ups),
+            ) as cur:
+                ledger = [TopUp(*r) for r in await cur.fetchall()]
+            async with self.db.execute(
+                "SELECT COALESCE(SUM(CASE WHEN created_at >= ? THEN cost_nanos END), 0), "
+                "COALESCE(SUM(cost_nanos), 0) FROM generations WHERE team_id = ? AND created_at >= ?",
+                (now_ms - 86_400_000, team_id, now_ms - 30 * 86_400_000),
+            ) as cur:
+                day, month = await cur.fetchone()  # type: ignore[misc]
+        except sqlite3.Error as e:
+            raise StoreError(str(e)) from e
+        return Credits(balance_nanos=balance, top_ups=ledger, spend_24h_nanos=day, spend_30d_nanos=month)
 
     async def get_generation(self, team_id: str, request_id: str) -> Generation | None:
         sql = (
