@@ -81,6 +81,10 @@ class KeyCache:
             raise GatewayError(Code.invalid_api_key, f"This API key ({kid}) is {record.status}.")
         return record
 
+    def forget(self, kid: str) -> None:
+        """Drop a cached key (after it changed here), so the next request reads the store."""
+        self._cache.forget(kid)
+
     async def _fetch(self, kid: str) -> KeyRecord | None:
         try:
             return await self.store.get_key(kid)

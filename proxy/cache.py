@@ -65,6 +65,9 @@ class TTLCache(Generic[K, V]):
         self._entries[key] = (value, time.monotonic() + self.ttl)
         return value
 
+    def forget(self, key: K) -> None:
+        self._entries.pop(key, None)
+
     def update(self, key: K, change: Callable[[V], V]) -> None:
         """Apply `change` to a cached value in place (its expiry unchanged); nothing if not cached."""
         entry = self._entries.get(key)

@@ -174,6 +174,11 @@ def default_routes(models: dict[str, ModelConfig]) -> list[RouteConfig]:
         RouteConfig(method="GET", path="/v1/credits", surface="platform.credits"),
         RouteConfig(method="GET", path="/v1/pricing/models", surface="platform.pricing_models"),
         RouteConfig(method="POST", path="/v1/pricing/calculate", surface="platform.pricing_calculate"),
+        RouteConfig(method="GET", path="/v1/keys", surface="platform.keys_list"),
+        RouteConfig(method="POST", path="/v1/keys", surface="platform.keys_create"),
+        RouteConfig(method="PATCH", path="/v1/keys/{id}", surface="platform.keys_update"),
+        RouteConfig(method="DELETE", path="/v1/keys/{id}", surface="platform.keys_revoke"),
+        RouteConfig(method="GET", path="/v1/activity", surface="platform.activity"),
     ]
 
 

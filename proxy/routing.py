@@ -34,6 +34,11 @@ SURFACES: dict[str, Surface] = {
         Surface("platform.credits", "", ""),
         Surface("platform.pricing_models", "", ""),
         Surface("platform.pricing_calculate", "", ""),
+        Surface("platform.keys_list", "", ""),
+        Surface("platform.keys_create", "", ""),
+        Surface("platform.keys_update", "", ""),
+        Surface("platform.keys_revoke", "", ""),
+        Surface("platform.activity", "", ""),
     )
 }
 

@@ -612,6 +612,11 @@ DEFAULT_ROUTES = [
     ("GET", "/v1/credits", "platform.credits"),
     ("GET", "/v1/pricing/models", "platform.pricing_models"),
     ("POST", "/v1/pricing/calculate", "platform.pricing_calculate"),
+    ("GET", "/v1/keys", "platform.keys_list"),
+    ("POST", "/v1/keys", "platform.keys_create"),
+    ("PATCH", "/v1/keys/{id}", "platform.keys_update"),
+    ("DELETE", "/v1/keys/{id}", "platform.keys_revoke"),
+    ("GET", "/v1/activity", "platform.activity"),
 ]
 
 
@@ -662,6 +667,11 @@ def test_shipped_config_loads_on_defaults_and_every_target_resolves() -> None:
         ("GET", "/v1/credits"),
         ("GET", "/v1/pricing/models"),
         ("POST", "/v1/pricing/calculate"),
+        ("GET", "/v1/keys"),
+        ("POST", "/v1/keys"),
+        ("PATCH", "/v1/keys/{id}"),
+        ("DELETE", "/v1/keys/{id}"),
+        ("GET", "/v1/activity"),
     ]
 
 

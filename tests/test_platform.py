@@ -81,3 +81,71 @@ async def test_calculate_uses_the_billing_code(gateway, key, mock):
 async def test_calculate_errors(gateway, key, body, status, code):
     r = await gateway.post("/v1/pricing/calculate", json=body, headers=auth(key))
     assert r.status == status and (await r.json())["error"] == code
+
+
+async def test_key_management_lifecycle(gateway, key, make_key, mock):
+    admin = await make_key(team="acme", credit_usd=0, management=True)
+    assert (await gateway.get("/v1/keys", headers=auth(key))).status == 403  # an inference key may not
+    listing = await (await gateway.get("/v1/keys", headers=auth(admin))).json()
+    assert listing["ok"] is True and listing["total"] == 2 and len(listing["keys"]) == 2
+    assert key.split("_", 4)[4] not in str(listing)
+
+    created = await (await gateway.post("/v1/keys", json={"name": "ci"}, headers=auth(admin))).json()
+    new_key, record = created["key"], created["data"]
+    assert record["name"] == "ci" and record["scopes"] == ["inference"] and new_key.startswith(record["prefix"] + "_")
+    assert (await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(new_key))).status == 200
+
+    kid = record["id"]
+    disabled = await gateway.patch(
+        f"/v1/keys/{kid}", json={"status": "disabled", "name": "ci-old"}, headers=auth(admin)
+    )
+    assert (await disabled.json())["data"] == {**record, "status": "disabled", "name": "ci-old"}
+    refused = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(new_key))
+    assert refused.status == 401 and "disabled" in (await refused.json())["error"]["message"]  # at once, here
+    await gateway.patch(f"/v1/keys/{kid}", json={"status": "active"}, headers=auth(admin))
+    assert (await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(new_key))).status == 200
+
+    revoked = await gateway.delete(f"/v1/keys/{kid}", headers=auth(admin))
+    assert (await revoked.json())["data"]["status"] == "revoked"
+    assert (await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(new_key))).status == 401
+    again = await gateway.patch(f"/v1/keys/{kid}", json={"status": "active"}, headers=auth(admin))
+    assert again.status == 400
+    bad = await gateway.patch(f"/v1/keys/{kid}", json={"status": "revoked"}, headers=auth(admin))
+    assert bad.status == 400
+
+
+async def test_keys_of_another_team_are_out_of_reach(gateway, key, make_key):
+    rival_admin = await make_key(team="rival", management=True)
+    kid = key.split("_")[3]
+    for method in ("patch", "delete"):
+        r = await getattr(gateway, method)(f"/v1/keys/{kid}", json={"name": "x"}, headers=auth(rival_admin))
+        assert r.status == 404
+    assert (await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(key))).status == 200
+
+
+async def test_activity_rows_per_day_and_model(gateway, key, make_key, mock):
+    admin = await make_key(team="acme", credit_usd=0, management=True)
+    for _ in range(3):
+        await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(key))
+    await gateway.post(
+        "/v1/embeddings", json={"model": "openai/text-embedding-3-small", "input": "x"}, headers=auth(key)
+    )
+    body = await (await gateway.get("/v1/activity", headers=auth(admin))).json()
+    assert body["ok"] is True and body["total"] == 2
+    rows = {row["model"]: row for row in body["activity"]}
+    chat = rows["openai/gpt-4o-mini"]
+    assert chat["requests"] == 3 and chat["prompt_tokens"] == 33 and chat["completion_tokens"] == 15
+    assert (
+        chat["usage_nanos"] == 3 * 4_650 and chat["provider_name"] == "openai" and chat["endpoint_id"] == "openai.chat"
+    )
+    assert rows["openai/text-embedding-3-small"]["usage_nanos"] == 60
+    only = await (await gateway.get("/v1/activity", params={"model": "openai/gpt-4o-mini"}, headers=auth(admin))).json()
+    assert [r["model"] for r in only["activity"]] == ["openai/gpt-4o-mini"]
+    page = await (await gateway.get("/v1/activity", params={"limit": 1, "offset": 1}, headers=auth(admin))).json()
+    assert page["total"] == 2 and len(page["activity"]) == 1
+    old = await (
+        await gateway.get("/v1/activity", params={"from": "2020-01-01", "to": "2020-01-31"}, headers=auth(admin))
+    ).json()
+    assert old["total"] == 0
+    assert (await gateway.get("/v1/activity", params={"from": "yesterday"}, headers=auth(admin))).status == 400
+    assert (await gateway.get("/v1/activity", headers=auth(key))).status == 403

@@ -195,6 +195,11 @@ def test_surfaces() -> None:
         "platform.credits": ("", "", False),
         "platform.pricing_models": ("", "", False),
         "platform.pricing_calculate": ("", "", False),
+        "platform.keys_list": ("", "", False),
+        "platform.keys_create": ("", "", False),
+        "platform.keys_update": ("", "", False),
+        "platform.keys_revoke": ("", "", False),
+        "platform.activity": ("", "", False),
     }
     assert CHAT.required == ("messages",)
     assert EMBEDDINGS.required == MODERATIONS.required == ("input",)

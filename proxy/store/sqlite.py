@@ -273,6 +273,39 @@ class SqliteStore:
             raise StoreError(str(e)) from e
         return Credits(balance_nanos=balance, top_ups=ledger, spend_24h_nanos=day, spend_30d_nanos=month)
 
+    async def rename_key(self, kid: str, name: str) -> bool:
+        async with self._write:
+            cur = await self.db.execute("UPDATE api_keys SET name = ? WHERE kid = ?", (name, kid))
+        return cur.rowcount > 0
+
+    async def activity(
+        self, team_id: str, *, since_ms: int, until_ms: int, model: str, key_id: str, limit: int, offset: int
+    ) -> tuple[int, list[tuple]]:
+        where = "team_id = ? AND created_at >= ? AND created_at < ?"
+        args: list = [team_id, since_ms, until_ms]
+        if model:
+            where += " AND model_id = ?"
+            args.append(model)
+        if key_id:
+            where += " AND key_id = ?"
+            args.append(key_id)
+        grouped = (
+            "SELECT date(created_at / 1000, 'unixepoch') AS day, model_id, provider, endpoint, "
+            "SUM(cost_nanos), COUNT(*), SUM(json_extract(usage, '$.prompt_tokens')), "
+            "SUM(json_extract(usage, '$.completion_tokens')), SUM(json_extract(usage, '$.reasoning_tokens')) "
+            f"FROM generations WHERE {where} GROUP BY day, model_id, provider, endpoint"
+        )
+        try:
+            async with self.db.execute(f"SELECT COUNT(*) FROM ({grouped})", args) as cur:
+                (total,) = await cur.fetchone()  # type: ignore[misc]
+            async with self.db.execute(
+                f"{grouped} ORDER BY day DESC, model_id, provider, endpoint LIMIT ? OFFSET ?", [*args, limit, offset]
+            ) as cur:
+                rows = [tuple(r) for r in await cur.fetchall()]
+        except sqlite3.Error as e:
+            raise StoreError(str(e)) from e
+        return total, rows
+
     async def get_generation(self, team_id: str, request_id: str) -> Generation | None:
         sql = (
             f"SELECT {GENERATION_COLUMNS} FROM generations WHERE team_id = ? "

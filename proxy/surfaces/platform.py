@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 
 import msgspec
 import orjson
 from aiohttp import web
 
-from proxy.auth import KEY_PREFIX, token_from_headers
+from proxy.auth import KEY_PREFIX, generate_key, hash_secret, split_key, token_from_headers
 from proxy.credit import usd
 from proxy.errors import PLATFORM, Code, GatewayError, render
 from proxy.gateway import GATEWAY, Gateway
 from proxy.meta import Usage, new_request_id
-from proxy.store.base import Generation, KeyRecord, StoreError
+from proxy.store.base import (
+    ACTIVE,
+    DISABLED,
+    REVOKED,
+    SCOPE_INFERENCE,
+    SCOPE_MANAGEMENT,
+    Generation,
+    KeyRecord,
+    StoreError,
+)
 
 
 def _record(g: Generation) -> dict:
@@ -49,11 +58,12 @@ def _record(g: Generation) -> dict:
     }
 
 
-Platform = Callable[[web.Request, Gateway, KeyRecord], Awaitable[object]]
+Platform = Callable[[web.Request, Gateway, KeyRecord], Awaitable[dict]]
 
 
 def platform_handler(serve: Platform, *, management: bool = False) -> Callable[[web.Request], Awaitable[web.Response]]:
-    """An aiohttp handler: authenticate (a management key when asked), run `serve`, answer `{"ok": true, …}`."""
+    """An aiohttp handler: authenticate (a management key when asked), run `serve`, and answer what it
+    returns merged into `{"ok": true}` (one object under `data`, listings at the top level)."""
 
     async def handle(request: web.Request) -> web.Response:
         gw = request.app[GATEWAY]
@@ -70,14 +80,14 @@ def platform_handler(serve: Platform, *, management: bool = False) -> Callable[[
         except StoreError as e:
             return render(GatewayError(Code.unavailable, f"The store is unavailable: {e}"), request_id, PLATFORM)
         return web.Response(
-            body=msgspec.json.encode({"ok": True, "data": data}),
+            body=msgspec.json.encode({"ok": True, **data}),
             headers={"Content-Type": "application/json", "x-request-id": request_id},
         )
 
     return handle
 
 
-async def _generation(request: web.Request, gw: Gateway, key: KeyRecord) -> object:
+async def _generation(request: web.Request, gw: Gateway, key: KeyRecord) -> dict:
     """`GET /v1/generations?id=…`: one of the calling team's records, by request id or provider response id."""
     wanted = request.query.get("id", "").strip()
     if not wanted:
@@ -87,11 +97,15 @@ async def _generation(request: web.Request, gw: Gateway, key: KeyRecord) -> obje
         found = await gw.store.get_generation(key.team_id, wanted)  # type: ignore[union-attr]
     if found is None:
         raise GatewayError(Code.route_not_found, f"No generation {wanted!r} for this team.", status=404)
-    return _record(found)
+    return {"data": _record(found)}
 
 
-async def _key(request: web.Request, gw: Gateway, key: KeyRecord) -> object:
+async def _key(request: web.Request, gw: Gateway, key: KeyRecord) -> dict:
     """`GET /v1/key`: the calling key, never its secret."""
+    return {"data": _key_record(key)}
+
+
+def _key_record(key: KeyRecord) -> dict:
     return {
         "id": key.kid,
         "name": key.name,
@@ -104,41 +118,45 @@ async def _key(request: web.Request, gw: Gateway, key: KeyRecord) -> object:
     }
 
 
-async def _credits(request: web.Request, gw: Gateway, key: KeyRecord) -> object:
+async def _credits(request: web.Request, gw: Gateway, key: KeyRecord) -> dict:
     """`GET /v1/credits` (management): the team's balance, latest top-ups and spend."""
     credits = await gw.store.credits(key.team_id)  # type: ignore[union-attr]
     unwritten = gw.wallets.pending.get(key.team_id, 0) if gw.wallets is not None else 0
     balance = credits.balance_nanos - unwritten
     return {
-        "team_id": key.team_id,
-        "currency": "USD",
-        "balance_nanos": balance,
-        "balance": usd(balance),
-        "minimum_nanos": gw.config.auth.min_balance_nanos,
-        "top_ups": [
-            {"amount_nanos": t.amount_nanos, "note": t.note, "created_at": _iso(t.created_at * 1000)}
-            for t in credits.top_ups
-        ],
-        "spend": {
-            "last_24h_nanos": credits.spend_24h_nanos + unwritten,
-            "last_30d_nanos": credits.spend_30d_nanos + unwritten,
-        },
+        "data": {
+            "team_id": key.team_id,
+            "currency": "USD",
+            "balance_nanos": balance,
+            "balance": usd(balance),
+            "minimum_nanos": gw.config.auth.min_balance_nanos,
+            "top_ups": [
+                {"amount_nanos": t.amount_nanos, "note": t.note, "created_at": _iso(t.created_at * 1000)}
+                for t in credits.top_ups
+            ],
+            "spend": {
+                "last_24h_nanos": credits.spend_24h_nanos + unwritten,
+                "last_30d_nanos": credits.spend_30d_nanos + unwritten,
+            },
+        }
     }
 
 
-async def _pricing_models(request: web.Request, gw: Gateway, key: KeyRecord) -> object:
+async def _pricing_models(request: web.Request, gw: Gateway, key: KeyRecord) -> dict:
     """`GET /v1/pricing/models`: the price sheet of every priced model, as written in pricing.yaml."""
     prices = gw.config.prices
     if prices is None:
-        return {"currency": "USD", "effective": None, "models": []}
+        return {"data": {"currency": "USD", "effective": None, "models": []}}
     return {
-        "currency": prices.currency,
-        "effective": prices.effective,
-        "models": [
-            {"model_id": model_id, **msgspec.to_builtins(sheet)}
-            for model_id, sheet in prices.models.items()
-            if model_id in gw.config.models
-        ],
+        "data": {
+            "currency": prices.currency,
+            "effective": prices.effective,
+            "models": [
+                {"model_id": model_id, **msgspec.to_builtins(sheet)}
+                for model_id, sheet in prices.models.items()
+                if model_id in gw.config.models
+            ],
+        }
     }
 
 
@@ -156,7 +174,7 @@ class _Calculate(msgspec.Struct, forbid_unknown_fields=True):
     provider: str = ""
 
 
-async def _pricing_calculate(request: web.Request, gw: Gateway, key: KeyRecord) -> object:
+async def _pricing_calculate(request: web.Request, gw: Gateway, key: KeyRecord) -> dict:
     """`POST /v1/pricing/calculate`: the cost of a usage for a model, by the code that bills requests."""
     try:
         ask = msgspec.json.decode(await request.read(), type=_Calculate)
@@ -189,13 +207,151 @@ async def _pricing_calculate(request: web.Request, gw: Gateway, key: KeyRecord) 
     )
     cost, lines = tariff.cost(usage)
     return {
-        "model": model_id,
-        "provider": provider,
-        "cost_nanos": cost,
-        "currency": tariff.currency,
-        "effective": tariff.effective,
-        "pricing_lines": lines,
+        "data": {
+            "model": model_id,
+            "provider": provider,
+            "cost_nanos": cost,
+            "currency": tariff.currency,
+            "effective": tariff.effective,
+            "pricing_lines": lines,
+        }
     }
+
+
+def _page(request: web.Request, default: int = 100, most: int = 250) -> tuple[int, int]:
+    """(limit, offset) from the query, within bounds."""
+    try:
+        limit = int(request.query.get("limit", default))
+        offset = int(request.query.get("offset", 0))
+    except ValueError:
+        raise GatewayError(Code.invalid_request, "`limit` and `offset` must be integers.") from None
+    if not 1 <= limit <= most or offset < 0:
+        raise GatewayError(Code.invalid_request, f"Expected 1 <= limit <= {most} and offset >= 0.")
+    return limit, offset
+
+
+async def _keys_list(request: web.Request, gw: Gateway, key: KeyRecord) -> dict:
+    """`GET /v1/keys` (management): the team's keys, never their secrets."""
+    limit, offset = _page(request)
+    keys = await gw.store.list_keys(key.team_id)  # type: ignore[union-attr]
+    return {
+        "limit": limit,
+        "offset": offset,
+        "total": len(keys),
+        "keys": [_key_record(k) for k in keys[offset : offset + limit]],
+    }
+
+
+class _NewKey(msgspec.Struct, forbid_unknown_fields=True):
+    name: str = ""
+    management: bool = False
+
+
+async def _keys_create(request: web.Request, gw: Gateway, key: KeyRecord) -> dict:
+    """`POST /v1/keys` (management): a new key for the caller's team; the secret is in this answer only."""
+    body = await request.read()
+    try:
+        ask = msgspec.json.decode(body or b"{}", type=_NewKey)
+    except (msgspec.DecodeError, RecursionError) as e:
+        raise GatewayError(Code.invalid_request, f"Invalid request: {e}") from None
+    kid, secret_key = generate_key()
+    scopes = (SCOPE_INFERENCE, SCOPE_MANAGEMENT) if ask.management else (SCOPE_INFERENCE,)
+    secret = split_key(secret_key)[1]  # type: ignore[index]
+    record = await gw.store.create_key(  # type: ignore[union-attr]
+        team_id=key.team_id, kid=kid, secret_hash=hash_secret(secret), name=ask.name, scopes=scopes
+    )
+    return {"key": secret_key, "data": _key_record(record)}
+
+
+async def _team_key(request: web.Request, gw: Gateway, key: KeyRecord) -> KeyRecord:
+    """The key named in the path, if it belongs to the caller's team (else 404, as if absent)."""
+    kid = request.match_info.get("id", "")
+    target = await gw.store.get_key(kid) if kid else None  # type: ignore[union-attr]
+    if target is None or target.team_id != key.team_id:
+        raise GatewayError(Code.route_not_found, f"No key {kid!r} in this team.", status=404)
+    return target
+
+
+class _KeyChange(msgspec.Struct, forbid_unknown_fields=True):
+    name: str | None = None
+    status: str | None = None
+
+
+async def _keys_update(request: web.Request, gw: Gateway, key: KeyRecord) -> dict:
+    """`PATCH /v1/keys/{id}` (management): rename, disable or re-enable a key of the team."""
+    target = await _team_key(request, gw, key)
+    try:
+        change = msgspec.json.decode(await request.read() or b"{}", type=_KeyChange)
+    except (msgspec.DecodeError, RecursionError) as e:
+        raise GatewayError(Code.invalid_request, f"Invalid request: {e}") from None
+    if change.status not in (None, ACTIVE, DISABLED):
+        raise GatewayError(
+            Code.invalid_request, "`status` must be 'active' or 'disabled' (DELETE revokes).", param="status"
+        )
+    if target.status == REVOKED:
+        raise GatewayError(Code.invalid_request, f"Key {target.kid!r} is revoked; it cannot change.")
+    if change.name is not None:
+        await gw.store.rename_key(target.kid, change.name)  # type: ignore[union-attr]
+    if change.status is not None:
+        await gw.store.set_key_status(target.kid, change.status)  # type: ignore[union-attr]
+    gw.keys.forget(target.kid)  # type: ignore[union-attr]
+    return {"data": _key_record(await gw.store.get_key(target.kid))}  # type: ignore[union-attr,arg-type]
+
+
+async def _keys_revoke(request: web.Request, gw: Gateway, key: KeyRecord) -> dict:
+    """`DELETE /v1/keys/{id}` (management): revoke a key of the team, for good."""
+    target = await _team_key(request, gw, key)
+    await gw.store.set_key_status(target.kid, REVOKED)  # type: ignore[union-attr]
+    gw.keys.forget(target.kid)  # type: ignore[union-attr]
+    return {"data": _key_record(await gw.store.get_key(target.kid))}  # type: ignore[union-attr,arg-type]
+
+
+def _day(text: str, name: str) -> int:
+    try:
+        day = date.fromisoformat(text)
+    except ValueError:
+        raise GatewayError(
+            Code.invalid_request, f"`{name}` must be a date YYYY-MM-DD, got {text!r}.", param=name
+        ) from None
+    return int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp() * 1000)
+
+
+async def _activity(request: web.Request, gw: Gateway, key: KeyRecord) -> dict:
+    """`GET /v1/activity` (management): daily rows per model and provider; `from`/`to` dates (UTC,
+    inclusive; default the last 30 days), `model`, `key`, `limit` (≤ 250), `offset`."""
+    limit, offset = _page(request)
+    today = datetime.now(UTC).date()
+    since = _day(request.query.get("from", (today - timedelta(days=29)).isoformat()), "from")
+    until = _day(request.query.get("to", today.isoformat()), "to") + 86_400_000
+    if gw.accountant is not None:
+        await gw.accountant.flush()  # what was served is what is reported
+    total, rows = await gw.store.activity(  # type: ignore[union-attr]
+        key.team_id,
+        since_ms=since,
+        until_ms=until,
+        model=request.query.get("model", ""),
+        key_id=request.query.get("key", ""),
+        limit=limit,
+        offset=offset,
+    )
+    activity = [
+        {
+            "date": day,
+            "model": model,
+            "model_permaslug": model,
+            "endpoint_id": endpoint,
+            "provider_name": provider,
+            "usage": usd(cost),
+            "usage_nanos": cost,
+            "byok_usage_inference": 0,
+            "requests": requests,
+            "prompt_tokens": prompt or 0,
+            "completion_tokens": completion or 0,
+            "reasoning_tokens": reasoning or 0,
+        }
+        for day, model, provider, endpoint, cost, requests, prompt, completion, reasoning in rows
+    ]
+    return {"limit": limit, "offset": offset, "total": total, "activity": activity}
 
 
 def _iso(ms: int) -> str:
@@ -208,4 +364,9 @@ HANDLERS = {
     "platform.credits": platform_handler(_credits, management=True),
     "platform.pricing_models": platform_handler(_pricing_models),
     "platform.pricing_calculate": platform_handler(_pricing_calculate),
+    "platform.keys_list": platform_handler(_keys_list, management=True),
+    "platform.keys_create": platform_handler(_keys_create, management=True),
+    "platform.keys_update": platform_handler(_keys_update, management=True),
+    "platform.keys_revoke": platform_handler(_keys_revoke, management=True),
+    "platform.activity": platform_handler(_activity, management=True),
 }
