@@ -24,6 +24,7 @@ from proxy.metrics import Metrics
 from proxy.routing import RouteTable
 from proxy.store import open_store
 from proxy.surfaces import ops
+from proxy.surfaces.catalogue import HANDLERS as CATALOGUE_HANDLERS
 from proxy.surfaces.openai import inference_handler, models_handler
 from proxy.surfaces.platform import HANDLERS as PLATFORM_HANDLERS
 from proxy.upstream import Upstream
@@ -41,7 +42,7 @@ def build_app(config: GatewayConfig) -> web.Application:
     app.on_shutdown.append(_drain)
 
     known: dict[str, set[str]] = {}
-    platform = {"openai.models": models_handler, **PLATFORM_HANDLERS}
+    platform = {"openai.models": models_handler, **PLATFORM_HANDLERS, **CATALOGUE_HANDLERS}
     for route, surface in routes.routes:
         handler = platform.get(surface.name) or inference_handler(surface, route.default_model, gw.metrics)
         app.router.add_route(route.method, route.path, handler)

@@ -179,6 +179,13 @@ def default_routes(models: dict[str, ModelConfig]) -> list[RouteConfig]:
         RouteConfig(method="PATCH", path="/v1/keys/{id}", surface="platform.keys_update"),
         RouteConfig(method="DELETE", path="/v1/keys/{id}", surface="platform.keys_revoke"),
         RouteConfig(method="GET", path="/v1/activity", surface="platform.activity"),
+        RouteConfig(method="GET", path="/v1/gateway/models", surface="catalogue.models"),
+        RouteConfig(method="GET", path="/v1/gateway/models/me", surface="catalogue.models_me"),
+        RouteConfig(method="GET", path="/v1/data/models", surface="catalogue.data_models"),
+        RouteConfig(method="GET", path="/v1/providers", surface="catalogue.providers"),
+        RouteConfig(method="GET", path="/v1/endpoints", surface="catalogue.endpoints"),
+        RouteConfig(method="GET", path="/v1/organisations", surface="catalogue.organisations"),
+        RouteConfig(method="GET", path="/v1/workspaces", surface="catalogue.workspaces"),
     ]
 
 

@@ -39,6 +39,13 @@ SURFACES: dict[str, Surface] = {
         Surface("platform.keys_update", "", ""),
         Surface("platform.keys_revoke", "", ""),
         Surface("platform.activity", "", ""),
+        Surface("catalogue.models", "", ""),
+        Surface("catalogue.models_me", "", ""),
+        Surface("catalogue.data_models", "", ""),
+        Surface("catalogue.providers", "", ""),
+        Surface("catalogue.endpoints", "", ""),
+        Surface("catalogue.organisations", "", ""),
+        Surface("catalogue.workspaces", "", ""),
     )
 }
 

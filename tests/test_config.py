@@ -617,6 +617,13 @@ DEFAULT_ROUTES = [
     ("PATCH", "/v1/keys/{id}", "platform.keys_update"),
     ("DELETE", "/v1/keys/{id}", "platform.keys_revoke"),
     ("GET", "/v1/activity", "platform.activity"),
+    ("GET", "/v1/gateway/models", "catalogue.models"),
+    ("GET", "/v1/gateway/models/me", "catalogue.models_me"),
+    ("GET", "/v1/data/models", "catalogue.data_models"),
+    ("GET", "/v1/providers", "catalogue.providers"),
+    ("GET", "/v1/endpoints", "catalogue.endpoints"),
+    ("GET", "/v1/organisations", "catalogue.organisations"),
+    ("GET", "/v1/workspaces", "catalogue.workspaces"),
 ]
 
 
@@ -672,6 +679,13 @@ def test_shipped_config_loads_on_defaults_and_every_target_resolves() -> None:
         ("PATCH", "/v1/keys/{id}"),
         ("DELETE", "/v1/keys/{id}"),
         ("GET", "/v1/activity"),
+        ("GET", "/v1/gateway/models"),
+        ("GET", "/v1/gateway/models/me"),
+        ("GET", "/v1/data/models"),
+        ("GET", "/v1/providers"),
+        ("GET", "/v1/endpoints"),
+        ("GET", "/v1/organisations"),
+        ("GET", "/v1/workspaces"),
     ]
 
 

@@ -200,6 +200,13 @@ def test_surfaces() -> None:
         "platform.keys_update": ("", "", False),
         "platform.keys_revoke": ("", "", False),
         "platform.activity": ("", "", False),
+        "catalogue.models": ("", "", False),
+        "catalogue.models_me": ("", "", False),
+        "catalogue.data_models": ("", "", False),
+        "catalogue.providers": ("", "", False),
+        "catalogue.endpoints": ("", "", False),
+        "catalogue.organisations": ("", "", False),
+        "catalogue.workspaces": ("", "", False),
     }
     assert CHAT.required == ("messages",)
     assert EMBEDDINGS.required == MODERATIONS.required == ("input",)

@@ -218,7 +218,7 @@ async def _pricing_calculate(request: web.Request, gw: Gateway, key: KeyRecord) 
     }
 
 
-def _page(request: web.Request, default: int = 100, most: int = 250) -> tuple[int, int]:
+def page(request: web.Request, default: int = 100, most: int = 250) -> tuple[int, int]:
     """(limit, offset) from the query, within bounds."""
     try:
         limit = int(request.query.get("limit", default))
@@ -232,7 +232,7 @@ def _page(request: web.Request, default: int = 100, most: int = 250) -> tuple[in
 
 async def _keys_list(request: web.Request, gw: Gateway, key: KeyRecord) -> dict:
     """`GET /v1/keys` (management): the team's keys, never their secrets."""
-    limit, offset = _page(request)
+    limit, offset = page(request)
     keys = await gw.store.list_keys(key.team_id)  # type: ignore[union-attr]
     return {
         "limit": limit,
@@ -319,7 +319,7 @@ def _day(text: str, name: str) -> int:
 async def _activity(request: web.Request, gw: Gateway, key: KeyRecord) -> dict:
     """`GET /v1/activity` (management): daily rows per model and provider; `from`/`to` dates (UTC,
     inclusive; default the last 30 days), `model`, `key`, `limit` (≤ 250), `offset`."""
-    limit, offset = _page(request)
+    limit, offset = page(request)
     today = datetime.now(UTC).date()
     since = _day(request.query.get("from", (today - timedelta(days=29)).isoformat()), "from")
     until = _day(request.query.get("to", today.isoformat()), "to") + 86_400_000
