@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--name", default="", help="a label for the key")
     create.add_argument("--management", action="store_true", help="may call the management APIs")
     create.add_argument("--credit", type=_usd, metavar="USD", help="add this much credit to the team's wallet")
+    create.add_argument("--models", default="", help="comma-separated model ids this key may use (default: all)")
+    create.add_argument("--daily-limit", type=_usd, metavar="USD", help="most this key may spend per UTC day")
+    create.add_argument("--monthly-limit", type=_usd, metavar="USD", help="most this key may spend per UTC month")
     listing = with_config(keys.add_parser("list", help="list keys (never their secrets)"))
     listing.add_argument("--team")
     revoke = with_config(keys.add_parser("revoke", help="revoke a key by its id"))
@@ -160,13 +163,15 @@ async def _admin(config: GatewayConfig, args: argparse.Namespace) -> int:
         return 1
     args.cache_ttl = config.auth.cache_ttl_s
     try:
-        handler: Callable[[Any, argparse.Namespace], Awaitable[int]] = _ACTIONS[(args.command, args.action)]
-        return await handler(store, args)
+        handler: Callable[[Any, argparse.Namespace, GatewayConfig], Awaitable[int]] = _ACTIONS[
+            (args.command, args.action)
+        ]
+        return await handler(store, args, config)
     finally:
         await store.close()
 
 
-async def _keys_create(store: Any, args: argparse.Namespace) -> int:
+async def _keys_create(store: Any, args: argparse.Namespace, config: GatewayConfig) -> int:
     from proxy.auth import generate_key, hash_secret, split_key
     from proxy.credit import usd
     from proxy.store.base import SCOPE_INFERENCE, SCOPE_MANAGEMENT
@@ -176,7 +181,16 @@ async def _keys_create(store: Any, args: argparse.Namespace) -> int:
     parts = split_key(key)
     assert parts is not None
     scopes = (SCOPE_INFERENCE, SCOPE_MANAGEMENT) if args.management else (SCOPE_INFERENCE,)
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    unknown = [m for m in models if m not in config.models]
+    if unknown:
+        print(f"unknown models in --models: {', '.join(unknown)}", file=sys.stderr)
+        return 2
     await store.create_key(team_id=team.id, kid=kid, secret_hash=hash_secret(parts[1]), name=args.name, scopes=scopes)
+    if models or args.daily_limit is not None or args.monthly_limit is not None:
+        await store.set_key_limits(
+            kid, allowed_models=models, daily_nanos=args.daily_limit, monthly_nanos=args.monthly_limit
+        )
     balance = team.balance_nanos
     if args.credit:
         balance = await store.add_credit(team.id, args.credit, note=f"keys create {kid}")
@@ -187,7 +201,7 @@ async def _keys_create(store: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _keys_list(store: Any, args: argparse.Namespace) -> int:
+async def _keys_list(store: Any, args: argparse.Namespace, config: GatewayConfig) -> int:
     from datetime import UTC, datetime
 
     team_id = None
@@ -205,7 +219,7 @@ async def _keys_list(store: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _keys_revoke(store: Any, args: argparse.Namespace) -> int:
+async def _keys_revoke(store: Any, args: argparse.Namespace, config: GatewayConfig) -> int:
     from proxy.store.base import REVOKED
 
     if not await store.set_key_status(args.kid, REVOKED):
@@ -215,7 +229,7 @@ async def _keys_revoke(store: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _credits_add(store: Any, args: argparse.Namespace) -> int:
+async def _credits_add(store: Any, args: argparse.Namespace, config: GatewayConfig) -> int:
     from proxy.credit import usd
 
     team = await store.ensure_team(args.team)
@@ -224,7 +238,7 @@ async def _credits_add(store: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _credits_show(store: Any, args: argparse.Namespace) -> int:
+async def _credits_show(store: Any, args: argparse.Namespace, config: GatewayConfig) -> int:
     from proxy.credit import usd
 
     team = await store.get_team(args.team)

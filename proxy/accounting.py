@@ -18,9 +18,9 @@ from typing import final
 
 import orjson
 
-from proxy.credit import WalletCache
+from proxy.credit import KeyBudgets, WalletCache
 from proxy.meta import RequestMeta, Usage
-from proxy.store.base import ROW_COST, ROW_TEAM, Generation, Store, StoreError
+from proxy.store.base import ROW_COST, ROW_KEY, ROW_TEAM, Generation, Store, StoreError
 
 log = logging.getLogger("proxy.accounting")
 
@@ -86,6 +86,7 @@ class Accountant:
         "_task",
         "_wake",
         "_writing",
+        "budgets",
         "max_queue",
         "pending",
         "store",
@@ -93,9 +94,10 @@ class Accountant:
         "wallets",
     )
 
-    def __init__(self, store: Store, wallets: WalletCache, max_queue: int = 100_000):
+    def __init__(self, store: Store, wallets: WalletCache, budgets: KeyBudgets, max_queue: int = 100_000):
         self.store = store
         self.wallets = wallets
+        self.budgets = budgets
         self.max_queue = max_queue
         self.pending = wallets.pending  # team → debits submitted but not yet committed
         self.unwritten: dict[str, tuple | RequestMeta] = {}  # request id → waiting meta, then its row
@@ -124,6 +126,7 @@ class Accountant:
         if cost:
             self.wallets.adjust(meta.team_id, -cost)
             self.pending[meta.team_id] = self.pending.get(meta.team_id, 0) + cost
+            self.budgets.add(meta.key_id, cost)
         self.unwritten[meta.request_id] = meta
         self._queue.append((meta, int(time.time() * 1000)))
         self._idle.clear()
@@ -169,6 +172,7 @@ class Accountant:
             self.unwritten.pop(values[0], None)
             team, cost = values[ROW_TEAM], values[ROW_COST]
             if cost:
+                self.budgets.written(values[ROW_KEY], cost)
                 left = self.pending.get(team, 0) - cost
                 if left:
                     self.pending[team] = left

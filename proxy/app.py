@@ -18,7 +18,7 @@ from aiohttp import web
 from proxy.accounting import Accountant
 from proxy.auth import KeyCache
 from proxy.config import GatewayConfig
-from proxy.credit import WalletCache
+from proxy.credit import KeyBudgets, WalletCache
 from proxy.gateway import GATEWAY, Gateway
 from proxy.metrics import Metrics
 from proxy.routing import RouteTable
@@ -63,8 +63,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     gw.store = await open_store(config.store.url)
     gw.keys = KeyCache(gw.store, config.auth.cache_ttl_s)
     gw.wallets = WalletCache(gw.store, config.auth.cache_ttl_s, config.auth.min_balance_nanos)
+    gw.budgets = KeyBudgets(gw.store, config.auth.cache_ttl_s)
     if config.accounting.enabled:
-        gw.accountant = Accountant(gw.store, gw.wallets, config.accounting.max_backlog)
+        gw.accountant = Accountant(gw.store, gw.wallets, gw.budgets, config.accounting.max_backlog)
         gw.accountant.start()
     gw.upstreams = {name: Upstream(name, provider) for name, provider in config.providers.items()}
     try:

@@ -6,12 +6,13 @@ at once, so concurrent requests see it without waiting for the store.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import final
 
 from proxy.cache import Missing, TTLCache
 from proxy.config import NANOS_PER_USD
 from proxy.errors import Code, GatewayError
-from proxy.store.base import Store, StoreError
+from proxy.store.base import KeyRecord, Store, StoreError
 
 
 def usd(nanos: int) -> str:
@@ -58,3 +59,68 @@ class WalletCache:
     def adjust(self, team_id: str, delta_nanos: int) -> None:
         """Apply a debit or top-up to the cached balance at once."""
         self._cache.update(team_id, lambda balance: balance + delta_nanos)
+
+
+def _period_starts(now: datetime) -> tuple[int, int]:
+    """Unix ms at the start of the current UTC day and month."""
+    day = datetime(now.year, now.month, now.day, tzinfo=UTC)
+    return int(day.timestamp() * 1000), int(day.replace(day=1).timestamp() * 1000)
+
+
+@final
+class KeyBudgets:
+    """What each key spent this UTC day and month, for keys that have cost limits; cached like balances.
+
+    A finished request's cost is added at once (`add`); a reload from the store adds what is not yet
+    written (`pending`), as the wallet does.
+    """
+
+    __slots__ = ("_cache", "pending", "store")
+
+    def __init__(self, store: Store, ttl: float):
+        self.store = store
+        self.pending: dict[str, int] = {}  # kid → cost submitted but not yet in the store
+        self._cache: TTLCache[tuple[str, int], int] = TTLCache(self._fetch, ttl)
+
+    async def _fetch(self, key: tuple[str, int]) -> int:
+        kid, since_ms = key
+        try:
+            return await self.store.key_spend(kid, since_ms) + self.pending.get(kid, 0)
+        except StoreError as e:
+            raise GatewayError(Code.unavailable, "The key store is unavailable; retry shortly.") from e
+
+    async def spent(self, kid: str, since_ms: int) -> int:
+        spent = self._cache.fresh((kid, since_ms))
+        return await self._cache.load((kid, since_ms)) if isinstance(spent, Missing) else spent
+
+    async def check(self, key: KeyRecord) -> None:
+        """`GatewayError(key_budget_exceeded)` when a limited key has spent its day's or month's budget."""
+        if not key.limited:
+            return
+        day, month = _period_starts(datetime.now(UTC))
+        for limit, since, period in (
+            (key.daily_limit_cost_nanos, day, "today"),
+            (key.monthly_limit_cost_nanos, month, "this month"),
+        ):
+            if limit is None:
+                continue
+            spent = await self.spent(key.kid, since)
+            if spent >= limit:
+                raise GatewayError(
+                    Code.key_budget_exceeded,
+                    f"This key ({key.kid}) has spent {usd(spent)} {period}, its limit is {usd(limit)}. "
+                    f"A management key can raise it (PATCH /v1/keys/{key.kid}).",
+                )
+
+    def add(self, kid: str, cost: int) -> None:
+        day, month = _period_starts(datetime.now(UTC))
+        for since in {day, month}:
+            self._cache.update((kid, since), lambda spent: spent + cost)
+        self.pending[kid] = self.pending.get(kid, 0) + cost
+
+    def written(self, kid: str, cost: int) -> None:
+        left = self.pending.get(kid, 0) - cost
+        if left:
+            self.pending[kid] = left
+        else:
+            self.pending.pop(kid, None)

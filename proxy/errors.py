@@ -33,6 +33,7 @@ class Code(enum.Enum):
     ambiguous_model = (400, "invalid_request_error")
     invalid_api_key = (401, "authentication_error")
     insufficient_credits = (402, "insufficient_credits")
+    key_budget_exceeded = (402, "insufficient_credits")
     forbidden = (403, "permission_error")
     model_not_found = (404, "not_found_error")
     route_not_found = (404, "not_found_error")

@@ -9,7 +9,7 @@ from aiohttp import web
 from proxy.accounting import Accountant
 from proxy.auth import KeyCache
 from proxy.config import GatewayConfig
-from proxy.credit import WalletCache
+from proxy.credit import KeyBudgets, WalletCache
 from proxy.metrics import Metrics
 from proxy.pricing import Pricing
 from proxy.routing import RouteTable
@@ -21,6 +21,7 @@ from proxy.upstream import Upstream
 class Gateway:
     __slots__ = (
         "accountant",
+        "budgets",
         "config",
         "draining",
         "keys",
@@ -43,6 +44,7 @@ class Gateway:
         self.upstreams: dict[str, Upstream] = {}
         self.draining = False
         self.accountant: Accountant | None = None
+        self.budgets: KeyBudgets | None = None
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

@@ -26,6 +26,13 @@ class KeyRecord(msgspec.Struct, frozen=True):
     status: str
     name: str
     created_at: int
+    allowed_models: tuple[str, ...] = ()  # empty: every model
+    daily_limit_cost_nanos: int | None = None
+    monthly_limit_cost_nanos: int | None = None
+
+    @property
+    def limited(self) -> bool:
+        return self.daily_limit_cost_nanos is not None or self.monthly_limit_cost_nanos is not None
 
     @property
     def management(self) -> bool:
@@ -82,6 +89,7 @@ class Generation(msgspec.Struct, frozen=True):
 _JSON_FIELDS = ("usage", "pricing_lines", "timings")
 GENERATION_COLUMNS = ", ".join(Generation.__struct_fields__)
 ROW_TEAM = Generation.__struct_fields__.index("team_id")
+ROW_KEY = Generation.__struct_fields__.index("key_id")
 ROW_COST = Generation.__struct_fields__.index("cost_nanos")
 
 
@@ -123,6 +131,10 @@ class Store(Protocol):
     async def get_generation(self, team_id: str, request_id: str) -> Generation | None: ...
     async def credits(self, team_id: str, top_ups: int = 20) -> Credits: ...
     async def rename_key(self, kid: str, name: str) -> bool: ...
+    async def set_key_limits(
+        self, kid: str, *, allowed_models: tuple[str, ...], daily_nanos: int | None, monthly_nanos: int | None
+    ) -> bool: ...
+    async def key_spend(self, kid: str, since_ms: int) -> int: ...
     async def activity(
         self, team_id: str, *, since_ms: int, until_ms: int, model: str, key_id: str, limit: int, offset: int
     ) -> tuple[int, list[tuple]]:

@@ -64,4 +64,11 @@ SQLITE: list[str] = [
     CREATE INDEX generations_team_time ON generations(team_id, created_at);
     CREATE INDEX generations_native ON generations(native_response_id);
     """,
+    # 3: per-key limits: allowed models, cost budgets per UTC day and month
+    """
+    ALTER TABLE api_keys ADD COLUMN allowed_models TEXT NOT NULL DEFAULT '';
+    ALTER TABLE api_keys ADD COLUMN daily_limit_cost_nanos INTEGER;
+    ALTER TABLE api_keys ADD COLUMN monthly_limit_cost_nanos INTEGER;
+    CREATE INDEX generations_key_time ON generations(key_id, created_at);
+    """,
 ]

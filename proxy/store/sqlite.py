@@ -26,7 +26,8 @@ from proxy.store.base import (
 )
 
 _KEY_COLUMNS = """
-    k.kid, k.team_id, t.name, k.secret_hash, k.scopes, k.status, k.name, k.created_at
+    k.kid, k.team_id, t.name, k.secret_hash, k.scopes, k.status, k.name, k.created_at,
+    k.allowed_models, k.daily_limit_cost_nanos, k.monthly_limit_cost_nanos
 """
 
 
@@ -41,7 +42,7 @@ def sqlite_path(url: str) -> str:
 
 
 def _row_to_key(row: sqlite3.Row | tuple) -> KeyRecord:
-    kid, team_id, team_name, secret_hash, scopes, status, name, created_at = row
+    kid, team_id, team_name, secret_hash, scopes, status, name, created_at, models, daily, monthly = row
     return KeyRecord(
         kid=kid,
         team_id=team_id,
@@ -51,6 +52,9 @@ def _row_to_key(row: sqlite3.Row | tuple) -> KeyRecord:
         status=status,
         name=name,
         created_at=created_at,
+        allowed_models=tuple(m for m in models.split(",") if m),
+        daily_limit_cost_nanos=daily,
+        monthly_limit_cost_nanos=monthly,
     )
 
 
@@ -277,6 +281,28 @@ class SqliteStore:
         async with self._write:
             cur = await self.db.execute("UPDATE api_keys SET name = ? WHERE kid = ?", (name, kid))
         return cur.rowcount > 0
+
+    async def set_key_limits(
+        self, kid: str, *, allowed_models: tuple[str, ...], daily_nanos: int | None, monthly_nanos: int | None
+    ) -> bool:
+        async with self._write:
+            cur = await self.db.execute(
+                "UPDATE api_keys SET allowed_models = ?, daily_limit_cost_nanos = ?, monthly_limit_cost_nanos = ? "
+                "WHERE kid = ?",
+                (",".join(allowed_models), daily_nanos, monthly_nanos, kid),
+            )
+        return cur.rowcount > 0
+
+    async def key_spend(self, kid: str, since_ms: int) -> int:
+        try:
+            async with self.db.execute(
+                "SELECT COALESCE(SUM(cost_nanos), 0) FROM generations WHERE key_id = ? AND created_at >= ?",
+                (kid, since_ms),
+            ) as cur:
+                (spent,) = await cur.fetchone()  # type: ignore[misc]
+        except sqlite3.Error as e:
+            raise StoreError(str(e)) from e
+        return spent
 
     async def activity(
         self, team_id: str, *, since_ms: int, until_ms: int, model: str, key_id: str, limit: int, offset: int

@@ -127,6 +127,19 @@ async def _models(request: web.Request, gw: Gateway, key: KeyRecord) -> dict:
     return {"limit": limit, "offset": offset, "total": len(records), "models": records[offset : offset + limit]}
 
 
+async def _models_me(request: web.Request, gw: Gateway, key: KeyRecord) -> dict:
+    """`GET /v1/gateway/models/me`: the catalogue as this key may use it (its allowed models, if limited)."""
+    answer = await _models(request, gw, key)
+    if key.allowed_models:
+        allowed = [
+            r
+            for r in (_model(gw, m, gw.config.models[m]) for m in key.allowed_models if m in gw.config.models)
+            if _matches(r, request)
+        ]
+        answer.update(total=len(allowed), models=allowed[answer["offset"] : answer["offset"] + answer["limit"]])
+    return answer
+
+
 async def _data_models(request: web.Request, gw: Gateway, key: KeyRecord) -> dict:
     """`GET /v1/data/models`: the source catalogue (models and their organisations)."""
     limit, offset = page(request)
@@ -204,7 +217,7 @@ async def _workspaces(request: web.Request, gw: Gateway, key: KeyRecord) -> dict
 
 HANDLERS = {
     "catalogue.models": platform_handler(_models),
-    "catalogue.models_me": platform_handler(_models),  # every key may use every model (per-key lists: later)
+    "catalogue.models_me": platform_handler(_models_me),
     "catalogue.data_models": platform_handler(_data_models),
     "catalogue.providers": platform_handler(_providers),
     "catalogue.endpoints": platform_handler(_endpoints),

@@ -109,7 +109,14 @@ async def _serve(
         raise GatewayError(Code.invalid_request, "Missing required field `model`.", param="model")
     model_id, model = gw.routes.resolve(name, surface)
     meta.model = model_id
+    if key.allowed_models and model_id not in key.allowed_models:
+        raise GatewayError(
+            Code.forbidden,
+            f"This key may not use {model_id!r} (it may use: {', '.join(key.allowed_models)}).",
+            param="model",
+        )
     await gw.wallets.check(key.team_id, key.team_name)  # type: ignore[union-attr]
+    await gw.budgets.check(key)  # type: ignore[union-attr]
     if gw.accountant is not None and gw.accountant.backlogged:
         raise GatewayError(Code.unavailable, "Usage records are waiting for the store; retry shortly.")
 

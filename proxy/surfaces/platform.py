@@ -115,6 +115,9 @@ def _key_record(key: KeyRecord) -> dict:
         "team_id": key.team_id,
         "team_name": key.team_name,
         "created_at": _iso(key.created_at * 1000),
+        "allowed_models": list(key.allowed_models),
+        "daily_limit_cost_nanos": key.daily_limit_cost_nanos,
+        "monthly_limit_cost_nanos": key.monthly_limit_cost_nanos,
     }
 
 
@@ -242,9 +245,43 @@ async def _keys_list(request: web.Request, gw: Gateway, key: KeyRecord) -> dict:
     }
 
 
-class _NewKey(msgspec.Struct, forbid_unknown_fields=True):
+class _Limits(msgspec.Struct, forbid_unknown_fields=True):
+    """Per-key limits as sent by a client; absent keeps what is there, null clears it."""
+
+    allowed_models: list[str] | msgspec.UnsetType | None = msgspec.UNSET
+    daily_limit_cost_nanos: int | msgspec.UnsetType | None = msgspec.UNSET
+    monthly_limit_cost_nanos: int | msgspec.UnsetType | None = msgspec.UNSET
+
+    def touched(self) -> bool:
+        return any(getattr(self, f) is not msgspec.UNSET for f in _Limits.__struct_fields__)
+
+
+class _NewKey(_Limits, forbid_unknown_fields=True):
     name: str = ""
     management: bool = False
+
+
+async def _apply_limits(gw: Gateway, target: KeyRecord, limits: _Limits) -> None:
+    def pick(value: object, current: object) -> object:
+        return current if value is msgspec.UNSET else value
+
+    models = pick(limits.allowed_models, list(target.allowed_models)) or []
+    unknown = [m for m in models if m not in gw.config.models]  # type: ignore[union-attr]
+    if unknown:
+        raise GatewayError(
+            Code.invalid_request, f"Unknown models in allowed_models: {', '.join(unknown)}.", param="allowed_models"
+        )
+    daily = pick(limits.daily_limit_cost_nanos, target.daily_limit_cost_nanos)
+    monthly = pick(limits.monthly_limit_cost_nanos, target.monthly_limit_cost_nanos)
+    for name, value in (("daily_limit_cost_nanos", daily), ("monthly_limit_cost_nanos", monthly)):
+        if value is not None and value < 0:  # type: ignore[operator]
+            raise GatewayError(Code.invalid_request, f"`{name}` must be >= 0 or null.", param=name)
+    await gw.store.set_key_limits(  # type: ignore[union-attr]
+        target.kid,
+        allowed_models=tuple(models),
+        daily_nanos=daily,
+        monthly_nanos=monthly,  # type: ignore[arg-type]
+    )
 
 
 async def _keys_create(request: web.Request, gw: Gateway, key: KeyRecord) -> dict:
@@ -260,7 +297,10 @@ async def _keys_create(request: web.Request, gw: Gateway, key: KeyRecord) -> dic
     record = await gw.store.create_key(  # type: ignore[union-attr]
         team_id=key.team_id, kid=kid, secret_hash=hash_secret(secret), name=ask.name, scopes=scopes
     )
-    return {"key": secret_key, "data": _key_record(record)}
+    if ask.touched():
+        await _apply_limits(gw, record, ask)
+        record = await gw.store.get_key(kid)  # type: ignore[union-attr,assignment]
+    return {"key": secret_key, "data": _key_record(record)}  # type: ignore[arg-type]
 
 
 async def _team_key(request: web.Request, gw: Gateway, key: KeyRecord) -> KeyRecord:
@@ -272,7 +312,7 @@ async def _team_key(request: web.Request, gw: Gateway, key: KeyRecord) -> KeyRec
     return target
 
 
-class _KeyChange(msgspec.Struct, forbid_unknown_fields=True):
+class _KeyChange(_Limits, forbid_unknown_fields=True):
     name: str | None = None
     status: str | None = None
 
@@ -294,6 +334,8 @@ async def _keys_update(request: web.Request, gw: Gateway, key: KeyRecord) -> dic
         await gw.store.rename_key(target.kid, change.name)  # type: ignore[union-attr]
     if change.status is not None:
         await gw.store.set_key_status(target.kid, change.status)  # type: ignore[union-attr]
+    if change.touched():
+        await _apply_limits(gw, target, change)
     gw.keys.forget(target.kid)  # type: ignore[union-attr]
     return {"data": _key_record(await gw.store.get_key(target.kid))}  # type: ignore[union-attr,arg-type]
 
