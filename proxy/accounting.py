@@ -126,7 +126,8 @@ class Accountant:
         if cost:
             self.wallets.adjust(meta.team_id, -cost)
             self.pending[meta.team_id] = self.pending.get(meta.team_id, 0) + cost
-            self.budgets.add(meta.key_id, cost)
+            if meta.key_limited:
+                self.budgets.add(meta.key_id, cost)
         self.unwritten[meta.request_id] = meta
         self._queue.append((meta, int(time.time() * 1000)))
         self._idle.clear()
@@ -171,13 +172,15 @@ class Accountant:
         for values in rows:
             self.unwritten.pop(values[0], None)
             team, cost = values[ROW_TEAM], values[ROW_COST]
-            if cost:
+            if not cost:
+                continue
+            if values[ROW_KEY] in self.budgets.pending:  # counted for a limited key
                 self.budgets.written(values[ROW_KEY], cost)
-                left = self.pending.get(team, 0) - cost
-                if left:
-                    self.pending[team] = left
-                else:
-                    self.pending.pop(team, None)
+            left = self.pending.get(team, 0) - cost
+            if left:
+                self.pending[team] = left
+            else:
+                self.pending.pop(team, None)
 
     async def flush(self) -> None:
         """Wait until every submitted record is in the store."""

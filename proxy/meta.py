@@ -46,6 +46,7 @@ class RequestMeta:
         "error_message",
         "finished",
         "key_id",
+        "key_limited",
         "model",
         "native_id",
         "pricing_lines",
@@ -89,6 +90,7 @@ class RequestMeta:
         # for accounting
         self.team_id = ""
         self.key_id = ""
+        self.key_limited = False  # the key has cost limits: its spend is counted
         self.tariff: Tariff | None = None
         self.request_bytes = 0
         self.streamed_events = 0

@@ -99,7 +99,7 @@ async def _serve(
     request: web.Request, gw: Gateway, surface: Surface, default_model: str, meta: RequestMeta
 ) -> web.StreamResponse:
     key = await gw.keys.authenticate(token_from_headers(request.headers))  # type: ignore[union-attr]
-    meta.team_id, meta.key_id = key.team_id, key.kid
+    meta.team_id, meta.key_id, meta.key_limited = key.team_id, key.kid, key.limited
     body = await read_body(request, gw.config.server.max_body_bytes)
     meta.request_bytes = len(body)
     view = decode_request(body)
