@@ -152,33 +152,11 @@ class RequestMeta:
         return out / duration
 
     def timings(self, now: float) -> dict:
-        """The timing figures alone, for the generation record."""
-        provider, ttft, tpot, throughput = self.provider_latency(), self.ttft(), self.tpot(), self.throughput()
-        generation = self.generation()
+        """The timing figures (and attempts), as meta and the generation record show them."""
         latency = now - self.t_start
-        return {
-            "latency_ms": _ms(latency),
-            "provider_latency_ms": None if provider is None else _ms(provider),
-            "ttft_ms": None if ttft is None else _ms(ttft),
-            "generation_ms": None if generation is None else _ms(generation),
-            "tpot_ms": None if tpot is None else _ms(tpot),
-            "throughput_tps": None if throughput is None else round(throughput, 3),
-            "gateway_overhead_ms": None if provider is None else _ms(max(latency - provider, 0.0)),
-            "attempts": [[p, status, _ms(end - start)] for p, status, start, end in self.attempts],
-        }
-
-    def as_dict(self, now: float | None = None) -> dict:
-        now = now or time.perf_counter()
-        latency = self.latency(now)
         provider = self.provider_latency()
         ttft, generation, tpot, throughput = self.ttft(), self.generation(), self.tpot(), self.throughput()
         return {
-            "request_id": self.request_id,
-            "provider": self.provider,
-            "model": self.model,
-            "upstream_model": self.upstream_model,
-            "endpoint": self.surface,
-            "stream": self.stream,
             "latency_ms": _ms(latency),
             "provider_latency_ms": None if provider is None else _ms(provider),
             "ttft_ms": None if ttft is None else _ms(ttft),
@@ -187,9 +165,21 @@ class RequestMeta:
             "throughput_tps": None if throughput is None else round(throughput, 3),
             "output_speed_tps": None if not tpot else round(1.0 / tpot, 3),
             "gateway_overhead_ms": None if provider is None else _ms(max(latency - provider, 0.0)),
-            "cost_nanos": self.cost_nanos,
             "attempts": [
                 {"provider": provider, "status": status, "duration_ms": _ms(end - start)}
                 for provider, status, start, end in self.attempts
             ],
+        }
+
+    def as_dict(self, now: float | None = None) -> dict:
+        """The `meta` object of a response."""
+        return {
+            "request_id": self.request_id,
+            "provider": self.provider,
+            "model": self.model,
+            "upstream_model": self.upstream_model,
+            "endpoint": self.surface,
+            "stream": self.stream,
+            **self.timings(now or time.perf_counter()),
+            "cost_nanos": self.cost_nanos,
         }
