@@ -130,6 +130,7 @@ class Metrics:
         "overhead",
         "registry",
         "requests",
+        "spend",
         "throughput",
         "tokens",
         "tpot",
@@ -203,6 +204,12 @@ class Metrics:
             ("surface",),
             _OVERHEAD,
         )
+        self.spend = make(
+            "counter",
+            "gateway_spend_usd",
+            "What requests cost, in USD (exact amounts are in the generation records).",
+            _LABELS,
+        )
         self.tokens = make(
             "counter",
             "gen_ai_client_token_usage",
@@ -232,8 +239,9 @@ class Metrics:
                 self.overhead.labels(meta.surface),
                 self.tokens.labels(*key, "input"),
                 self.tokens.labels(*key, "output"),
+                self.spend.labels(*key),
             )
-        duration, upstream, ttft, tpot, throughput, overhead, tok_in, tok_out = children
+        duration, upstream, ttft, tpot, throughput, overhead, tok_in, tok_out, spend = children
         latency = now - meta.t_start
         duration.observe(latency)
         provider = meta.provider_latency()
@@ -249,6 +257,8 @@ class Metrics:
         rate = meta.throughput()
         if rate is not None:
             throughput.observe(rate)
+        if meta.cost_nanos:
+            spend.inc(meta.cost_nanos / 1e9)
         usage = meta.usage
         if usage is not None:
             if usage.input_tokens:

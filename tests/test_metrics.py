@@ -59,6 +59,7 @@ def test_histograms_counters_and_gauges_add_up():
     assert got["gen_ai_client_token_usage_total", lab, ("gen_ai_token_type", "output")] == 22
     assert got["gen_ai_client_token_usage_total", lab, ("gen_ai_token_type", "input")] == 20
     assert got["gateway_in_flight_requests", (("surface", "openai.chat"),)] == 1
+    assert got["gateway_spend_usd_total", lab] == 0  # these metas were never priced
 
 
 def test_a_value_on_a_bucket_bound_counts_in_that_bucket():
@@ -84,6 +85,7 @@ async def test_metrics_endpoint_after_traffic(gateway, key):
     assert got["gateway_requests_total", lab, ("status", "200")] == 2
     assert got["gen_ai_server_time_to_first_token_seconds_count", lab] == 1
     assert got["gen_ai_client_token_usage_total", lab, ("gen_ai_token_type", "output")] == 10
+    assert got["gateway_spend_usd_total", lab] == pytest.approx(2 * 4_650 / 1e9)  # two priced requests
     # an unknown model is counted without inventing a label value for it
     unknown = (("model", ""), ("provider", ""), ("status", "404"), ("surface", "openai.chat"))
     assert got["gateway_requests_total", unknown] == 1

@@ -88,9 +88,9 @@ def inference_handler(surface: Surface, default_model: str, metrics: Metrics) ->
         finally:
             in_flight.dec()
             meta.t_end = time.perf_counter()
-            gw.metrics.record(meta, meta.t_end)
             if meta.team_id and gw.accountant is not None:
-                gw.accountant.submit(meta)
+                gw.accountant.submit(meta)  # first: it prices an abandoned stream, which metrics then count
+            gw.metrics.record(meta, meta.t_end)
 
     return handle
 
