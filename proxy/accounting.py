@@ -88,7 +88,6 @@ class Accountant:
         "_writing",
         "budgets",
         "max_queue",
-        "pending",
         "store",
         "unwritten",
         "wallets",
@@ -99,7 +98,6 @@ class Accountant:
         self.wallets = wallets
         self.budgets = budgets
         self.max_queue = max_queue
-        self.pending = wallets.pending  # team → debits submitted but not yet committed
         self.unwritten: dict[str, tuple | RequestMeta] = {}  # request id → waiting meta, then its row
         self._queue: deque[tuple[RequestMeta, int]] = deque()
         self._wake = asyncio.Event()
@@ -124,8 +122,7 @@ class Accountant:
                 meta.price(meta.tariff)
         cost = meta.cost_nanos or 0
         if cost:
-            self.wallets.adjust(meta.team_id, -cost)
-            self.pending[meta.team_id] = self.pending.get(meta.team_id, 0) + cost
+            self.wallets.debit(meta.team_id, cost)
             if meta.key_limited:
                 self.budgets.add(meta.key_id, cost)
         self.unwritten[meta.request_id] = meta
@@ -171,16 +168,12 @@ class Accountant:
                 delay = min(delay * 2, 5.0)
         for values in rows:
             self.unwritten.pop(values[0], None)
-            team, cost = values[ROW_TEAM], values[ROW_COST]
+            cost = values[ROW_COST]
             if not cost:
                 continue
+            self.wallets.written(values[ROW_TEAM], cost)
             if values[ROW_KEY] in self.budgets.pending:  # counted for a limited key
                 self.budgets.written(values[ROW_KEY], cost)
-            left = self.pending.get(team, 0) - cost
-            if left:
-                self.pending[team] = left
-            else:
-                self.pending.pop(team, None)
 
     async def flush(self) -> None:
         """Wait until every submitted record is in the store."""

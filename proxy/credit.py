@@ -60,6 +60,23 @@ class WalletCache:
         """Apply a debit or top-up to the cached balance at once."""
         self._cache.update(team_id, lambda balance: balance + delta_nanos)
 
+    def debit(self, team_id: str, cost: int) -> None:
+        """A finished request's cost: off the cached balance now, and pending until it is written."""
+        self.adjust(team_id, -cost)
+        self.pending[team_id] = self.pending.get(team_id, 0) + cost
+
+    def written(self, team_id: str, cost: int) -> None:
+        _settle(self.pending, team_id, cost)
+
+
+def _settle(pending: dict[str, int], key: str, cost: int) -> None:
+    """`cost` is now in the store: it stops counting as pending."""
+    left = pending.get(key, 0) - cost
+    if left:
+        pending[key] = left
+    else:
+        pending.pop(key, None)
+
 
 def _period_starts(now: datetime) -> tuple[int, int]:
     """Unix ms at the start of the current UTC day and month."""
@@ -119,8 +136,4 @@ class KeyBudgets:
         self.pending[kid] = self.pending.get(kid, 0) + cost
 
     def written(self, kid: str, cost: int) -> None:
-        left = self.pending.get(kid, 0) - cost
-        if left:
-            self.pending[kid] = left
-        else:
-            self.pending.pop(kid, None)
+        _settle(self.pending, kid, cost)

@@ -228,20 +228,17 @@ async def _relay(
                 await out.write(data)
     except (*_TRANSPORT_ERRORS, SSEError) as e:
         meta.upstream_ended(0)
-        meta.usage = state.usage
         if isinstance(e, SSEError):
             error = GatewayError(
                 Code.upstream_bad_response, f"The provider {upstream.name!r} sent a broken stream: {e}"
             )
         else:
             error = upstream.failure(e, "streaming")
-        meta.error_code, meta.error_message = error.code.name, error.message
-        await _write_quietly(out, state.abort() + sse_error_event(error, meta.request_id))
+        await _end_with_error(out, state, meta, error)
         resp.close()
         return out
     except ConnectionError:  # the client went away: stop reading; the upstream connection is closed
         meta.status = CLIENT_CLOSED
-        meta.usage = state.usage
         resp.close()
         return out
     meta.upstream_ended(200)
@@ -251,8 +248,7 @@ async def _relay(
             Code.upstream_bad_response,
             f"The provider {upstream.name!r} closed the stream before it finished (no [DONE] received).",
         )
-        meta.error_code, meta.error_message = error.code.name, error.message
-        await _write_quietly(out, state.abort() + sse_error_event(error, meta.request_id))
+        await _end_with_error(out, state, meta, error)
         return out
     cost = meta.price(meta.tariff)
     await _write_quietly(out, state.finish(_encode(meta.as_dict()) if state.wants_meta else None, cost))
@@ -261,6 +257,12 @@ async def _relay(
         meta.finished = True
     await _drain(resp.content)
     return out
+
+
+async def _end_with_error(out: web.StreamResponse, state: ChatStream, meta: RequestMeta, error: GatewayError) -> None:
+    """End a stream that cannot finish: the usage chunk if it was asked for and held, then an error event."""
+    meta.error_code, meta.error_message = error.code.name, error.message
+    await _write_quietly(out, state.abort() + sse_error_event(error, meta.request_id))
 
 
 async def _drain(content: aiohttp.StreamReader) -> None:
