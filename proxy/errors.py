@@ -43,20 +43,24 @@ class Code(enum.Enum):
     upstream_unreachable = (502, "upstream_error")
     upstream_bad_response = (502, "upstream_error")
     upstream_timeout = (504, "upstream_error")
+    upstream_error = (502, "upstream_error")  # the provider answered an error: its status and type are kept
     unavailable = (503, "api_error")
 
 
 class GatewayError(Exception):
     """An error the gateway answers with its envelope."""
 
-    __slots__ = ("code", "message", "param", "status")
+    __slots__ = ("code", "message", "param", "status", "type")
 
-    def __init__(self, code: Code, message: str, *, param: str | None = None, status: int | None = None):
+    def __init__(
+        self, code: Code, message: str, *, param: str | None = None, status: int | None = None, type: str = ""
+    ):
         super().__init__(message)
         self.code = code
         self.message = message
         self.param = param
         self.status = status or code.status
+        self.type = type or code.type  # a provider's own error type, when it sent one
 
 
 # Dialects: how an error is shaped for the client that asked.
@@ -70,12 +74,12 @@ def error_body(err: GatewayError, request_id: str | None, dialect: str = OPENAI)
     if dialect == PLATFORM:
         body: dict = {"ok": False, "error": err.code.name, "message": err.message}
     elif dialect == ANTHROPIC:
-        body = {"type": "error", "error": {"type": err.code.type, "message": err.message}}
+        body = {"type": "error", "error": {"type": err.type, "message": err.message}}
     else:
         body = {
             "error": {
                 "message": err.message,
-                "type": err.code.type,
+                "type": err.type,
                 "code": err.code.name,
                 "param": err.param,
             }
