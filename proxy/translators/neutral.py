@@ -56,36 +56,37 @@ __all__ = [
 
 
 class _S(msgspec.Struct, omit_defaults=True, kw_only=True):
-    """Policy: defaults are omitted when encoding, so an encoded Struct is clean Chat Completions JSON."""
+    """Policy: defaults are omitted when encoding, so an encoded Struct is clean Chat Completions JSON.
+    (msgspec does not inherit `kw_only`: each subclass repeats it.)"""
 
 
 # ---------------------------------------------------------------------------------------------------------
 # requests
 
 
-class ImageURL(_S):
+class ImageURL(_S, kw_only=True):
     url: str  # an http(s) URL or a `data:<media type>;base64,<data>` URL
     detail: str | None = None
 
 
-class ContentPart(_S):
+class ContentPart(_S, kw_only=True):
     type: str  # "text", "image_url"; others ("input_audio", "file", …) are kept by type only
     text: str | None = None
     image_url: ImageURL | None = None
 
 
-class FunctionCall(_S):
+class FunctionCall(_S, kw_only=True):
     name: str = ""
     arguments: str = ""  # JSON text
 
 
-class ToolCall(_S):
+class ToolCall(_S, kw_only=True):
     id: str = ""
     type: str = "function"
     function: FunctionCall = msgspec.field(default_factory=FunctionCall)
 
 
-class Message(_S):
+class Message(_S, kw_only=True):
     role: str  # system, developer, user, assistant, tool
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -95,44 +96,44 @@ class Message(_S):
     refusal: str | None = None
 
 
-class FunctionDef(_S):
+class FunctionDef(_S, kw_only=True):
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None  # JSON Schema
     strict: bool | None = None
 
 
-class Tool(_S):
+class Tool(_S, kw_only=True):
     type: str = "function"
     function: FunctionDef
 
 
-class ToolChoiceFunction(_S):
+class ToolChoiceFunction(_S, kw_only=True):
     name: str
 
 
-class NamedToolChoice(_S):
+class NamedToolChoice(_S, kw_only=True):
     type: str = "function"
     function: ToolChoiceFunction
 
 
-class JSONSchema(_S):
+class JSONSchema(_S, kw_only=True):
     name: str = "response"
     description: str | None = None
     schema: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class ResponseFormat(_S):
+class ResponseFormat(_S, kw_only=True):
     type: str  # text, json_object, json_schema
     json_schema: JSONSchema | None = None
 
 
-class StreamOptions(_S):
+class StreamOptions(_S, kw_only=True):
     include_usage: bool = False
 
 
-class ChatRequest(_S):
+class ChatRequest(_S, kw_only=True):
     model: str = ""
     messages: list[Message]
     stream: bool = False
@@ -170,13 +171,13 @@ class ChatRequest(_S):
 # responses
 
 
-class Choice(_S):
+class Choice(_S, kw_only=True):
     index: int = 0
     message: Message
     finish_reason: str | None = None
 
 
-class ChatResponse(_S):
+class ChatResponse(_S, kw_only=True):
     """A whole answer. Usage travels beside it (see `ResponseCodec.parse`), in neutral `Usage` terms."""
 
     id: str
@@ -190,19 +191,19 @@ class ChatResponse(_S):
 # streams
 
 
-class FunctionDelta(_S):
+class FunctionDelta(_S, kw_only=True):
     name: str | None = None
     arguments: str | None = None
 
 
-class ToolCallDelta(_S):
+class ToolCallDelta(_S, kw_only=True):
     index: int  # which tool call of the message; the first delta of a call carries id, type and name
     id: str | None = None
     type: str | None = None
     function: FunctionDelta | None = None
 
 
-class Delta(_S):
+class Delta(_S, kw_only=True):
     role: str | None = None
     content: str | None = None
     reasoning_content: str | None = None
@@ -210,13 +211,13 @@ class Delta(_S):
     tool_calls: list[ToolCallDelta] | None = None
 
 
-class ChunkChoice(_S):
+class ChunkChoice(_S, kw_only=True):
     index: int = 0
     delta: Delta
     finish_reason: str | None = None
 
 
-class ChatChunk(_S):
+class ChatChunk(_S, kw_only=True):
     """One streamed step. Usage is not here: readers hold it (`StreamReader.usage`) until the end."""
 
     id: str
