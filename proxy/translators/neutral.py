@@ -60,6 +60,11 @@ class _S(msgspec.Struct, omit_defaults=True, kw_only=True):
     (msgspec does not inherit `kw_only`: each subclass repeats it.)"""
 
 
+class _Full(msgspec.Struct, kw_only=True):
+    """Answers and chunks keep their defaults when encoded (`index: 0`, `finish_reason: null`, `object`),
+    as OpenAI sends them and SDK accumulators expect them."""
+
+
 # ---------------------------------------------------------------------------------------------------------
 # requests
 
@@ -171,13 +176,13 @@ class ChatRequest(_S, kw_only=True):
 # responses
 
 
-class Choice(_S, kw_only=True):
+class Choice(_Full, kw_only=True):
     index: int = 0
     message: Message
     finish_reason: str | None = None
 
 
-class ChatResponse(_S, kw_only=True):
+class ChatResponse(_Full, kw_only=True):
     """A whole answer. Usage travels beside it (see `ResponseCodec.parse`), in neutral `Usage` terms."""
 
     id: str
@@ -211,13 +216,13 @@ class Delta(_S, kw_only=True):
     tool_calls: list[ToolCallDelta] | None = None
 
 
-class ChunkChoice(_S, kw_only=True):
+class ChunkChoice(_Full, kw_only=True):
     index: int = 0
     delta: Delta
     finish_reason: str | None = None
 
 
-class ChatChunk(_S, kw_only=True):
+class ChatChunk(_Full, kw_only=True):
     """One streamed step. Usage is not here: readers hold it (`StreamReader.usage`) until the end."""
 
     id: str
