@@ -81,13 +81,18 @@ class ContentPart(_S, kw_only=True):
 
 
 class FunctionCall(_S, kw_only=True):
-    name: str = ""
-    arguments: str = ""  # JSON text
+    name: str = msgspec.field(default_factory=str)  # factories: both are required members on the wire
+    arguments: str = msgspec.field(default_factory=str)  # JSON text
+
+
+# A default that must still be encoded (OpenAI requires `type` and a schema `name`): `omit_defaults`
+# leaves out a plain default, not a `default_factory` one.
+_FUNCTION = msgspec.field(default_factory=lambda: "function")
 
 
 class ToolCall(_S, kw_only=True):
     id: str = ""
-    type: str = "function"
+    type: str = _FUNCTION
     function: FunctionCall = msgspec.field(default_factory=FunctionCall)
 
 
@@ -109,7 +114,7 @@ class FunctionDef(_S, kw_only=True):
 
 
 class Tool(_S, kw_only=True):
-    type: str = "function"
+    type: str = _FUNCTION
     function: FunctionDef
 
 
@@ -118,12 +123,12 @@ class ToolChoiceFunction(_S, kw_only=True):
 
 
 class NamedToolChoice(_S, kw_only=True):
-    type: str = "function"
+    type: str = _FUNCTION
     function: ToolChoiceFunction
 
 
 class JSONSchema(_S, kw_only=True):
-    name: str = "response"
+    name: str = msgspec.field(default_factory=lambda: "response")
     description: str | None = None
     schema: dict[str, Any] | None = None
     strict: bool | None = None
@@ -315,8 +320,9 @@ class ProviderTranslator:
 class SurfaceTranslator:
     """A client surface's half: its wire format → neutral, and neutral answers back. Pure functions.
 
-    - `decode_request(body)`: the neutral request; `GatewayError(invalid_request)` naming the member
-      that is wrong, or one the neutral form cannot carry (unless the surface may safely ignore it).
+    - `decode_request(body, drop_params)`: the neutral request; `GatewayError(invalid_request)` naming the
+      member that is wrong, or one the neutral form cannot carry (unless the surface may safely ignore it,
+      or `drop_params` — the provider's setting — says to drop what cannot be honoured).
     - `render_response(response, usage, model, extra)`: the JSON body for the client. `model` is the
       public model id; `extra` is JSON members to add at the top level (cost, meta, upstream echo), or b"".
     - `writer(model, wants_usage)`: a new `StreamWriter` for one stream.
@@ -325,6 +331,6 @@ class SurfaceTranslator:
 
     name: str
     dialect: str
-    decode_request: Callable[[bytes], ChatRequest]
+    decode_request: Callable[[bytes, bool], ChatRequest]
     render_response: Callable[[ChatResponse, Usage | None, str, bytes], bytes]
     writer: Callable[[str, bool], StreamWriter]
