@@ -25,7 +25,7 @@ from proxy.routing import RouteTable
 from proxy.store import open_store
 from proxy.surfaces import ops
 from proxy.surfaces.catalogue import HANDLERS as CATALOGUE_HANDLERS
-from proxy.surfaces.openai import inference_handler, models_handler
+from proxy.surfaces.inference import inference_handler, models_handler
 from proxy.surfaces.platform import HANDLERS as PLATFORM_HANDLERS
 from proxy.upstream import Upstream
 

@@ -44,7 +44,9 @@ ENDPOINT_IDS = frozenset(
     }
 )
 
-PROVIDER_KINDS = ("openai", "openai-compatible")
+PROVIDER_KINDS = ("openai", "openai-compatible", "anthropic", "gemini")
+# The text-generation surfaces: a model serves all three unless its `endpoints` say otherwise.
+TEXT_ENDPOINTS = ("chat.completions", "responses", "messages")
 
 
 class ConfigError(Exception):
@@ -111,6 +113,7 @@ class ProviderConfig(_Base):
     headers: dict[str, str] = {}
     timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
     max_connections: int = 512
+    drop_params: bool = False  # drop request parameters this provider cannot honour instead of answering 400
 
 
 class Target(_Base):
@@ -120,7 +123,7 @@ class Target(_Base):
 
 class ModelConfig(_Base):
     targets: list[Target]
-    endpoints: list[str] = msgspec.field(default_factory=lambda: ["chat.completions"])
+    endpoints: list[str] = msgspec.field(default_factory=lambda: list(TEXT_ENDPOINTS))
     aliases: list[str] = []
     owned_by: str = ""
     created: int = 0
@@ -166,6 +169,8 @@ def default_routes(models: dict[str, ModelConfig]) -> list[RouteConfig]:
     moderation = DEFAULT_MODERATION_MODEL if DEFAULT_MODERATION_MODEL in models else ""
     return [
         RouteConfig(method="POST", path="/v1/chat/completions", surface="openai.chat"),
+        RouteConfig(method="POST", path="/v1/responses", surface="openai.responses"),
+        RouteConfig(method="POST", path="/v1/messages", surface="anthropic.messages"),
         RouteConfig(method="POST", path="/v1/embeddings", surface="openai.embeddings"),
         RouteConfig(method="POST", path="/v1/moderations", surface="openai.moderations", default_model=moderation),
         RouteConfig(method="GET", path="/v1/models", surface="openai.models"),
@@ -435,6 +440,15 @@ def check(config: GatewayConfig, fail: Any) -> None:
                     [*where, "endpoints", i],
                     f"unknown endpoint {endpoint!r} (expected one of: {', '.join(sorted(ENDPOINT_IDS))})",
                 )
+            if endpoint in TEXT_ENDPOINTS:
+                continue
+            for target in model.targets:
+                kind = config.providers[target.provider].kind
+                if kind not in ("openai", "openai-compatible"):
+                    fail(
+                        [*where, "endpoints", i],
+                        f"{endpoint} is served by OpenAI-kind providers only; provider {target.provider!r} is {kind}",
+                    )
 
     seen: dict[tuple[str, str], int] = {}
     for i, route in enumerate(config.routes):

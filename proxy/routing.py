@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import final
 
 from proxy.config import GatewayConfig, ModelConfig, RouteConfig, fail_at
-from proxy.errors import Code, GatewayError
+from proxy.errors import ANTHROPIC, OPENAI, Code, GatewayError
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +19,7 @@ class Surface:
     upstream_path: str
     streaming: bool = False
     required: tuple[str, ...] = ()
+    dialect: str = OPENAI  # how its errors are shaped
 
 
 # The surfaces this gateway speaks. Routes name them; models declare the endpoint ids.
@@ -26,6 +27,10 @@ SURFACES: dict[str, Surface] = {
     s.name: s
     for s in (
         Surface("openai.chat", "chat.completions", "/chat/completions", streaming=True, required=("messages",)),
+        Surface("openai.responses", "responses", "/responses", streaming=True, required=("input",)),
+        Surface(
+            "anthropic.messages", "messages", "/v1/messages", streaming=True, required=("messages",), dialect=ANTHROPIC
+        ),
         Surface("openai.embeddings", "embeddings", "/embeddings", required=("input",)),
         Surface("openai.moderations", "moderations", "/moderations", required=("input",)),
         Surface("openai.models", "", ""),

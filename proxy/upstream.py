@@ -11,6 +11,7 @@ from yarl import URL
 from proxy import __version__
 from proxy.config import ProviderConfig
 from proxy.errors import Code, GatewayError
+from proxy.translators.exchange import PROVIDERS
 
 
 @final
@@ -27,8 +28,7 @@ class Upstream:
         t = config.timeouts
         self.timeout = aiohttp.ClientTimeout(total=t.total_s, sock_connect=t.connect_s, sock_read=t.read_s)
         headers = {"Content-Type": "application/json", "User-Agent": f"stats-gateway/{__version__}"}
-        if config.api_key:
-            headers["Authorization"] = f"Bearer {config.api_key}"
+        headers.update(PROVIDERS[config.kind].auth_headers(config.api_key))
         headers.update(config.headers)
         connector = aiohttp.TCPConnector(limit=config.max_connections, ttl_dns_cache=300, enable_cleanup_closed=True)
         self.session = aiohttp.ClientSession(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -29,7 +30,7 @@ class Received:
 
 @dataclass
 class MockControl:
-    mode: str = "ok"  # ok | status | not_json | stall | truncate | broken_sse | plain_error
+    mode: str = "ok"  # ok | tool_call | status | not_json | stall | truncate | broken_sse | plain_error
     status: int = 500
     error_body: bytes = b'{"error": {"message": "upstream says no", "type": "server_error", "code": null}}'
     events: int = 5  # content chunks in a stream
@@ -63,6 +64,8 @@ def _chunk(model: str, delta: dict, finish: str | None = None, **extra: Any) -> 
 
 
 USAGE = {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16}
+# A recorded Responses API stream (written for the translator tests), replayed by /v1/responses.
+RESPONSES_STREAM = Path(__file__).parent / "fixtures" / "responses" / "native" / "text.sse"
 
 
 def build_mock(control: MockControl) -> web.Application:
@@ -80,6 +83,8 @@ def build_mock(control: MockControl) -> web.Application:
             return web.Response(status=control.status, text="<html>Bad Gateway</html>", content_type="text/html")
         if control.mode == "not_json":
             return web.Response(status=200, text="this is not json", content_type="application/json")
+        if control.mode == "tool_call":
+            return await _tool_call(request, payload, model)
         if not payload.get("stream"):
             return web.json_response(
                 {
@@ -144,6 +149,85 @@ def build_mock(control: MockControl) -> web.Application:
             raise
         return resp
 
+    async def _tool_call(request: web.Request, payload: dict, model: str) -> web.StreamResponse:
+        call = {
+            "id": "call_mock",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+        }
+        if not payload.get("stream"):
+            message = {"role": "assistant", "content": None, "tool_calls": [call]}
+            choice = {"index": 0, "message": message, "finish_reason": "tool_calls"}
+            return web.json_response(
+                {
+                    "id": "chatcmpl-mock",
+                    "object": "chat.completion",
+                    "created": 1700000000,
+                    "model": model,
+                    "choices": [choice],
+                    "usage": USAGE,
+                }
+            )
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        head = {"index": 0, "id": "call_mock", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
+        await resp.write(_chunk(model, {"role": "assistant", "content": None, "tool_calls": [head]}))
+        for part in ('{"city', '": "Par', 'is"}'):
+            await resp.write(_chunk(model, {"tool_calls": [{"index": 0, "function": {"arguments": part}}]}))
+        await resp.write(_chunk(model, {}, "tool_calls"))
+        if (payload.get("stream_options") or {}).get("include_usage"):
+            usage_chunk = {
+                "id": "chatcmpl-mock",
+                "object": "chat.completion.chunk",
+                "created": 1700000000,
+                "model": model,
+                "choices": [],
+                "usage": USAGE,
+            }
+            await resp.write(b"data: " + orjson.dumps(usage_chunk) + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    async def responses(request: web.Request) -> web.StreamResponse:
+        """OpenAI's own Responses API: a recorded stream, or a whole response object."""
+        body = await request.read()
+        control.received.append(Received(request.path, dict(request.headers), body))
+        payload = orjson.loads(body)
+        if control.mode == "status":
+            return web.Response(status=control.status, body=control.error_body, content_type="application/json")
+        if payload.get("stream"):
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            await resp.write(RESPONSES_STREAM.read_bytes())
+            return resp
+        message = {
+            "type": "message",
+            "id": "msg_native",
+            "status": "completed",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": "Hello from Responses!", "annotations": []}],
+        }
+        return web.json_response(
+            {
+                "id": "resp_native",
+                "object": "response",
+                "created_at": 1700000000,
+                "status": "completed",
+                "model": payload.get("model", ""),
+                "output": [message],
+                "parallel_tool_calls": True,
+                "tool_choice": "auto",
+                "tools": [],
+                "usage": {
+                    "input_tokens": 12,
+                    "input_tokens_details": {"cached_tokens": 0},
+                    "output_tokens": 4,
+                    "output_tokens_details": {"reasoning_tokens": 0},
+                    "total_tokens": 16,
+                },
+            }
+        )
+
     async def embeddings(request: web.Request) -> web.Response:
         body = await request.read()
         control.received.append(Received(request.path, dict(request.headers), body))
@@ -167,6 +251,7 @@ def build_mock(control: MockControl) -> web.Application:
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/responses", responses)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_post("/v1/moderations", moderations)
     return app

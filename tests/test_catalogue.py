@@ -21,12 +21,12 @@ async def test_gateway_models_records(gateway, key):
     body = await get(gateway, "/v1/gateway/models", key)
     assert body["total"] == len(body["models"]) > 10
     mini = next(m for m in body["models"] if m["id"] == "openai/gpt-4o-mini")
-    assert mini["organisation_id"] == "openai" and mini["endpoints"] == ["chat.completions"]
+    assert mini["organisation_id"] == "openai" and mini["endpoints"] == ["chat.completions", "responses", "messages"]
     assert mini["providers"] == [
         {
             "api_provider_id": "openai",
             "provider_model_slug": "gpt-4o-mini",
-            "endpoints": ["chat.completions"],
+            "endpoints": ["chat.completions", "responses", "messages"],
             "status": "active",
             "pricing": mini["pricing"],
         }

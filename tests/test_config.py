@@ -579,7 +579,7 @@ def test_small_config_loads_with_defaults(tmp_path: Path) -> None:
     )
     assert (provider.timeouts.connect_s, provider.timeouts.read_s, provider.timeouts.total_s) == (10.0, 300.0, 900.0)
     model = config.models["openai/gpt-4o-mini"]
-    assert model.endpoints == ["chat.completions"]
+    assert model.endpoints == ["chat.completions", "responses", "messages"]
     assert [(t.provider, t.model) for t in model.targets] == [("openai", "gpt-4o-mini")]
     assert [(r.method, r.path, r.surface) for r in config.routes] == [("POST", "/v1/chat/completions", "openai.chat")]
 
@@ -599,11 +599,13 @@ def test_omitted_routes_do_not_share_state_between_loads(tmp_path: Path) -> None
     first.routes[0].method = "PATCH"
     second = load(tmp_path, text)
     assert [(r.method, r.path, r.surface) for r in second.routes] == DEFAULT_ROUTES
-    assert second.routes[2].default_model == "openai/omni-moderation-latest"
+    assert second.routes[4].default_model == "openai/omni-moderation-latest"
 
 
 DEFAULT_ROUTES = [
     ("POST", "/v1/chat/completions", "openai.chat"),
+    ("POST", "/v1/responses", "openai.responses"),
+    ("POST", "/v1/messages", "anthropic.messages"),
     ("POST", "/v1/embeddings", "openai.embeddings"),
     ("POST", "/v1/moderations", "openai.moderations"),
     ("GET", "/v1/models", "openai.models"),
@@ -634,7 +636,7 @@ def test_config_without_routes_loads_with_the_default_routes(tmp_path: Path, tex
     # (A regression: the default moderations route once named a default model the config need not define.)
     config = load(tmp_path, text)
     assert [(r.method, r.path, r.surface) for r in config.routes] == DEFAULT_ROUTES
-    assert config.routes[2].default_model == ""
+    assert config.routes[4].default_model == ""
 
 
 def test_empty_file_gets_every_default(tmp_path: Path) -> None:
@@ -657,6 +659,9 @@ def test_shipped_config_loads_on_defaults_and_every_target_resolves() -> None:
     assert config.auth.min_balance_usd == Decimal("1.00")
     assert config.providers["openai"].base_url == "https://api.openai.com/v1"
     assert config.providers["ollama"].base_url == "http://127.0.0.1:11434/v1"
+    assert config.providers["anthropic"].base_url == "https://api.anthropic.com"
+    assert config.providers["google"].base_url == "https://generativelanguage.googleapis.com"
+    assert (config.providers["anthropic"].kind, config.providers["google"].kind) == ("anthropic", "gemini")
     assert all(p.api_key == "" for p in config.providers.values())
     assert config.models
     for model_id, model in config.models.items():
@@ -666,6 +671,8 @@ def test_shipped_config_loads_on_defaults_and_every_target_resolves() -> None:
             assert target.model, model_id
     assert [(r.method, r.path) for r in config.routes] == [
         ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/responses"),
+        ("POST", "/v1/messages"),
         ("POST", "/v1/embeddings"),
         ("POST", "/v1/moderations"),
         ("GET", "/v1/models"),
@@ -715,4 +722,34 @@ def test_default_routes_give_moderations_a_model_when_it_is_configured(tmp_path:
         + "    targets: [{provider: openai, model: m}]\n"
     )
     config = load_config(write(tmp_path, text), env={})
-    assert config.routes[2].default_model == "openai/omni-moderation-latest"
+    assert config.routes[4].default_model == "openai/omni-moderation-latest"
+
+
+def test_embeddings_on_a_claude_provider_fail_at_start_up(tmp_path: Path) -> None:
+    text = """\
+providers:
+  claude:
+    kind: anthropic
+    base_url: https://api.anthropic.com
+models:
+  anthropic/embedder:
+    endpoints: [embeddings]
+    targets: [{provider: claude, model: x}]
+"""
+    _, err = load_error(tmp_path, text)
+    assert err.path == "$.models['anthropic/embedder'].endpoints[0]"
+    assert "OpenAI-kind providers only" in err.message and "'claude' is anthropic" in err.message
+
+
+def test_anthropic_and_gemini_providers_and_drop_params_load(tmp_path: Path) -> None:
+    text = """\
+providers:
+  claude: {kind: anthropic, base_url: "https://api.anthropic.com", drop_params: true}
+  google: {kind: gemini, base_url: "https://generativelanguage.googleapis.com"}
+models:
+  a/claude: {targets: [{provider: claude, model: c}]}
+  g/gemini: {targets: [{provider: google, model: g}]}
+"""
+    config = load(tmp_path, text)
+    assert config.providers["claude"].drop_params is True and config.providers["google"].drop_params is False
+    assert config.models["g/gemini"].endpoints == ["chat.completions", "responses", "messages"]

@@ -157,8 +157,8 @@ def test_unknown_far_name_has_no_hint(table: RouteTable, name: str) -> None:
     [
         ("openai/text-embedding-3-small", "openai.chat", "openai/text-embedding-3-small", "embeddings"),
         ("text-embedding-3-small", "openai.chat", "openai/text-embedding-3-small", "embeddings"),
-        ("gpt-4o-mini", "openai.embeddings", "openai/gpt-4o-mini", "chat.completions"),
-        ("mini", "openai.moderations", "openai/gpt-4o-mini", "chat.completions"),
+        ("gpt-4o-mini", "openai.embeddings", "openai/gpt-4o-mini", "chat.completions, responses, messages"),
+        ("mini", "openai.moderations", "openai/gpt-4o-mini", "chat.completions, responses, messages"),
         ("local/both", "openai.moderations", "local/both", "chat.completions, embeddings"),
     ],
 )
@@ -187,6 +187,8 @@ def test_routes_are_paired_with_their_surfaces(table: RouteTable) -> None:
 def test_surfaces() -> None:
     assert {name: (s.endpoint, s.upstream_path, s.streaming) for name, s in SURFACES.items()} == {
         "openai.chat": ("chat.completions", "/chat/completions", True),
+        "openai.responses": ("responses", "/responses", True),
+        "anthropic.messages": ("messages", "/v1/messages", True),
         "openai.embeddings": ("embeddings", "/embeddings", False),
         "openai.moderations": ("moderations", "/moderations", False),
         "openai.models": ("", "", False),

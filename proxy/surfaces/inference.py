@@ -1,7 +1,9 @@
-"""OpenAI surfaces: chat completions (streamed or not), embeddings, moderations, and the model list.
+"""Inference surfaces: chat completions, responses, messages (streamed or not), embeddings, moderations,
+and the model list.
 
 One handler serves every inference surface: authenticate, read and check the body, resolve the model,
-check credit, forward to the first target and send back what it answers, with meta when asked.
+check credit, plan the translation (`proxy.translators.exchange`), forward to the first target and send
+back what it answers in the client's own format, with meta when asked.
 """
 
 from __future__ import annotations
@@ -19,16 +21,18 @@ from aiohttp import web
 from msgspec import UNSET
 
 from proxy.auth import token_from_headers
-from proxy.errors import Code, GatewayError, render, sse_error_event
+from proxy.debug import Echo, wanted
+from proxy.errors import Code, GatewayError, render
 from proxy.gateway import GATEWAY, Gateway
 from proxy.meta import RequestMeta, new_request_id
 from proxy.metrics import Metrics
 from proxy.routing import Surface
 from proxy.sse import SSEError
-from proxy.translators.openai import ChatStream, build_request, decode_request, inject_members, response_view
+from proxy.translators.exchange import Exchange, Relay, plan
+from proxy.translators.openai import decode_request
 from proxy.upstream import Upstream
 
-log = logging.getLogger("proxy.surfaces.openai")
+log = logging.getLogger("proxy.surfaces.inference")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -74,7 +78,7 @@ def inference_handler(surface: Surface, default_model: str, metrics: Metrics) ->
             return await _serve(request, gw, surface, default_model, meta)
         except GatewayError as e:
             meta.status, meta.error_code, meta.error_message = e.status, e.code.name, e.message
-            return render(e, meta.request_id)
+            return render(e, meta.request_id, surface.dialect)
         except asyncio.CancelledError:
             if not meta.finished:
                 meta.status = CLIENT_CLOSED
@@ -83,7 +87,9 @@ def inference_handler(surface: Surface, default_model: str, metrics: Metrics) ->
             log.exception("request %s failed", meta.request_id)
             meta.status = 500
             return render(
-                GatewayError(Code.internal_error, "The gateway failed to serve this request."), meta.request_id
+                GatewayError(Code.internal_error, "The gateway failed to serve this request."),
+                meta.request_id,
+                surface.dialect,
             )
         finally:
             in_flight.dec()
@@ -127,24 +133,43 @@ async def _serve(
     stream = surface.streaming and view.stream
     meta.stream = stream
     wants_meta = view.meta if isinstance(view.meta, bool) else gw.config.meta.always
-    upstream_body, wants_usage = build_request(body, view, target.model, surface.streaming)
+    exchange = plan(
+        surface.name,
+        upstream.kind,
+        body,
+        view,
+        target.model,
+        model_id,
+        stream,
+        upstream.config.drop_params,
+        request.headers,
+    )
+    up = exchange.upstream
+    echo = wanted(view.echo_upstream_request, view.debug)
+    if echo is not None:
+        echo.sent(upstream.url(up.path), {**upstream.session.headers, **up.headers}, up.body, upstream.config.api_key)
 
     meta.upstream_started()
     try:
-        resp = await upstream.session.post(upstream.url(surface.upstream_path), data=upstream_body)
+        resp = await upstream.session.post(upstream.url(up.path), data=up.body, headers=up.headers or None)
     except _TRANSPORT_ERRORS as e:
         meta.upstream_ended(0)
         raise upstream.failure(e, "connecting") from None
     try:
         if stream and resp.status == 200 and resp.content_type == "text/event-stream":
-            return await _stream(request, resp, upstream, meta, ChatStream(wants_usage, wants_meta))
-        return await _respond(resp, upstream, meta, wants_meta)
+            return await _stream(request, resp, upstream, meta, exchange.relay(meta.request_id, wants_meta), echo)
+        return await _respond(resp, upstream, meta, exchange, wants_meta, echo)
     finally:
         resp.release()  # returns the connection to the pool, or closes it if the body was not read to the end
 
 
 async def _respond(
-    resp: aiohttp.ClientResponse, upstream: Upstream, meta: RequestMeta, wants_meta: bool
+    resp: aiohttp.ClientResponse,
+    upstream: Upstream,
+    meta: RequestMeta,
+    exchange: Exchange,
+    wants_meta: bool,
+    echo: Echo | None,
 ) -> web.Response:
     try:
         data = await resp.read()
@@ -153,20 +178,26 @@ async def _respond(
         raise upstream.failure(e, "reading its response") from None
     meta.upstream_ended(resp.status)
     if resp.status >= 400:
-        return _upstream_error(resp, data, upstream, meta)
-    meta.usage, meta.native_id = response_view(data)
-    members = meta.price(meta.tariff)
+        return _upstream_error(resp, data, upstream, meta, exchange)
+    meta.usage, meta.native_id = exchange.read(data)
+    cost = meta.price(meta.tariff)
+    members = [cost] if cost and meta.surface != "anthropic.messages" else []  # Messages stay Anthropic-shaped
+    if echo is not None:
+        members.append(echo.members(resp.status, resp.headers, data, upstream.config.api_key))
     if wants_meta:
-        members += (b"," if members else b"") + b'"meta":' + _encode(meta.as_dict())
-    data = inject_members(data, members)
+        members.append(b'"meta":' + _encode(meta.as_dict()))
+    data = exchange.render(data, meta.usage, b",".join(members))
     meta.status = resp.status
     return web.Response(
         body=data, status=resp.status, headers={"Content-Type": "application/json", "x-request-id": meta.request_id}
     )
 
 
-def _upstream_error(resp: aiohttp.ClientResponse, data: bytes, upstream: Upstream, meta: RequestMeta) -> web.Response:
-    """An upstream error status: its JSON body passes through; anything else is wrapped in our envelope."""
+def _upstream_error(
+    resp: aiohttp.ClientResponse, data: bytes, upstream: Upstream, meta: RequestMeta, exchange: Exchange
+) -> web.Response:
+    """An upstream error status: its JSON body passes through when the client speaks the provider's format,
+    or is translated into the client's; anything else is wrapped in our envelope."""
     if resp.status in (401, 403):
         # The client's key was fine; the gateway's credentials for this provider were not.
         raise GatewayError(
@@ -175,7 +206,11 @@ def _upstream_error(resp: aiohttp.ClientResponse, data: bytes, upstream: Upstrea
             f"check the api_key configured for it.",
         )
     meta.status = resp.status
-    if "json" in resp.content_type:  # application/json, application/problem+json, …
+    if not exchange.native and "json" in resp.content_type:
+        translated = exchange.error(resp.status, data)
+        if translated is not None:
+            raise translated
+    elif "json" in resp.content_type:  # application/json, application/problem+json, …
         try:
             orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -199,10 +234,11 @@ async def _stream(
     resp: aiohttp.ClientResponse,
     upstream: Upstream,
     meta: RequestMeta,
-    state: ChatStream,
+    state: Relay,
+    echo: Echo | None,
 ) -> web.StreamResponse:
     try:
-        return await _relay(request, resp, upstream, meta, state)
+        return await _relay(request, resp, upstream, meta, state, echo)
     finally:  # also when the client went away: what was streamed is the basis of an estimate
         meta.streamed_events, meta.native_id = state.events, state.id
         if meta.usage is None:
@@ -210,7 +246,12 @@ async def _stream(
 
 
 async def _relay(
-    request: web.Request, resp: aiohttp.ClientResponse, upstream: Upstream, meta: RequestMeta, state: ChatStream
+    request: web.Request,
+    resp: aiohttp.ClientResponse,
+    upstream: Upstream,
+    meta: RequestMeta,
+    state: Relay,
+    echo: Echo | None,
 ) -> web.StreamResponse:
     out = web.StreamResponse(status=200, headers={**SSE_HEADERS, "x-request-id": meta.request_id})
     await out.prepare(request)
@@ -221,6 +262,8 @@ async def _relay(
             chunk = await content.readany()
             if not chunk:
                 break
+            if echo is not None:
+                echo.capture(chunk)
             data = state.feed(chunk)
             if state.first_token and not meta.t_first_token:
                 meta.t_first_token = time.perf_counter()
@@ -243,6 +286,10 @@ async def _relay(
         return out
     meta.upstream_ended(200)
     meta.usage = state.usage
+    if state.failure is not None:  # the provider sent an error event; it reached the client in its idiom
+        meta.error_code, meta.error_message = state.failure.code.name, state.failure.message
+        resp.close()
+        return out
     if state.truncated:
         error = GatewayError(
             Code.upstream_bad_response,
@@ -251,7 +298,10 @@ async def _relay(
         await _end_with_error(out, state, meta, error)
         return out
     cost = meta.price(meta.tariff)
-    await _write_quietly(out, state.finish(_encode(meta.as_dict()) if state.wants_meta else None, cost))
+    if meta.surface == "anthropic.messages":
+        cost = b""  # Messages stay Anthropic-shaped: cost is in meta when asked
+    echoed = echo.members(resp.status, resp.headers, None, upstream.config.api_key) if echo is not None else b""
+    await _write_quietly(out, state.finish(_encode(meta.as_dict()) if state.wants_meta else None, cost, echoed))
     with contextlib.suppress(ConnectionError):
         await out.write_eof()  # the client's stream is complete before the upstream's is drained
         meta.finished = True
@@ -259,10 +309,10 @@ async def _relay(
     return out
 
 
-async def _end_with_error(out: web.StreamResponse, state: ChatStream, meta: RequestMeta, error: GatewayError) -> None:
+async def _end_with_error(out: web.StreamResponse, state: Relay, meta: RequestMeta, error: GatewayError) -> None:
     """End a stream that cannot finish: the usage chunk if it was asked for and held, then an error event."""
     meta.error_code, meta.error_message = error.code.name, error.message
-    await _write_quietly(out, state.abort() + sse_error_event(error, meta.request_id))
+    await _write_quietly(out, state.abort() + state.error(error, meta.request_id))
 
 
 async def _drain(content: aiohttp.StreamReader) -> None:

@@ -12,7 +12,7 @@ from typing import Final, final
 import msgspec
 from msgspec import UNSET, Raw, UnsetType
 
-from proxy.errors import Code, GatewayError
+from proxy.errors import Code, GatewayError, sse_error_event
 from proxy.meta import Usage
 from proxy.sse import EventBuffer, data_event, event_data, split_events
 
@@ -241,6 +241,7 @@ class ChatStream:
         "created",
         "done",
         "events",
+        "failure",
         "first_token",
         "id",
         "model",
@@ -256,6 +257,7 @@ class ChatStream:
         self.wants_meta = wants_meta
         self.first_token = False
         self.done = False
+        self.failure: GatewayError | None = None  # an upstream error event is forwarded as it came
         self.events = 0  # data events received: the basis of an estimate when no usage comes
         self.usage: Usage | None = None
         self.id = ""
@@ -312,20 +314,25 @@ class ChatStream:
         held, self._held = self._held, None
         return data_event(held) if held is not None and self.wants_usage else b""
 
-    def finish(self, meta: bytes | None, cost: bytes = b"") -> bytes:
+    def error(self, err: GatewayError, request_id: str) -> bytes:
+        return sse_error_event(err, request_id)
+
+    def finish(self, meta: bytes | None, cost: bytes = b"", extra: bytes = b"") -> bytes:
         """The closing bytes: the final chunk when asked for, then `[DONE]`.
 
         The final chunk is the usage chunk (when the client asked for usage) carrying `cost` (the
-        `"cost_nanos":…,"currency":…,"pricing_lines":[…]` members) and `meta`; or, without usage, a chunk
-        with `choices: []` carrying `meta` alone.
+        `"cost_nanos":…,"currency":…,"pricing_lines":[…]` members), `extra` members and `meta`; or, without
+        usage, a chunk with `choices: []` carrying `extra` and `meta` alone.
         """
         parts = [cost] if cost and self.wants_usage else []
+        if extra:
+            parts.append(extra)
         if meta is not None:
             parts.append(b'"meta":' + meta)
-        extra = b",".join(parts)
+        members = b",".join(parts)
         if self._held is not None:
-            return data_event(inject_members(self._held, extra)) + DONE
-        if not extra:
+            return data_event(inject_members(self._held, members)) + DONE
+        if not members:
             return DONE
         head = _encoder.encode(
             {
@@ -336,4 +343,4 @@ class ChatStream:
                 "choices": [],
             }
         )
-        return data_event(inject_members(head, extra)) + DONE
+        return data_event(inject_members(head, members)) + DONE
