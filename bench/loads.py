@@ -5,7 +5,8 @@
 - `closed_loop`: the same with aiohttp, for machines without wrk: C workers, each sending its next
   request when the previous one is answered.
 - `stream_load`: K workers, each opening one stream after the other, timing the first event from the
-  moment the request is sent and every event's delay (arrival minus the mock's `t_sent_ns`).
+  moment the request is sent and every content event's delay (arrival minus the send time the mock
+  stamps at the end of its text, `@t=<ns>`: it survives translation into another surface's events).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import aiohttp
 import orjson
 
 PROMPT = [{"role": "user", "content": "Say hello in one short sentence."}]
+_STAMP = re.compile(rb"@t=(\d+)")
+_STREAM_ENDS = (b"[DONE]", b'{"type":"message_stop"}')  # Chat Completions, Anthropic Messages
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=30)
 WRK_SCRIPT = """wrk.method = "POST"
 wrk.body = [==[{body}]==]
@@ -46,6 +49,7 @@ class Target:
     url: str
     api_key: str
     model: str
+    surface: str = "chat"  # or "messages": the Anthropic Messages API
 
     @property
     def headers(self) -> dict[str, str]:
@@ -54,7 +58,9 @@ class Target:
     def chat_body(self, *, stream: bool) -> bytes:
         body: dict[str, Any] = {"model": self.model, "messages": PROMPT, "max_tokens": 256}
         if stream:
-            body |= {"stream": True, "stream_options": {"include_usage": True}}
+            body["stream"] = True
+            if self.surface == "chat":
+                body["stream_options"] = {"include_usage": True}
         return orjson.dumps(body)
 
 
@@ -183,12 +189,12 @@ async def _read_stream(resp: aiohttp.ClientResponse, start: float, stats: _Strea
         if first is None:
             first = time.perf_counter() - start
         payload = line[5:].strip()
-        if payload == b"[DONE]":
+        if payload in _STREAM_ENDS:
             done = True
             continue
-        sent_ns = orjson.loads(payload).get("t_sent_ns")
-        if sent_ns is not None:
-            stats.delays_ns.append(received_ns - sent_ns)
+        stamp = _STAMP.search(payload)
+        if stamp is not None:
+            stats.delays_ns.append(received_ns - int(stamp.group(1)))
     if done and first is not None:
         stats.ttfts.append(first)
     return done
@@ -232,5 +238,5 @@ async def preflight(target: Target) -> None:
             kind = "streaming" if stream else "plain"
             if r.status != 200:
                 raise BenchError(f"{target.name}: a {kind} chat request was answered {r.status}: {text[:500]}")
-            if stream and "data: [DONE]" not in text:
-                raise BenchError(f"{target.name}: the stream did not end with data: [DONE]: {text[-500:]}")
+            if stream and not any(end.decode() in text for end in _STREAM_ENDS):
+                raise BenchError(f"{target.name}: the stream did not end (no [DONE] or message_stop): {text[-500:]}")

@@ -6,7 +6,8 @@
   of a role-only chunk, N content chunks of about B bytes each G ms apart (0: back to back), a
   finish_reason chunk, a usage chunk (`"choices": []`) when `stream_options.include_usage` is set, and
   `data: [DONE]`. Every chunk carries `"t_sent_ns"`: `time.time_ns()` when it was written, so a client
-  on the same machine can measure how late each event arrives.
+  on the same machine can measure how late each event arrives; content chunks also end their text with
+  `@t=<ns>`, which survives a gateway translating the stream into another surface's events.
 - `POST /v1/embeddings` and `GET /v1/models`.
 
 A request may override N and G with the body fields `x_mock_events` and `x_mock_gap_ms`. Responses are
@@ -28,6 +29,7 @@ from aiohttp import web
 MODEL = "gpt-4o-mini-2024-07-18"
 COMPLETION_ID = "chatcmpl-bench0000000000000000000000000"
 PROMPT_TOKENS = 12
+STAMP_MARK = "@t="  # content text ends with this and the send time in ns
 EMBEDDING_DIMS = 256
 _WORDS = "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor "
 _DONE = b"data: [DONE]\n\n"
@@ -114,7 +116,7 @@ class Encoded:
         return cls(
             completion=orjson.dumps(completion),
             role=_event_prefix(created, [_choice({"role": "assistant", "content": ""})]),
-            content=_event_prefix(created, [_choice({"content": text})]),
+            content=_stamped_text_prefix(created, text),
             finish=_event_prefix(created, [_choice({}, "stop")]),
             created=created,
             embedding=orjson.dumps({"object": "embedding", "embedding": vector})[:-1],
@@ -122,8 +124,19 @@ class Encoded:
         )
 
 
+def _stamped_text_prefix(created: int, text: str) -> bytes:
+    """A content event whose text ends with `@t=<ns>` (the stamp survives a gateway's translation into
+    another surface's events), split where the stamp goes: `head|mid` before `_stamped`."""
+    head, mid = _event_prefix(created, [_choice({"content": text + STAMP_MARK + "\x00"})]).split(b"\\u0000", 1)
+    return head + b"|" + mid
+
+
 def _stamped(prefix: bytes) -> bytes:
-    return prefix + str(time.time_ns()).encode() + b"}\n\n"
+    ns = str(time.time_ns()).encode()
+    head, bar, mid = prefix.partition(b"|")
+    if bar:  # a content event: the stamp in its text too
+        return head + ns + mid + ns + b"}\n\n"
+    return prefix + ns + b"}\n\n"
 
 
 CONFIG = web.AppKey("config", MockConfig)

@@ -1,6 +1,6 @@
 """Measure the gateway against a bare proxy and the mock upstream itself, in one run.
 
-`python -m bench [--duration S] [--rounds R] [--targets direct,bare,gateway,gateway-noacct] [--quick]`
+`python -m bench [--duration S] [--rounds R] [--targets direct,bare,gateway,gateway-noacct,gateway-messages] [--quick]`
 
 Starts the mock upstream, the bare proxy and the gateway (with a fresh key in a temporary store) on
 free ports of 127.0.0.1, then measures every load against every target, round-robin within each load
@@ -36,7 +36,7 @@ from bench.loads import BenchError, Result, Target, closed_loop, preflight, stre
 REPO = Path(__file__).resolve().parent.parent
 CHAT_PATH = "/v1/chat/completions"
 GATEWAY_CONFIG = "config/gateway.yaml"
-TARGETS = ("direct", "bare", "gateway", "gateway-noacct")
+TARGETS = ("direct", "bare", "gateway", "gateway-noacct", "gateway-messages")
 READY_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 5.0
 WARMUP_CONNECTIONS = 8
@@ -160,7 +160,7 @@ class Launcher:
 
     def target(self, name: str) -> Target:
         if name.startswith("gateway"):
-            return self.gateway(name, accounting=name == "gateway")
+            return self.gateway(name, accounting=name != "gateway-noacct")
         return {"direct": self.direct, "bare": self.bare}[name]()
 
     def direct(self) -> Target:
@@ -172,7 +172,8 @@ class Launcher:
         return Target("bare", _chat_url(port), UPSTREAM_KEY, "gpt-4o-mini")
 
     def gateway(self, name: str, accounting: bool) -> Target:
-        """The gateway; `gateway-noacct` is the same with accounting (records and debits) switched off."""
+        """The gateway; `gateway-noacct` is the same with accounting (records and debits) switched off;
+        `gateway-messages` is the gateway measured on `/v1/messages`, every answer translated."""
         env = {
             **os.environ,
             "OPENAI_BASE_URL": f"http://127.0.0.1:{self.mock_port}/v1",
@@ -186,6 +187,8 @@ class Launcher:
         argv += ["--port", str(port), "--workers", str(self.args.gateway_workers)]
         child = self.procs.start(name, argv, env)
         wait_ready(name, child, lambda: healthy(port), self.procs.log(name))
+        if name == "gateway-messages":  # the Anthropic Messages surface, translated to the mock's Chat API
+            return Target(name, f"http://127.0.0.1:{port}/v1/messages", key, "openai/gpt-4o-mini", "messages")
         return Target(name, _chat_url(port), key, "openai/gpt-4o-mini")
 
 
@@ -296,9 +299,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--duration", type=int, default=5, help="seconds per measurement (default 5)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds over all loads and targets (default 2)")
-    parser.add_argument(
-        "--targets", type=_target_list, default=list(TARGETS), help="default direct,bare,gateway,gateway-noacct"
-    )
+    parser.add_argument("--targets", type=_target_list, default=list(TARGETS), help="default " + ",".join(TARGETS))
     parser.add_argument("--quick", action="store_true", help="1 s per measurement, 1 round (a smoke test)")
     parser.add_argument("--gateway-workers", type=int, default=1)
     parser.add_argument("--streams", type=int, default=32, help="concurrent streams (default 32)")

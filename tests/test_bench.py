@@ -23,8 +23,10 @@ def test_bench_quick_run_measures_all_targets():
     assert len(new) == 1
     rows = json.loads(next(iter(new)).read_text())["rows"]
     measured = {(row["target"], row["load"].split(" ")[0]) for row in rows if row["requests_per_s"] > 0}
-    for target in ("direct", "bare", "gateway"):
+    for target in ("direct", "bare", "gateway", "gateway-messages"):
         assert {(target, "chat"), (target, "stream")} <= measured, rows
     assert all(row["errors"] == 0 for row in rows), rows
     gateway_stream = next(r for r in rows if r["target"] == "gateway" and r["load"].startswith("stream"))
     assert gateway_stream["ttft_ms"] > 0 and gateway_stream["event_delay_ms"] is not None
+    translated = next(r for r in rows if r["target"] == "gateway-messages" and r["load"].startswith("stream"))
+    assert translated["event_delay_ms"] is not None  # the send-time stamp survived the translation
