@@ -70,6 +70,8 @@ class EventBuffer:
 def split_events(data: bytes) -> list[bytes]:
     """Complete events (each with its terminator) from what `EventBuffer.feed` returned."""
     if b"\r" not in data:
+        if data.find(b"\n\n") == len(data) - 2:  # the common case: one event
+            return [data]
         parts = data.split(b"\n\n")
         events = [part + b"\n\n" for part in parts[:-1]]
     else:
@@ -85,6 +87,10 @@ def split_events(data: bytes) -> list[bytes]:
 
 def event_data(event: bytes) -> bytes | None:
     """The event's `data` payload (data lines joined by LF), or None for a comment-only event."""
+    if event[:5] == b"data:":
+        line = event.rstrip(b"\r\n")
+        if b"\n" not in line and b"\r" not in line:  # the common case: one data line
+            return line[6:] if line[5:6] == b" " else line[5:]
     payload = [line[6:] if line[5:6] == b" " else line[5:] for line in event.splitlines() if line.startswith(b"data:")]
     if not payload:
         return None

@@ -67,7 +67,7 @@ def _check_required(view: object, surface: Surface) -> None:
 
 
 def inference_handler(surface: Surface, default_model: str, metrics: Metrics) -> Handler:
-    """The aiohttp handler for an OpenAI inference surface."""
+    """The aiohttp handler for an inference surface (any of the client APIs)."""
     in_flight = metrics.in_flight.labels(surface.name)
 
     async def handle(request: web.Request) -> web.StreamResponse:
