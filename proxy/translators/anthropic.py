@@ -39,7 +39,7 @@ from proxy.translators.neutral import (
     UpstreamRequest,
     unsupported,
 )
-from proxy.translators.openai import inject_members
+from proxy.translators.openai import closing_members, inject_members
 
 KIND: Final = "anthropic"
 PATH: Final = "/v1/messages"
@@ -630,9 +630,9 @@ class MessagesPassthrough:
         return error_event(err, request_id)
 
     def finish(self, meta: bytes | None, cost: bytes = b"", extra: bytes = b"") -> bytes:
-        extra = b",".join(part for part in (cost, extra, b'"meta":' + meta if meta is not None else b"") if part)
         held, self._held = self._held, None
-        delta = sse_event(b"message_delta", inject_members(held, extra)) if held is not None else b""
+        members = closing_members(cost, extra, meta)
+        delta = sse_event(b"message_delta", inject_members(held, members)) if held is not None else b""
         return delta + MESSAGE_STOP
 
 

@@ -30,7 +30,7 @@ from proxy.translators.neutral import (
     UpstreamRequest,
     unsupported,
 )
-from proxy.translators.openai import DONE, GATEWAY_FIELDS, OpenAIUsage, inject_members
+from proxy.translators.openai import DONE, GATEWAY_FIELDS, OpenAIUsage, decode_body, inject_members
 
 KIND: Final = "openai"
 PATH: Final = "/chat/completions"
@@ -213,16 +213,7 @@ _KNOWN: Final = frozenset(ChatRequest.__struct_fields__) | frozenset(GATEWAY_FIE
 
 
 def decode_request(body: bytes, drop_params: bool = False) -> ChatRequest:
-    try:
-        request = _request_decoder.decode(body)
-    except msgspec.ValidationError as e:
-        message, _, where = str(e).partition(" - at ")
-        param = where.strip("`").removeprefix("$.") or None
-        raise GatewayError(
-            Code.invalid_request, f"Invalid request: {message}" + (f" at {param}" if param else ""), param=param
-        ) from None
-    except (msgspec.DecodeError, RecursionError) as e:
-        raise GatewayError(Code.invalid_json, f"The request body is not valid JSON: {e}") from None
+    request = decode_body(_request_decoder.decode, body)
     if not drop_params:
         members = _members_decoder.decode(body)
         for name in members.keys() - _KNOWN:

@@ -142,8 +142,8 @@ class Pipe:
         return self.writer.error(err, request_id)
 
     def finish(self, meta: bytes | None, cost: bytes = b"", extra: bytes = b"") -> bytes:
-        shown = (cost if self.shows_cost else b"", extra, b'"meta":' + meta if meta is not None else b"")
-        return self.writer.finish(self.reader.usage, b",".join(part for part in shown if part))
+        members = openai.closing_members(cost if self.shows_cost else b"", extra, meta)
+        return self.writer.finish(self.reader.usage, members)
 
 
 @final

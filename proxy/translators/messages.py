@@ -42,6 +42,7 @@ from proxy.translators.neutral import (
     ToolCallDelta,
     ToolChoiceFunction,
 )
+from proxy.translators.openai import decode_body
 
 __all__ = ["SURFACE", "MessagesWriter", "decode_request", "render_response", "writer"]
 
@@ -248,16 +249,7 @@ def decode_request(body: bytes, drop_params: bool = False) -> ChatRequest:
 
     With `drop_params` (the provider's setting), top-level members only Anthropic honours are dropped
     instead of refused; content and tools it cannot carry are still refused (the answer would be wrong)."""
-    if not body:
-        raise GatewayError(Code.invalid_json, "The request body is empty; expected a JSON object.")
-    try:
-        req = _request_decoder.decode(body)
-    except msgspec.ValidationError as e:
-        raise _invalid(str(e)) from None
-    except msgspec.DecodeError as e:
-        raise GatewayError(Code.invalid_json, f"The request body is not valid JSON: {e}") from None
-    except RecursionError:
-        raise GatewayError(Code.invalid_json, "The request body nests JSON values too deeply.") from None
+    req = decode_body(_request_decoder.decode, body, _invalid)
     for name, why in _ANTHROPIC_ONLY.items():
         if getattr(req, name) is not UNSET and not drop_params:
             raise GatewayError(

@@ -7,7 +7,8 @@ copied as raw bytes, never re-encoded). Responses are forwarded as they came; us
 
 from __future__ import annotations
 
-from typing import Final, final
+from collections.abc import Callable
+from typing import Final, TypeVar, final
 
 import msgspec
 from msgspec import UNSET, Raw, UnsetType
@@ -28,6 +29,7 @@ GATEWAY_FIELDS: Final = (
 )
 
 DONE: Final = b"data: [DONE]\n\n"
+T = TypeVar("T")
 
 
 class _StreamOptions(msgspec.Struct):
@@ -60,22 +62,43 @@ _members_decoder = msgspec.json.Decoder(dict[str, Raw])
 _encoder = msgspec.json.Encoder()
 
 
-def decode_request(body: bytes) -> RequestView:
-    """The view of a request body; GatewayError(400) naming what is wrong."""
+def invalid_member(text: str) -> GatewayError:
+    """A msgspec validation message (`… - at $.a.b`) → the 400 naming the member (`param`: `a.b`)."""
+    message, _, where = text.partition(" - at ")
+    param = where.strip("`").removeprefix("$.") or None
+    return GatewayError(
+        Code.invalid_request, f"Invalid request: {message}" + (f" at {param}" if param else ""), param=param
+    )
+
+
+def decode_body(
+    decode: Callable[[bytes], T], body: bytes, invalid: Callable[[str], GatewayError] = invalid_member
+) -> T:
+    """`decode(body)` for a client's request body, its failures as the gateway's 400s: an empty body, JSON
+    that does not parse or nests too deeply (`invalid_json`), a member of the wrong shape (`invalid(text)`)."""
     if not body:
         raise GatewayError(Code.invalid_json, "The request body is empty; expected a JSON object.")
     try:
-        return _view_decoder.decode(body)
+        return decode(body)
     except msgspec.ValidationError as e:
-        message, _, where = str(e).partition(" - at ")
-        param = where.strip("`").removeprefix("$.") or None
-        raise GatewayError(
-            Code.invalid_request, f"Invalid request: {message}" + (f" at {param}" if param else ""), param=param
-        ) from None
+        raise invalid(str(e)) from None
     except msgspec.DecodeError as e:
         raise GatewayError(Code.invalid_json, f"The request body is not valid JSON: {e}") from None
     except RecursionError:
         raise GatewayError(Code.invalid_json, "The request body nests JSON values too deeply.") from None
+
+
+def decode_request(body: bytes) -> RequestView:
+    """The view of a request body; GatewayError(400) naming what is wrong."""
+    return decode_body(_view_decoder.decode, body)
+
+
+def closing_members(cost: bytes, extra: bytes, meta: bytes | None) -> bytes:
+    """The members a stream's final event carries: cost (b"" when not shown), extra members, then meta."""
+    parts = [part for part in (cost, extra) if part]
+    if meta is not None:
+        parts.append(b'"meta":' + meta)
+    return b",".join(parts)
 
 
 def patch_members(body: bytes, set_members: dict[str, bytes], drop: tuple[str, ...] = ()) -> bytes:
@@ -324,12 +347,7 @@ class ChatStream:
         `"cost_nanos":…,"currency":…,"pricing_lines":[…]` members), `extra` members and `meta`; or, without
         usage, a chunk with `choices: []` carrying `extra` and `meta` alone.
         """
-        parts = [cost] if cost and self.wants_usage else []
-        if extra:
-            parts.append(extra)
-        if meta is not None:
-            parts.append(b'"meta":' + meta)
-        members = b",".join(parts)
+        members = closing_members(cost if self.wants_usage else b"", extra, meta)
         if self._held is not None:
             return data_event(inject_members(self._held, members)) + DONE
         if not members:

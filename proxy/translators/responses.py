@@ -47,7 +47,7 @@ from proxy.translators.neutral import (
     ToolCallDelta,
     ToolChoiceFunction,
 )
-from proxy.translators.openai import GATEWAY_FIELDS, inject_members
+from proxy.translators.openai import GATEWAY_FIELDS, closing_members, decode_body, inject_members
 
 NAME: Final = "openai.responses"
 
@@ -217,15 +217,7 @@ def decode_request(body: bytes, drop_params: bool = False) -> ChatRequest:
     built-in tool calls. Stateful parameters and content parts (files, audio) still answer 400: dropping
     them would silently change the conversation itself.
     """
-    if not body:
-        raise GatewayError(Code.invalid_json, "The request body is empty; expected a JSON object.")
-    try:
-        view = _view(body, drop_params)
-    except msgspec.DecodeError as e:
-        raise GatewayError(Code.invalid_json, f"The request body is not valid JSON: {e}") from None
-    except RecursionError:
-        raise GatewayError(Code.invalid_json, "The request body nests JSON values too deeply.") from None
-    return _neutral(view, drop_params)
+    return _neutral(decode_body(lambda data: _view(data, drop_params), body), drop_params)
 
 
 def _neutral(view: RequestView, drop_params: bool) -> ChatRequest:
@@ -990,9 +982,7 @@ class ResponsesPassthrough:
         held = self._held
         if held is None:
             return b""
-        members = [part for part in (cost, extra) if part]
-        if meta is not None:
-            members.append(b'"meta":' + meta)
+        members = closing_members(cost, extra, meta)
         if not members:
             return held
         data = event_data(held)
@@ -1002,7 +992,7 @@ class ResponsesPassthrough:
         response = top.get("response")
         if response is None:
             return held
-        top["response"] = Raw(inject_members(bytes(response), b",".join(members)))
+        top["response"] = Raw(inject_members(bytes(response), members))
         patched = _encoder.encode(top)
         if data in held:
             return held.replace(data, patched, 1)
