@@ -36,9 +36,9 @@ NOTES = """\
 Means over {rounds} round(s) of {duration} s per measurement; targets interleaved within each round.
 For stream loads, requests/s counts whole streams and p50/p99 are stream durations.
 TTFT: median time from sending a streaming request to its first event.
-Per-event delay: mean over all events of (arrival time - the mock's `t_sent_ns` in the event); direct
+Per-event delay: mean over content events of (arrival time - the send time the mock stamps in their text); direct
 includes the client's own cost, so the added columns (this row minus direct, same load) are the overhead.
-Errors: non-200 answers, failed connections and streams without `data: [DONE]`."""
+Errors: non-200 answers, failed connections and streams without `data: [DONE]` (or `message_stop`)."""
 
 
 @dataclass(frozen=True, slots=True)
