@@ -17,7 +17,7 @@ import orjson
 
 from proxy.errors import OPENAI, Code, GatewayError, error_body
 from proxy.meta import Usage
-from proxy.sse import EventBuffer, data_event, event_data, split_events
+from proxy.sse import EventBuffer, data_event, event_data, single_data, split_events
 from proxy.translators.neutral import (
     ChatChunk,
     ChatRequest,
@@ -61,12 +61,6 @@ def build_request(request: ChatRequest, upstream_model: str, stream: bool, drop_
     return UpstreamRequest(path=PATH, body=body)
 
 
-class _UpChoice(msgspec.Struct):
-    index: int = 0
-    delta: Delta | None = None  # some compatible servers omit it on the last chunk
-    finish_reason: str | None = None
-
-
 class _UsageView(msgspec.Struct):
     usage: OpenAIUsage | None = None
 
@@ -75,14 +69,37 @@ class _UpChunk(msgspec.Struct):
     id: str = ""
     created: int = 0
     model: str = ""
-    choices: list[_UpChoice] | None = None
+    choices: list[ChunkChoice] | None = None  # decoded straight into the neutral form
     usage: OpenAIUsage | None = None
     error: Any = None
+
+
+class _LaxChoice(msgspec.Struct):
+    index: int = 0
+    delta: Delta | None = None  # `"delta": null`, which the neutral form does not take
+    finish_reason: str | None = None
+
+
+class _LaxChunk(_UpChunk):
+    choices: list[_LaxChoice] | None = None  # type: ignore[assignment]
 
 
 _usage_decoder = msgspec.json.Decoder(_UsageView)
 _response_decoder = msgspec.json.Decoder(ChatResponse)
 _chunk_decoder = msgspec.json.Decoder(_UpChunk)
+_lax_chunk_decoder = msgspec.json.Decoder(_LaxChunk)
+
+
+def _decode_chunk(data: bytes) -> _UpChunk:
+    try:
+        return _chunk_decoder.decode(data)
+    except msgspec.ValidationError:
+        lax = _lax_chunk_decoder.decode(data)
+        choices = [
+            ChunkChoice(index=c.index, delta=c.delta or Delta(), finish_reason=c.finish_reason)
+            for c in lax.choices or ()
+        ]
+        return _UpChunk(lax.id, lax.created, lax.model, choices, lax.usage, lax.error)
 
 
 def parse_response(body: bytes) -> tuple[ChatResponse, Usage | None]:
@@ -146,37 +163,44 @@ class ChatReader:
         self.events = 0
 
     def feed(self, chunk: bytes) -> list[ChatChunk]:
-        complete = self._buffer.feed(chunk)
-        if not complete or self.done:
+        if self.done:
             return []
-        out: list[ChatChunk] = []
+        data = single_data(chunk) if self._buffer.empty else None
+        if data is not None:  # the common case: the chunk is one whole `data: {...}` event
+            out: list[ChatChunk] = []
+            self._on_data(data, out)
+            return out
+        complete = self._buffer.feed(chunk)
+        if not complete:
+            return []
+        out = []
         for raw in split_events(complete):
             data = event_data(raw)
-            if data is None:
-                continue
-            self.events += 1
-            if data.strip() == b"[DONE]":
-                self.done = True
+            if data is not None and not self._on_data(data, out):
                 break
-            try:
-                up = _chunk_decoder.decode(data)
-            except (msgspec.DecodeError, RecursionError):
-                continue
-            if up.error is not None:
-                self.failure = parse_error(502, data) or GatewayError(Code.upstream_bad_response, "stream error")
-                self.done = True
-                break
-            if not self.id:
-                self.id, self.created, self.model = up.id, up.created, up.model
-            if up.usage is not None:
-                self.usage = up.usage.neutral()
-            if up.choices:
-                choices = [
-                    ChunkChoice(index=c.index, delta=c.delta or Delta(), finish_reason=c.finish_reason)
-                    for c in up.choices
-                ]
-                out.append(ChatChunk(id=up.id, created=up.created, model=up.model, choices=choices))
         return out
+
+    def _on_data(self, data: bytes, out: list[ChatChunk]) -> bool:
+        """Reads one event's data into `out`; False once the stream is over."""
+        self.events += 1
+        if data.strip() == b"[DONE]":
+            self.done = True
+            return False
+        try:
+            up = _decode_chunk(data)
+        except (msgspec.DecodeError, RecursionError):
+            return True
+        if up.error is not None:
+            self.failure = parse_error(502, data) or GatewayError(Code.upstream_bad_response, "stream error")
+            self.done = True
+            return False
+        if not self.id:
+            self.id, self.created, self.model = up.id, up.created, up.model
+        if up.usage is not None:
+            self.usage = up.usage.neutral()
+        if up.choices:
+            out.append(ChatChunk(id=up.id, created=up.created, model=up.model, choices=up.choices))
+        return True
 
 
 PROVIDER: Final = ProviderTranslator(

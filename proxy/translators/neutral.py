@@ -223,7 +223,7 @@ class Delta(_S, kw_only=True):
 
 class ChunkChoice(_Full, kw_only=True):
     index: int = 0
-    delta: Delta
+    delta: Delta = msgspec.field(default_factory=Delta)  # some compatible servers omit it on the last chunk
     finish_reason: str | None = None
 
 
