@@ -23,14 +23,8 @@ from proxy.errors import Code, GatewayError
 from proxy.meta import Usage
 from proxy.sse import event_data, split_events
 from proxy.translators.neutral import ChatChunk, ChatRequest, ChatResponse, StreamWriter
-from proxy.translators.responses import (
-    SURFACE,
-    ResponsesPassthrough,
-    decode_request,
-    render_response,
-    response_usage,
-    writer,
-)
+from proxy.translators.responses import SURFACE, decode_request, render_response, writer
+from proxy.translators.responses_native import ResponsesPassthrough, response_usage
 
 FIXTURES = Path(__file__).parent / "fixtures" / "responses"
 _event_adapter: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)

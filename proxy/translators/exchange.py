@@ -13,7 +13,7 @@ from typing import Final, Protocol, final
 
 from proxy.errors import Code, GatewayError
 from proxy.meta import Usage
-from proxy.translators import anthropic, chat, gemini, messages, openai, responses
+from proxy.translators import anthropic, chat, gemini, messages, openai, responses, responses_native
 from proxy.translators.neutral import (
     ChatChunk,
     ChatResponse,
@@ -175,7 +175,7 @@ class Exchange:
             if self.surface == "anthropic.messages":
                 return anthropic.MessagesPassthrough(wants_meta)
             if self.surface == "openai.responses":
-                return responses.ResponsesPassthrough(wants_meta)
+                return responses_native.ResponsesPassthrough(wants_meta)
             return openai.ChatStream(self.wants_usage, wants_meta)
         writer = self._surface.writer(self.model, self.wants_usage)
         shows_cost = self.wants_usage or self.surface != "openai.chat"
@@ -187,7 +187,7 @@ class Exchange:
             if self.surface == "anthropic.messages":
                 return anthropic.message_view(body)
             if self.surface == "openai.responses":
-                return responses.response_usage(body)
+                return responses_native.response_usage(body)
             return openai.response_view(body)
         self._parsed, usage = self._provider.parse_response(body)
         return usage, self._parsed.id
