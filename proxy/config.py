@@ -70,8 +70,12 @@ class ServerConfig(_Base):
     port: int = 8080
     workers: int = 1
     max_body_bytes: int = 16 * 1024 * 1024
+    body_timeout_s: float = 30.0  # the longest a client may take to send its request body
+    max_header_bytes: int = 16 * 1024  # one request or header line
+    max_headers: int = 128
+    max_streams_per_key: int = 0  # concurrent streams one API key may hold open; 0: no limit
     drain_timeout_s: float = 30.0
-    access_log: bool = False
+    access_log: bool = False  # one JSON line per request on the `proxy.access` logger
 
 
 class StoreConfig(_Base):
@@ -101,9 +105,17 @@ class AccountingConfig(_Base):
 
 
 class Timeouts(_Base):
-    connect_s: float = 10.0
-    read_s: float = 300.0
-    total_s: float = 900.0
+    connect_s: float = 10.0  # TCP (and TLS) connection
+    first_byte_s: float = 300.0  # request sent → response headers (a whole answer, when not streamed)
+    idle_s: float = 300.0  # the longest silence between two reads of a response body (stream events)
+    total_s: float = 900.0  # the whole exchange, stream included
+
+
+class BreakerConfig(_Base):
+    """Per target (provider + upstream model): `failures` in a row open it for `cooldown_s`, then one probe."""
+
+    failures: int = 5  # 0: never open
+    cooldown_s: float = 30.0
 
 
 class ProviderConfig(_Base):
@@ -113,16 +125,27 @@ class ProviderConfig(_Base):
     headers: dict[str, str] = {}
     timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
     max_connections: int = 512
+    breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
     drop_params: bool = False  # drop request parameters this provider cannot honour instead of answering 400
 
 
 class Target(_Base):
     provider: str
     model: str
+    weight: float | None = None  # set on any target: requests are spread by weight, the rest are fallbacks
 
 
 class ModelConfig(_Base):
     targets: list[Target]
+    retries: int = 1  # further attempts on the same target after a retryable failure, before the next target
+    backoff_s: float = 0.25  # the first retry's mean delay; doubled each time, with full jitter
+    max_retry_wait_s: float = 10.0  # the longest Retry-After waited for; a longer one moves to the next target
+
+    @property
+    def weighted(self) -> bool:
+        """Whether requests are spread over the targets by weight."""
+        return any(t.weight for t in self.targets)
+
     endpoints: list[str] = msgspec.field(default_factory=lambda: list(TEXT_ENDPOINTS))
     aliases: list[str] = []
     owned_by: str = ""
@@ -401,6 +424,14 @@ def check(config: GatewayConfig, fail: Any) -> None:
         fail(["server", "max_body_bytes"], f"expected at least 1024 bytes, got {server.max_body_bytes}")
     if server.drain_timeout_s < 0:
         fail(["server", "drain_timeout_s"], "expected a duration >= 0 seconds")
+    if server.body_timeout_s <= 0:
+        fail(["server", "body_timeout_s"], "expected a duration > 0 seconds")
+    if server.max_header_bytes < 1024:
+        fail(["server", "max_header_bytes"], f"expected at least 1024 bytes, got {server.max_header_bytes}")
+    if server.max_headers < 16:
+        fail(["server", "max_headers"], f"expected at least 16, got {server.max_headers}")
+    if server.max_streams_per_key < 0:
+        fail(["server", "max_streams_per_key"], "expected 0 (no limit) or more")
     if config.accounting.max_backlog < 1:
         fail(["accounting", "max_backlog"], "expected at least 1")
     if config.auth.cache_ttl_s < 0:
@@ -417,11 +448,15 @@ def check(config: GatewayConfig, fail: Any) -> None:
             )
         if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", provider.base_url):
             fail([*where, "base_url"], f"expected an http(s) URL, got {provider.base_url!r}")
-        for field in ("connect_s", "read_s", "total_s"):
+        for field in Timeouts.__struct_fields__:
             if getattr(provider.timeouts, field) <= 0:
                 fail([*where, "timeouts", field], "expected a duration > 0 seconds")
         if provider.max_connections < 1:
             fail([*where, "max_connections"], "expected at least 1")
+        if provider.breaker.failures < 0:
+            fail([*where, "breaker", "failures"], "expected 0 (never open) or more")
+        if provider.breaker.cooldown_s <= 0:
+            fail([*where, "breaker", "cooldown_s"], "expected a duration > 0 seconds")
 
     providers = sorted(config.providers)
     for model_id, model in config.models.items():
@@ -434,6 +469,13 @@ def check(config: GatewayConfig, fail: Any) -> None:
                     [*where, "targets", i, "provider"],
                     f"unknown provider {target.provider!r} (expected one of: {', '.join(providers) or 'none defined'})",
                 )
+            if target.weight is not None and not target.weight > 0:
+                fail([*where, "targets", i, "weight"], f"expected a weight > 0, got {target.weight}")
+        if model.retries < 0:
+            fail([*where, "retries"], f"expected 0 or more retries, got {model.retries}")
+        for field in ("backoff_s", "max_retry_wait_s"):
+            if getattr(model, field) < 0:
+                fail([*where, field], "expected a duration >= 0 seconds")
         for i, endpoint in enumerate(model.endpoints):
             if endpoint not in ENDPOINT_IDS:
                 fail(

@@ -39,6 +39,7 @@ class Code(enum.Enum):
     route_not_found = (404, "not_found_error")
     method_not_allowed = (405, "invalid_request_error")
     payload_too_large = (413, "invalid_request_error")
+    too_many_streams = (429, "rate_limit_error")
     internal_error = (500, "api_error")
     upstream_unreachable = (502, "upstream_error")
     upstream_bad_response = (502, "upstream_error")

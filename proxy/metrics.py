@@ -75,6 +75,9 @@ class _ValueSeries:
     def dec(self, amount: float = 1) -> None:
         self.value -= amount
 
+    def set(self, value: float) -> None:
+        self.value = value
+
 
 class _LeanMetric:
     """`.labels(*values)` like prometheus-client's metrics; `family()` for the collector."""
@@ -122,8 +125,10 @@ class _LeanCollector(Collector):
 @final
 class Metrics:
     __slots__ = (
+        "_attempts",
         "_children",
         "_counts",
+        "breaker_state",
         "duration",
         "in_flight",
         "multiprocess",
@@ -135,6 +140,7 @@ class Metrics:
         "tokens",
         "tpot",
         "ttft",
+        "upstream_attempts",
         "upstream_duration",
     )
 
@@ -144,7 +150,9 @@ class Metrics:
         self.registry = CollectorRegistry()
         lean: list[_LeanMetric] = []
 
-        def make(kind: str, name: str, doc: str, labels: tuple[str, ...], buckets: tuple[float, ...] = ()) -> Any:
+        def make(
+            kind: str, name: str, doc: str, labels: tuple[str, ...], buckets: tuple[float, ...] = (), mode: str = ""
+        ) -> Any:
             if not self.multiprocess:
                 lean.append(_LeanMetric(kind, name, doc, labels, buckets))
                 return lean[-1]
@@ -152,7 +160,7 @@ class Metrics:
             if kind == "histogram":
                 return Histogram(name, doc, labels, buckets=buckets, registry=None)
             if kind == "gauge":
-                return Gauge(name, doc, labels, registry=None, multiprocess_mode="livesum")
+                return Gauge(name, doc, labels, registry=None, multiprocess_mode=mode or "livesum")
             return Counter(name, doc, labels, registry=None)
 
         self.requests = make(
@@ -216,8 +224,23 @@ class Metrics:
             "Tokens metered, by type (input, output).",
             (*_LABELS, "gen_ai_token_type"),
         )
+        self.upstream_attempts = make(
+            "counter",
+            "gateway_upstream_attempts",
+            "Calls to providers, by provider, upstream model and outcome (ok, an HTTP status, timeout, unreachable, "
+            "broken).",
+            ("provider", "upstream_model", "outcome"),
+        )
+        self.breaker_state = make(
+            "gauge",
+            "gateway_upstream_breaker_state",
+            "Circuit breaker per target: 0 closed, 1 open, 2 half-open (the worst over workers).",
+            ("provider", "upstream_model"),
+            mode="livemax",
+        )
         if lean:
             self.registry.register(_LeanCollector(lean))
+        self._attempts: dict[tuple[str, str, str], Any] = {}
         self._children: dict[tuple[str, str, str], tuple] = {}
         self._counts: dict[tuple[str, str, str, int], object] = {}
 
@@ -265,6 +288,14 @@ class Metrics:
                 tok_in.inc(usage.input_tokens)
             if usage.output_tokens:
                 tok_out.inc(usage.output_tokens)
+
+    def attempt(self, provider: str, model: str, outcome: str) -> None:
+        """Count one call to a provider (outcomes are few: `ok`, a status, or a transport failure's kind)."""
+        key = (provider, model, outcome)
+        counter = self._attempts.get(key)
+        if counter is None:
+            counter = self._attempts[key] = self.upstream_attempts.labels(*key)
+        counter.inc()
 
     def render(self) -> tuple[bytes, str]:
         if self.multiprocess:

@@ -26,7 +26,8 @@ class Upstream:
         self.kind = config.kind
         self.base_url = config.base_url.rstrip("/")
         t = config.timeouts
-        self.timeout = aiohttp.ClientTimeout(total=t.total_s, sock_connect=t.connect_s, sock_read=t.read_s)
+        # sock_read bounds the wait for the response headers; `idle` narrows it for a stream's body.
+        self.timeout = aiohttp.ClientTimeout(total=t.total_s, sock_connect=t.connect_s, sock_read=t.first_byte_s)
         headers = {"Content-Type": "application/json", "User-Agent": f"stats-gateway/{__version__}"}
         headers.update(PROVIDERS[config.kind].auth_headers(config.api_key))
         headers.update(config.headers)
@@ -47,6 +48,17 @@ class Upstream:
             url = self._urls[path] = URL(self.base_url + path)
         return url
 
+    def idle(self, resp: aiohttp.ClientResponse) -> None:
+        """From now on, bound the silence between reads of `resp`'s body by `timeouts.idle_s` (the
+        connection's read timer, restarted; aiohttp has no per-response setting for it)."""
+        idle = self.config.timeouts.idle_s
+        if idle == self.config.timeouts.first_byte_s or resp.connection is None:
+            return
+        protocol = resp.connection.protocol
+        if protocol is not None:
+            protocol.read_timeout = idle
+            protocol.start_timeout()
+
     async def close(self) -> None:
         await self.session.close()
 
@@ -57,7 +69,9 @@ class Upstream:
             if isinstance(exc, aiohttp.ConnectionTimeoutError):
                 limit = f"{self.config.timeouts.connect_s:g} s to connect"
             elif isinstance(exc, aiohttp.SocketTimeoutError):
-                limit = f"{self.config.timeouts.read_s:g} s between bytes"
+                t = self.config.timeouts
+                idle = phase in ("streaming", "waiting for its first event")
+                limit = f"{t.idle_s:g} s between events" if idle else f"{t.first_byte_s:g} s to answer"
             else:
                 limit = f"{self.config.timeouts.total_s:g} s in total"
             return GatewayError(Code.upstream_timeout, f"The {where} timed out while {phase} (limit: {limit}).")

@@ -30,7 +30,11 @@ class Received:
 
 @dataclass
 class MockControl:
-    mode: str = "ok"  # ok | tool_call | status | not_json | stall | truncate | broken_sse | plain_error
+    # ok | tool_call | status | not_json | truncated_json | stall | truncate | broken_sse | plain_error | reset
+    # | reset_mid_stream | silent_stream
+    mode: str = "ok"
+    script: list[str] = field(default_factory=list)  # modes for the next chat requests, one each, before `mode`
+    headers: dict[str, str] = field(default_factory=dict)  # added to `status` answers (e.g. Retry-After)
     status: int = 500
     error_body: bytes = b'{"error": {"message": "upstream says no", "type": "server_error", "code": null}}'
     events: int = 5  # content chunks in a stream
@@ -75,15 +79,26 @@ def build_mock(control: MockControl) -> web.Application:
         control.peers.append(request.transport.get_extra_info("peername")[1])  # type: ignore[union-attr]
         payload = orjson.loads(body)
         model = payload.get("model", "")
-        if control.mode == "stall":
+        mode = control.script.pop(0) if control.script else control.mode
+        if mode == "reset":  # the connection drops before any answer
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response()
+        if mode == "stall":
             await asyncio.sleep(control.stall_s)
-        if control.mode == "status":
-            return web.Response(status=control.status, body=control.error_body, content_type="application/json")
-        if control.mode == "plain_error":
+        if mode == "status":
+            return web.Response(
+                status=control.status, body=control.error_body, content_type="application/json", headers=control.headers
+            )
+        if mode == "plain_error":
             return web.Response(status=control.status, text="<html>Bad Gateway</html>", content_type="text/html")
-        if control.mode == "not_json":
+        if mode == "not_json":
             return web.Response(status=200, text="this is not json", content_type="application/json")
-        if control.mode == "tool_call":
+        if mode == "truncated_json":
+            return web.Response(
+                status=200, text='{"id": "chatcmpl-mock", "choices": [{"ind', content_type="application/json"
+            )
+        if mode == "tool_call":
             return await _tool_call(request, payload, model)
         if not payload.get("stream"):
             return web.json_response(
@@ -102,11 +117,13 @@ def build_mock(control: MockControl) -> web.Application:
                     "usage": USAGE,
                 }
             )
-        return await _stream(request, payload, model)
+        return await _stream(request, payload, model, mode)
 
-    async def _stream(request: web.Request, payload: dict, model: str) -> web.StreamResponse:
+    async def _stream(request: web.Request, payload: dict, model: str, mode: str) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
+        if mode == "silent_stream":  # headers, then nothing for a while
+            await asyncio.sleep(control.stall_s)
         include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
         usage_extra = {"usage": None} if include_usage else {}
         try:
@@ -120,9 +137,13 @@ def build_mock(control: MockControl) -> web.Application:
                 control.first_sent.set()
                 if control.gate_after and i + 1 == control.gate_after:
                     await control.gate.wait()
-            if control.mode == "truncate":
+                if mode == "reset_mid_stream" and i == 1:
+                    assert request.transport is not None
+                    request.transport.abort()
+                    return resp
+            if mode == "truncate":
                 return resp  # ends without finish, usage or [DONE]
-            if control.mode == "broken_sse":
+            if mode == "broken_sse":
                 await resp.write(b"data: " + b"x" * 64)  # an event that never ends
                 return resp
             await resp.write(_chunk(model, {}, "stop", **usage_extra))

@@ -318,10 +318,10 @@ ERROR_CASES = [
     ),
     (
         "unknown-field-in-target",
-        BASE.replace("model: gpt-4o-mini", "model: gpt-4o-mini\n        weight: 2"),
-        "weight",  # the unknown key's own line
+        BASE.replace("model: gpt-4o-mini", "model: gpt-4o-mini\n        priority: 2"),
+        "priority",  # the unknown key's own line
         "$.models['openai/gpt-4o-mini'].targets[0]",
-        ("unknown field `weight`",),
+        ("unknown field `priority`",),
     ),
     (
         "unknown-field-in-model",
@@ -381,14 +381,14 @@ ERROR_CASES = [
     ),
     (
         "connect-timeout-not-a-number",
-        BASE.replace("kind: openai\n", "kind: openai\n    timeouts:\n      read_s: 60\n      connect_s: soon\n"),
+        BASE.replace("kind: openai\n", "kind: openai\n    timeouts:\n      idle_s: 60\n      connect_s: soon\n"),
         "connect_s",
         "$.providers.openai.timeouts.connect_s",
         ("Expected `float`, got `str`",),
     ),
     (
         "connect-timeout-zero",
-        BASE.replace("kind: openai\n", "kind: openai\n    timeouts:\n      read_s: 60\n      connect_s: 0\n"),
+        BASE.replace("kind: openai\n", "kind: openai\n    timeouts:\n      idle_s: 60\n      connect_s: 0\n"),
         "connect_s",
         "$.providers.openai.timeouts.connect_s",
         ("expected a duration > 0 seconds",),
@@ -577,7 +577,7 @@ def test_small_config_loads_with_defaults(tmp_path: Path) -> None:
         "",
         {},
     )
-    assert (provider.timeouts.connect_s, provider.timeouts.read_s, provider.timeouts.total_s) == (10.0, 300.0, 900.0)
+    assert (provider.timeouts.connect_s, provider.timeouts.idle_s, provider.timeouts.total_s) == (10.0, 300.0, 900.0)
     model = config.models["openai/gpt-4o-mini"]
     assert model.endpoints == ["chat.completions", "responses", "messages"]
     assert [(t.provider, t.model) for t in model.targets] == [("openai", "gpt-4o-mini")]

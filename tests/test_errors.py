@@ -142,7 +142,8 @@ async def test_502_upstream_unreachable(aiohttp_client, mock, store_url, make_ke
 
 async def test_504_upstream_timeout(aiohttp_client, mock, store_url, make_key):
     config = load_config(DEFAULT_CONFIG, env=env_for(mock, store_url))
-    config.providers["openai"].timeouts.read_s = 0.3
+    config.providers["openai"].timeouts.first_byte_s = 0.3
+    config.models["openai/gpt-4o-mini"].retries = 0
     client = await aiohttp_client(build_app(config))
     key = await make_key()
     mock.control.mode, mock.control.stall_s = "stall", 3
@@ -199,7 +200,7 @@ async def test_broken_sse_framing_ends_with_an_error_event(gateway, key, mock):
 
 async def test_stream_stall_mid_way_ends_with_timeout_event(aiohttp_client, mock, store_url, make_key):
     config = load_config(DEFAULT_CONFIG, env=env_for(mock, store_url))
-    config.providers["openai"].timeouts.read_s = 0.3
+    config.providers["openai"].timeouts.idle_s = 0.3
     client = await aiohttp_client(build_app(config))
     key = await make_key()
     mock.control.gate_after = 2  # never released: the upstream goes silent mid-stream

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import final
 
 import aiohttp
 import msgspec
@@ -21,15 +22,25 @@ from aiohttp import web
 from msgspec import UNSET
 
 from proxy.auth import token_from_headers
+from proxy.config import ModelConfig, Target
 from proxy.debug import Echo, wanted
 from proxy.errors import Code, GatewayError, render
 from proxy.gateway import GATEWAY, Gateway
 from proxy.meta import RequestMeta, new_request_id
 from proxy.metrics import Metrics
+from proxy.resilience import (
+    FALLBACK_STATUSES,
+    RETRYABLE_STATUSES,
+    Health,
+    decode_prefs,
+    order_targets,
+    retry_after,
+    retry_delay,
+)
 from proxy.routing import Surface
 from proxy.sse import SSEError
 from proxy.translators.exchange import Exchange, Relay, plan
-from proxy.translators.openai import decode_request
+from proxy.translators.openai import RequestView, decode_request
 from proxy.upstream import Upstream
 
 log = logging.getLogger("proxy.surfaces.inference")
@@ -126,41 +137,202 @@ async def _serve(
     if gw.accountant is not None and gw.accountant.backlogged:
         raise GatewayError(Code.unavailable, "Usage records are waiting for the store; retry shortly.")
 
-    target = model.targets[0]
-    upstream = gw.upstreams[target.provider]
-    meta.provider, meta.upstream_model = target.provider, target.model
-    meta.tariff = gw.pricing.tariff(model_id, target.provider)
+    prefs = decode_prefs(view.provider)
+    targets = order_targets(model_id, model, prefs, gw.sort_key) if prefs or model.weighted else model.targets
     stream = surface.streaming and view.stream
     meta.stream = stream
     wants_meta = view.meta if isinstance(view.meta, bool) else gw.config.meta.always
-    exchange = plan(
-        surface.name,
-        upstream.kind,
-        body,
-        view,
-        target.model,
-        model_id,
-        stream,
-        upstream.config.drop_params,
-        request.headers,
-    )
-    up = exchange.upstream
     echo = wanted(view.echo_upstream_request, view.debug)
+    if stream and gw.config.server.max_streams_per_key:
+        with gw.stream_slot(key.kid):
+            return await _try_targets(
+                request, gw, surface, body, view, model_id, model, targets, meta, wants_meta, echo
+            )
+    return await _try_targets(request, gw, surface, body, view, model_id, model, targets, meta, wants_meta, echo)
+
+
+async def _try_targets(
+    request: web.Request,
+    gw: Gateway,
+    surface: Surface,
+    body: bytes,
+    view: RequestView,
+    model_id: str,
+    model: ModelConfig,
+    targets: list[Target],
+    meta: RequestMeta,
+    wants_meta: bool,
+    echo: Echo | None,
+) -> web.StreamResponse:
+    """Try the targets in order, each up to `retries` more times, until one answers; never once the
+    client has received a byte. Out of tries: the last failure, as the client's error."""
+    failure: _Retry | None = None
+    unplannable: GatewayError | None = None
+    for target in targets:
+        health = gw.health.of(target)
+        upstream = gw.upstreams[target.provider]
+        try:
+            exchange = plan(
+                surface.name,
+                upstream.kind,
+                body,
+                view,
+                target.model,
+                model_id,
+                meta.stream,
+                upstream.config.drop_params,
+                request.headers,
+            )
+        except GatewayError as e:  # this provider cannot take the request as asked; another may
+            unplannable = unplannable or e
+            continue
+        for retry in range(model.retries + 1):
+            if retry:
+                assert failure is not None
+                delay = retry_delay(retry, model.backoff_s, failure.retry_after)
+                if delay > model.max_retry_wait_s:
+                    break  # the provider asks for longer than we wait: the next target, or its answer
+                await asyncio.sleep(delay)
+            if not health.acquire(time.monotonic()):
+                break  # open circuit (or its one probe is in flight): skip the target
+            meta.provider, meta.upstream_model = target.provider, target.model
+            meta.tariff = gw.pricing.tariff(model_id, target.provider)
+            try:
+                return await _attempt(request, gw, upstream, exchange, health, meta, wants_meta, echo)
+            except _Retry as r:
+                failure = r
+                if not r.same_target:
+                    break
+    if failure is not None:
+        return failure.answer(meta)
+    if unplannable is not None:
+        raise unplannable
+    now = time.monotonic()
+    wait = min((gw.health.of(t).retry_in(now) for t in targets), default=0.0)
+    raise GatewayError(
+        Code.unavailable,
+        f"Every provider of {model_id!r} is failing: their circuits are open after repeated errors. "
+        f"Retry in {max(wait, 1.0):.0f} s.",
+    )
+
+
+@final
+class _Retry(Exception):
+    """An attempt that failed before the client received anything: worth another try (`same_target`: at
+    the same target, after `retry_after` or a backoff). `answer` is what the client gets when none is left."""
+
+    def __init__(
+        self,
+        error: GatewayError,
+        same_target: bool = True,
+        retry_after: float | None = None,
+        reply: web.Response | None = None,
+    ):
+        super().__init__(error.message)
+        self.error = error
+        self.same_target = same_target
+        self.retry_after = retry_after
+        self.reply = reply  # the provider's own error answer, as the client would get it
+
+    def answer(self, meta: RequestMeta) -> web.Response:
+        if self.reply is not None:
+            meta.status = self.reply.status
+            meta.error_code, meta.error_message = Code.upstream_error.name, self.error.message
+            return self.reply
+        raise self.error
+
+
+async def _attempt(
+    request: web.Request,
+    gw: Gateway,
+    upstream: Upstream,
+    exchange: Exchange,
+    health: Health,
+    meta: RequestMeta,
+    wants_meta: bool,
+    echo: Echo | None,
+) -> web.StreamResponse:
+    """One call to one target. Raises `_Retry` for a failure the client has not seen."""
+    up = exchange.upstream
     if echo is not None:
         echo.sent(upstream.url(up.path), {**upstream.session.headers, **up.headers}, up.body, upstream.config.api_key)
-
+    verdict = False
     meta.upstream_started()
     try:
-        resp = await upstream.session.post(upstream.url(up.path), data=up.body, headers=up.headers or None)
-    except _TRANSPORT_ERRORS as e:
-        meta.upstream_ended(0)
-        raise upstream.failure(e, "connecting") from None
-    try:
-        if stream and resp.status == 200 and resp.content_type == "text/event-stream":
-            return await _stream(request, resp, upstream, meta, exchange.relay(meta.request_id, wants_meta), echo)
-        return await _respond(resp, upstream, meta, exchange, wants_meta, echo)
+        try:
+            resp = await upstream.session.post(upstream.url(up.path), data=up.body, headers=up.headers or None)
+        except _TRANSPORT_ERRORS as e:
+            meta.upstream_ended(0)
+            connecting = isinstance(e, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
+            error = upstream.failure(e, "connecting" if connecting else "waiting for its answer")
+            verdict = _failed(gw, health, meta, error.code.name, error.message)
+            raise _Retry(error) from None
+        try:
+            status = resp.status
+            if status in RETRYABLE_STATUSES or status in FALLBACK_STATUSES:
+                raise await _refused(resp, upstream, meta, exchange)
+            first_byte = time.perf_counter() - meta.t_upstream_start
+            if meta.stream and status == 200 and resp.content_type == "text/event-stream":
+                upstream.idle(resp)
+                relay = exchange.relay(meta.request_id, wants_meta)
+                out = await _stream(request, resp, upstream, meta, relay, echo)
+            else:
+                out = await _respond(resp, upstream, meta, exchange, wants_meta, echo)
+        except _Retry as r:
+            outcome = str(r.reply.status) if r.reply is not None else r.error.code.name
+            verdict = _failed(gw, health, meta, outcome, r.error.message)
+            raise
+        except GatewayError:  # the provider's answer to a request it will not serve: it is healthy
+            gw.metrics.attempt(meta.provider, meta.upstream_model, str(status))
+            health.success()
+            verdict = True
+            raise
+        finally:
+            resp.release()  # returns the connection to the pool, or closes it if the body was not read to the end
+        if meta.error_code and meta.status == 200:  # the stream broke after it began
+            verdict = _failed(gw, health, meta, meta.error_code, meta.error_message)
+        else:
+            gw.metrics.attempt(meta.provider, meta.upstream_model, "ok" if status < 400 else str(status))
+            health.success(first_byte)
+            if status < 400 and (tps := meta.throughput()) is not None:
+                health.observe_throughput(tps)
+            verdict = True
+        return out
     finally:
-        resp.release()  # returns the connection to the pool, or closes it if the body was not read to the end
+        if not verdict:
+            health.release()  # the client went away mid-try
+
+
+def _failed(gw: Gateway, health: Health, meta: RequestMeta, outcome: str, message: str) -> bool:
+    """Count a failed try against its target (a 429 is the provider's limit, not its health)."""
+    gw.metrics.attempt(meta.provider, meta.upstream_model, outcome)
+    if outcome == "429":
+        health.release()
+    else:
+        health.failure(message, time.monotonic())
+    return True
+
+
+async def _refused(resp: aiohttp.ClientResponse, upstream: Upstream, meta: RequestMeta, exchange: Exchange) -> _Retry:
+    """A provider's error answer worth trying elsewhere (429, 5xx, its credentials refused), with what the
+    client gets if no other try succeeds."""
+    try:
+        data = await resp.read()
+    except _TRANSPORT_ERRORS:
+        data = b""
+    meta.upstream_ended(resp.status)
+    reply: web.Response | None = None
+    try:
+        reply = _upstream_error(resp, data, upstream, meta, exchange)
+        error = GatewayError(
+            Code.upstream_error, f"The provider {upstream.name!r} answered HTTP {resp.status}.", status=resp.status
+        )
+    except GatewayError as e:
+        error = e
+    asked = retry_after(resp.headers)
+    if reply is not None and "retry-after" in resp.headers:
+        reply.headers["retry-after"] = resp.headers["retry-after"]  # the SDKs honour it
+    return _Retry(error, same_target=resp.status not in FALLBACK_STATUSES, retry_after=asked, reply=reply)
 
 
 async def _respond(
@@ -175,11 +347,14 @@ async def _respond(
         data = await resp.read()
     except _TRANSPORT_ERRORS as e:
         meta.upstream_ended(0)
-        raise upstream.failure(e, "reading its response") from None
+        raise _Retry(upstream.failure(e, "reading its response")) from None
     meta.upstream_ended(resp.status)
     if resp.status >= 400:
         return _upstream_error(resp, data, upstream, meta, exchange)
-    meta.usage, meta.native_id = exchange.read(data)
+    try:
+        meta.usage, meta.native_id = exchange.read(data)
+    except GatewayError as e:  # not an answer at all: another try may get one
+        raise _Retry(GatewayError(e.code, f"The provider {upstream.name!r}: {e.message}")) from None
     cost = meta.price(meta.tariff)
     members = [cost] if cost and meta.surface != "anthropic.messages" else []  # Messages stay Anthropic-shaped
     if echo is not None:
@@ -254,14 +429,20 @@ async def _relay(
     echo: Echo | None,
 ) -> web.StreamResponse:
     out = web.StreamResponse(status=200, headers={**SSE_HEADERS, "x-request-id": meta.request_id})
-    await out.prepare(request)
-    meta.status = 200
     content = resp.content
     try:
-        while not state.done:
-            chunk = await content.readany()
-            if not chunk:
-                break
+        # The client's response starts with the provider's first bytes: until then, a failure is retried.
+        chunk = await content.readany()
+    except (*_TRANSPORT_ERRORS, SSEError) as e:
+        meta.upstream_ended(0)
+        raise _Retry(upstream.failure(e, "waiting for its first event")) from None
+    if not chunk:
+        meta.upstream_ended(0)
+        raise _Retry(GatewayError(Code.upstream_bad_response, f"The provider {upstream.name!r} sent an empty stream."))
+    await out.prepare(request)
+    meta.status = 200
+    try:
+        while True:
             if echo is not None:
                 echo.capture(chunk)
             data = state.feed(chunk)
@@ -269,6 +450,11 @@ async def _relay(
                 meta.t_first_token = time.perf_counter()
             if data:
                 await out.write(data)
+            if state.done:
+                break
+            chunk = await content.readany()
+            if not chunk:
+                break
     except (*_TRANSPORT_ERRORS, SSEError) as e:
         meta.upstream_ended(0)
         if isinstance(e, SSEError):

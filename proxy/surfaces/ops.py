@@ -34,7 +34,13 @@ async def readyz(request: web.Request) -> web.Response:
     except (TimeoutError, StoreError) as e:
         ready = False
         checks["store"] = f"unavailable: {e}" if str(e) else "unavailable"
-    body = {"status": "ready" if ready else "not_ready", "checks": checks, "providers": sorted(gw.upstreams)}
+    targets = {(t.provider, t.model): t for m in gw.config.models.values() for t in m.targets}
+    body = {
+        "status": "ready" if ready else "not_ready",
+        "checks": checks,
+        "providers": sorted(gw.upstreams),
+        "targets": gw.health.snapshot([targets[k] for k in sorted(targets)]),  # circuit breakers: not readiness
+    }
     return web.Response(status=200 if ready else 503, body=orjson.dumps(body), content_type=_JSON)
 
 
