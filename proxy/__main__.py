@@ -1,6 +1,7 @@
 """The command line: `stats-gateway` and `python -m proxy`.
 
 serve (default)   run the gateway
+reload            validate the config, then have the running gateway apply it (SIGHUP)
 check-config      validate the config and print a summary
 keys              create, list and revoke API keys
 credits           add credit to a team's wallet, or show it
@@ -22,7 +23,7 @@ from typing import Any
 from proxy.config import NANOS_PER_USD, ConfigError, GatewayConfig, load_config
 
 DEFAULT_CONFIG = "config/gateway.yaml"
-COMMANDS = ("serve", "check-config", "keys", "credits")
+COMMANDS = ("serve", "reload", "check-config", "keys", "credits")
 
 
 def _usd(text: str) -> int:
@@ -54,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, help="worker processes (default: server.workers)")
 
     with_config(sub.add_parser("check-config", help="validate the config and print a summary"))
+    reload = with_config(
+        sub.add_parser("reload", help="validate the config, then signal the running gateway to apply it (SIGHUP)")
+    )
+    reload.add_argument("--pid", type=int, help="the gateway's process id (default: read from server.pid_file)")
 
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
     create = with_config(keys.add_parser("create", help="create a key (and its team if new); prints the key last"))
@@ -92,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(config, args)
         if args.command == "check-config":
             return _check(config)
+        if args.command == "reload":
+            return _reload(config, args.pid)
         return asyncio.run(_admin(config, args))
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
@@ -123,6 +130,36 @@ def _serve(config: GatewayConfig, args: argparse.Namespace) -> int:
     finally:
         if own_dir:
             shutil.rmtree(own_dir, ignore_errors=True)
+
+
+def _reload(config: GatewayConfig, pid: int | None) -> int:
+    """The config is valid (it loaded): check its routes too, then SIGHUP the running gateway."""
+    import signal
+
+    from proxy.routing import RouteTable
+
+    RouteTable(config)
+    if pid is None:
+        path = config.server.pid_file
+        if not path:
+            print("server.pid_file is empty: pass --pid", file=sys.stderr)
+            return 2
+        try:
+            with open(path, encoding="ascii") as f:
+                pid = int(f.read().strip())
+        except (OSError, ValueError) as e:
+            print(f"cannot read the gateway's pid from {path} ({e}): is it running? pass --pid", file=sys.stderr)
+            return 1
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        print(f"no process {pid} (a stale pid file?)", file=sys.stderr)
+        return 1
+    except PermissionError:
+        print(f"not allowed to signal process {pid}: run as the gateway's user", file=sys.stderr)
+        return 1
+    print(f"config {config.source}: OK; asked gateway process {pid} to reload (its log says when it has)")
+    return 0
 
 
 def _check(config: GatewayConfig) -> int:

@@ -15,9 +15,11 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
+from proxy import access
+from proxy.access import AccessLog
 from proxy.accounting import Accountant
 from proxy.auth import KeyCache
-from proxy.config import GatewayConfig
+from proxy.config import ConfigError, GatewayConfig, load_config
 from proxy.credit import KeyBudgets, WalletCache
 from proxy.gateway import GATEWAY, Gateway
 from proxy.metrics import Metrics
@@ -36,7 +38,11 @@ def build_app(config: GatewayConfig) -> web.Application:
     """The gateway as an aiohttp Application: routes from the config; store and clients opened on startup."""
     routes = RouteTable(config)
     gw = Gateway(config, routes, Metrics())
-    app = web.Application(client_max_size=config.server.max_body_bytes + 1)
+    middlewares = []
+    if config.server.access_log:
+        gw.access = AccessLog()
+        middlewares.append(access.middleware(gw.access))
+    app = web.Application(client_max_size=config.server.max_body_bytes + 1, middlewares=middlewares)
     app[GATEWAY] = gw
     app.cleanup_ctx.append(_resources)
     app.on_shutdown.append(_drain)
@@ -73,9 +79,11 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     finally:  # after the server has drained: every request that ran has been submitted
         if gw.accountant is not None:
             await gw.accountant.close(timeout=max(config.server.drain_timeout_s, 10.0))
-        for upstream in gw.upstreams.values():
+        for upstream in (*gw.upstreams.values(), *gw.retired):
             await upstream.close()
         await gw.store.close()
+        if gw.access is not None:
+            await asyncio.to_thread(gw.access.close)
 
 
 async def _drain(app: web.Application) -> None:
@@ -105,13 +113,16 @@ async def serve(
 ) -> None:
     """Serve until SIGTERM or SIGINT, then stop accepting, drain in-flight requests and close."""
     app = build_app(config)
-    access_log = logging.getLogger("aiohttp.access") if config.server.access_log else None
+    server = config.server
     runner = web.AppRunner(
         app,
         handle_signals=False,
-        access_log=access_log,
+        access_log=None,  # the gateway writes its own (server.access_log), with what aiohttp's cannot know
         handler_cancellation=True,  # a client that goes away cancels its request: the upstream is closed
-        shutdown_timeout=config.server.drain_timeout_s,
+        shutdown_timeout=server.drain_timeout_s,
+        max_line_size=server.max_header_bytes,
+        max_field_size=server.max_header_bytes,
+        max_headers=server.max_headers,
     )
     await runner.setup()
     try:
@@ -121,6 +132,14 @@ async def serve(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        reloads: set[asyncio.Task[bool]] = set()
+
+        def on_hup() -> None:
+            task = loop.create_task(reload(app))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
         # Objects alive after start-up live until exit: keep the cyclic GC from re-scanning them, and
         # let it run less often (per-request garbage is freed by reference counting).
         gc.collect()
@@ -133,6 +152,50 @@ async def serve(
         log.info("stopping: draining in-flight requests (up to %g s)", config.server.drain_timeout_s)
     finally:
         await runner.cleanup()
+
+
+async def reload(app: web.Application) -> bool:
+    """Re-read the config file and apply it to new requests (SIGHUP). An invalid file changes nothing."""
+    gw = app[GATEWAY]
+    source = gw.config.source
+    try:
+        config = await asyncio.to_thread(load_config, source)
+        routes = RouteTable(config)
+    except ConfigError as e:
+        log.error("reload: keeping the running config, the new one is invalid: %s", e)
+        return False
+    for part in gw.apply(config, routes):
+        log.warning("reload: %s changed; it takes effect at the next restart", part)
+    log.info(
+        "reload: config %s applied to new requests (%d models, %d providers)",
+        source,
+        len(config.models),
+        len(config.providers),
+    )
+    return True
+
+
+def write_pid_file(path: str) -> Callable[[], None]:
+    """Write this process's id to `path` (for `stats-gateway reload`); the returned call removes it."""
+    if not path:
+        return lambda: None
+    pid = str(os.getpid())
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w", encoding="ascii") as f:
+            f.write(pid + "\n")
+    except OSError as e:
+        log.warning("cannot write the pid file %s (`stats-gateway reload` will not find this process): %s", path, e)
+        return lambda: None
+
+    def remove() -> None:
+        with contextlib.suppress(OSError):
+            with open(path, encoding="ascii") as f:
+                mine = f.read().strip() == pid
+            if mine:
+                os.unlink(path)
+
+    return remove
 
 
 def _accepting(host: str, port: int, timeout: float) -> bool:
@@ -157,14 +220,18 @@ def run(config: GatewayConfig, host: str, port: int, workers: int) -> int:
     import uvloop
 
     warn_about(config)
-    if workers == 1:
+    remove_pid_file = write_pid_file(config.server.pid_file)
+    try:
+        if workers == 1:
 
-        def announce(url: str) -> None:
-            log.info("stats-gateway listening on %s (1 worker, config %s)", url, config.source)
+            def announce(url: str) -> None:
+                log.info("stats-gateway listening on %s (1 worker, config %s)", url, config.source)
 
-        uvloop.run(serve(config, host, port, announce=announce))
-        return 0
-    return _supervise(config, host, port, workers)
+            uvloop.run(serve(config, host, port, announce=announce))
+            return 0
+        return _supervise(config, host, port, workers)
+    finally:
+        remove_pid_file()
 
 
 def _supervise(config: GatewayConfig, host: str, port: int, workers: int) -> int:
@@ -197,8 +264,8 @@ def _supervise(config: GatewayConfig, host: str, port: int, workers: int) -> int
         if pid == 0:  # the worker
             code = 0
             try:
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    signal.signal(sig, signal.SIG_DFL)
                 reserve.close()
                 uvloop.run(serve(config, host, port, reuse_port=True))
             except BaseException:
@@ -221,8 +288,22 @@ def _supervise(config: GatewayConfig, host: str, port: int, workers: int) -> int
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
 
+    def on_hup(signum: int, _frame: object) -> None:
+        # Each worker reloads itself; the supervisor keeps the new config for workers it starts later.
+        nonlocal config
+        try:
+            config = load_config(config.source)
+            RouteTable(config)
+        except ConfigError as e:
+            log.error("reload: keeping the running config, the new one is invalid: %s", e)
+            return
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hup)
     for _ in range(workers):
         children[spawn()] = time.monotonic()
     if not _accepting(host, port, timeout=30):

@@ -75,6 +75,7 @@ class ServerConfig(_Base):
     max_headers: int = 128
     max_streams_per_key: int = 0  # concurrent streams one API key may hold open; 0: no limit
     drain_timeout_s: float = 30.0
+    pid_file: str = "./data/gateway.pid"  # written by `serve`, read by `reload`; "" for none
     access_log: bool = False  # one JSON line per request on the `proxy.access` logger
 
 

@@ -38,6 +38,7 @@ class Code(enum.Enum):
     model_not_found = (404, "not_found_error")
     route_not_found = (404, "not_found_error")
     method_not_allowed = (405, "invalid_request_error")
+    request_timeout = (408, "invalid_request_error")
     payload_too_large = (413, "invalid_request_error")
     too_many_streams = (429, "rate_limit_error")
     internal_error = (500, "api_error")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -10,6 +11,7 @@ from typing import final
 
 from aiohttp import web
 
+from proxy.access import AccessLog
 from proxy.accounting import Accountant
 from proxy.auth import KeyCache
 from proxy.config import GatewayConfig, Target
@@ -24,10 +26,15 @@ from proxy.upstream import Upstream
 
 log = logging.getLogger("proxy.health")
 
+# Sections a reload cannot apply to a running server (listening socket, store, caches, route table).
+_RESTART_ONLY = ("server", "store", "auth", "metrics", "accounting")
+
 
 @final
 class Gateway:
     __slots__ = (
+        "_closing",
+        "access",
         "accountant",
         "budgets",
         "config",
@@ -36,6 +43,7 @@ class Gateway:
         "keys",
         "metrics",
         "pricing",
+        "retired",
         "routes",
         "store",
         "streams",
@@ -54,9 +62,51 @@ class Gateway:
         self.upstreams: dict[str, Upstream] = {}
         self.draining = False
         self.accountant: Accountant | None = None
+        self.access: AccessLog | None = None
         self.budgets: KeyBudgets | None = None
         self.health = HealthBoard({name: p.breaker for name, p in config.providers.items()}, self._breaker_changed)
         self.streams: dict[str, int] = {}  # open streams per API key id, for server.max_streams_per_key
+        self.retired: set[Upstream] = set()  # replaced by a reload, closed when their last request ends
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def apply(self, config: GatewayConfig, routes: RouteTable) -> list[str]:
+        """Serve new requests from a reloaded `config` (requests in flight keep what they started with).
+        Returns the sections that changed but only take effect at a restart."""
+        old = self.config
+        later = [name for name in _RESTART_ONLY if getattr(config, name) != getattr(old, name)]
+        if [(r.method, r.path, r.surface, r.default_model) for r in config.routes] != [
+            (r.method, r.path, r.surface, r.default_model) for r in old.routes
+        ]:
+            later.append("routes")
+        upstreams: dict[str, Upstream] = {}
+        for name, provider in config.providers.items():
+            current = self.upstreams.get(name)
+            upstreams[name] = (
+                current if current is not None and current.config == provider else Upstream(name, provider)
+            )
+        for name, current in self.upstreams.items():
+            if upstreams.get(name) is not current:
+                self.retire(current)
+        self.config = config
+        self.routes = routes
+        self.pricing = Pricing(config.prices)
+        self.upstreams = upstreams
+        self.health.configure({name: p.breaker for name, p in config.providers.items()})
+        return later
+
+    def retire(self, upstream: Upstream) -> None:
+        """Close a replaced upstream's connections once no request uses them."""
+        upstream.retired = True
+        self.retired.add(upstream)
+        if not upstream.users:
+            self.release(upstream)
+
+    def release(self, upstream: Upstream) -> None:
+        """Called when a retired upstream's last request ends."""
+        self.retired.discard(upstream)
+        task = asyncio.get_running_loop().create_task(upstream.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def sort_key(self, model_id: str, target: Target, sort: str) -> float:
         """A target's rank for a request's `provider.sort` (lower first; unknown last)."""

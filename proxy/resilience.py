@@ -251,6 +251,13 @@ class HealthBoard:
             )
         return health
 
+    def configure(self, breakers: Mapping[str, BreakerConfig]) -> None:
+        """New breaker settings (a reload); each target keeps its state and counts."""
+        self._breakers = breakers
+        for (provider, _), health in self._board.items():
+            config = breakers.get(provider) or BreakerConfig()
+            health.threshold, health.cooldown_s = config.failures, config.cooldown_s
+
     def snapshot(self, targets: list[Target]) -> list[dict[str, object]]:
         now = time.monotonic()
         return [self.of(t).as_dict(now) for t in targets]

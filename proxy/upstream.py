@@ -18,7 +18,7 @@ from proxy.translators.exchange import PROVIDERS
 class Upstream:
     """One provider: a `ClientSession` with a connection pool, and its URLs parsed once."""
 
-    __slots__ = ("_urls", "base_url", "config", "kind", "name", "session", "timeout")
+    __slots__ = ("_urls", "base_url", "config", "kind", "name", "retired", "session", "timeout", "users")
 
     def __init__(self, name: str, config: ProviderConfig):
         self.name = name
@@ -41,6 +41,8 @@ class Upstream:
             read_bufsize=2**16,
         )
         self._urls: dict[str, URL] = {}
+        self.users = 0  # requests using it now
+        self.retired = False  # replaced by a reload: closed when `users` comes back to 0
 
     def url(self, path: str) -> URL:
         url = self._urls.get(path)

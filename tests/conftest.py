@@ -40,8 +40,15 @@ def store_url(tmp_path: Path) -> str:
 
 
 def env_for(mock: Mock, store_url: str, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.endswith(("_BASE_URL", "_API_KEY"))}
-    env.update(OPENAI_BASE_URL=mock.url, OPENAI_API_KEY="sk-upstream-secret", GATEWAY_STORE=store_url, **extra)
+    env = {k: v for k, v in os.environ.items() if not k.endswith(("_BASE_URL", "_API_KEY")) and k[:8] != "GATEWAY_"}
+    pid_file = store_url.removeprefix("sqlite:///").rsplit("/", 1)[0] + "/gateway.pid"
+    env.update(
+        OPENAI_BASE_URL=mock.url,
+        OPENAI_API_KEY="sk-upstream-secret",
+        GATEWAY_STORE=store_url,
+        GATEWAY_PID_FILE=pid_file,
+        **extra,
+    )
     return env
 
 

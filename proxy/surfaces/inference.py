@@ -19,8 +19,10 @@ import aiohttp
 import msgspec
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from msgspec import UNSET
 
+from proxy.access import META
 from proxy.auth import token_from_headers
 from proxy.config import ModelConfig, Target
 from proxy.debug import Echo, wanted
@@ -55,14 +57,24 @@ _DRAIN_BYTES = 64 * 1024  # after [DONE], read at most this much ...
 _DRAIN_S = 1.0  # ... for at most this long, before closing the upstream connection instead
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
+    """The whole body, within `limit` bytes and `timeout_s` seconds (a slow upload must not hold a slot)."""
     length = request.content_length
     if length is not None and length > limit:
         raise GatewayError(Code.payload_too_large, f"The request body is {length} bytes; the limit is {limit}.")
     try:
-        return await request.read()
+        if request.content.is_eof():  # the common case: it came with the headers
+            return await request.read()
+        async with asyncio.timeout(timeout_s):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise GatewayError(Code.payload_too_large, f"The request body exceeds the limit of {limit} bytes.") from None
+    except TimeoutError:
+        raise GatewayError(
+            Code.request_timeout, f"The request body did not arrive within {timeout_s:g} s (server.body_timeout_s)."
+        ) from None
+    except RequestPayloadError as e:  # e.g. a Content-Encoding the body does not match
+        raise GatewayError(Code.invalid_request, f"The request body could not be read: {e}.") from None
 
 
 def _check_required(view: object, surface: Surface) -> None:
@@ -84,6 +96,7 @@ def inference_handler(surface: Surface, default_model: str, metrics: Metrics) ->
     async def handle(request: web.Request) -> web.StreamResponse:
         gw = request.app[GATEWAY]
         meta = RequestMeta(new_request_id(), surface.name, time.perf_counter())
+        request[META] = meta  # for the access log
         in_flight.inc()
         try:
             return await _serve(request, gw, surface, default_model, meta)
@@ -117,7 +130,7 @@ async def _serve(
 ) -> web.StreamResponse:
     key = await gw.keys.authenticate(token_from_headers(request.headers))  # type: ignore[union-attr]
     meta.team_id, meta.key_id, meta.key_limited = key.team_id, key.kid, key.limited
-    body = await read_body(request, gw.config.server.max_body_bytes)
+    body = await read_body(request, gw.config.server.max_body_bytes, gw.config.server.body_timeout_s)
     meta.request_bytes = len(body)
     view = decode_request(body)
     _check_required(view, surface)
@@ -257,6 +270,7 @@ async def _attempt(
     if echo is not None:
         echo.sent(upstream.url(up.path), {**upstream.session.headers, **up.headers}, up.body, upstream.config.api_key)
     verdict = False
+    upstream.users += 1
     meta.upstream_started()
     try:
         try:
@@ -301,6 +315,9 @@ async def _attempt(
     finally:
         if not verdict:
             health.release()  # the client went away mid-try
+        upstream.users -= 1
+        if upstream.retired and not upstream.users:
+            gw.release(upstream)
 
 
 def _failed(gw: Gateway, health: Health, meta: RequestMeta, outcome: str, message: str) -> bool:
