@@ -154,3 +154,39 @@ async def test_slow_upload_gets_408_and_header_flood_431(env, tmp_path: Path):
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), 15)
         await _stop(proc)
+
+
+async def test_sighup_reloads_every_worker(env, tmp_path: Path):
+    config = tmp_path / "gateway.yaml"
+    shutil.copy(DEFAULT_CONFIG.parent / "pricing.yaml", tmp_path / "pricing.yaml")
+    text = DEFAULT_CONFIG.read_text()
+    config.write_text(text)
+    key = cli(env, "keys", "create", "--team", "acme", "--credit", "5").stdout.strip().splitlines()[-1]
+    proc, url, log = await _start(env, tmp_path, "--config", str(config), "--workers", "2")
+    alias = {**CHAT, "model": "house-model"}
+
+    async def statuses() -> list[int]:
+        async def one() -> int:
+            # a new connection each time, so the kernel spreads them over both workers
+            async with (
+                aiohttp.ClientSession() as fresh,
+                fresh.post(url + "/v1/chat/completions", json=alias, headers=auth(key)) as r,
+            ):
+                await r.read()
+                return r.status
+
+        return await asyncio.gather(*(one() for _ in range(20)))
+
+    try:
+        async with aiohttp.ClientSession() as session:
+            await _wait_ready(session, url)
+        assert set(await statuses()) == {404}
+        marker = "  openai/gpt-4o-mini:\n"
+        config.write_text(text.replace(marker, marker + "    aliases: [house-model]\n", 1))
+        assert "asked gateway process" in cli(env, "reload", "--config", str(config)).stdout
+        await _wait_for_count(log, "reload: config", 2)  # one line per worker
+        assert set(await statuses()) == {200}
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    finally:
+        await _stop(proc)

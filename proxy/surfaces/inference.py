@@ -240,9 +240,11 @@ class _Retry(Exception):
         same_target: bool = True,
         retry_after: float | None = None,
         reply: web.Response | None = None,
+        status: int = 0,
     ):
         super().__init__(error.message)
         self.error = error
+        self.status = status  # the provider's HTTP status, 0 when it gave none
         self.same_target = same_target
         self.retry_after = retry_after
         self.reply = reply  # the provider's own error answer, as the client would get it
@@ -293,7 +295,7 @@ async def _attempt(
             else:
                 out = await _respond(resp, upstream, meta, exchange, wants_meta, echo)
         except _Retry as r:
-            outcome = str(r.reply.status) if r.reply is not None else r.error.code.name
+            outcome = str(r.status) if r.status else r.error.code.name
             verdict = _failed(gw, health, meta, outcome, r.error.message)
             raise
         except GatewayError:  # the provider's answer to a request it will not serve: it is healthy
@@ -349,7 +351,8 @@ async def _refused(resp: aiohttp.ClientResponse, upstream: Upstream, meta: Reque
     asked = retry_after(resp.headers)
     if reply is not None and "retry-after" in resp.headers:
         reply.headers["retry-after"] = resp.headers["retry-after"]  # the SDKs honour it
-    return _Retry(error, same_target=resp.status not in FALLBACK_STATUSES, retry_after=asked, reply=reply)
+    same_target = resp.status not in FALLBACK_STATUSES
+    return _Retry(error, same_target=same_target, retry_after=asked, reply=reply, status=resp.status)
 
 
 async def _respond(
