@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy import access
 from proxy.access import AccessLog
@@ -59,7 +60,7 @@ def build_app(config: GatewayConfig) -> web.Application:
     for path, handler in ops_routes:
         app.router.add_get(path, handler)
         known.setdefault(path, set()).add("GET")
-    app.router.add_route("*", "/{tail:.*}", ops.not_found(known))
+    app.router.add_route("*", r"/{tail:[\s\S]*}", ops.not_found(known))  # any path, newlines included
     return app
 
 
@@ -90,6 +91,25 @@ async def _drain(app: web.Application) -> None:
     app[GATEWAY].draining = True
 
 
+class _MalformedRequests(logging.Filter):
+    """aiohttp logs a request it cannot parse (a header over the limit, an unknown method, …) at ERROR with
+    a traceback, before any handler runs: any client could fill the log. One INFO line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "a malformed request was refused: %s", (exc.message,)
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_malformed_requests() -> None:
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _MalformedRequests) for f in server_log.filters):
+        server_log.addFilter(_MalformedRequests())
+
+
 def warn_about(config: GatewayConfig) -> None:
     """Log what will surely fail at request time but is not a config error (e.g. a missing API key)."""
     used = {t.provider for m in config.models.values() for t in m.targets}
@@ -112,6 +132,7 @@ async def serve(
     announce: Callable[[str], None] | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then stop accepting, drain in-flight requests and close."""
+    quiet_malformed_requests()
     app = build_app(config)
     server = config.server
     runner = web.AppRunner(

@@ -32,7 +32,9 @@ def hash_secret(secret: str) -> bytes:
 
 def split_key(token: str) -> tuple[str, str] | None:
     """(kid, secret) of a well-formed key, else None."""
-    if not token.startswith(KEY_PREFIX):
+    # Keys are ASCII. A header with other bytes arrives decoded with surrogate escapes, which neither
+    # the store nor the hash could encode: such a token is simply not a key.
+    if not token.startswith(KEY_PREFIX) or not token.isascii():
         return None
     kid, sep, secret = token[len(KEY_PREFIX) :].partition("_")
     if not sep or not kid or len(secret) < 16:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import orjson
 import pytest
 
 from proxy.app import build_app
@@ -113,3 +115,38 @@ async def test_no_secret_reaches_the_logs(gateway, key, caplog):
     logged = caplog.text + "".join(str(r.args) for r in caplog.records)
     assert caplog.records  # something was logged (aiohttp, the store), just not a secret
     assert secret not in logged and secret[:12] not in logged
+
+
+async def _raw_status(gateway, request: bytes) -> tuple[int, bytes]:
+    """Send these exact bytes (a header no client library would encode) and read the status and body."""
+    reader, writer = await asyncio.open_connection(gateway.server.host, gateway.server.port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        head, _, rest = (await reader.read()).partition(b"\r\n\r\n")  # to the end: Connection: close
+        return int(head.split(b" ", 2)[1]), rest
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("bad", ["kid", "secret"])
+async def test_a_key_that_is_not_ascii_is_a_401(gateway, key, bad):
+    """Found by tests/test_fuzz.py: header bytes that are not UTF-8 reach the key check surrogate-escaped,
+    which the store (a bad kid) and the hash (a bad secret of a real kid) could not encode: a 500. They are
+    simply not a key."""
+    kid = key.split("_")[3].encode()
+    credential = {
+        "kid": b"Authorization: Bearer aistats_v1_sk_\xff\xfe_" + b"a" * 40,
+        "secret": b"x-api-key: aistats_v1_sk_" + kid + b"_\xc3\x28" + b"a" * 40,
+    }[bad]
+    assert split_key("aistats_v1_sk_abc_" + "\udcff" * 20) is None
+    body = orjson.dumps(CHAT)
+    for path, method, payload in (("/v1/key", b"GET", b""), ("/v1/chat/completions", b"POST", body)):
+        request = (
+            method + b" " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + credential + b"\r\n"
+            b"Content-Type: application/json\r\nContent-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload
+        )
+        status, answer = await _raw_status(gateway, request)
+        assert status == 401, (path, answer)
+        assert b"invalid_api_key" in answer
+    assert (await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(key))).status == 200

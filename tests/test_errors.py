@@ -39,7 +39,7 @@ async def expect_error(resp, status: int, code: str, *fragments: str) -> dict:
         (b'{"model": "openai/gpt-4o-mini", "messages": "hi"}', "invalid_request", "array"),
         (b'{"messages": []}', "invalid_request", "`model`"),
         (b'{"model": "x", "messages": [], "meta": "yes"}', "invalid_request", "meta"),
-        (b'\xff\xfe{"model": 1}', "invalid_json", "not valid JSON"),
+        (b'\xff\xfe{"model": 1}', "invalid_json", "not valid UTF-8 (byte 0 is 0xff)"),
         (
             b'{"model": "openai/gpt-4o-mini", "messages": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
             "invalid_json",

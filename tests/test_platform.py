@@ -6,6 +6,7 @@ from decimal import Decimal
 
 import pytest
 
+from proxy.app import build_app
 from proxy.gateway import GATEWAY
 from tests.conftest import auth
 
@@ -149,3 +150,88 @@ async def test_activity_rows_per_day_and_model(gateway, key, make_key, mock):
     assert old["total"] == 0
     assert (await gateway.get("/v1/activity", params={"from": "yesterday"}, headers=auth(admin))).status == 400
     assert (await gateway.get("/v1/activity", headers=auth(key))).status == 403
+
+
+# Found by tests/test_fuzz.py: each of these answered a plain-text 500 (aiohttp's own), not the envelope.
+
+
+async def _raw(gateway, method: str, path: str, body: bytes, key: str, **headers: str):
+    """A request whose body is sent as these exact bytes (json= could not carry invalid UTF-8)."""
+    hdrs = {**auth(key), "Content-Type": "application/json", **headers}
+    return await gateway.request(method, path, data=body, headers=hdrs)
+
+
+async def test_a_body_that_is_not_utf8_is_a_400(gateway, make_key):
+    admin = await make_key(team="acme", management=True)
+    kid = admin.split("_")[3]
+    for method, path, body in [
+        ("POST", "/v1/keys", b'{"name": "\xff"}'),
+        ("POST", "/v1/keys", b'{"allowed_models": ["\xed\xa0\x80"]}'),  # a lone surrogate, UTF-8 encoded
+        ("PATCH", f"/v1/keys/{kid}", b'{"name": "ok", "status": "\xc3\x28"}'),
+        ("POST", "/v1/pricing/calculate", b'{"model": "\xff", "usage": {}}'),
+    ]:
+        r = await _raw(gateway, method, path, body, admin)
+        assert r.status == 400, (path, await r.text())
+        body = await r.json()
+        assert body["error"] == "invalid_json" and body["message"].startswith("The request body is not valid UTF-8")
+        assert body == {
+            "ok": False,
+            "error": "invalid_json",
+            "message": body["message"],
+            "request_id": r.headers["x-request-id"],
+        }
+    listing = await (await gateway.get("/v1/keys", headers=auth(admin))).json()
+    assert listing["total"] == 1 and listing["keys"][0]["name"] == ""  # nothing was created or renamed
+
+
+async def test_limits_beyond_64_bits_are_a_400_that_changes_nothing(gateway, make_key):
+    admin = await make_key(team="acme", management=True)
+    kid = admin.split("_")[3]
+    for too_big in (2**63, 2**64 - 1, 2**64, 10**30):
+        r = await gateway.post("/v1/keys", json={"name": "big", "daily_limit_cost_nanos": too_big}, headers=auth(admin))
+        body = await r.json()
+        assert r.status == 400 and body["error"] == "invalid_request", body
+        assert body["message"] == f"`daily_limit_cost_nanos` must be at most {2**63 - 1}."
+        r = await gateway.patch(
+            f"/v1/keys/{kid}", json={"name": "renamed", "monthly_limit_cost_nanos": too_big}, headers=auth(admin)
+        )
+        assert r.status == 400 and (await r.json())["error"] == "invalid_request"
+    listing = await (await gateway.get("/v1/keys", headers=auth(admin))).json()
+    assert listing["total"] == 1  # no key created before the limit was refused
+    assert listing["keys"][0]["name"] == "" and listing["keys"][0]["monthly_limit_cost_nanos"] is None
+    most = 2**63 - 1
+    r = await gateway.post("/v1/keys", json={"monthly_limit_cost_nanos": most}, headers=auth(admin))
+    assert r.status == 200 and (await r.json())["data"]["monthly_limit_cost_nanos"] == most
+
+
+async def test_an_offset_beyond_64_bits_is_a_400(gateway, make_key):
+    admin = await make_key(team="acme", management=True)
+    for path in ("/v1/activity", "/v1/keys", "/v1/gateway/models"):
+        r = await gateway.get(path, params={"offset": str(2**63)}, headers=auth(admin))
+        body = await r.json()
+        assert r.status == 400 and body["ok"] is False and body["error"] == "invalid_request", (path, body)
+    assert (await gateway.get("/v1/activity", params={"offset": str(2**63 - 1)}, headers=auth(admin))).status == 200
+
+
+async def test_a_body_that_cannot_be_read_is_enveloped(aiohttp_client, config, make_key):
+    config.server.max_body_bytes = 64
+    client = await aiohttp_client(build_app(config))
+    admin = await make_key(team="acme", management=True)
+    r = await _raw(client, "POST", "/v1/keys", b'{"name": "' + b"x" * 100 + b'"}', admin)
+    assert r.status == 413 and (await r.json())["error"] == "payload_too_large"
+
+    async def chunks():  # no Content-Length: the limit is found while reading
+        for _ in range(10):
+            yield b"x" * 20
+
+    r = await client.post("/v1/pricing/calculate", data=chunks(), headers=auth(admin))
+    body = await r.json()
+    assert r.status == 413 and body["ok"] is False and body["error"] == "payload_too_large"
+    assert (await client.post("/v1/keys", json={"name": "fits"}, headers=auth(admin))).status == 200
+
+    # aiohttp closes the connection after a body it could not decode: this one goes last, on its own
+    headers = {"Content-Encoding": "gzip", "Connection": "close"}
+    r = await _raw(client, "POST", "/v1/keys", b'{"name": "not gzip"}', admin, **headers)
+    body = await r.json()
+    assert r.status == 400 and body["error"] == "invalid_request"
+    assert body["message"] == "The request body could not be read: Can not decode content-encoding: gzip."

@@ -19,7 +19,6 @@ import aiohttp
 import msgspec
 import orjson
 from aiohttp import web
-from aiohttp.web_protocol import RequestPayloadError
 from msgspec import UNSET
 
 from proxy.access import META
@@ -41,6 +40,7 @@ from proxy.resilience import (
 )
 from proxy.routing import Surface
 from proxy.sse import SSEError
+from proxy.surfaces.body import read_body
 from proxy.translators.exchange import Exchange, Relay, plan
 from proxy.translators.openai import RequestView, decode_request
 from proxy.upstream import Upstream
@@ -55,26 +55,6 @@ _TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 _encode = msgspec.json.Encoder().encode
 _DRAIN_BYTES = 64 * 1024  # after [DONE], read at most this much ...
 _DRAIN_S = 1.0  # ... for at most this long, before closing the upstream connection instead
-
-
-async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
-    """The whole body, within `limit` bytes and `timeout_s` seconds (a slow upload must not hold a slot)."""
-    length = request.content_length
-    if length is not None and length > limit:
-        raise GatewayError(Code.payload_too_large, f"The request body is {length} bytes; the limit is {limit}.")
-    try:
-        if request.content.is_eof():  # the common case: it came with the headers
-            return await request.read()
-        async with asyncio.timeout(timeout_s):
-            return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise GatewayError(Code.payload_too_large, f"The request body exceeds the limit of {limit} bytes.") from None
-    except TimeoutError:
-        raise GatewayError(
-            Code.request_timeout, f"The request body did not arrive within {timeout_s:g} s (server.body_timeout_s)."
-        ) from None
-    except RequestPayloadError as e:  # e.g. a Content-Encoding the body does not match
-        raise GatewayError(Code.invalid_request, f"The request body could not be read: {e}.") from None
 
 
 def _check_required(view: object, surface: Surface) -> None:
@@ -130,7 +110,7 @@ async def _serve(
 ) -> web.StreamResponse:
     key = await gw.keys.authenticate(token_from_headers(request.headers))  # type: ignore[union-attr]
     meta.team_id, meta.key_id, meta.key_limited = key.team_id, key.kid, key.limited
-    body = await read_body(request, gw.config.server.max_body_bytes, gw.config.server.body_timeout_s)
+    body = await read_body(request, gw.config.server)
     meta.request_bytes = len(body)
     view = decode_request(body)
     _check_required(view, surface)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
+from typing import TypeVar
 
 import msgspec
 import orjson
@@ -24,6 +26,11 @@ from proxy.store.base import (
     KeyRecord,
     StoreError,
 )
+from proxy.surfaces.body import read_body
+
+log = logging.getLogger("proxy.surfaces.platform")
+T = TypeVar("T")
+_INT64_MAX = 2**63 - 1  # the store keeps 64-bit integers
 
 
 def _record(g: Generation) -> dict:
@@ -79,12 +86,26 @@ def platform_handler(serve: Platform, *, management: bool = False) -> Callable[[
             return render(e, request_id, PLATFORM)
         except StoreError as e:
             return render(GatewayError(Code.unavailable, f"The store is unavailable: {e}"), request_id, PLATFORM)
+        except Exception:
+            log.exception("request %s failed", request_id)
+            error = GatewayError(Code.internal_error, "The gateway failed to serve this request.")
+            return render(error, request_id, PLATFORM)
         return web.Response(
             body=msgspec.json.encode({"ok": True, **data}),
             headers={"Content-Type": "application/json", "x-request-id": request_id},
         )
 
     return handle
+
+
+def _decode(body: bytes, shape: type[T]) -> T:
+    """`body` decoded as `shape`; anything that is not such a JSON object is a 400."""
+    try:
+        return msgspec.json.decode(body, type=shape)
+    except msgspec.DecodeError as e:  # also a ValidationError: a member of the wrong type
+        raise GatewayError(Code.invalid_request, f"Invalid request: {e}") from None
+    except RecursionError:
+        raise GatewayError(Code.invalid_request, "Invalid request: the JSON nests too deeply.") from None
 
 
 async def _generation(request: web.Request, gw: Gateway, key: KeyRecord) -> dict:
@@ -179,10 +200,7 @@ class _Calculate(msgspec.Struct, forbid_unknown_fields=True):
 
 async def _pricing_calculate(request: web.Request, gw: Gateway, key: KeyRecord) -> dict:
     """`POST /v1/pricing/calculate`: the cost of a usage for a model, by the code that bills requests."""
-    try:
-        ask = msgspec.json.decode(await request.read(), type=_Calculate)
-    except (msgspec.DecodeError, RecursionError) as e:
-        raise GatewayError(Code.invalid_request, f"Invalid request: {e}") from None
+    ask = _decode(await read_body(request, gw.config.server), _Calculate)
     if min(msgspec.to_builtins(ask.usage).values()) < 0:
         raise GatewayError(Code.invalid_request, "Token counts must be >= 0.", param="usage")
     model_id = ask.model if ask.model in gw.config.models else None
@@ -228,8 +246,8 @@ def page(request: web.Request, default: int = 100, most: int = 250) -> tuple[int
         offset = int(request.query.get("offset", 0))
     except ValueError:
         raise GatewayError(Code.invalid_request, "`limit` and `offset` must be integers.") from None
-    if not 1 <= limit <= most or offset < 0:
-        raise GatewayError(Code.invalid_request, f"Expected 1 <= limit <= {most} and offset >= 0.")
+    if not 1 <= limit <= most or not 0 <= offset <= _INT64_MAX:  # the store takes 64-bit offsets
+        raise GatewayError(Code.invalid_request, f"Expected 1 <= limit <= {most} and 0 <= offset <= {_INT64_MAX}.")
     return limit, offset
 
 
@@ -261,44 +279,51 @@ class _NewKey(_Limits, forbid_unknown_fields=True):
     management: bool = False
 
 
-async def _apply_limits(gw: Gateway, target: KeyRecord, limits: _Limits) -> None:
+_Resolved = tuple[tuple[str, ...], int | None, int | None]
+
+
+def _check_limits(gw: Gateway, limits: _Limits, target: KeyRecord | None = None) -> _Resolved:
+    """(allowed models, daily, monthly) once `limits` apply to `target` (a new key when None); checked
+    before anything is written, so that a refused request changes nothing."""
+
     def pick(value: object, current: object) -> object:
         return current if value is msgspec.UNSET else value
 
-    models = pick(limits.allowed_models, list(target.allowed_models)) or []
+    models = pick(limits.allowed_models, list(target.allowed_models) if target else []) or []
     unknown = [m for m in models if m not in gw.config.models]  # type: ignore[union-attr]
     if unknown:
         raise GatewayError(
             Code.invalid_request, f"Unknown models in allowed_models: {', '.join(unknown)}.", param="allowed_models"
         )
-    daily = pick(limits.daily_limit_cost_nanos, target.daily_limit_cost_nanos)
-    monthly = pick(limits.monthly_limit_cost_nanos, target.monthly_limit_cost_nanos)
+    daily = pick(limits.daily_limit_cost_nanos, target.daily_limit_cost_nanos if target else None)
+    monthly = pick(limits.monthly_limit_cost_nanos, target.monthly_limit_cost_nanos if target else None)
     for name, value in (("daily_limit_cost_nanos", daily), ("monthly_limit_cost_nanos", monthly)):
         if value is not None and value < 0:  # type: ignore[operator]
             raise GatewayError(Code.invalid_request, f"`{name}` must be >= 0 or null.", param=name)
+        if value is not None and value > _INT64_MAX:  # type: ignore[operator]
+            raise GatewayError(Code.invalid_request, f"`{name}` must be at most {_INT64_MAX}.", param=name)
+    return tuple(models), daily, monthly  # type: ignore[return-value]
+
+
+async def _apply_limits(gw: Gateway, kid: str, resolved: _Resolved) -> None:
+    models, daily, monthly = resolved
     await gw.store.set_key_limits(  # type: ignore[union-attr]
-        target.kid,
-        allowed_models=tuple(models),
-        daily_nanos=daily,
-        monthly_nanos=monthly,  # type: ignore[arg-type]
+        kid, allowed_models=models, daily_nanos=daily, monthly_nanos=monthly
     )
 
 
 async def _keys_create(request: web.Request, gw: Gateway, key: KeyRecord) -> dict:
     """`POST /v1/keys` (management): a new key for the caller's team; the secret is in this answer only."""
-    body = await request.read()
-    try:
-        ask = msgspec.json.decode(body or b"{}", type=_NewKey)
-    except (msgspec.DecodeError, RecursionError) as e:
-        raise GatewayError(Code.invalid_request, f"Invalid request: {e}") from None
+    ask = _decode(await read_body(request, gw.config.server) or b"{}", _NewKey)
+    limits = _check_limits(gw, ask) if ask.touched() else None
     kid, secret_key = generate_key()
     scopes = (SCOPE_INFERENCE, SCOPE_MANAGEMENT) if ask.management else (SCOPE_INFERENCE,)
     secret = split_key(secret_key)[1]  # type: ignore[index]
     record = await gw.store.create_key(  # type: ignore[union-attr]
         team_id=key.team_id, kid=kid, secret_hash=hash_secret(secret), name=ask.name, scopes=scopes
     )
-    if ask.touched():
-        await _apply_limits(gw, record, ask)
+    if limits is not None:
+        await _apply_limits(gw, kid, limits)
         record = await gw.store.get_key(kid)  # type: ignore[union-attr,assignment]
     return {"key": secret_key, "data": _key_record(record)}  # type: ignore[arg-type]
 
@@ -320,22 +345,20 @@ class _KeyChange(_Limits, forbid_unknown_fields=True):
 async def _keys_update(request: web.Request, gw: Gateway, key: KeyRecord) -> dict:
     """`PATCH /v1/keys/{id}` (management): rename, disable or re-enable a key of the team."""
     target = await _team_key(request, gw, key)
-    try:
-        change = msgspec.json.decode(await request.read() or b"{}", type=_KeyChange)
-    except (msgspec.DecodeError, RecursionError) as e:
-        raise GatewayError(Code.invalid_request, f"Invalid request: {e}") from None
+    change = _decode(await read_body(request, gw.config.server) or b"{}", _KeyChange)
     if change.status not in (None, ACTIVE, DISABLED):
         raise GatewayError(
             Code.invalid_request, "`status` must be 'active' or 'disabled' (DELETE revokes).", param="status"
         )
     if target.status == REVOKED:
         raise GatewayError(Code.invalid_request, f"Key {target.kid!r} is revoked; it cannot change.")
+    limits = _check_limits(gw, change, target) if change.touched() else None
     if change.name is not None:
         await gw.store.rename_key(target.kid, change.name)  # type: ignore[union-attr]
     if change.status is not None:
         await gw.store.set_key_status(target.kid, change.status)  # type: ignore[union-attr]
-    if change.touched():
-        await _apply_limits(gw, target, change)
+    if limits is not None:
+        await _apply_limits(gw, target.kid, limits)
     gw.keys.forget(target.kid)  # type: ignore[union-attr]
     return {"data": _key_record(await gw.store.get_key(target.kid))}  # type: ignore[union-attr,arg-type]
 
