@@ -37,7 +37,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
 
 
 async def client_session(app: web.Application) -> AsyncIterator[None]:
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:  # one per stream
         app[SESSION] = session
         yield
 

@@ -29,10 +29,10 @@ PROMPT = [{"role": "user", "content": "Say hello in one short sentence."}]
 _STAMP = re.compile(rb"@t=(\d+)")
 _STREAM_ENDS = (b"[DONE]", b'{"type":"message_stop"}')  # Chat Completions, Anthropic Messages
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=30)
+RAMP_STEP_TIMEOUT_S = 20.0  # a batch of streams not open by then: the target holds no more
 WRK_SCRIPT = """wrk.method = "POST"
 wrk.body = [==[{body}]==]
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer {api_key}"
+{headers}
 """
 _MS_PER_UNIT = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
 
@@ -50,13 +50,20 @@ class Target:
     api_key: str
     model: str
     surface: str = "chat"  # or "messages": the Anthropic Messages API
+    extra_headers: tuple[tuple[str, str], ...] = ()  # what a peer needs besides the key (e.g. its routing)
+    pid: int = 0  # the serving process (its children included) whose memory is sampled; 0: not sampled
 
     @property
     def headers(self) -> dict[str, str]:
-        return {"Content-Type": "application/json", "Authorization": f"Bearer {self.api_key}"}
+        return {
+            "Content-Type": "application/json",
+            "Authorization": f"Bearer {self.api_key}",
+            **dict(self.extra_headers),
+        }
 
-    def chat_body(self, *, stream: bool) -> bytes:
-        body: dict[str, Any] = {"model": self.model, "messages": PROMPT, "max_tokens": 256}
+    def chat_body(self, *, stream: bool, **mock: Any) -> bytes:
+        """A chat request; `mock` members (`x_mock_events`, `x_mock_gap_ms`) steer the mock upstream."""
+        body: dict[str, Any] = {"model": self.model, "messages": PROMPT, "max_tokens": 256, **mock}
         if stream:
             body["stream"] = True
             if self.surface == "chat":
@@ -75,6 +82,8 @@ class Result:
     errors: int
     ttft_ms: float | None = None
     event_delay_ms: float | None = None
+    rss_mb: float | None = None  # the target's peak resident memory during the load (its workers included)
+    per_stream_kb: float | None = None  # ramp: memory each open stream adds
 
 
 def percentile(values: Sequence[float], pct: float) -> float:
@@ -85,7 +94,8 @@ def percentile(values: Sequence[float], pct: float) -> float:
 
 def wrk_load(wrk: str, target: Target, connections: int, duration_s: int, workdir: Path) -> Result:
     script = workdir / f"{target.name}.lua"
-    script.write_text(WRK_SCRIPT.format(body=target.chat_body(stream=False).decode(), api_key=target.api_key))
+    headers = "\n".join(f'wrk.headers["{name}"] = "{value}"' for name, value in target.headers.items())
+    script.write_text(WRK_SCRIPT.format(body=target.chat_body(stream=False).decode(), headers=headers))
     argv = [wrk, "-t1", f"-c{connections}", f"-d{duration_s}s", "--timeout", "10s", "--latency"]
     argv += ["-s", str(script), target.url]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=duration_s + 30, check=False)
@@ -226,6 +236,102 @@ async def stream_load(target: Target, streams: int, duration_s: float) -> Result
         errors=stats.errors,
         ttft_ms=statistics.median(stats.ttfts) * 1e3,
         event_delay_ms=statistics.fmean(stats.delays_ns) / 1e6 if stats.delays_ns else None,
+    )
+
+
+async def open_loop(target: Target, rate: float, duration_s: float) -> Result:
+    """Requests sent at a fixed rate whatever the answers do (open loop), latency counted from each one's
+    scheduled send time: a slow answer cannot hold back the next request, so a stall shows in the p99
+    instead of hiding (no coordinated omission)."""
+    body = target.chat_body(stream=False)
+    latencies: list[float] = []
+    errors = 0
+
+    async def one(session: aiohttp.ClientSession, scheduled: float) -> None:
+        nonlocal errors
+        try:
+            async with session.post(target.url, data=body, headers=target.headers) as resp:
+                await resp.read()
+        except (aiohttp.ClientError, TimeoutError):
+            errors += 1
+            return
+        if resp.status != 200:
+            errors += 1
+            return
+        latencies.append(time.perf_counter() - scheduled)
+
+    connector = aiohttp.TCPConnector(limit=0)  # as many connections as the rate needs
+    async with aiohttp.ClientSession(connector=connector, timeout=REQUEST_TIMEOUT) as session:
+        tasks = []
+        start = time.perf_counter()
+        for i in range(int(rate * duration_s)):
+            scheduled = start + i / rate
+            wait = scheduled - time.perf_counter()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            tasks.append(asyncio.create_task(one(session, scheduled)))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+    _require(latencies, target, errors)
+    return Result(
+        tool="aiohttp open loop",
+        requests_per_s=len(latencies) / elapsed,
+        p50_ms=percentile(latencies, 50) * 1e3,
+        p99_ms=percentile(latencies, 99) * 1e3,
+        errors=errors,
+    )
+
+
+async def ramp_load(target: Target, streams: int, rss: Callable[[], int], step: int = 50) -> Result:
+    """Open `streams` concurrent streams, `step` at a time, each held open (the mock sends an event a second);
+    once all are open, the target's memory. Requests/s is how fast they opened; p50/p99 the time each took
+    to its first event; `per_stream_kb` the memory each added over the idle target."""
+    body = target.chat_body(stream=True, x_mock_events=3600, x_mock_gap_ms=1000)
+    idle = rss()
+    firsts: list[float] = []
+    errors = 0
+    held: list[aiohttp.ClientResponse] = []
+
+    async def open_one(session: aiohttp.ClientSession) -> None:
+        nonlocal errors
+        start = time.perf_counter()
+        try:
+            resp = await session.post(target.url, data=body, headers=target.headers)
+            if resp.status != 200:
+                resp.release()
+                errors += 1
+                return
+            held.append(resp)
+            await resp.content.readuntil(b"\n\n")  # the first event
+        except (aiohttp.ClientError, TimeoutError, ValueError, asyncio.IncompleteReadError):
+            errors += 1
+            return
+        firsts.append(time.perf_counter() - start)
+
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
+        start = time.perf_counter()
+        try:
+            for opened in range(0, streams, step):
+                batch = asyncio.gather(*(open_one(session) for _ in range(min(step, streams - opened))))
+                try:
+                    await asyncio.wait_for(batch, RAMP_STEP_TIMEOUT_S)
+                except TimeoutError:  # the target stopped taking streams: measure what it holds
+                    break
+            elapsed = time.perf_counter() - start
+            peak = max(rss() for _ in range(3))
+        finally:
+            for resp in held:
+                resp.close()
+    _require(firsts, target, errors)
+    return Result(
+        tool="aiohttp ramp",
+        requests_per_s=len(firsts) / elapsed,
+        p50_ms=percentile(firsts, 50) * 1e3,
+        p99_ms=percentile(firsts, 99) * 1e3,
+        errors=streams - len(firsts),
+        rss_mb=peak / 1e6 if peak else None,
+        per_stream_kb=(peak - idle) / len(firsts) / 1024 if peak and idle else None,
     )
 
 

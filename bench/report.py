@@ -30,6 +30,8 @@ COLUMNS = (
     "TTFT ms",
     "per-event delay ms",
     "added per-event delay vs direct",
+    "RSS MB",
+    "KB per stream",
     "errors",
 )
 NOTES = """\
@@ -38,6 +40,10 @@ For stream loads, requests/s counts whole streams and p50/p99 are stream duratio
 TTFT: median time from sending a streaming request to its first event.
 Per-event delay: mean over content events of (arrival time - the send time the mock stamps in their text); direct
 includes the client's own cost, so the added columns (this row minus direct, same load) are the overhead.
+Open loop: requests sent at a fixed rate whatever the answers do; latency from each one's scheduled send time.
+Ramp: streams opened 50 at a time and held open; p50/p99 are times to the first event, KB per stream is the
+memory each open stream added over the idle target. RSS: the target's peak resident memory during the load,
+its worker processes included (not sampled for direct).
 Errors: non-200 answers, failed connections and streams without `data: [DONE]` (or `message_stop`)."""
 
 
@@ -60,6 +66,8 @@ class Row:
     errors: int
     ttft_ms: float | None
     event_delay_ms: float | None
+    rss_mb: float | None = None
+    per_stream_kb: float | None = None
     added_p50_ms: float | None = None
     added_event_delay_ms: float | None = None
 
@@ -84,6 +92,8 @@ def _row(target: str, load: str, results: Sequence[Result]) -> Row:
         errors=sum(r.errors for r in results),
         ttft_ms=_mean([r.ttft_ms for r in results]),
         event_delay_ms=_mean([r.event_delay_ms for r in results]),
+        rss_mb=max((r.rss_mb for r in results if r.rss_mb is not None), default=None),
+        per_stream_kb=_mean([r.per_stream_kb for r in results]),
     )
 
 
@@ -124,6 +134,8 @@ def _cells(row: Row) -> list[str]:
         _ms(row.ttft_ms),
         _ms(row.event_delay_ms),
         _ms(row.added_event_delay_ms, "+"),
+        "—" if row.rss_mb is None else f"{row.rss_mb:,.0f}",
+        "—" if row.per_stream_kb is None else f"{row.per_stream_kb:,.0f}",
         str(row.errors),
     ]
 
@@ -152,9 +164,52 @@ def _line(values: dict[str, Any]) -> str:
     return " · ".join(f"{key}: {value}" for key, value in values.items())
 
 
-def markdown_report(rows: Sequence[Row], info: dict[str, Any], settings: dict[str, Any], title: str) -> str:
+def markdown_report(
+    rows: Sequence[Row],
+    info: dict[str, Any],
+    settings: dict[str, Any],
+    title: str,
+    skipped: dict[str, str] | None = None,
+) -> str:
     notes = NOTES.format(rounds=settings["rounds"], duration=settings["duration_s"])
-    return f"# {title}\n\n{_line(info)}\n\n{_line(settings)}\n\n{markdown_table(rows)}\n\n{notes}\n"
+    skips = "".join(f"- skipped {name}: {why}\n" for name, why in (skipped or {}).items())
+    skips = f"\n{skips}" if skips else ""
+    return f"# {title}\n\n{_line(info)}\n\n{_line(settings)}\n\n{markdown_table(rows)}\n{skips}\n{notes}\n"
+
+
+def plot(rows: Sequence[Row], path: Path) -> Path | None:
+    """Latency against offered load, one line per target (p50 solid, p99 dashed), from the open-loop rows;
+    a PNG at `path`. None when matplotlib is not installed or there are fewer than two rates."""
+    points: dict[str, list[tuple[float, float, float]]] = {}
+    for row in rows:
+        if row.load.startswith("open ") and row.load.endswith("/s"):
+            rate = float(row.load.removeprefix("open ").removesuffix("/s"))
+            points.setdefault(row.target, []).append((rate, row.p50_ms, row.p99_ms))
+    if not points or max(len(p) for p in points.values()) < 2:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    for target, series in points.items():
+        series.sort()
+        rates = [p[0] for p in series]
+        (line,) = ax.plot(rates, [p[1] for p in series], marker="o", label=f"{target} p50")
+        ax.plot(rates, [p[2] for p in series], linestyle="--", color=line.get_color(), label=f"{target} p99")
+    ax.set_xlabel("offered load (requests/s, open loop)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_yscale("log")
+    ax.set_title("Latency vs load, non-streaming chat")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def save(stamp: str, report: str, payload: dict[str, Any]) -> Path:

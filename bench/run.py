@@ -1,11 +1,12 @@
-"""Measure the gateway against a bare proxy and the mock upstream itself, in one run.
+"""Measure the gateway against peers, a bare proxy and the mock upstream itself, in one run.
 
-`python -m bench [--duration S] [--rounds R] [--targets direct,bare,gateway,gateway-noacct,gateway-messages] [--quick]`
+`python -m bench [--duration S] [--rounds R] [--targets direct,bare,nginx,gateway,...] [--quick] [--install-peers]`
 
-Starts the mock upstream, the bare proxy and the gateway (with a fresh key in a temporary store) on
-free ports of 127.0.0.1, then measures every load against every target, round-robin within each load
-step and repeated for R rounds, and prints and saves the table (bench/results/). Every child process is
-stopped at the end, also on Ctrl-C or a failure.
+Starts the mock upstream, then each target (the gateway with a fresh key in a temporary store) on free
+ports of 127.0.0.1, then measures every load against every target, round-robin within each load step and
+repeated for R rounds, and prints and saves the table and a latency-vs-load plot (bench/results/). A peer
+that cannot run here is skipped, with why. Every child process is stopped at the end, also on Ctrl-C or a
+failure.
 """
 
 from __future__ import annotations
@@ -15,127 +16,55 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
-from collections.abc import Callable
-from contextlib import ExitStack, suppress
-from dataclasses import dataclass
+import threading
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
 import uvloop
 
-from bench import report
-from bench.loads import BenchError, Result, Target, closed_loop, preflight, stream_load, wrk_load
+from bench import peers, report
+from bench.loads import (
+    BenchError,
+    Result,
+    Target,
+    closed_loop,
+    open_loop,
+    preflight,
+    ramp_load,
+    stream_load,
+    wrk_load,
+)
+from bench.procs import Processes, free_port, healthy, rss_bytes, tcp_open, wait_ready
 
 REPO = Path(__file__).resolve().parent.parent
 CHAT_PATH = "/v1/chat/completions"
 GATEWAY_CONFIG = "config/gateway.yaml"
-TARGETS = ("direct", "bare", "gateway", "gateway-noacct", "gateway-messages")
-READY_TIMEOUT_S = 15.0
-STOP_TIMEOUT_S = 5.0
+TARGETS = (
+    "direct",
+    "bare",
+    "nginx",
+    "gateway",
+    "gateway-percore",
+    "gateway-noacct",
+    "gateway-messages",
+    "litellm",
+    "portkey",
+)
 WARMUP_CONNECTIONS = 8
 UPSTREAM_KEY = "sk-bench"
-# Never send benchmark traffic through a proxy from the environment: everything stays on 127.0.0.1.
-_LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 @dataclass(frozen=True, slots=True)
 class Load:
     name: str
-    connections: int
-    stream: bool
-
-
-class Processes:
-    """Child processes, each in its own process group (so a Ctrl-C reaches only us), all stopped on exit."""
-
-    def __init__(self, logdir: Path):
-        self._logdir = logdir
-        self._children: list[subprocess.Popen[bytes]] = []
-
-    def __enter__(self) -> Processes:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop_all()
-
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        with self.log(name).open("wb") as log:
-            child = subprocess.Popen(
-                argv,
-                cwd=REPO,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self._children.append(child)
-        return child
-
-    def log(self, name: str) -> Path:
-        return self._logdir / f"{name}.log"
-
-    def stop_all(self) -> None:
-        for child in self._children:
-            _signal_group(child, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        for child in self._children:
-            try:
-                child.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _signal_group(child, signal.SIGKILL)
-                child.wait(timeout=STOP_TIMEOUT_S)
-            # Workers the child forked may outlive it: end the rest of its group too.
-            _signal_group(child, signal.SIGKILL)
-
-
-def _signal_group(child: subprocess.Popen[bytes], signum: int) -> None:
-    with suppress(ProcessLookupError):
-        os.killpg(child.pid, signum)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def tcp_open(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-    except OSError:
-        return False
-    return True
-
-
-def healthy(port: int) -> bool:
-    try:
-        with _LOCAL.open(f"http://127.0.0.1:{port}/healthz", timeout=1) as resp:
-            return bool(resp.status == 200)
-    except OSError:
-        return False
-
-
-def wait_ready(name: str, child: subprocess.Popen[bytes], ready: Callable[[], bool], log: Path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if child.poll() is not None:
-            raise BenchError(f"{name} exited with status {child.returncode}:\n{_tail(log)}")
-        if ready():
-            return
-        time.sleep(0.05)
-    raise BenchError(f"{name} was not ready after {READY_TIMEOUT_S:g} s:\n{_tail(log)}")
-
-
-def _tail(log: Path, lines: int = 30) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    connections: int  # concurrent connections or streams; for `open`, requests per second
+    kind: str  # closed (plain requests), stream, open (fixed rate), ramp (streams held open)
 
 
 def _chat_url(port: int) -> str:
@@ -154,13 +83,18 @@ class Launcher:
             "mock", self.mock_port, "bench.mock_upstream", "--events", str(args.events), "--gap-ms", str(args.gap_ms)
         )
 
-    def _serve(self, name: str, port: int, module: str, *extra: str) -> None:
+    def _serve(self, name: str, port: int, module: str, *extra: str) -> int:
         child = self.procs.start(name, [sys.executable, "-m", module, "--port", str(port), *extra])
         wait_ready(name, child, lambda: tcp_open(port), self.procs.log(name))
+        return child.pid
 
     def target(self, name: str) -> Target:
+        """The target, started; `peers.Skipped` when it cannot run here."""
+        if name in peers.PEERS:
+            return peers.PEERS[name](self.procs, self.workdir, self.mock_port)
         if name.startswith("gateway"):
-            return self.gateway(name, accounting=name != "gateway-noacct")
+            workers = (os.cpu_count() or 1) if name == "gateway-percore" else self.args.gateway_workers
+            return self.gateway(name, accounting=name != "gateway-noacct", workers=workers)
         return {"direct": self.direct, "bare": self.bare}[name]()
 
     def direct(self) -> Target:
@@ -168,10 +102,10 @@ class Launcher:
 
     def bare(self) -> Target:
         port = free_port()
-        self._serve("bare", port, "bench.bare_proxy", "--upstream", f"http://127.0.0.1:{self.mock_port}")
-        return Target("bare", _chat_url(port), UPSTREAM_KEY, "gpt-4o-mini")
+        pid = self._serve("bare", port, "bench.bare_proxy", "--upstream", f"http://127.0.0.1:{self.mock_port}")
+        return Target("bare", _chat_url(port), UPSTREAM_KEY, "gpt-4o-mini", pid=pid)
 
-    def gateway(self, name: str, accounting: bool) -> Target:
+    def gateway(self, name: str, accounting: bool, workers: int) -> Target:
         """The gateway; `gateway-noacct` is the same with accounting (records and debits) switched off;
         `gateway-messages` is the gateway measured on `/v1/messages`, every answer translated."""
         env = {
@@ -180,16 +114,18 @@ class Launcher:
             "OPENAI_API_KEY": UPSTREAM_KEY,
             "GATEWAY_STORE": f"sqlite:///{self.workdir / (name + '.db')}",
             "GATEWAY_ACCOUNTING": "true" if accounting else "false",
+            "GATEWAY_PID_FILE": str(self.workdir / (name + ".pid")),
         }
         key = create_key(env)
         port = free_port()
         argv = [sys.executable, "-m", "proxy", "serve", "--config", GATEWAY_CONFIG, "--host", "127.0.0.1"]
-        argv += ["--port", str(port), "--workers", str(self.args.gateway_workers)]
+        argv += ["--port", str(port), "--workers", str(workers)]
         child = self.procs.start(name, argv, env)
         wait_ready(name, child, lambda: healthy(port), self.procs.log(name))
         if name == "gateway-messages":  # the Anthropic Messages surface, translated to the mock's Chat API
-            return Target(name, f"http://127.0.0.1:{port}/v1/messages", key, "openai/gpt-4o-mini", "messages")
-        return Target(name, _chat_url(port), key, "openai/gpt-4o-mini")
+            url = f"http://127.0.0.1:{port}/v1/messages"
+            return Target(name, url, key, "openai/gpt-4o-mini", "messages", pid=child.pid)
+        return Target(name, _chat_url(port), key, "openai/gpt-4o-mini", pid=child.pid)
 
 
 def create_key(env: dict[str, str]) -> str:
@@ -212,8 +148,17 @@ class Measurer:
         self.duration_s = duration_s
 
     def __call__(self, load: Load, target: Target) -> Result:
-        if load.stream:
+        if load.kind == "ramp":  # samples memory itself, once every stream is open
+            return self.runner.run(ramp_load(target, load.connections, lambda: rss_bytes(target.pid)))
+        with PeakMemory(target.pid) as memory:
+            result = self._measure(load, target)
+        return replace(result, rss_mb=memory.peak_mb)
+
+    def _measure(self, load: Load, target: Target) -> Result:
+        if load.kind == "stream":
             return self.runner.run(stream_load(target, load.connections, self.duration_s))
+        if load.kind == "open":
+            return self.runner.run(open_loop(target, load.connections, self.duration_s))
         if self.wrk is not None:
             return wrk_load(self.wrk, target, load.connections, self.duration_s, self.workdir)
         return self.runner.run(closed_loop(target, load.connections, self.duration_s))
@@ -223,9 +168,44 @@ class Measurer:
         self.runner.run(closed_loop(target, WARMUP_CONNECTIONS, min(1.0, self.duration_s / 2)))
 
 
+class PeakMemory:
+    """The highest resident memory of a process tree while the block runs (sampled by a thread)."""
+
+    def __init__(self, pid: int, interval_s: float = 0.1):
+        self.pid = pid
+        self.interval_s = interval_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> PeakMemory:
+        if self.pid:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pid:
+            self._stop.set()
+            self._thread.join()
+
+    def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, rss_bytes(self.pid))
+            if self._stop.wait(self.interval_s):
+                return
+
+    @property
+    def peak_mb(self) -> float | None:
+        return self.peak / 1e6 if self.peak else None
+
+
 def loads(args: argparse.Namespace) -> list[Load]:
     streams = f"stream {args.streams}x{args.events} ev, {args.gap_ms:g} ms gap"
-    return [Load("chat c=32", 32, False), Load("chat c=1", 1, False), Load(streams, args.streams, True)]
+    steps = [Load("chat c=32", 32, "closed"), Load("chat c=1", 1, "closed"), Load(streams, args.streams, "stream")]
+    steps += [Load(f"open {rate}/s", rate, "open") for rate in args.rates]
+    if args.ramp:
+        steps.append(Load(f"ramp {args.ramp} streams", args.ramp, "ramp"))
+    return steps
 
 
 def measure_all(measure: Measurer, targets: list[Target], rounds: int, steps: list[Load]) -> list[report.Sample]:
@@ -235,6 +215,8 @@ def measure_all(measure: Measurer, targets: list[Target], rounds: int, steps: li
         order = targets[round_no % len(targets) :] + targets[: round_no % len(targets)]
         for load in steps:
             for target in order:
+                if load.kind == "ramp" and target.surface != "chat":
+                    continue  # the mock is held open by Chat Completions members another surface would refuse
                 result = measure(load, target)
                 samples.append(report.Sample(round_no + 1, target.name, load.name, result))
                 print(
@@ -264,25 +246,56 @@ def run(args: argparse.Namespace) -> str:
         procs = stack.enter_context(Processes(workdir))
         runner = stack.enter_context(asyncio.Runner(loop_factory=uvloop.new_event_loop))
         launcher = Launcher(procs, workdir, args)
-        targets = [launcher.target(name) for name in args.targets]
         measure = Measurer(runner, workdir, wrk, args.duration)
-        for target in targets:
-            measure.warm_up(target)
+        targets, skipped = [], {}
+        for name in args.targets:
+            try:
+                target = launcher.target(name)
+                measure.warm_up(target)
+            except (peers.Skipped, BenchError) as e:
+                if name not in peers.PEERS:
+                    raise
+                skipped[name] = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                print(f"  skipped {name}: {skipped[name]}", flush=True)
+                continue
+            targets.append(target)
         samples = measure_all(measure, targets, args.rounds, loads(args))
-    rows = report.aggregate(samples, args.targets)
+    measured = [t.name for t in targets]
+    rows = report.aggregate(samples, measured)
     info = report.machine_info(wrk)
+    info.update({name: peers.installed_version(name) for name in peers.INSTALLABLE if name in measured})
     settings = {
         "rounds": args.rounds,
         "duration_s": args.duration,
-        "targets": ",".join(args.targets),
+        "targets": ",".join(measured),
         "gateway_workers": args.gateway_workers,
         "plain tool": "wrk" if wrk else "aiohttp",
     }
     title = f"Gateway benchmark, {started:%Y-%m-%d %H:%M} UTC"
-    markdown = report.markdown_report(rows, info, settings, title)
-    payload = {"started": started.isoformat(), "machine": info, "settings": settings, "rows": rows, "samples": samples}
-    path = report.save(f"{started:%Y%m%dT%H%M%SZ}", markdown, payload)
-    return f"{markdown}\nSaved {path.relative_to(REPO)} (+ .json) and bench/results/latest.md"
+    markdown = report.markdown_report(rows, info, settings, title, skipped)
+    payload = {
+        "started": started.isoformat(),
+        "machine": info,
+        "settings": settings,
+        "skipped": skipped,
+        "rows": rows,
+        "samples": samples,
+    }
+    stamp = f"{started:%Y%m%dT%H%M%SZ}"
+    path = report.save(stamp, markdown, payload)
+    plot = report.plot(rows, path.with_suffix(".png"))
+    saved = f"Saved {path.relative_to(REPO)} (+ .json{', .png' if plot else ''}) and bench/results/latest.md"
+    return f"{markdown}\n{saved}"
+
+
+def _rates(value: str) -> list[int]:
+    try:
+        rates = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected rates such as 200,400 (got {value!r})") from None
+    if any(rate < 0 for rate in rates):
+        raise argparse.ArgumentTypeError("rates must be >= 0")
+    return [rate for rate in rates if rate]
 
 
 def _target_list(value: str) -> list[str]:
@@ -306,6 +319,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--events", type=int, default=20, help="content events per stream (default 20)")
     parser.add_argument("--gap-ms", type=float, default=5.0, help="pause between events (default 5)")
     parser.add_argument(
+        "--rates",
+        type=_rates,
+        default=[200, 400, 800],
+        help="open-loop request rates per second, comma-separated (default 200,400,800; 0 for none)",
+    )
+    parser.add_argument("--ramp", type=int, default=1000, help="streams held open at once for memory (default 1000)")
+    parser.add_argument(
+        "--install-peers",
+        action="store_true",
+        help="install LiteLLM's proxy (PyPI) and Portkey's gateway (npm) into a cache outside the repository, and exit",
+    )
+    parser.add_argument(
         "--tool",
         choices=("auto", "wrk", "aiohttp"),
         default="auto",
@@ -314,6 +339,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.rounds = 1, 1
+        args.rates, args.ramp = args.rates[:1], min(args.ramp, 50)
     if args.duration < 1 or args.rounds < 1:
         parser.error("--duration and --rounds must be at least 1")
     return args
@@ -327,6 +353,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
     try:
+        if args.install_peers:
+            for name in peers.INSTALLABLE:
+                peers.install(name)
+            return
         print(run(args))
     except BenchError as exc:
         sys.exit(f"bench: {exc}")

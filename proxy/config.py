@@ -125,7 +125,7 @@ class ProviderConfig(_Base):
     api_key: str = ""
     headers: dict[str, str] = {}
     timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
-    max_connections: int = 512
+    max_connections: int = 4096  # open connections to this provider per worker: one per stream in flight
     breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
     drop_params: bool = False  # drop request parameters this provider cannot honour instead of answering 400
 

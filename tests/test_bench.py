@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -22,9 +24,20 @@ def test_bench_quick_run_measures_all_targets():
     new = set((ROOT / "bench" / "results").glob("*.json")) - before
     assert len(new) == 1
     rows = json.loads(next(iter(new)).read_text())["rows"]
+    payload = json.loads(next(iter(new)).read_text())
     measured = {(row["target"], row["load"].split(" ")[0]) for row in rows if row["requests_per_s"] > 0}
-    for target in ("direct", "bare", "gateway", "gateway-messages"):
-        assert {(target, "chat"), (target, "stream")} <= measured, rows
+    expected = ["direct", "bare", "gateway", "gateway-percore", "gateway-messages"]
+    if shutil.which("nginx") or os.path.exists("/usr/sbin/nginx"):
+        expected.append("nginx")
+    else:
+        assert "nginx" in payload["skipped"]
+    for target in expected:
+        assert {(target, "chat"), (target, "stream"), (target, "open")} <= measured, rows
+        assert (target, "ramp") in measured or target == "gateway-messages", rows
+    for peer in ("litellm", "portkey"):  # measured when installed (--install-peers), else skipped with why
+        assert (peer, "chat") in measured or payload["skipped"][peer]
+    gateway_ramp = next(r for r in rows if r["target"] == "gateway" and r["load"].startswith("ramp"))
+    assert 10 < gateway_ramp["rss_mb"] < 500
     assert all(row["errors"] == 0 for row in rows), rows
     gateway_stream = next(r for r in rows if r["target"] == "gateway" and r["load"].startswith("stream"))
     assert gateway_stream["ttft_ms"] > 0 and gateway_stream["event_delay_ms"] is not None
