@@ -151,33 +151,46 @@ def _require(samples: Sequence[float], target: Target, errors: int) -> None:
         raise BenchError(f"no successful request to {target.name} ({errors} failed)")
 
 
-async def closed_loop(target: Target, connections: int, duration_s: float) -> Result:
-    body = target.chat_body(stream=False)
-    latencies: list[float] = []
-    errors = 0
+class _Plain:
+    """Plain chat requests to one target: each one's latency (from a given start) or its failure."""
 
-    async def one(session: aiohttp.ClientSession) -> None:
-        nonlocal errors
-        start = time.perf_counter()
+    def __init__(self, target: Target):
+        self.target = target
+        self.body = target.chat_body(stream=False)
+        self.latencies: list[float] = []
+        self.errors = 0
+
+    async def send(self, session: aiohttp.ClientSession, since: float) -> None:
         try:
-            async with session.post(target.url, data=body, headers=target.headers) as resp:
+            async with session.post(self.target.url, data=self.body, headers=self.target.headers) as resp:
                 await resp.read()
         except (aiohttp.ClientError, TimeoutError):
-            errors += 1
+            self.errors += 1
             return
-        latencies.append(time.perf_counter() - start)
         if resp.status != 200:
-            errors += 1
+            self.errors += 1
+            return
+        self.latencies.append(time.perf_counter() - since)
 
-    elapsed = await _run_workers(connections, duration_s, one)
-    _require(latencies, target, errors)
-    return Result(
-        tool="aiohttp",
-        requests_per_s=len(latencies) / elapsed,
-        p50_ms=percentile(latencies, 50) * 1e3,
-        p99_ms=percentile(latencies, 99) * 1e3,
-        errors=errors,
-    )
+    def result(self, tool: str, elapsed: float) -> Result:
+        _require(self.latencies, self.target, self.errors)
+        return Result(
+            tool=tool,
+            requests_per_s=len(self.latencies) / elapsed,
+            p50_ms=percentile(self.latencies, 50) * 1e3,
+            p99_ms=percentile(self.latencies, 99) * 1e3,
+            errors=self.errors,
+        )
+
+
+async def closed_loop(target: Target, connections: int, duration_s: float) -> Result:
+    """C workers, each sending its next request when the previous one is answered."""
+    plain = _Plain(target)
+
+    async def one(session: aiohttp.ClientSession) -> None:
+        await plain.send(session, time.perf_counter())
+
+    return plain.result("aiohttp", await _run_workers(connections, duration_s, one))
 
 
 @dataclass(slots=True)
@@ -243,23 +256,7 @@ async def open_loop(target: Target, rate: float, duration_s: float) -> Result:
     """Requests sent at a fixed rate whatever the answers do (open loop), latency counted from each one's
     scheduled send time: a slow answer cannot hold back the next request, so a stall shows in the p99
     instead of hiding (no coordinated omission)."""
-    body = target.chat_body(stream=False)
-    latencies: list[float] = []
-    errors = 0
-
-    async def one(session: aiohttp.ClientSession, scheduled: float) -> None:
-        nonlocal errors
-        try:
-            async with session.post(target.url, data=body, headers=target.headers) as resp:
-                await resp.read()
-        except (aiohttp.ClientError, TimeoutError):
-            errors += 1
-            return
-        if resp.status != 200:
-            errors += 1
-            return
-        latencies.append(time.perf_counter() - scheduled)
-
+    plain = _Plain(target)
     connector = aiohttp.TCPConnector(limit=0)  # as many connections as the rate needs
     async with aiohttp.ClientSession(connector=connector, timeout=REQUEST_TIMEOUT) as session:
         tasks = []
@@ -269,17 +266,10 @@ async def open_loop(target: Target, rate: float, duration_s: float) -> Result:
             wait = scheduled - time.perf_counter()
             if wait > 0:
                 await asyncio.sleep(wait)
-            tasks.append(asyncio.create_task(one(session, scheduled)))
+            tasks.append(asyncio.create_task(plain.send(session, scheduled)))
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - start
-    _require(latencies, target, errors)
-    return Result(
-        tool="aiohttp open loop",
-        requests_per_s=len(latencies) / elapsed,
-        p50_ms=percentile(latencies, 50) * 1e3,
-        p99_ms=percentile(latencies, 99) * 1e3,
-        errors=errors,
-    )
+    return plain.result("aiohttp open loop", elapsed)
 
 
 async def ramp_load(target: Target, streams: int, rss: Callable[[], int], step: int = 50) -> Result:

@@ -194,7 +194,7 @@ def plot(rows: Sequence[Row], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    fig, ax = plt.subplots(figsize=(10, 5), dpi=110)
     for target, series in points.items():
         series.sort()
         rates = [p[0] for p in series]
@@ -205,7 +205,7 @@ def plot(rows: Sequence[Row], path: Path) -> Path | None:
     ax.set_yscale("log")
     ax.set_title("Latency vs load, non-streaming chat")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
