@@ -5,6 +5,7 @@ reload            validate the config, then have the running gateway apply it (S
 check-config      validate the config and print a summary
 keys              create, list and revoke API keys
 credits           add credit to a team's wallet, or show it
+migrate           create or upgrade the store's schema, print its version
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 from proxy.config import NANOS_PER_USD, ConfigError, GatewayConfig, load_config
 
 DEFAULT_CONFIG = "config/gateway.yaml"
-COMMANDS = ("serve", "reload", "check-config", "keys", "credits")
+COMMANDS = ("serve", "reload", "check-config", "keys", "credits", "migrate")
 
 
 def _usd(text: str) -> int:
@@ -59,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_parser("reload", help="validate the config, then signal the running gateway to apply it (SIGHUP)")
     )
     reload.add_argument("--pid", type=int, help="the gateway's process id (default: read from server.pid_file)")
+
+    with_config(sub.add_parser("migrate", help="create or upgrade the store's schema (serve does it too)"))
 
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
     create = with_config(keys.add_parser("create", help="create a key (and its team if new); prints the key last"))
@@ -99,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             return _check(config)
         if args.command == "reload":
             return _reload(config, args.pid)
+        if args.command == "migrate":
+            return asyncio.run(_migrate(config))
         return asyncio.run(_admin(config, args))
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
@@ -167,7 +172,9 @@ def _check(config: GatewayConfig) -> int:
 
     table = RouteTable(config)
     print(f"config {config.source}: OK")
-    print(f"store: {config.store.url}")
+    from proxy.store.base import redact_url
+
+    print(f"store: {redact_url(config.store.url)}")
     print(f"providers ({len(config.providers)}):")
     for name, p in config.providers.items():
         key = "api key set" if p.api_key else "no api key"
@@ -190,11 +197,28 @@ def _check(config: GatewayConfig) -> int:
     return 0
 
 
+async def _migrate(config: GatewayConfig) -> int:
+    """Open the store, which applies the migrations it lacks, and say which schema version it now has."""
+    from proxy.store import StoreError, open_store, redact_url
+
+    try:
+        store = await open_store(config.store.url, pool_min=0, pool_max=1)
+        try:
+            version = await store.schema_version()
+        finally:
+            await store.close()
+    except StoreError as e:
+        print(f"store error: {e}", file=sys.stderr)
+        return 1
+    print(f"store {redact_url(config.store.url)} ({store.backend}): schema version {version}")
+    return 0
+
+
 async def _admin(config: GatewayConfig, args: argparse.Namespace) -> int:
     from proxy.store import StoreError, open_store
 
     try:
-        store = await open_store(config.store.url)
+        store = await open_store(config.store.url, pool_min=config.store.pool_min, pool_max=config.store.pool_max)
     except StoreError as e:
         print(f"store error: {e}", file=sys.stderr)
         return 1

@@ -67,7 +67,7 @@ def build_app(config: GatewayConfig) -> web.Application:
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     gw = app[GATEWAY]
     config = gw.config
-    gw.store = await open_store(config.store.url)
+    gw.store = await open_store(config.store.url, pool_min=config.store.pool_min, pool_max=config.store.pool_max)
     gw.keys = KeyCache(gw.store, config.auth.cache_ttl_s)
     gw.wallets = WalletCache(gw.store, config.auth.cache_ttl_s, config.auth.min_balance_nanos)
     gw.budgets = KeyBudgets(gw.store, config.auth.cache_ttl_s)
@@ -269,7 +269,7 @@ def _supervise(config: GatewayConfig, host: str, port: int, workers: int) -> int
             os.unlink(os.path.join(metrics_dir, name))
 
     async def migrate() -> None:  # once, before the workers race to do it
-        store = await _open(config.store.url)
+        store = await _open(config.store.url, pool_min=0, pool_max=1)  # one connection, closed before the fork
         await store.close()
 
     asyncio.run(migrate())

@@ -80,7 +80,9 @@ class ServerConfig(_Base):
 
 
 class StoreConfig(_Base):
-    url: str = "sqlite:///./data/gateway.db"
+    url: str = "sqlite:///./data/gateway.db"  # or postgresql://user:password@host:5432/database
+    pool_min: int = 1  # Postgres connections each worker process keeps open (SQLite: one, always)
+    pool_max: int = 4  # the most each worker process opens
 
 
 class AuthConfig(_Base):
@@ -437,8 +439,20 @@ def check(config: GatewayConfig, fail: Any) -> None:
         fail(["accounting", "max_backlog"], "expected at least 1")
     if config.auth.cache_ttl_s < 0:
         fail(["auth", "cache_ttl_s"], "expected a duration >= 0 seconds")
-    if not config.store.url.startswith(("sqlite://",)):
-        fail(["store", "url"], f"expected a sqlite:///path URL, got {config.store.url!r}")
+    store = config.store
+    if not store.url.startswith(("sqlite://", "postgresql://", "postgres://")):
+        from proxy.store.base import redact_url
+
+        fail(
+            ["store", "url"],
+            f"expected a sqlite:///path or postgresql://user:password@host/database URL, got {redact_url(store.url)!r}",
+        )
+    if store.pool_min < 0:
+        fail(["store", "pool_min"], f"expected 0 or more connections, got {store.pool_min}")
+    if not store.pool_max >= max(store.pool_min, 1):
+        fail(
+            ["store", "pool_max"], f"expected at least 1 and at least pool_min ({store.pool_min}), got {store.pool_max}"
+        )
 
     for name, provider in config.providers.items():
         where = ["providers", name]

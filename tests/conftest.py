@@ -1,9 +1,10 @@
-"""Fixtures: a mock upstream, the default config pointed at it, keys in a fresh store, a gateway client."""
+"""Fixtures: a mock upstream, the default config pointed at it, keys in a fresh store, a gateway client,
+and a throwaway PostgreSQL server with a fresh database per test (`pg_url`)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from proxy.config import NANOS_PER_USD, GatewayConfig, load_config
 from proxy.store import open_store
 from proxy.store.base import SCOPE_INFERENCE, SCOPE_MANAGEMENT
 from tests.mock_upstream import MockControl, build_mock
+from tests.pg_server import PgServer, find_bin_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "config" / "gateway.yaml"
@@ -91,3 +93,26 @@ async def key(make_key: MakeKey) -> str:
 
 def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """A PostgreSQL cluster for the session (skipped without the server binaries, except in CI)."""
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        why = "no PostgreSQL server binaries (initdb, pg_ctl) on PATH or in /usr/lib/postgresql/*/bin"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set and there are {why}: install the `postgresql` package (see .ci/run)")
+        pytest.skip(why)
+    server = PgServer(bin_dir)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server: PgServer) -> str:
+    """A new, empty database on the session's server: `postgresql://postgres:PASSWORD@127.0.0.1:PORT/test_N`."""
+    return pg_server.create_database()

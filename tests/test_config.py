@@ -373,11 +373,11 @@ ERROR_CASES = [
         ("expected a duration >= 0 seconds",),
     ),
     (
-        "store-not-sqlite",
-        BASE + "store:\n  url: postgres://db/gw\n",
-        "url: postgres",
+        "store-unsupported",
+        BASE + "store:\n  url: mysql://db/gw\n",
+        "url: mysql",
         "$.store.url",
-        ("expected a sqlite:///path URL", "'postgres://db/gw'"),
+        ("expected a sqlite:///path or postgresql://", "'mysql://db/gw'"),
     ),
     (
         "connect-timeout-not-a-number",

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
-from proxy.store.base import KeyRecord, Store, StoreError, Team
+from proxy.store.base import KeyRecord, Store, StoreError, Team, redact_url
+from proxy.store.postgres import PostgresStore
 from proxy.store.sqlite import SqliteStore
 
-__all__ = ["KeyRecord", "Store", "StoreError", "Team", "open_store"]
+__all__ = ["KeyRecord", "Store", "StoreError", "Team", "open_store", "redact_url"]
+
+SCHEMES = "sqlite:///path or postgresql://user:password@host:5432/database (also postgres://)"
 
 
-async def open_store(url: str) -> Store:
-    """Open (and migrate) the store that `url` names."""
+async def open_store(url: str, *, pool_min: int = 1, pool_max: int = 4) -> Store:
+    """Open (and migrate) the store that `url` names. The pool sizes are Postgres's (per process)."""
+    store: Store
     if url.startswith("sqlite://"):
         store = SqliteStore(url)
+    elif url.startswith(("postgresql://", "postgres://")):
+        store = PostgresStore(url, pool_min=pool_min, pool_max=pool_max)
     else:
-        raise StoreError(f"unsupported store URL {url!r}: expected sqlite:///path")
+        raise StoreError(f"unsupported store URL {redact_url(url)!r}: expected {SCHEMES}")
     await store.open()
     return store

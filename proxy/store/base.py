@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from typing import Protocol
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import msgspec
 
@@ -110,10 +112,15 @@ class Store(Protocol):
     """What the gateway needs from its database. Methods raise `StoreError` on failure."""
 
     url: str
+    backend: str  # "sqlite" | "postgres"
 
-    async def open(self) -> None: ...
+    async def open(self) -> None:
+        """Connect, and migrate the schema to the newest version."""
+        ...
+
     async def close(self) -> None: ...
     async def ping(self) -> None: ...
+    async def schema_version(self) -> int: ...
     async def get_key(self, kid: str) -> KeyRecord | None: ...
     async def get_balance(self, team_id: str) -> int | None: ...
     async def ensure_team(self, name: str) -> Team: ...
@@ -144,3 +151,29 @@ class Store(Protocol):
 
 class StoreError(Exception):
     """The store could not do what was asked (unreachable, locked, corrupt)."""
+
+
+def url_secrets(url: str) -> list[str]:
+    """The passwords a store URL holds (in its user info, or as libpq's `?password=`), as written and
+    decoded, longest first: what a message must never show."""
+    try:
+        parts = urlsplit(url)
+        found = [parts.password or "", *parse_qs(parts.query).get("password", [])]
+    except ValueError:
+        return []
+    found += [unquote(s) for s in found] + [quote(s, safe="") for s in found]
+    return sorted(set(found) - {""}, key=len, reverse=True)
+
+
+def redact_url(url: str) -> str:
+    """`url` with its password (if any) replaced by `***`: for messages and logs."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # not a URL we can take apart: show its scheme only
+        return url.partition("://")[0] + "://…"
+    if password:  # edited in place: urlunsplit would rewrite `sqlite:///path` as `sqlite:/path`
+        userinfo, _, hostinfo = parts.netloc.rpartition("@")
+        url = url.replace(parts.netloc, f"{userinfo.partition(':')[0]}:***@{hostinfo}", 1)
+    head, mark, query = url.partition("?")
+    return head + mark + re.sub(r"(?<![^&])password=[^&#]*", "password=***", query)

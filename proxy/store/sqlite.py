@@ -61,6 +61,8 @@ def _row_to_key(row: sqlite3.Row | tuple) -> KeyRecord:
 class SqliteStore:
     """`Store` on one aiosqlite connection (its own thread); SQLite serialises writers itself."""
 
+    backend = "sqlite"
+
     def __init__(self, url: str):
         self.url = url
         self.path = sqlite_path(url)
@@ -112,6 +114,14 @@ class SqliteStore:
                 await cur.fetchone()
         except sqlite3.Error as e:
             raise StoreError(str(e)) from e
+
+    async def schema_version(self) -> int:
+        try:
+            async with self.db.execute("PRAGMA user_version") as cur:
+                row = await cur.fetchone()
+        except sqlite3.Error as e:
+            raise StoreError(str(e)) from e
+        return row[0] if row else 0
 
     async def get_key(self, kid: str) -> KeyRecord | None:
         sql = f"SELECT {_KEY_COLUMNS} FROM api_keys k JOIN teams t ON t.id = k.team_id WHERE k.kid = ?"

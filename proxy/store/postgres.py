@@ -1,0 +1,419 @@
+"""The shared store: PostgreSQL through an asyncpg pool, migrated under an advisory lock.
+
+Several gateways (and every worker of each) share one database, so every write is atomic in SQL: a
+balance changes by `balance_nanos = balance_nanos ± $n` in the statement that also writes its ledger
+line or generation records, never by reading it into Python first. Each worker has its own pool of
+`pool_min`..`pool_max` connections. Every failure (the server's, the driver's, the network's, a
+timeout) is raised as `StoreError`, whose message never holds the URL's password.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import AsyncIterator
+
+import asyncpg
+
+from proxy.store import migrations
+from proxy.store.base import (
+    ACTIVE,
+    GENERATION_COLUMNS,
+    REVOKED,
+    Credits,
+    Generation,
+    KeyRecord,
+    StoreError,
+    Team,
+    TopUp,
+    redact_url,
+    url_secrets,
+)
+
+CONNECT_TIMEOUT_S = 10.0  # opening one connection, TLS and login included
+COMMAND_TIMEOUT_S = 60.0  # one statement
+CLOSE_TIMEOUT_S = 10.0  # then connections still busy are cut
+# Any fixed 64-bit number: every gateway migrating a database takes this same transaction-level lock.
+MIGRATION_LOCK = 7_461_617_453_727_361_601
+
+# The driver's, the server's and the network's failures (TimeoutError is an OSError).
+_FAILURES = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError)
+
+_KEY_COLUMNS = """
+    k.kid, k.team_id, t.name, k.secret_hash, k.scopes, k.status, k.name, k.created_at,
+    k.allowed_models, k.daily_limit_cost_nanos, k.monthly_limit_cost_nanos
+"""
+
+# The Postgres type of each generation column, for the arrays `record` sends (one per column).
+_GENERATION_TYPES = {
+    "request_id": "text",
+    "created_at": "bigint",
+    "team_id": "text",
+    "key_id": "text",
+    "endpoint": "text",
+    "model_id": "text",
+    "provider": "text",
+    "upstream_model": "text",
+    "native_response_id": "text",
+    "stream": "boolean",
+    "status_code": "integer",
+    "success": "boolean",
+    "error_code": "text",
+    "error_message": "text",
+    "usage": "json",
+    "usage_source": "text",
+    "cost_nanos": "bigint",
+    "currency": "text",
+    "pricing_lines": "json",
+    "timings": "json",
+}
+assert tuple(_GENERATION_TYPES) == Generation.__struct_fields__, "a generation column without its Postgres type"
+_BOOLEAN_COLUMNS = [i for i, t in enumerate(_GENERATION_TYPES.values()) if t == "boolean"]
+_ARRAYS = ", ".join(f"${i}::{t}[]" for i, t in enumerate(_GENERATION_TYPES.values(), start=1))
+_NOW = len(_GENERATION_TYPES) + 1
+
+# One statement, so one transaction and one round trip: the batch arrives as one array per column; the
+# last row of a request id repeated in the batch wins (as in SQLite). Only rows actually inserted (not
+# already stored: a retried batch) are debited. Wallets are locked in team order, so two workers whose
+# batches debit the same teams cannot deadlock; the debit is relative, so a concurrent top-up is kept.
+_RECORD = f"""
+WITH batch AS (
+    SELECT DISTINCT ON (request_id) *
+    FROM unnest({_ARRAYS}) WITH ORDINALITY AS b({GENERATION_COLUMNS}, n)
+    ORDER BY request_id, n DESC
+), inserted AS (
+    INSERT INTO generations ({GENERATION_COLUMNS})
+    SELECT {GENERATION_COLUMNS} FROM batch
+    ON CONFLICT (request_id) DO NOTHING
+    RETURNING team_id, cost_nanos
+), debits AS (
+    SELECT team_id, SUM(cost_nanos)::bigint AS cost FROM inserted GROUP BY team_id HAVING SUM(cost_nanos) <> 0
+), locked AS MATERIALIZED (
+    SELECT w.team_id, d.cost FROM wallets w JOIN debits d ON d.team_id = w.team_id
+    ORDER BY w.team_id COLLATE "C" FOR UPDATE OF w
+)
+UPDATE wallets w SET balance_nanos = w.balance_nanos - l.cost, updated_at = ${_NOW}
+FROM locked l WHERE w.team_id = l.team_id
+"""
+
+# A top-up and its ledger line in one statement; no wallet, no line (and `add_credit` raises).
+_ADD_CREDIT = """
+WITH w AS (
+    UPDATE wallets SET balance_nanos = balance_nanos + $2, updated_at = $3 WHERE team_id = $1
+    RETURNING team_id, balance_nanos
+), line AS (
+    INSERT INTO wallet_ledger (team_id, amount_nanos, kind, note, created_at)
+    SELECT team_id, $2, $4, $5, $3 FROM w
+)
+SELECT balance_nanos FROM w
+"""
+
+
+def _row_to_key(row: asyncpg.Record) -> KeyRecord:
+    kid, team_id, team_name, secret_hash, scopes, status, name, created_at, models, daily, monthly = row
+    return KeyRecord(
+        kid=kid,
+        team_id=team_id,
+        team_name=team_name,
+        secret_hash=bytes(secret_hash),
+        scopes=tuple(s for s in scopes.split(",") if s),
+        status=status,
+        name=name,
+        created_at=created_at,
+        allowed_models=tuple(m for m in models.split(",") if m),
+        daily_limit_cost_nanos=daily,
+        monthly_limit_cost_nanos=monthly,
+    )
+
+
+def _count(status: str) -> int:
+    """The row count of a command status such as `UPDATE 1`."""
+    return int(status.rpartition(" ")[2] or 0)
+
+
+class PostgresStore:
+    """`Store` on an asyncpg pool: a connection per operation, borrowed and given back."""
+
+    backend = "postgres"
+
+    def __init__(self, url: str, *, pool_min: int = 1, pool_max: int = 4):
+        self.url = url
+        self.pool_min = pool_min
+        self.pool_max = pool_max
+        self.safe_url = redact_url(url)
+        self._secrets = url_secrets(url)
+        self._pool: asyncpg.Pool | None = None
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise StoreError("the store is not open")
+        return self._pool
+
+    def _masked(self, e: BaseException) -> str:
+        text = str(e) or type(e).__name__
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def _error(self, doing: str, e: BaseException) -> StoreError:
+        """`e` as a StoreError saying what failed; the password, should a message quote it, is masked."""
+        return StoreError(f"{doing}: {self._masked(e)}")
+
+    def _cause(self, e: BaseException) -> BaseException | None:
+        """`e`, kept for tracebacks, unless its message quotes the password."""
+        return e if self._masked(e) == (str(e) or type(e).__name__) else None
+
+    @contextlib.asynccontextmanager
+    async def _conn(self, doing: str) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection; any failure while it is used becomes a StoreError about `doing`."""
+        pool = self.pool
+        try:
+            async with pool.acquire() as conn:
+                yield conn
+        except _FAILURES as e:
+            raise self._error(doing, e) from self._cause(e)
+
+    async def open(self) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.url,
+                min_size=self.pool_min,
+                max_size=self.pool_max,
+                timeout=CONNECT_TIMEOUT_S,
+                command_timeout=COMMAND_TIMEOUT_S,
+            )
+            await self._migrate()
+        except (*_FAILURES, ValueError, StoreError) as e:
+            await self.close()
+            if isinstance(e, StoreError):
+                raise
+            raise self._error(f"cannot open the PostgreSQL store at {self.safe_url}", e) from self._cause(e)
+
+    async def _migrate(self) -> None:
+        """Apply the steps this database lacks, in one transaction. Gateways starting together queue on the
+        advisory lock: the first migrates, the others then find nothing to do."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at BIGINT NOT NULL)"
+            )
+            version = await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+            if version > len(migrations.POSTGRES):
+                raise StoreError(
+                    f"the store at {self.safe_url} has schema version {version}, newer than this gateway's "
+                    f"{len(migrations.POSTGRES)}: upgrade the gateway"
+                )
+            for number, script in enumerate(migrations.POSTGRES[version:], start=version + 1):
+                await conn.execute(script)
+                await conn.execute("INSERT INTO schema_version VALUES ($1, $2)", number, int(time.time()))
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT_S)
+            except (TimeoutError, *_FAILURES):
+                pool.terminate()
+
+    async def ping(self) -> None:
+        async with self._conn("the store does not answer") as conn:
+            await conn.fetchval("SELECT 1")
+
+    async def schema_version(self) -> int:
+        async with self._conn("cannot read the schema version") as conn:
+            return await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+
+    async def get_key(self, kid: str) -> KeyRecord | None:
+        sql = f"SELECT {_KEY_COLUMNS} FROM api_keys k JOIN teams t ON t.id = k.team_id WHERE k.kid = $1"
+        async with self._conn("cannot read a key") as conn:
+            row = await conn.fetchrow(sql, kid)
+        return _row_to_key(row) if row else None
+
+    async def get_balance(self, team_id: str) -> int | None:
+        async with self._conn("cannot read a balance") as conn:
+            return await conn.fetchval("SELECT balance_nanos FROM wallets WHERE team_id = $1", team_id)
+
+    async def get_team(self, name: str) -> Team | None:
+        async with self._conn("cannot read a team") as conn:
+            return await self._team(conn, name)
+
+    @staticmethod
+    async def _team(conn: asyncpg.Connection, name: str) -> Team | None:
+        row = await conn.fetchrow(
+            "SELECT t.id, t.name, COALESCE(w.balance_nanos, 0), t.created_at FROM teams t "
+            "LEFT JOIN wallets w ON w.team_id = t.id WHERE t.name = $1",
+            name,
+        )
+        return Team(*row) if row else None
+
+    async def ensure_team(self, name: str) -> Team:
+        now = int(time.time())
+        async with self._conn("cannot create a team") as conn:
+            async with conn.transaction():
+                await conn.execute(
+                    "INSERT INTO teams (id, name, created_at) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING",
+                    "team_" + secrets.token_hex(8),
+                    name,
+                    now,
+                )
+                await conn.execute(
+                    "INSERT INTO wallets (team_id, balance_nanos, updated_at) "
+                    "SELECT id, 0, $1 FROM teams WHERE name = $2 ON CONFLICT (team_id) DO NOTHING",
+                    now,
+                    name,
+                )
+            team = await self._team(conn, name)
+        assert team is not None
+        return team
+
+    async def create_key(
+        self, *, team_id: str, kid: str, secret_hash: bytes, name: str, scopes: tuple[str, ...]
+    ) -> KeyRecord:
+        async with self._conn("cannot create a key") as conn:
+            await conn.execute(
+                "INSERT INTO api_keys (kid, team_id, name, secret_hash, scopes, status, created_at) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                kid,
+                team_id,
+                name,
+                secret_hash,
+                ",".join(scopes),
+                ACTIVE,
+                int(time.time()),
+            )
+        record = await self.get_key(kid)
+        assert record is not None
+        return record
+
+    async def list_keys(self, team_id: str | None = None) -> list[KeyRecord]:
+        sql = f"SELECT {_KEY_COLUMNS} FROM api_keys k JOIN teams t ON t.id = k.team_id"
+        args: tuple = ()
+        if team_id is not None:
+            sql += " WHERE k.team_id = $1"
+            args = (team_id,)
+        async with self._conn("cannot list keys") as conn:
+            rows = await conn.fetch(sql + ' ORDER BY k.created_at, k.kid COLLATE "C"', *args)
+        return [_row_to_key(row) for row in rows]
+
+    async def set_key_status(self, kid: str, status: str) -> bool:
+        revoked_at = int(time.time()) if status == REVOKED else None
+        async with self._conn("cannot change a key's status") as conn:
+            done = await conn.execute(
+                "UPDATE api_keys SET status = $1, revoked_at = COALESCE(revoked_at, $2) "
+                "WHERE kid = $3 AND status <> 'revoked'",
+                status,
+                revoked_at,
+                kid,
+            )
+        return _count(done) > 0
+
+    async def add_credit(self, team_id: str, amount_nanos: int, note: str = "") -> int:
+        kind = "topup" if amount_nanos >= 0 else "adjustment"
+        async with self._conn("cannot add credit") as conn:
+            balance = await conn.fetchval(_ADD_CREDIT, team_id, amount_nanos, int(time.time()), kind, note)
+        if balance is None:
+            raise StoreError(f"team {team_id} has no wallet")
+        return balance
+
+    async def record(self, rows: list[tuple]) -> None:
+        """Insert generation rows (in `GENERATION_COLUMNS` order) and debit each team by their cost, in one
+        statement. A row whose request id is already stored (a replay) is skipped and not charged again."""
+        if not rows:
+            return
+        columns = [list(column) for column in zip(*rows, strict=True)]
+        for i in _BOOLEAN_COLUMNS:  # SQLite takes 0/1 as well: so does this store
+            columns[i] = [bool(v) for v in columns[i]]
+        async with self._conn("cannot record usage") as conn:
+            await conn.execute(_RECORD, *columns, int(time.time()))
+
+    async def credits(self, team_id: str, top_ups: int = 20) -> Credits:
+        """The wallet's balance, its latest top-ups, and what the team spent over 24 hours and 30 days."""
+        now_ms = int(time.time() * 1000)
+        async with self._conn("cannot read credits") as conn:
+            balance = await conn.fetchval("SELECT balance_nanos FROM wallets WHERE team_id = $1", team_id) or 0
+            ledger = [
+                TopUp(*r)
+                for r in await conn.fetch(
+                    "SELECT amount_nanos, note, created_at FROM wallet_ledger WHERE team_id = $1 "
+                    "ORDER BY created_at DESC, id DESC LIMIT $2",
+                    team_id,
+                    top_ups,
+                )
+            ]
+            day, month = await conn.fetchrow(
+                "SELECT COALESCE(SUM(cost_nanos) FILTER (WHERE created_at >= $1), 0)::bigint, "
+                "COALESCE(SUM(cost_nanos), 0)::bigint FROM generations WHERE team_id = $2 AND created_at >= $3",
+                now_ms - 86_400_000,
+                team_id,
+                now_ms - 30 * 86_400_000,
+            )
+        return Credits(balance_nanos=balance, top_ups=ledger, spend_24h_nanos=day, spend_30d_nanos=month)
+
+    async def rename_key(self, kid: str, name: str) -> bool:
+        async with self._conn("cannot rename a key") as conn:
+            done = await conn.execute("UPDATE api_keys SET name = $1 WHERE kid = $2", name, kid)
+        return _count(done) > 0
+
+    async def set_key_limits(
+        self, kid: str, *, allowed_models: tuple[str, ...], daily_nanos: int | None, monthly_nanos: int | None
+    ) -> bool:
+        async with self._conn("cannot set a key's limits") as conn:
+            done = await conn.execute(
+                "UPDATE api_keys SET allowed_models = $1, daily_limit_cost_nanos = $2, monthly_limit_cost_nanos = $3 "
+                "WHERE kid = $4",
+                ",".join(allowed_models),
+                daily_nanos,
+                monthly_nanos,
+                kid,
+            )
+        return _count(done) > 0
+
+    async def key_spend(self, kid: str, since_ms: int) -> int:
+        async with self._conn("cannot read a key's spend") as conn:
+            return await conn.fetchval(
+                "SELECT COALESCE(SUM(cost_nanos), 0)::bigint FROM generations WHERE key_id = $1 AND created_at >= $2",
+                kid,
+                since_ms,
+            )
+
+    async def activity(
+        self, team_id: str, *, since_ms: int, until_ms: int, model: str, key_id: str, limit: int, offset: int
+    ) -> tuple[int, list[tuple]]:
+        where = "team_id = $1 AND created_at >= $2 AND created_at < $3"
+        args: list = [team_id, since_ms, until_ms]
+        if model:
+            args.append(model)
+            where += f" AND model_id = ${len(args)}"
+        if key_id:
+            args.append(key_id)
+            where += f" AND key_id = ${len(args)}"
+        grouped = (
+            "SELECT to_char(to_timestamp(created_at / 1000) AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day, "
+            "model_id, provider, endpoint, SUM(cost_nanos)::bigint, COUNT(*), "
+            "SUM((usage ->> 'prompt_tokens')::bigint)::bigint, SUM((usage ->> 'completion_tokens')::bigint)::bigint, "
+            "SUM((usage ->> 'reasoning_tokens')::bigint)::bigint "
+            f"FROM generations WHERE {where} GROUP BY day, model_id, provider, endpoint"
+        )
+        page = len(args)
+        async with self._conn("cannot read activity") as conn:
+            total = await conn.fetchval(f"SELECT COUNT(*) FROM ({grouped}) AS g", *args)
+            rows = await conn.fetch(
+                f'{grouped} ORDER BY day DESC, model_id COLLATE "C", provider COLLATE "C", endpoint COLLATE "C" '
+                f"LIMIT ${page + 1} OFFSET ${page + 2}",
+                *args,
+                limit,
+                offset,
+            )
+        return total, [tuple(r) for r in rows]
+
+    async def get_generation(self, team_id: str, request_id: str) -> Generation | None:
+        sql = (
+            f"SELECT {GENERATION_COLUMNS} FROM generations WHERE team_id = $1 "
+            "AND (request_id = $2 OR native_response_id = $2) ORDER BY created_at DESC LIMIT 1"
+        )
+        async with self._conn("cannot read a generation") as conn:
+            row = await conn.fetchrow(sql, team_id, request_id)
+        return None if row is None else Generation.from_row(tuple(row))

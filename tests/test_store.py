@@ -1,0 +1,546 @@
+"""The store contract: every `Store` method, run against each backend (SQLite and PostgreSQL) alike."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from proxy.config import ConfigError, load_config
+from proxy.store import Store, StoreError, migrations, open_store, redact_url
+from proxy.store.base import (
+    ACTIVE,
+    DISABLED,
+    REVOKED,
+    SCOPE_INFERENCE,
+    SCOPE_MANAGEMENT,
+    Generation,
+    Team,
+    TopUp,
+    url_secrets,
+)
+from proxy.store.postgres import PostgresStore
+from tests.conftest import DEFAULT_CONFIG, ROOT
+from tests.pg_server import PgServer, free_port
+
+DAY_MS = 86_400_000
+HASH = bytes(range(32))  # a sha256 digest's length, with a NUL byte in it
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new, empty store of each backend (the Postgres server starts only for the first test that needs it)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/gateway.db"
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+async def store(url: str) -> AsyncIterator[Store]:
+    store = await open_store(url)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def ms(text: str) -> int:
+    """`2025-03-02T10:00` (UTC) in unix milliseconds."""
+    return int(datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp() * 1000)
+
+
+def generation(
+    request_id: str,
+    team_id: str,
+    *,
+    cost: int = 100,
+    created_ms: int | None = None,
+    key: str = "k1",
+    model: str = "openai/gpt-4o-mini",
+    provider: str = "openai",
+    endpoint: str = "chat.completions",
+    native: str = "",
+    usage: bytes = b'{"prompt_tokens":11,"completion_tokens":5,"reasoning_tokens":2}',
+    stream: bool = False,
+) -> tuple:
+    """A generation row as the accountant builds it."""
+    return Generation(
+        request_id=request_id,
+        created_at=int(time.time() * 1000) if created_ms is None else created_ms,
+        team_id=team_id,
+        key_id=key,
+        endpoint=endpoint,
+        model_id=model,
+        provider=provider,
+        upstream_model=model.rpartition("/")[2],
+        native_response_id=native,
+        stream=stream,
+        status_code=200,
+        success=True,
+        error_code="",
+        error_message="",
+        usage=msgspec.Raw(usage),
+        usage_source="reported" if usage != b"{}" else "none",
+        cost_nanos=cost,
+        currency="USD",
+        pricing_lines=msgspec.Raw(b'[{"kind": "input", "nanos": 1}]'),
+        timings=msgspec.Raw(b'{"total_ms": 12.5}'),
+    ).row()
+
+
+async def funded_team(store: Store, name: str = "acme", credit: int = 1_000_000) -> Team:
+    team = await store.ensure_team(name)
+    await store.add_credit(team.id, credit)
+    return team
+
+
+# --- opening, migrations ---------------------------------------------------------------------------------
+
+
+async def test_migrations_are_idempotent(url: str):
+    for _ in range(2):  # the second open finds every step applied
+        store = await open_store(url)
+        try:
+            assert await store.schema_version() == len(migrations.SQLITE) == len(migrations.POSTGRES)
+            assert store.backend == url.partition(":")[0].replace("postgresql", "postgres")
+            await store.ping()
+            team = await store.ensure_team("acme")  # the schema works, and data survives a reopen
+            assert team.name == "acme"
+        finally:
+            await store.close()
+
+
+async def test_a_newer_schema_is_refused(url: str, store: Store):
+    if isinstance(store, PostgresStore):
+        async with store.pool.acquire() as conn:
+            await conn.execute("INSERT INTO schema_version VALUES (99, 0)")
+    else:
+        await store.db.execute("PRAGMA user_version = 99")  # type: ignore[attr-defined]
+    with pytest.raises(StoreError, match="schema version 99, newer than this gateway's 3: upgrade the gateway"):
+        await open_store(url)
+
+
+async def test_gateways_starting_together_migrate_once(pg_url: str):
+    stores = await asyncio.gather(*(open_store(pg_url) for _ in range(4)))  # four processes' worth of pools
+    try:
+        async with stores[0].pool.acquire() as conn:  # type: ignore[attr-defined]
+            applied = await conn.fetch("SELECT version FROM schema_version ORDER BY version")
+        assert [r["version"] for r in applied] == [1, 2, 3]
+    finally:
+        for store in stores:
+            await store.close()
+
+
+def test_the_store_config_takes_postgres_urls_and_pool_sizes(tmp_path: Path):
+    config = tmp_path / "gateway.yaml"
+    config.write_text(f"store:\n  url: postgres://gw:pw@db/gw\n  pool_min: 2\n  pool_max: 8\n{_providers()}")
+    loaded = load_config(config, env={})
+    assert (loaded.store.url, loaded.store.pool_min, loaded.store.pool_max) == ("postgres://gw:pw@db/gw", 2, 8)
+    config.write_text(f"store:\n  url: postgres://db/gw\n  pool_min: 5\n  pool_max: 2\n{_providers()}")
+    with pytest.raises(ConfigError, match=r"\$\.store\.pool_max: expected at least 1 and at least pool_min \(5\)"):
+        load_config(config, env={})
+    config.write_text(f"store:\n  url: mysql://gw:hunter2@db/gw\n{_providers()}")
+    with pytest.raises(ConfigError, match="postgresql://") as refused:
+        load_config(config, env={})
+    assert "hunter2" not in str(refused.value)
+
+
+def _providers() -> str:
+    return "providers:\n  openai: {kind: openai, base_url: 'http://127.0.0.1:1/v1'}\n"
+
+
+# --- failures --------------------------------------------------------------------------------------------
+
+
+async def test_unreachable_store_is_a_store_error(url: str, tmp_path: Path):
+    if url.startswith("sqlite"):
+        # Not a folder: aiosqlite, failing to connect, leaves its thread to report to a loop that may be gone.
+        (tmp_path / "garbage.db").write_bytes(b"not a database, " * 512)
+        unreachable = f"sqlite:///{tmp_path}/garbage.db"
+    else:
+        unreachable = f"postgresql://gw:s3cret-Pa55@127.0.0.1:{free_port()}/gateway"  # nothing listens there
+    started = time.monotonic()
+    with pytest.raises(StoreError) as refused:
+        await open_store(unreachable)
+    assert time.monotonic() - started < 10
+    assert "cannot open the" in str(refused.value)
+    assert "s3cret-Pa55" not in str(refused.value)
+
+
+async def test_a_wrong_password_is_refused_without_echoing_it(pg_server: PgServer, pg_url: str):
+    wrong = pg_url.replace(pg_server.password, "not-the-Pa55word")
+    with pytest.raises(StoreError, match="password authentication failed") as refused:
+        await open_store(wrong)
+    assert "not-the-Pa55word" not in str(refused.value) and "postgres:***@127.0.0.1" in str(refused.value)
+
+
+def test_urls_are_shown_without_their_password():
+    assert (
+        redact_url("postgresql://gw:p%40ss@db:5432/gw?sslmode=require")
+        == "postgresql://gw:***@db:5432/gw?sslmode=require"
+    )
+    assert (
+        redact_url("postgres://db/gw?sslmode=require&password=s3cret")
+        == "postgres://db/gw?sslmode=require&password=***"
+    )
+    assert redact_url("postgresql://gw@db/gw") == "postgresql://gw@db/gw"
+    assert redact_url("sqlite:///./data/gateway.db") == "sqlite:///./data/gateway.db"
+    assert url_secrets("postgresql://gw:p%40ss@db/gw?password=x") == ["p%2540ss", "p%40ss", "p@ss", "x"]
+
+
+async def test_an_unsupported_url_names_both_forms():
+    with pytest.raises(StoreError) as refused:
+        await open_store("mysql://gw:hunter2@db/gw")
+    message = str(refused.value)
+    assert "sqlite:///path" in message and "postgresql://" in message and "hunter2" not in message
+
+
+async def test_a_lost_connection_fails_one_call_then_the_pool_reconnects(pg_server: PgServer, pg_url: str):
+    store = await open_store(pg_url, pool_min=1, pool_max=1)
+    try:
+        team = await funded_team(store)
+        database = pg_url.rpartition("/")[2]
+        # (with a timeout, pg_terminate_backend returns once the server process has gone)
+        pg_server.psql(f"SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity WHERE datname = '{database}'")
+        with pytest.raises(StoreError, match="cannot read a balance: connection was closed") as cut:
+            await store.get_balance(team.id)  # the pooled connection was cut: a StoreError, not the driver's
+        assert pg_server.password not in str(cut.value)
+        assert await store.get_balance(team.id) == 1_000_000
+    finally:
+        await store.close()
+
+
+# --- teams and wallets -----------------------------------------------------------------------------------
+
+
+async def test_teams(store: Store):
+    assert await store.get_team("acme") is None
+    team = await store.ensure_team("acme")
+    assert team.id.startswith("team_") and team.name == "acme" and team.balance_nanos == 0
+    assert abs(team.created_at - time.time()) < 60 and isinstance(team.created_at, int)
+    assert await store.ensure_team("acme") == team  # once
+    assert await store.get_team("acme") == team
+    assert await store.get_balance(team.id) == 0
+    assert await store.get_balance("team_nope") is None
+    other = await store.ensure_team("rival")
+    assert other.id != team.id
+
+
+async def test_add_credit_credits_and_top_ups(store: Store):
+    team = await store.ensure_team("acme")
+    assert await store.add_credit(team.id, 5_000, note="first") == 5_000
+    assert await store.add_credit(team.id, -1_500, note="refund") == 3_500
+    assert await store.add_credit(team.id, 250) == 3_750
+    assert (await store.get_team("acme")).balance_nanos == 3_750  # type: ignore[union-attr]
+    credits = await store.credits(team.id)
+    assert credits.balance_nanos == 3_750
+    assert [(t.amount_nanos, t.note) for t in credits.top_ups] == [(250, ""), (-1_500, "refund"), (5_000, "first")]
+    assert all(isinstance(t, TopUp) and abs(t.created_at - time.time()) < 60 for t in credits.top_ups)
+    assert [t.amount_nanos for t in (await store.credits(team.id, top_ups=1)).top_ups] == [250]
+    assert (credits.spend_24h_nanos, credits.spend_30d_nanos) == (0, 0)
+    empty = await store.credits("team_nope")
+    assert (empty.balance_nanos, empty.top_ups, empty.spend_24h_nanos) == (0, [], 0)
+
+
+async def test_concurrent_credits_all_count(store: Store):
+    team = await store.ensure_team("busy")
+    await asyncio.gather(*(store.add_credit(team.id, 1_000) for _ in range(50)), store.ensure_team("other"))
+    assert await store.get_balance(team.id) == 50_000
+
+
+async def test_credits_spend_windows(store: Store):
+    team = await funded_team(store)
+    now = int(time.time() * 1000)
+    await store.record(
+        [
+            generation("r-1h", team.id, cost=1, created_ms=now - 3_600_000),
+            generation("r-5d", team.id, cost=20, created_ms=now - 5 * DAY_MS),
+            generation("r-40d", team.id, cost=300, created_ms=now - 40 * DAY_MS),
+        ]
+    )
+    credits = await store.credits(team.id)
+    assert (credits.spend_24h_nanos, credits.spend_30d_nanos) == (1, 21)
+    assert credits.balance_nanos == 1_000_000 - 321
+
+
+# --- keys ------------------------------------------------------------------------------------------------
+
+
+async def test_keys_create_get_and_list(store: Store):
+    acme = await store.ensure_team("acme")
+    rival = await store.ensure_team("rival")
+    key = await store.create_key(
+        team_id=acme.id, kid="a1", secret_hash=HASH, name="ci", scopes=(SCOPE_INFERENCE, SCOPE_MANAGEMENT)
+    )
+    assert (key.kid, key.team_id, key.team_name, key.secret_hash, key.name) == ("a1", acme.id, "acme", HASH, "ci")
+    assert key.scopes == (SCOPE_INFERENCE, SCOPE_MANAGEMENT) and key.management and key.status == ACTIVE
+    assert key.allowed_models == () and not key.limited and isinstance(key.created_at, int)
+    assert await store.get_key("a1") == key
+    assert await store.get_key("nope") is None
+    await store.create_key(team_id=rival.id, kid="b1", secret_hash=b"x" * 32, name="", scopes=(SCOPE_INFERENCE,))
+    await store.create_key(team_id=acme.id, kid="a0", secret_hash=b"y" * 32, name="", scopes=(SCOPE_INFERENCE,))
+    assert [k.kid for k in await store.list_keys()] == ["a0", "a1", "b1"]  # same second: by kid
+    assert [k.kid for k in await store.list_keys(acme.id)] == ["a0", "a1"]
+    assert [k.team_name for k in await store.list_keys(rival.id)] == ["rival"]
+    assert await store.list_keys("team_nope") == []
+
+
+async def test_key_status(store: Store):
+    team = await store.ensure_team("acme")
+    await store.create_key(team_id=team.id, kid="k1", secret_hash=HASH, name="", scopes=(SCOPE_INFERENCE,))
+    assert await store.set_key_status("k1", DISABLED)
+    assert (await store.get_key("k1")).status == DISABLED  # type: ignore[union-attr]
+    assert await store.set_key_status("k1", ACTIVE)
+    assert await store.set_key_status("k1", REVOKED)
+    assert not await store.set_key_status("k1", REVOKED)  # revoked is final
+    assert not await store.set_key_status("k1", ACTIVE)
+    assert (await store.get_key("k1")).status == REVOKED  # type: ignore[union-attr]
+    assert not await store.set_key_status("nope", REVOKED)
+
+
+async def test_key_rename_and_limits(store: Store):
+    team = await store.ensure_team("acme")
+    await store.create_key(team_id=team.id, kid="k1", secret_hash=HASH, name="old", scopes=(SCOPE_INFERENCE,))
+    assert await store.rename_key("k1", "new name ✓")
+    assert (await store.get_key("k1")).name == "new name ✓"  # type: ignore[union-attr]
+    assert not await store.rename_key("nope", "x")
+    assert await store.set_key_limits(
+        "k1", allowed_models=("openai/gpt-4o-mini", "anthropic/claude"), daily_nanos=5, monthly_nanos=2**62
+    )
+    key = await store.get_key("k1")
+    assert key is not None and key.limited
+    assert key.allowed_models == ("openai/gpt-4o-mini", "anthropic/claude")
+    assert (key.daily_limit_cost_nanos, key.monthly_limit_cost_nanos) == (5, 2**62)
+    assert await store.set_key_limits("k1", allowed_models=(), daily_nanos=None, monthly_nanos=None)
+    key = await store.get_key("k1")
+    assert key is not None and not key.limited and key.allowed_models == ()
+    assert not await store.set_key_limits("nope", allowed_models=(), daily_nanos=None, monthly_nanos=None)
+
+
+# --- records ---------------------------------------------------------------------------------------------
+
+
+async def test_record_a_batch_debits_each_team_its_cost(store: Store):
+    acme = await funded_team(store, "acme")
+    rival = await funded_team(store, "rival")
+    rows = [
+        generation("r1", acme.id, cost=1_650),
+        generation("r2", acme.id, cost=3_000, stream=True),
+        generation("r3", rival.id, cost=7),
+        generation("r4", rival.id, cost=0, usage=b"{}"),  # a failed request: recorded, not charged
+    ]
+    await store.record(rows)
+    assert await store.get_balance(acme.id) == 1_000_000 - 4_650
+    assert await store.get_balance(rival.id) == 1_000_000 - 7
+    for row in rows:  # read back exactly as written, JSON text included
+        found = await store.get_generation(row[2], row[0])
+        assert found is not None and found.row() == row
+    await store.record([])
+    assert await store.get_balance(acme.id) == 1_000_000 - 4_650
+
+
+async def test_a_replayed_batch_is_recorded_and_debited_once(store: Store):
+    team = await funded_team(store)
+    batch = [generation("r1", team.id, cost=100), generation("r2", team.id, cost=20)]
+    await store.record(batch)
+    await store.record(batch)  # the writer retries a batch whose commit it never heard of
+    await store.record([*batch, generation("r3", team.id, cost=3)])  # and one that grew
+    assert await store.get_balance(team.id) == 1_000_000 - 123
+    assert (await store.credits(team.id)).spend_24h_nanos == 123
+
+
+async def test_a_request_id_twice_in_one_batch_is_recorded_once_last_wins(store: Store):
+    team = await funded_team(store)
+    await store.record([generation("r1", team.id, cost=100), generation("r1", team.id, cost=40)])
+    assert await store.get_balance(team.id) == 1_000_000 - 40
+    assert (await store.get_generation(team.id, "r1")).cost_nanos == 40  # type: ignore[union-attr]
+    assert (await store.credits(team.id)).spend_24h_nanos == 40
+
+
+async def test_two_gateways_recording_the_same_rows_at_once_debit_once(url: str):
+    one, two = await open_store(url), await open_store(url)
+    try:
+        team = await funded_team(one)
+        rows = [generation(f"r{i}", team.id, cost=i) for i in range(1, 201)]
+        await asyncio.gather(one.record(rows[:150]), two.record(rows[50:]), one.record(rows[100:]))
+        assert await two.get_balance(team.id) == 1_000_000 - sum(range(1, 201))
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_record_takes_flags_as_integers(store: Store):
+    team = await funded_team(store)
+    row = list(generation("r1", team.id))
+    row[Generation.__struct_fields__.index("stream")] = 1
+    row[Generation.__struct_fields__.index("success")] = 0
+    await store.record([tuple(row)])
+    found = await store.get_generation(team.id, "r1")
+    assert found is not None and found.stream is True and found.success is False
+
+
+async def test_get_generation(store: Store):
+    acme = await funded_team(store, "acme")
+    rival = await funded_team(store, "rival")
+    now = int(time.time() * 1000)
+    await store.record(
+        [
+            generation("r1", acme.id, native="chatcmpl-1", created_ms=now - 1_000),
+            generation("r2", acme.id, native="chatcmpl-1", created_ms=now),  # a retried native id: newest wins
+            generation("r3", rival.id, native="chatcmpl-3"),
+        ]
+    )
+    found = await store.get_generation(acme.id, "r1")
+    assert found is not None and found.request_id == "r1" and found.native_response_id == "chatcmpl-1"
+    assert isinstance(found.stream, bool) and isinstance(found.cost_nanos, int)
+    assert msgspec.json.decode(found.usage) == {"prompt_tokens": 11, "completion_tokens": 5, "reasoning_tokens": 2}
+    assert (await store.get_generation(acme.id, "chatcmpl-1")).request_id == "r2"  # type: ignore[union-attr]
+    assert await store.get_generation(acme.id, "r3") is None  # another team's
+    assert await store.get_generation(acme.id, "chatcmpl-3") is None
+    assert await store.get_generation(acme.id, "nope") is None
+
+
+async def test_key_spend(store: Store):
+    team = await funded_team(store)
+    since = ms("2025-03-02T00:00")
+    await store.record(
+        [
+            generation("r1", team.id, key="k1", cost=100, created_ms=since),
+            generation("r2", team.id, key="k1", cost=20, created_ms=since + DAY_MS),
+            generation("r3", team.id, key="k1", cost=3_000, created_ms=since - 1),  # before: not counted
+            generation("r4", team.id, key="k2", cost=5_000, created_ms=since),  # another key
+        ]
+    )
+    assert await store.key_spend("k1", since) == 120
+    assert await store.key_spend("k2", since) == 5_000
+    assert await store.key_spend("nope", since) == 0
+
+
+async def test_activity_groups_by_day_model_provider_endpoint_and_pages(store: Store):
+    team = await funded_team(store)
+    rival = await funded_team(store, "rival")
+    day_a, day_b = ms("2025-03-02T00:00"), ms("2025-03-03T00:00")
+    usage = b'{"prompt_tokens":10,"completion_tokens":5,"reasoning_tokens":1}'
+    await store.record(
+        [
+            generation("r1", team.id, created_ms=day_a + 1, cost=100, model="m/b", usage=usage),
+            generation("r2", team.id, created_ms=day_b - 1, cost=50, model="m/b", usage=b'{"prompt_tokens":1}'),
+            generation(
+                "r3", team.id, created_ms=day_a, cost=7, model="m/a", endpoint="messages", key="k2", usage=b"{}"
+            ),
+            generation("r4", team.id, created_ms=day_a + 5, cost=9, model="M/z", usage=usage),  # "M" < "m" bytewise
+            generation("r5", team.id, created_ms=day_b + DAY_MS - 1, cost=1, model="m/b", provider="groq", usage=usage),
+            generation("r6", team.id, created_ms=day_a - 1, cost=1_000, model="m/b"),  # before `since`
+            generation("r7", team.id, created_ms=day_b + DAY_MS, cost=1_000, model="m/b"),  # at `until`
+            generation("r8", rival.id, created_ms=day_a + 1, cost=1_000, model="m/b"),  # another team
+        ]
+    )
+    window = {"since_ms": day_a, "until_ms": day_b + DAY_MS, "limit": 100, "offset": 0}
+    total, rows = await store.activity(team.id, model="", key_id="", **window)
+    assert total == 4
+    assert rows == [
+        ("2025-03-03", "m/b", "groq", "chat.completions", 1, 1, 10, 5, 1),
+        ("2025-03-02", "M/z", "openai", "chat.completions", 9, 1, 10, 5, 1),
+        ("2025-03-02", "m/a", "openai", "messages", 7, 1, None, None, None),
+        ("2025-03-02", "m/b", "openai", "chat.completions", 150, 2, 11, 5, 1),
+    ]
+    assert await store.activity(team.id, model="", key_id="", **{**window, "limit": 2, "offset": 1}) == (4, rows[1:3])
+    assert await store.activity(team.id, model="", key_id="", **{**window, "offset": 10}) == (4, [])
+    assert await store.activity(team.id, model="m/b", key_id="", **window) == (2, [rows[0], rows[3]])
+    assert await store.activity(team.id, model="", key_id="k2", **window) == (1, [rows[2]])
+    assert await store.activity("team_nope", model="", key_id="", **window) == (0, [])
+
+
+# --- a gateway on Postgres ------------------------------------------------------------------------------
+
+
+async def test_a_gateway_on_postgres_records_debits_and_reports(aiohttp_client, mock, pg_url: str):
+    from proxy.app import build_app
+    from proxy.auth import generate_key, hash_secret, split_key
+    from proxy.gateway import GATEWAY
+    from tests.conftest import auth, env_for
+
+    config = load_config(DEFAULT_CONFIG, env=env_for(mock, pg_url))
+    config.store.pool_max = 2
+    store = await open_store(pg_url)
+    try:
+        team = await funded_team(store, credit=10 * 10**9)
+        kid, key = generate_key()
+        secret = split_key(key)[1]  # type: ignore[index]
+        await store.create_key(
+            team_id=team.id,
+            kid=kid,
+            secret_hash=hash_secret(secret),
+            name="",
+            scopes=(SCOPE_INFERENCE, SCOPE_MANAGEMENT),
+        )
+        client = await aiohttp_client(build_app(config))
+        chat = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+        answers = await asyncio.gather(
+            *(client.post("/v1/chat/completions", json=chat, headers=auth(key)) for _ in range(20))
+        )
+        assert [r.status for r in answers] == [200] * 20
+        gw = client.server.app[GATEWAY]
+        assert gw.store.backend == "postgres" and gw.store.pool.get_max_size() == 2  # type: ignore[union-attr]
+        await gw.accountant.flush()
+        cost = 11 * 150 + 5 * 600  # the mock's usage at gpt-4o-mini's prices
+        assert await store.get_balance(team.id) == 10 * 10**9 - 20 * cost
+        request_id = answers[0].headers["x-request-id"]
+        record = await (await client.get("/v1/generations", params={"id": request_id}, headers=auth(key))).json()
+        assert record["data"]["cost_nanos"] == cost and record["data"]["usage"]["prompt_tokens"] == 11
+        credits = (await (await client.get("/v1/credits", headers=auth(key))).json())["data"]
+        assert credits["balance_nanos"] == 10 * 10**9 - 20 * cost
+        activity = await (await client.get("/v1/activity", headers=auth(key))).json()
+        assert activity["total"] == 1 and activity["activity"][0]["requests"] == 20
+        assert activity["activity"][0]["usage_nanos"] == 20 * cost and activity["activity"][0]["prompt_tokens"] == 220
+        ready = await client.get("/readyz")
+        assert ready.status == 200 and (await ready.json())["checks"]["store"] == "ok"
+    finally:
+        await store.close()
+
+
+# --- the command line ------------------------------------------------------------------------------------
+
+
+def _migrate(url: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_") and not k.endswith("_API_KEY")}
+    env["GATEWAY_STORE"] = url
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", "migrate", "--config", str(DEFAULT_CONFIG)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_migrate_command(url: str):
+    backend = "sqlite" if url.startswith("sqlite") else "postgres"
+    for _ in range(2):  # creates the schema, then finds it current
+        done = _migrate(url)
+        assert done.returncode == 0, done.stderr
+        assert f"({backend}): schema version {len(migrations.SQLITE)}" in done.stdout
+    if backend == "postgres":
+        password = url.partition("//")[2].partition("@")[0].partition(":")[2]
+        assert password and password not in done.stdout and ":***@" in done.stdout
+    else:
+        assert f"store {url} (sqlite)" in done.stdout
+
+
+def test_migrate_command_reports_an_unreachable_store(url: str, tmp_path: Path):
+    if url.startswith("sqlite"):
+        unreachable = f"sqlite:///{tmp_path}"  # a folder
+    else:
+        unreachable = f"postgresql://gw:s3cret-Pa55@127.0.0.1:{free_port()}/gateway"
+    done = _migrate(unreachable)
+    assert done.returncode == 1, done.stdout
+    assert done.stderr.startswith("store error: cannot open the") and "s3cret-Pa55" not in done.stderr
