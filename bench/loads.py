@@ -84,6 +84,7 @@ class Result:
     event_delay_ms: float | None = None
     rss_mb: float | None = None  # the target's peak resident memory during the load (its workers included)
     per_stream_kb: float | None = None  # ramp: memory each open stream adds
+    cpu_us: float | None = None  # the target's CPU time per request (per stream for stream loads)
 
 
 def percentile(values: Sequence[float], pct: float) -> float:

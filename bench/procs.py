@@ -122,15 +122,31 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident memory of `pid` and all its descendants (a supervisor and its workers), in bytes."""
-    total, todo, seen = 0, [pid], set()
+def _tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (a supervisor and its workers)."""
+    found, todo = [], [pid]
     while todo:
         current = todo.pop()
-        if current in seen:
-            continue
-        seen.add(current)
+        if current not in found:
+            found.append(current)
+            todo += _children(current)
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) used so far by `pid` and its descendants that still run."""
+    total = 0
+    for current in _tree(pid):
+        with suppress(OSError, ValueError, IndexError), open(f"/proc/{current}/stat", encoding="ascii") as f:
+            fields = f.read().rpartition(")")[2].split()  # after the command name, which may hold spaces
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat(5))
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of `pid` and all its descendants (a supervisor and its workers), in bytes."""
+    total = 0
+    for current in _tree(pid):
         with suppress(OSError, ValueError), open(f"/proc/{current}/statm", encoding="ascii") as f:
             total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        todo += _children(current)
     return total

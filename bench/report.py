@@ -30,6 +30,7 @@ COLUMNS = (
     "TTFT ms",
     "per-event delay ms",
     "added per-event delay vs direct",
+    "CPU µs per request",
     "RSS MB",
     "KB per stream",
     "errors",
@@ -42,8 +43,10 @@ Per-event delay: mean over content events of (arrival time - the send time the m
 includes the client's own cost, so the added columns (this row minus direct, same load) are the overhead.
 Open loop: requests sent at a fixed rate whatever the answers do; latency from each one's scheduled send time.
 Ramp: streams opened 50 at a time and held open; p50/p99 are times to the first event, KB per stream is the
-memory each open stream added over the idle target. RSS: the target's peak resident memory during the load,
-its worker processes included (not sampled for direct).
+memory each open stream added over the idle target. CPU µs per request: the target's CPU time (user + system,
+all its processes and threads) over the measurement divided by the requests (streams) it answered; unlike
+requests/s it barely moves when other processes compete for the cores (not sampled for direct).
+RSS: the target's peak resident memory during the load, its worker processes included (not sampled for direct).
 Errors: non-200 answers, failed connections and streams without `data: [DONE]` (or `message_stop`)."""
 
 
@@ -68,6 +71,7 @@ class Row:
     event_delay_ms: float | None
     rss_mb: float | None = None
     per_stream_kb: float | None = None
+    cpu_us: float | None = None
     added_p50_ms: float | None = None
     added_event_delay_ms: float | None = None
 
@@ -94,6 +98,7 @@ def _row(target: str, load: str, results: Sequence[Result]) -> Row:
         event_delay_ms=_mean([r.event_delay_ms for r in results]),
         rss_mb=max((r.rss_mb for r in results if r.rss_mb is not None), default=None),
         per_stream_kb=_mean([r.per_stream_kb for r in results]),
+        cpu_us=_mean([r.cpu_us for r in results]),
     )
 
 
@@ -134,6 +139,7 @@ def _cells(row: Row) -> list[str]:
         _ms(row.ttft_ms),
         _ms(row.event_delay_ms),
         _ms(row.added_event_delay_ms, "+"),
+        "—" if row.cpu_us is None else f"{row.cpu_us:,.0f}",
         "—" if row.rss_mb is None else f"{row.rss_mb:,.0f}",
         "—" if row.per_stream_kb is None else f"{row.per_stream_kb:,.0f}",
         str(row.errors),

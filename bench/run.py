@@ -40,7 +40,7 @@ from bench.loads import (
     stream_load,
     wrk_load,
 )
-from bench.procs import Processes, free_port, healthy, rss_bytes, tcp_open, wait_ready
+from bench.procs import Processes, cpu_seconds, free_port, healthy, rss_bytes, tcp_open, wait_ready
 
 REPO = Path(__file__).resolve().parent.parent
 CHAT_PATH = "/v1/chat/completions"
@@ -150,9 +150,14 @@ class Measurer:
     def __call__(self, load: Load, target: Target) -> Result:
         if load.kind == "ramp":  # samples memory itself, once every stream is open
             return self.runner.run(ramp_load(target, load.connections, lambda: rss_bytes(target.pid)))
+        cpu_before = cpu_seconds(target.pid) if target.pid else None
         with PeakMemory(target.pid) as memory:
             result = self._measure(load, target)
-        return replace(result, rss_mb=memory.peak_mb)
+        cpu_us = None
+        served = result.requests_per_s * self.duration_s
+        if cpu_before is not None and served > 0:
+            cpu_us = (cpu_seconds(target.pid) - cpu_before) / served * 1e6
+        return replace(result, rss_mb=memory.peak_mb, cpu_us=cpu_us)
 
     def _measure(self, load: Load, target: Target) -> Result:
         if load.kind == "stream":
@@ -199,11 +204,17 @@ class PeakMemory:
         return self.peak / 1e6 if self.peak else None
 
 
+LOADS = ("c32", "c1", "stream", "open", "ramp")
+
+
 def loads(args: argparse.Namespace) -> list[Load]:
     streams = f"stream {args.streams}x{args.events} ev, {args.gap_ms:g} ms gap"
-    steps = [Load("chat c=32", 32, "closed"), Load("chat c=1", 1, "closed"), Load(streams, args.streams, "stream")]
-    steps += [Load(f"open {rate}/s", rate, "open") for rate in args.rates]
-    if args.ramp:
+    chosen = set(args.loads)
+    steps = [Load("chat c=32", 32, "closed")] if "c32" in chosen else []
+    steps += [Load("chat c=1", 1, "closed")] if "c1" in chosen else []
+    steps += [Load(streams, args.streams, "stream")] if "stream" in chosen else []
+    steps += [Load(f"open {rate}/s", rate, "open") for rate in args.rates] if "open" in chosen else []
+    if args.ramp and "ramp" in chosen:
         steps.append(Load(f"ramp {args.ramp} streams", args.ramp, "ramp"))
     return steps
 
@@ -298,6 +309,14 @@ def _rates(value: str) -> list[int]:
     return [rate for rate in rates if rate]
 
 
+def _load_list(value: str) -> list[str]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(LOADS))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"choose from {','.join(LOADS)} (got {value!r})")
+    return names
+
+
 def _target_list(value: str) -> list[str]:
     names = [name.strip() for name in value.split(",") if name.strip()]
     unknown = sorted(set(names) - set(TARGETS))
@@ -313,6 +332,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--duration", type=int, default=5, help="seconds per measurement (default 5)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds over all loads and targets (default 2)")
     parser.add_argument("--targets", type=_target_list, default=list(TARGETS), help="default " + ",".join(TARGETS))
+    parser.add_argument(
+        "--loads",
+        type=_load_list,
+        default=list(LOADS),
+        help="which loads: chat at 32 and 1 connections, streams, open loop, ramp (default " + ",".join(LOADS) + ")",
+    )
     parser.add_argument("--quick", action="store_true", help="1 s per measurement, 1 round (a smoke test)")
     parser.add_argument("--gateway-workers", type=int, default=1)
     parser.add_argument("--streams", type=int, default=32, help="concurrent streams (default 32)")
