@@ -4,7 +4,9 @@ Each `start_<peer>(procs, workdir, mock_port)` starts one and returns its `Targe
 saying why it cannot run here (not installed, cannot be installed offline, failed to start). A skipped
 peer is reported as such; it never fails the run.
 
-- `nginx`: Debian's nginx as a plain reverse proxy, buffering off (what people put in front of a gateway).
+- `nginx`: Debian's nginx as a plain reverse proxy, buffering off (what people put in front of a gateway). Its
+  helpers also run `systemd/nginx-gateway-instances.conf` in front of three gateways (bench/run.py,
+  `gateway-pg-x3`).
 - `litellm`: LiteLLM's proxy (PyPI), one worker, no database, configured for the mock.
 - `portkey`: Portkey's gateway (npm), defaults, routed to the mock by its headers.
 
@@ -31,7 +33,7 @@ from pathlib import Path
 import yaml
 
 from bench.loads import BenchError, Target
-from bench.procs import Processes, free_port, tcp_open, wait_ready
+from bench.procs import REPO, Processes, free_port, tcp_open, wait_ready
 
 MOCK_KEY = "sk-bench"
 MOCK_MODEL = "gpt-4o-mini"
@@ -71,19 +73,25 @@ class Skipped(Exception):
     """A peer that cannot be measured on this machine; the message says why."""
 
 
-NGINX_CONF = """daemon off;
+# nginx's main file for one instance run by the bench: no daemon, everything in the run's folder; `http` is the
+# http-context configuration (upstreams and servers).
+NGINX_MAIN = """daemon off;
 worker_processes 1;
-pid {workdir}/nginx.pid;
-error_log {workdir}/nginx-error.log warn;
+pid {workdir}/{name}.pid;
+error_log {workdir}/{name}-error.log warn;
 events {{ worker_connections 4096; }}
 http {{
     access_log off;
-    client_body_temp_path {workdir}/nginx-body;
-    proxy_temp_path {workdir}/nginx-proxy;
-    fastcgi_temp_path {workdir}/nginx-fastcgi;
-    uwsgi_temp_path {workdir}/nginx-uwsgi;
-    scgi_temp_path {workdir}/nginx-scgi;
-    upstream mock {{
+    client_body_temp_path {workdir}/{name}-body;
+    proxy_temp_path {workdir}/{name}-proxy;
+    fastcgi_temp_path {workdir}/{name}-fastcgi;
+    uwsgi_temp_path {workdir}/{name}-uwsgi;
+    scgi_temp_path {workdir}/{name}-scgi;
+{http}
+}}
+"""
+
+NGINX_MOCK = """    upstream mock {{
         server 127.0.0.1:{mock_port};
         keepalive 256;
     }}
@@ -98,18 +106,47 @@ http {{
             proxy_cache off;
             proxy_read_timeout 300s;
         }}
-    }}
-}}
-"""
+    }}"""
+
+# The deployment's nginx configuration for three gateways behind one port, run by the bench as it is, but for
+# its ports (`gateway-pg-x3`).
+INSTANCES_CONF = REPO / "systemd" / "nginx-gateway-instances.conf"
+INSTANCES_LISTEN = "listen 127.0.0.1:8080;"
+INSTANCES_PORTS = (8081, 8082, 8083)
 
 
-def start_nginx(procs: Processes, workdir: Path, mock_port: int) -> Target:
+def find_nginx() -> str:
+    """nginx's path; `Skipped` when it is not installed."""
     nginx = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
     if nginx is None:
         raise Skipped("nginx is not installed (Debian: apt-get install nginx-light)")
+    return nginx
+
+
+def nginx_conf(workdir: Path, name: str, http: str) -> Path:
+    """Write the main file of an nginx named `name` serving `http` (http-context text); its path."""
+    conf = workdir / f"{name}.conf"
+    conf.write_text(NGINX_MAIN.format(workdir=workdir, name=name, http=http))
+    return conf
+
+
+def instances_http(port: int, gateway_ports: list[int]) -> str:
+    """systemd/nginx-gateway-instances.conf listening on `port` in front of gateways on `gateway_ports`."""
+    text = INSTANCES_CONF.read_text()
+    swaps = [(INSTANCES_LISTEN, f"listen 127.0.0.1:{port};")]
+    for old, new in zip(INSTANCES_PORTS, gateway_ports, strict=True):
+        swaps.append((f"server 127.0.0.1:{old} ", f"server 127.0.0.1:{new} "))
+    for old, new in swaps:
+        if text.count(old) != 1:
+            raise BenchError(f"{INSTANCES_CONF.name} no longer holds {old!r} exactly once: update bench/peers.py")
+        text = text.replace(old, new)
+    return text
+
+
+def start_nginx(procs: Processes, workdir: Path, mock_port: int) -> Target:
+    nginx = find_nginx()
     port = free_port()
-    conf = workdir / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(workdir=workdir, mock_port=mock_port, port=port))
+    conf = nginx_conf(workdir, "nginx", NGINX_MOCK.format(mock_port=mock_port, port=port))
     child = procs.start("nginx", [nginx, "-c", str(conf), "-p", str(workdir)])
     wait_ready("nginx", child, lambda: tcp_open(port), procs.log("nginx"))
     return Target("nginx", f"http://127.0.0.1:{port}{CHAT_PATH}", MOCK_KEY, MOCK_MODEL, pid=child.pid)

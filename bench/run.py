@@ -2,11 +2,12 @@
 
 `python -m bench [--duration S] [--rounds R] [--targets direct,bare,nginx,gateway,...] [--quick] [--install-peers]`
 
-Starts the mock upstream, then each target (the gateway with a fresh key in a temporary store) on free
-ports of 127.0.0.1, then measures every load against every target, round-robin within each load step and
-repeated for R rounds, and prints and saves the table and a latency-vs-load plot (bench/results/). A peer
-that cannot run here is skipped, with why. Every child process is stopped at the end, also on Ctrl-C or a
-failure.
+Starts the mock upstream, then each target (the gateway with a fresh key in a temporary store: SQLite, or
+for `gateway-pg` and `gateway-pg-x3` a throwaway PostgreSQL cluster) on free ports of 127.0.0.1, then
+measures every load against every target, round-robin within each load step and repeated for R rounds, and
+prints and saves the table and a latency-vs-load plot (bench/results/). A peer (or a target needing PostgreSQL
+or nginx) that cannot run here is skipped, with why. Every child process is stopped at the end, also on Ctrl-C
+or a failure.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from bench.loads import (
     stream_load,
     wrk_load,
 )
+from bench.pg_server import PgServer, find_bin_dir
 from bench.procs import Processes, cpu_seconds, free_port, healthy, rss_bytes, tcp_open, wait_ready
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,6 +55,8 @@ TARGETS = (
     "gateway-percore",
     "gateway-noacct",
     "gateway-messages",
+    "gateway-pg",
+    "gateway-pg-x3",
     "litellm",
     "portkey",
 )
@@ -71,13 +75,50 @@ def _chat_url(port: int) -> str:
     return f"http://127.0.0.1:{port}{CHAT_PATH}"
 
 
+class Postgres:
+    """A throwaway PostgreSQL cluster (bench/pg_server.py), started for the first target that needs one and
+    removed at the end; `peers.Skipped` saying why when it cannot run here."""
+
+    def __init__(self) -> None:
+        self.server: PgServer | None = None
+        self.why_not = ""
+
+    def __enter__(self) -> Postgres:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.server is not None:
+            self.server.destroy()
+
+    def database(self) -> str:
+        """The URL of a new, empty database."""
+        if self.why_not:
+            raise peers.Skipped(self.why_not)
+        if self.server is None:
+            bin_dir = find_bin_dir()
+            if bin_dir is None:
+                self.why_not = "PostgreSQL is not installed (Debian: apt-get install postgresql)"
+                raise peers.Skipped(self.why_not)
+            server = PgServer(bin_dir)
+            try:
+                server.start()
+            except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                server.destroy()
+                self.why_not = f"PostgreSQL did not start: {str(e).strip().splitlines()[0]}"
+                raise peers.Skipped(self.why_not) from e
+            self.server = server
+        return self.server.create_database()
+
+
 class Launcher:
     """Starts the mock upstream once, then whichever targets are asked for in front of it."""
 
-    def __init__(self, procs: Processes, workdir: Path, args: argparse.Namespace):
+    def __init__(self, procs: Processes, workdir: Path, args: argparse.Namespace, postgres: Postgres):
         self.procs = procs
         self.workdir = workdir
         self.args = args
+        self.postgres = postgres
+        self.members: dict[str, list[int]] = {}  # a target of several processes: every one (memory and CPU)
         self.mock_port = free_port()
         self._serve(
             "mock", self.mock_port, "bench.mock_upstream", "--events", str(args.events), "--gap-ms", str(args.gap_ms)
@@ -92,6 +133,11 @@ class Launcher:
         """The target, started; `peers.Skipped` when it cannot run here."""
         if name in peers.PEERS:
             return peers.PEERS[name](self.procs, self.workdir, self.mock_port)
+        if name == "gateway-pg":
+            store = self.postgres.database()
+            return self.gateway(name, accounting=True, workers=self.args.gateway_workers, store=store)
+        if name == "gateway-pg-x3":
+            return self.gateway_instances(name, 3)
         if name.startswith("gateway"):
             workers = (os.cpu_count() or 1) if name == "gateway-percore" else self.args.gateway_workers
             return self.gateway(name, accounting=name != "gateway-noacct", workers=workers)
@@ -105,27 +151,53 @@ class Launcher:
         pid = self._serve("bare", port, "bench.bare_proxy", "--upstream", f"http://127.0.0.1:{self.mock_port}")
         return Target("bare", _chat_url(port), UPSTREAM_KEY, "gpt-4o-mini", pid=pid)
 
-    def gateway(self, name: str, accounting: bool, workers: int) -> Target:
-        """The gateway; `gateway-noacct` is the same with accounting (records and debits) switched off;
-        `gateway-messages` is the gateway measured on `/v1/messages`, every answer translated."""
-        env = {
+    def _gateway_env(self, name: str, store: str, accounting: bool = True) -> dict[str, str]:
+        return {
             **os.environ,
             "OPENAI_BASE_URL": f"http://127.0.0.1:{self.mock_port}/v1",
             "OPENAI_API_KEY": UPSTREAM_KEY,
-            "GATEWAY_STORE": f"sqlite:///{self.workdir / (name + '.db')}",
+            "GATEWAY_STORE": store,
             "GATEWAY_ACCOUNTING": "true" if accounting else "false",
             "GATEWAY_PID_FILE": str(self.workdir / (name + ".pid")),
         }
-        key = create_key(env)
-        port = free_port()
+
+    def _start_gateway(self, name: str, env: dict[str, str], port: int, workers: int) -> subprocess.Popen[bytes]:
         argv = [sys.executable, "-m", "proxy", "serve", "--config", GATEWAY_CONFIG, "--host", "127.0.0.1"]
         argv += ["--port", str(port), "--workers", str(workers)]
         child = self.procs.start(name, argv, env)
         wait_ready(name, child, lambda: healthy(port), self.procs.log(name))
+        return child
+
+    def gateway(self, name: str, accounting: bool, workers: int, store: str = "") -> Target:
+        """The gateway; `gateway-noacct` is the same with accounting (records and debits) switched off;
+        `gateway-messages` is the gateway measured on `/v1/messages`, every answer translated; `store` (default:
+        a new SQLite file) is `gateway-pg`'s PostgreSQL database."""
+        env = self._gateway_env(name, store or f"sqlite:///{self.workdir / (name + '.db')}", accounting)
+        key = create_key(env)
+        port = free_port()
+        child = self._start_gateway(name, env, port, workers)
         if name == "gateway-messages":  # the Anthropic Messages surface, translated to the mock's Chat API
             url = f"http://127.0.0.1:{port}/v1/messages"
             return Target(name, url, key, "openai/gpt-4o-mini", "messages", pid=child.pid)
         return Target(name, _chat_url(port), key, "openai/gpt-4o-mini", pid=child.pid)
+
+    def gateway_instances(self, name: str, count: int) -> Target:
+        """`count` gateways (one worker each) on one PostgreSQL database, behind nginx running the deployment's
+        systemd/nginx-gateway-instances.conf with these ports; measured together (nginx included)."""
+        nginx = peers.find_nginx()
+        store = self.postgres.database()
+        key = create_key(self._gateway_env(name, store))
+        ports = [free_port() for _ in range(count)]
+        pids = []
+        for i, port in enumerate(ports, start=1):
+            member = f"{name}-{i}"
+            pids.append(self._start_gateway(member, self._gateway_env(member, store), port, 1).pid)
+        port = free_port()
+        conf = peers.nginx_conf(self.workdir, f"{name}-nginx", peers.instances_http(port, ports))
+        child = self.procs.start(f"{name}-nginx", [nginx, "-c", str(conf), "-p", str(self.workdir)])
+        wait_ready(f"{name}-nginx", child, lambda: tcp_open(port), self.procs.log(f"{name}-nginx"))
+        self.members[name] = [*pids, child.pid]
+        return Target(name, _chat_url(port), key, "openai/gpt-4o-mini", pid=pids[0])
 
 
 def create_key(env: dict[str, str]) -> str:
@@ -141,22 +213,35 @@ def create_key(env: dict[str, str]) -> str:
 class Measurer:
     """Runs one load against one target with the configured tools."""
 
-    def __init__(self, runner: asyncio.Runner, workdir: Path, wrk: str | None, duration_s: int):
+    def __init__(
+        self,
+        runner: asyncio.Runner,
+        workdir: Path,
+        wrk: str | None,
+        duration_s: int,
+        members: dict[str, list[int]] | None = None,
+    ):
         self.runner = runner
         self.workdir = workdir
         self.wrk = wrk
         self.duration_s = duration_s
+        self.members = members if members is not None else {}  # target name → its processes, when several
+
+    def pids(self, target: Target) -> list[int]:
+        """The processes whose memory and CPU are the target's (each with its children)."""
+        return self.members.get(target.name) or ([target.pid] if target.pid else [])
 
     def __call__(self, load: Load, target: Target) -> Result:
+        pids = self.pids(target)
         if load.kind == "ramp":  # samples memory itself, once every stream is open
-            return self.runner.run(ramp_load(target, load.connections, lambda: rss_bytes(target.pid)))
-        cpu_before = cpu_seconds(target.pid) if target.pid else None
-        with PeakMemory(target.pid) as memory:
+            return self.runner.run(ramp_load(target, load.connections, lambda: sum(map(rss_bytes, pids))))
+        cpu_before = sum(map(cpu_seconds, pids)) if pids else None
+        with PeakMemory(pids) as memory:
             result = self._measure(load, target)
         cpu_us = None
         served = result.requests_per_s * self.duration_s
         if cpu_before is not None and served > 0:
-            cpu_us = (cpu_seconds(target.pid) - cpu_before) / served * 1e6
+            cpu_us = (sum(map(cpu_seconds, pids)) - cpu_before) / served * 1e6
         return replace(result, rss_mb=memory.peak_mb, cpu_us=cpu_us)
 
     def _measure(self, load: Load, target: Target) -> Result:
@@ -174,28 +259,28 @@ class Measurer:
 
 
 class PeakMemory:
-    """The highest resident memory of a process tree while the block runs (sampled by a thread)."""
+    """The highest resident memory of process trees together while the block runs (sampled by a thread)."""
 
-    def __init__(self, pid: int, interval_s: float = 0.1):
-        self.pid = pid
+    def __init__(self, pids: list[int], interval_s: float = 0.1):
+        self.pids = pids
         self.interval_s = interval_s
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def __enter__(self) -> PeakMemory:
-        if self.pid:
+        if self.pids:
             self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.pid:
+        if self.pids:
             self._stop.set()
             self._thread.join()
 
     def _sample(self) -> None:
         while True:
-            self.peak = max(self.peak, rss_bytes(self.pid))
+            self.peak = max(self.peak, sum(map(rss_bytes, self.pids)))
             if self._stop.wait(self.interval_s):
                 return
 
@@ -254,17 +339,18 @@ def run(args: argparse.Namespace) -> str:
     started = datetime.now(UTC)
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
+        postgres = stack.enter_context(Postgres())  # removed after the gateways using it have stopped
         procs = stack.enter_context(Processes(workdir))
         runner = stack.enter_context(asyncio.Runner(loop_factory=uvloop.new_event_loop))
-        launcher = Launcher(procs, workdir, args)
-        measure = Measurer(runner, workdir, wrk, args.duration)
+        launcher = Launcher(procs, workdir, args, postgres)
+        measure = Measurer(runner, workdir, wrk, args.duration, launcher.members)
         targets, skipped = [], {}
         for name in args.targets:
             try:
                 target = launcher.target(name)
                 measure.warm_up(target)
             except (peers.Skipped, BenchError) as e:
-                if name not in peers.PEERS:
+                if name not in peers.PEERS and not isinstance(e, peers.Skipped):
                     raise
                 skipped[name] = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 print(f"  skipped {name}: {skipped[name]}", flush=True)

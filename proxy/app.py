@@ -68,9 +68,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     gw = app[GATEWAY]
     config = gw.config
     gw.store = await open_store(config.store.url, pool_min=config.store.pool_min, pool_max=config.store.pool_max)
-    gw.keys = KeyCache(gw.store, config.auth.cache_ttl_s)
-    gw.wallets = WalletCache(gw.store, config.auth.cache_ttl_s, config.auth.min_balance_nanos)
-    gw.budgets = KeyBudgets(gw.store, config.auth.cache_ttl_s)
+    gw.keys = KeyCache(gw.store, config.auth.cache_ttl_s, config.auth.stale_s)
+    gw.wallets = WalletCache(gw.store, config.auth.cache_ttl_s, config.auth.min_balance_nanos, config.auth.stale_s)
+    gw.budgets = KeyBudgets(gw.store, config.auth.cache_ttl_s, config.auth.stale_s)
     if config.accounting.enabled:
         gw.accountant = Accountant(gw.store, gw.wallets, gw.budgets, config.accounting.max_backlog)
         gw.accountant.start()

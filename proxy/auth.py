@@ -2,7 +2,9 @@
 
 A key reads `aistats_v1_sk_<kid>_<secret>`. Only `sha256(secret)` is stored; verification compares
 digests in constant time. Lookups are cached per kid for `auth.cache_ttl_s`, so a request with a
-known key does no database round trip; a revoked key stops working within that TTL.
+known key does no database round trip. An expired entry still answers while it is refreshed in the
+background, so a key revoked elsewhere stops working within that TTL plus one store round trip (or, while
+the store cannot be read, once the cached record is `auth.stale_s` old).
 """
 
 from __future__ import annotations
@@ -58,13 +60,14 @@ _INVALID = "Invalid API key. Send `Authorization: Bearer aistats_v1_sk_…` with
 
 @final
 class KeyCache:
-    """kid → KeyRecord (or None for an unknown kid), each entry valid for `ttl` seconds."""
+    """kid → KeyRecord (or None for an unknown kid), each entry fresh for `ttl` seconds and served stale
+    for up to `stale_s` while the store cannot be read."""
 
     __slots__ = ("_cache", "store")
 
-    def __init__(self, store: Store, ttl: float):
+    def __init__(self, store: Store, ttl: float, stale_s: float = 0.0):
         self.store = store
-        self._cache: TTLCache[str, KeyRecord | None] = TTLCache(self._fetch, ttl)
+        self._cache: TTLCache[str, KeyRecord | None] = TTLCache(self._fetch, ttl, stale_s=stale_s, name="key")
 
     async def authenticate(self, token: str | None) -> KeyRecord:
         """The active key `token` names; `GatewayError(invalid_api_key)` otherwise."""
@@ -74,7 +77,7 @@ class KeyCache:
         if parts is None:
             raise GatewayError(Code.invalid_api_key, _INVALID)
         kid, secret = parts
-        record = self._cache.fresh(kid)
+        record = self._cache.get(kid)
         if isinstance(record, Missing):
             record = await self._cache.load(kid)
         if record is None or not hmac.compare_digest(record.secret_hash, hash_secret(secret)):

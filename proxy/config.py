@@ -86,7 +86,8 @@ class StoreConfig(_Base):
 
 
 class AuthConfig(_Base):
-    cache_ttl_s: float = 5.0
+    cache_ttl_s: float = 5.0  # keys, balances and spend are read from the store again after this
+    stale_s: float = 300.0  # while the store cannot be read, cached values are served until this old; 0: never
     min_balance_usd: Decimal = Decimal("1.00")
 
     @property
@@ -439,6 +440,8 @@ def check(config: GatewayConfig, fail: Any) -> None:
         fail(["accounting", "max_backlog"], "expected at least 1")
     if config.auth.cache_ttl_s < 0:
         fail(["auth", "cache_ttl_s"], "expected a duration >= 0 seconds")
+    if config.auth.stale_s < 0:
+        fail(["auth", "stale_s"], f"expected a duration >= 0 seconds (0: never serve stale), got {config.auth.stale_s}")
     store = config.store
     if not store.url.startswith(("sqlite://", "postgresql://", "postgres://")):
         from proxy.store.base import redact_url

@@ -1,7 +1,8 @@
 """The credit gate: a team's wallet must hold at least the configured minimum before each request.
 
-Balances are cached per team for the auth TTL. `adjust` applies a debit or top-up to the cached value
-at once, so concurrent requests see it without waiting for the store.
+Balances are cached per team for the auth TTL (and served stale, like keys, while the store cannot be
+read). `adjust` applies a debit or top-up to the cached value at once, fresh or stale, so concurrent
+requests see it without waiting for the store.
 """
 
 from __future__ import annotations
@@ -27,14 +28,14 @@ def usd(nanos: int) -> str:
 class WalletCache:
     __slots__ = ("_cache", "min_balance_nanos", "pending", "store")
 
-    def __init__(self, store: Store, ttl: float, min_balance_nanos: int):
+    def __init__(self, store: Store, ttl: float, min_balance_nanos: int, stale_s: float = 0.0):
         self.store = store
         self.min_balance_nanos = min_balance_nanos
         self.pending: dict[str, int] = {}  # team → debits not yet in the store (kept by the accountant)
-        self._cache: TTLCache[str, int] = TTLCache(self._fetch, ttl)
+        self._cache: TTLCache[str, int] = TTLCache(self._fetch, ttl, stale_s=stale_s, name="team balance")
 
     async def balance(self, team_id: str) -> int:
-        balance = self._cache.fresh(team_id)
+        balance = self._cache.get(team_id)
         return await self._cache.load(team_id) if isinstance(balance, Missing) else balance
 
     async def _fetch(self, team_id: str) -> int:
@@ -94,10 +95,10 @@ class KeyBudgets:
 
     __slots__ = ("_cache", "pending", "store")
 
-    def __init__(self, store: Store, ttl: float):
+    def __init__(self, store: Store, ttl: float, stale_s: float = 0.0):
         self.store = store
         self.pending: dict[str, int] = {}  # kid → cost submitted but not yet in the store
-        self._cache: TTLCache[tuple[str, int], int] = TTLCache(self._fetch, ttl)
+        self._cache: TTLCache[tuple[str, int], int] = TTLCache(self._fetch, ttl, stale_s=stale_s, name="key spend")
 
     async def _fetch(self, key: tuple[str, int]) -> int:
         kid, since_ms = key
@@ -107,7 +108,7 @@ class KeyBudgets:
             raise GatewayError(Code.unavailable, "The key store is unavailable; retry shortly.") from e
 
     async def spent(self, kid: str, since_ms: int) -> int:
-        spent = self._cache.fresh((kid, since_ms))
+        spent = self._cache.get((kid, since_ms))
         return await self._cache.load((kid, since_ms)) if isinstance(spent, Missing) else spent
 
     async def check(self, key: KeyRecord) -> None:

@@ -1,5 +1,5 @@
 """Fixtures: a mock upstream, the default config pointed at it, keys in a fresh store, a gateway client,
-and a throwaway PostgreSQL server with a fresh database per test (`pg_url`)."""
+and a throwaway PostgreSQL server (bench/pg_server.py) with a fresh database per test (`pg_url`)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient
 
+from bench.pg_server import PgServer, find_bin_dir
 from proxy.app import build_app
 from proxy.auth import generate_key, hash_secret, split_key
 from proxy.config import NANOS_PER_USD, GatewayConfig, load_config
 from proxy.store import open_store
 from proxy.store.base import SCOPE_INFERENCE, SCOPE_MANAGEMENT
 from tests.mock_upstream import MockControl, build_mock
-from tests.pg_server import PgServer, find_bin_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "config" / "gateway.yaml"
@@ -42,15 +42,18 @@ def store_url(tmp_path: Path) -> str:
 
 
 def env_for(mock: Mock, store_url: str, **extra: str) -> dict[str, str]:
+    """The environment of a gateway on `mock` and `store_url`; `extra` variables are added or override. The
+    pid file sits beside a SQLite store; with another store there is none unless `GATEWAY_PID_FILE` names one."""
     env = {k: v for k, v in os.environ.items() if not k.endswith(("_BASE_URL", "_API_KEY")) and k[:8] != "GATEWAY_"}
-    pid_file = store_url.removeprefix("sqlite:///").rsplit("/", 1)[0] + "/gateway.pid"
+    sqlite = store_url.startswith("sqlite:///")
+    pid_file = store_url.removeprefix("sqlite:///").rsplit("/", 1)[0] + "/gateway.pid" if sqlite else ""
     env.update(
         OPENAI_BASE_URL=mock.url,
         OPENAI_API_KEY="sk-upstream-secret",
         GATEWAY_STORE=store_url,
         GATEWAY_PID_FILE=pid_file,
-        **extra,
     )
+    env.update(extra)
     return env
 
 
@@ -109,7 +112,7 @@ def pg_server() -> Iterator[PgServer]:
         server.start()
         yield server
     finally:
-        server.stop()
+        server.destroy()
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""The benchmark runs end to end (a 1-second smoke run): every target answers, nothing errors."""
+"""The benchmark runs end to end (a 1-second smoke run): every target answers (those on PostgreSQL or behind
+nginx where they are installed), nothing errors."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+from bench.pg_server import find_bin_dir
 from tests.conftest import ROOT
 
 
@@ -30,10 +32,17 @@ def test_bench_quick_run_measures_all_targets(tmp_path):
     payload = json.loads(next(iter(new)).read_text())
     measured = {(row["target"], row["load"].split(" ")[0]) for row in rows if row["requests_per_s"] > 0}
     expected = ["direct", "bare", "gateway", "gateway-percore", "gateway-messages"]
-    if shutil.which("nginx") or os.path.exists("/usr/sbin/nginx"):
+    nginx = shutil.which("nginx") or os.path.exists("/usr/sbin/nginx")
+    if nginx:
         expected.append("nginx")
     else:
         assert "nginx" in payload["skipped"]
+    if find_bin_dir() is not None:  # one gateway on PostgreSQL, and three behind nginx
+        expected += ["gateway-pg", "gateway-pg-x3"] if nginx else ["gateway-pg"]
+    else:
+        assert "PostgreSQL is not installed" in payload["skipped"]["gateway-pg"]
+    if find_bin_dir() is None or not nginx:
+        assert "gateway-pg-x3" in payload["skipped"]
     for target in expected:
         assert {(target, "chat"), (target, "stream"), (target, "open")} <= measured, rows
         assert (target, "ramp") in measured or target == "gateway-messages", rows

@@ -1,4 +1,5 @@
-"""Deployment files: the systemd unit, its environment file, and the sidecar container's entrypoint and compose file."""
+"""Deployment files: the systemd units (one gateway, and one instance of several per port), their environment file,
+the nginx configuration in front of several instances, and the sidecar container's entrypoint and compose file."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bench import peers
 from proxy.config import load_config
 from tests.conftest import DEFAULT_CONFIG, ROOT
 
 UNIT = ROOT / "systemd" / "stats-gateway.service"
+INSTANCE_UNIT = ROOT / "systemd" / "stats-gateway@.service"
 ENV_EXAMPLE = ROOT / "systemd" / "gateway.env.example"
 ENTRYPOINT = ROOT / "systemd" / "sidecar" / "docker-entrypoint.sh"
 COMPOSE = ROOT / "systemd" / "sidecar" / "compose.yaml"
@@ -25,11 +28,11 @@ VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600}
 
 
-def unit_settings() -> dict[str, dict[str, list[str]]]:
+def unit_settings(unit: Path = UNIT) -> dict[str, dict[str, list[str]]]:
     """The unit file as {section: {key: [values in order]}} (systemd allows a key more than once)."""
     sections: dict[str, dict[str, list[str]]] = {}
     current: dict[str, list[str]] = {}
-    for raw in UNIT.read_text().splitlines():
+    for raw in unit.read_text().splitlines():
         line = raw.strip()
         if not line or line.startswith(("#", ";")):
             continue
@@ -42,9 +45,9 @@ def unit_settings() -> dict[str, dict[str, list[str]]]:
     return sections
 
 
-def service(key: str) -> str:
-    values = unit_settings()["Service"].get(key)
-    assert values, f"{key}= is not set in {UNIT.name}"
+def service(key: str, unit: Path = UNIT) -> str:
+    values = unit_settings(unit)["Service"].get(key)
+    assert values, f"{key}= is not set in {unit.name}"
     return values[-1]
 
 
@@ -73,7 +76,8 @@ def systemd_analyze() -> str | None:
     return found
 
 
-def test_unit_passes_systemd_analyze_verify(tmp_path: Path):
+@pytest.mark.parametrize("unit_file", [UNIT, INSTANCE_UNIT], ids=["single", "instance"])
+def test_unit_passes_systemd_analyze_verify(tmp_path: Path, unit_file: Path):
     analyze = systemd_analyze()
     if analyze is None:
         if os.environ.get("CI"):
@@ -84,16 +88,17 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path):
     if not script.exists():
         script = Path(shutil.which("stats-gateway") or script)
     assert script.exists(), "the stats-gateway console script is not installed: pip install -e ."
-    original = UNIT.read_bytes()
+    original = unit_file.read_bytes()
     assert original.count(INSTALLED_SCRIPT.encode()) == 1
-    unit = tmp_path / UNIT.name
+    # A template is verified as one of its instances (the instance name is the port).
+    unit = tmp_path / unit_file.name.replace("@.", "@8081.")
     unit.write_bytes(original.replace(INSTALLED_SCRIPT.encode(), os.fsencode(script)))
 
     result = subprocess.run(
         [analyze, "verify", str(unit)], cwd=tmp_path, capture_output=True, text=True, timeout=30, check=False
     )
     output = result.stdout + result.stderr
-    ours = [line for line in output.splitlines() if UNIT.name in line or str(tmp_path) in line]
+    ours = [line for line in output.splitlines() if unit.name in line or str(tmp_path) in line]
     assert result.returncode == 0, output
     assert not ours, "\n".join(ours)
 
@@ -109,6 +114,44 @@ def test_unit_stops_after_the_drain_and_reloads_with_sighup():
     assert service("ExecStart").split()[:2] == [INSTALLED_SCRIPT, "serve"]
     state = service("StateDirectory")
     assert service("Environment").startswith(f"GATEWAY_STORE=sqlite:////var/lib/{state}/")
+
+
+def test_instance_unit_is_the_single_unit_on_a_port_and_postgres():
+    """The same user, files, hardening and stop budget as stats-gateway.service; only what makes it an instance
+    (its port, its pid file, a PostgreSQL store) differs."""
+    single, instance = unit_settings(UNIT), unit_settings(INSTANCE_UNIT)
+    differ = {"Description", "After", "ExecStart", "Environment", "RuntimeDirectory", "RuntimeDirectoryMode"}
+    for section in ("Unit", "Service", "Install"):
+        same = {k: v for k, v in single[section].items() if k not in differ}
+        assert same == {k: v for k, v in instance[section].items() if k not in differ}, section
+    assert service("ExecStart", INSTANCE_UNIT) == service("ExecStart") + " --port %i"
+    environment = unit_settings(INSTANCE_UNIT)["Service"]["Environment"]
+    assert any(e.startswith("GATEWAY_STORE=postgresql://") for e in environment)
+    assert "GATEWAY_PID_FILE=/run/stats-gateway-%i/gateway.pid" in environment
+    assert service("RuntimeDirectory", INSTANCE_UNIT) == "stats-gateway-%i"
+    assert "postgresql.service" in unit_settings(INSTANCE_UNIT)["Unit"]["After"][-1].split()
+
+
+def test_nginx_instances_conf_passes_nginx_t(tmp_path: Path):
+    """systemd/nginx-gateway-instances.conf, in the main file the bench runs it in, is valid nginx; its
+    upstream is the three instance ports, kept alive, unbuffered for streams."""
+    try:
+        nginx = peers.find_nginx()
+    except peers.Skipped as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set and {e} (see .ci/run)")
+        pytest.skip(str(e))
+    text = peers.INSTANCES_CONF.read_text()
+    for port in (8081, 8082, 8083):
+        assert f"server 127.0.0.1:{port} " in text
+    for directive in ("keepalive 256;", "proxy_http_version 1.1;", 'proxy_set_header Connection "";'):
+        assert directive in text
+    assert "proxy_buffering off;" in text and "proxy_read_timeout 310s;" in text
+    conf = peers.nginx_conf(tmp_path, "instances", peers.instances_http(18080, [18081, 18082, 18083]))
+    result = subprocess.run(
+        [nginx, "-t", "-c", str(conf), "-p", str(tmp_path)], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode == 0, result.stderr
 
 
 def test_compose_waits_for_the_drain_too():

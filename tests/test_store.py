@@ -14,6 +14,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from bench.pg_server import PgServer, free_port
 from proxy.config import ConfigError, load_config
 from proxy.store import Store, StoreError, migrations, open_store, redact_url
 from proxy.store.base import (
@@ -29,7 +30,6 @@ from proxy.store.base import (
 )
 from proxy.store.postgres import PostgresStore
 from tests.conftest import DEFAULT_CONFIG, ROOT
-from tests.pg_server import PgServer, free_port
 
 DAY_MS = 86_400_000
 HASH = bytes(range(32))  # a sha256 digest's length, with a NUL byte in it

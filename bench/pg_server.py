@@ -1,11 +1,13 @@
-"""A throwaway PostgreSQL cluster for the tests: initdb into a temporary folder, started on 127.0.0.1.
+"""A throwaway PostgreSQL cluster, for the tests and the bench: initdb into a temporary folder, on 127.0.0.1.
 
 `PgServer.start()` finds `initdb`/`pg_ctl` (PATH, then `/usr/lib/postgresql/*/bin`), creates a cluster
 with a random superuser password (TCP logins need it), starts it on a free port without durability
 (`fsync=off`: nothing here must survive a crash) and waits for it; `create_database()` gives each test
-its own database; `stop()` stops the server and removes the folder. Every command is bounded in time.
-Postgres refuses to run as root: as root, its commands run as the `postgres` user (which Debian's
-`postgresql` package creates), which then owns the folder.
+its own database. `stop()` shuts the server down (`pg_ctl stop -m fast`: sessions are cut, the cluster is
+kept) and `start()` brings it back on the same port; `restart()` is both. `destroy()` stops it at once and
+removes the folder. Every command is bounded in time. Postgres refuses to run as root: as root, its
+commands run as the `postgres` user (which Debian's `postgresql` package creates), which then owns the
+folder.
 """
 
 from __future__ import annotations
@@ -64,6 +66,26 @@ class PgServer:
         return result
 
     def start(self) -> None:
+        """Create the cluster (first call) and start the server; later calls start it again on its port."""
+        if self.port == 0:
+            self._init()
+        attempts = 3 if self.port == 0 else 1  # a free port can be taken between our probe and the server's bind
+        for attempt in range(attempts):
+            port = self.port or free_port()
+            options = (
+                f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={self.root} "
+                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+            )
+            log = str(self.root / "server.log")
+            try:
+                self._run("pg_ctl", "-D", str(self.data), "-l", log, "-w", "-t", "30", "-o", options, "start")
+                self.port = port
+                return
+            except RuntimeError:
+                if attempt == attempts - 1:
+                    raise RuntimeError(f"postgres did not start: {self.log_tail()}") from None
+
+    def _init(self) -> None:
         pwfile = self.root / "pwfile"
         pwfile.write_text(self.password + "\n")
         if self.as_postgres:
@@ -95,19 +117,15 @@ class PgServer:
             "--no-instructions",
         )
         pwfile.unlink()
-        for attempt in range(3):  # a free port can be taken between our probe and the server's bind
-            self.port = free_port()
-            options = (
-                f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.root} "
-                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
-            )
-            log = str(self.root / "server.log")
-            try:
-                self._run("pg_ctl", "-D", str(self.data), "-l", log, "-w", "-t", "30", "-o", options, "start")
-                return
-            except RuntimeError:
-                if attempt == 2:
-                    raise RuntimeError(f"postgres did not start: {self.log_tail()}") from None
+
+    def stop(self, mode: str = "fast") -> None:
+        """Shut the server down, keeping the cluster: `fast` cuts every session (their open transactions roll
+        back) and checkpoints; `immediate` is a crash (recovery on the next start)."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "30", "stop")
+
+    def restart(self, mode: str = "fast") -> None:
+        self.stop(mode)
+        self.start()
 
     def log_tail(self, lines: int = 20) -> str:
         with contextlib.suppress(OSError):
@@ -128,7 +146,8 @@ class PgServer:
         where = ("-h", str(self.root), "-p", str(self.port), "-U", USER, "-d", "postgres")
         return self._run("psql", *where, "-v", "ON_ERROR_STOP=1", "-Atq", "-c", sql).stdout
 
-    def stop(self) -> None:
+    def destroy(self) -> None:
+        """Stop the server at once (if it runs) and remove the cluster."""
         try:
             if (self.data / "postmaster.pid").exists():  # running (or left by a start that timed out)
                 self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "-t", "30", "stop")
