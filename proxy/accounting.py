@@ -121,6 +121,8 @@ class Accountant:
             if meta.usage is not None:  # a provider answered (or streamed): bill it; else nothing to bill
                 meta.price(meta.tariff)
         cost = meta.cost_nanos or 0
+        if not cost and meta.usage is None and self.backlogged:
+            return  # nothing to bill (a refusal while the store lags): its record would only grow the queue
         if cost:
             self.wallets.debit(meta.team_id, cost)
             if meta.key_limited:

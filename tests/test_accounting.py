@@ -149,6 +149,37 @@ async def test_a_failing_store_loses_nothing(gateway, key, mock, store_url, monk
     assert await balance(store_url, "acme") == before - 5 * COST
 
 
+async def test_a_lagging_store_refuses_new_requests_and_the_refusals_do_not_queue(
+    gateway, key, mock, store_url, monkeypatch
+):
+    gw = gateway.server.app[GATEWAY]
+    real = gw.store.record
+    store_back, writing = asyncio.Event(), asyncio.Event()
+
+    async def stalled(records):
+        writing.set()
+        await store_back.wait()
+        return await real(records)
+
+    monkeypatch.setattr(gw.store, "record", stalled)
+    monkeypatch.setattr(gw.accountant, "max_queue", 2)
+    before = await balance(store_url, "acme")
+    assert (await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(key))).status == 200
+    await asyncio.wait_for(writing.wait(), 5)  # its record is with the (stalled) store
+    for _ in range(2):  # these two fill the queue
+        assert (await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(key))).status == 200
+    for _ in range(5):
+        refused = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(key))
+        assert refused.status == 503
+        assert "waiting for the store" in (await refused.json())["error"]["message"]
+    assert len(gw.accountant._queue) == 2  # the refusals (nothing to bill) were not queued
+    store_back.set()
+    await asyncio.wait_for(gw.accountant.flush(), 10)
+    assert await count_generations(store_url) == 3
+    assert await balance(store_url, "acme") == before - 3 * COST
+    assert (await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(key))).status == 200
+
+
 async def test_accounting_can_be_switched_off(aiohttp_client, mock, store_url, make_key):
     env = env_for(mock, store_url, GATEWAY_ACCOUNTING="false")
     client = await aiohttp_client(build_app(load_config(DEFAULT_CONFIG, env=env)))
