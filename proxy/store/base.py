@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Protocol
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
@@ -39,6 +40,31 @@ class KeyRecord(msgspec.Struct, frozen=True):
     @property
     def management(self) -> bool:
         return SCOPE_MANAGEMENT in self.scopes
+
+
+# The columns `key_from_row` reads, from `api_keys k JOIN teams t`.
+KEY_COLUMNS = """
+    k.kid, k.team_id, t.name, k.secret_hash, k.scopes, k.status, k.name, k.created_at,
+    k.allowed_models, k.daily_limit_cost_nanos, k.monthly_limit_cost_nanos
+"""
+
+
+def key_from_row(row: Sequence) -> KeyRecord:
+    """A KeyRecord from a row of `KEY_COLUMNS` (either backend's row type)."""
+    kid, team_id, team_name, secret_hash, scopes, status, name, created_at, models, daily, monthly = row
+    return KeyRecord(
+        kid=kid,
+        team_id=team_id,
+        team_name=team_name,
+        secret_hash=bytes(secret_hash),
+        scopes=tuple(s for s in scopes.split(",") if s),
+        status=status,
+        name=name,
+        created_at=created_at,
+        allowed_models=tuple(m for m in models.split(",") if m),
+        daily_limit_cost_nanos=daily,
+        monthly_limit_cost_nanos=monthly,
+    )
 
 
 class Team(msgspec.Struct, frozen=True):

@@ -21,6 +21,7 @@ from proxy.store import migrations
 from proxy.store.base import (
     ACTIVE,
     GENERATION_COLUMNS,
+    KEY_COLUMNS,
     REVOKED,
     Credits,
     Generation,
@@ -28,6 +29,7 @@ from proxy.store.base import (
     StoreError,
     Team,
     TopUp,
+    key_from_row,
     redact_url,
     url_secrets,
 )
@@ -41,10 +43,6 @@ MIGRATION_LOCK = 7_461_617_453_727_361_601
 # The driver's, the server's and the network's failures (TimeoutError is an OSError).
 _FAILURES = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError)
 
-_KEY_COLUMNS = """
-    k.kid, k.team_id, t.name, k.secret_hash, k.scopes, k.status, k.name, k.created_at,
-    k.allowed_models, k.daily_limit_cost_nanos, k.monthly_limit_cost_nanos
-"""
 
 # The Postgres type of each generation column, for the arrays `record` sends (one per column).
 _GENERATION_TYPES = {
@@ -109,23 +107,6 @@ WITH w AS (
 )
 SELECT balance_nanos FROM w
 """
-
-
-def _row_to_key(row: asyncpg.Record) -> KeyRecord:
-    kid, team_id, team_name, secret_hash, scopes, status, name, created_at, models, daily, monthly = row
-    return KeyRecord(
-        kid=kid,
-        team_id=team_id,
-        team_name=team_name,
-        secret_hash=bytes(secret_hash),
-        scopes=tuple(s for s in scopes.split(",") if s),
-        status=status,
-        name=name,
-        created_at=created_at,
-        allowed_models=tuple(m for m in models.split(",") if m),
-        daily_limit_cost_nanos=daily,
-        monthly_limit_cost_nanos=monthly,
-    )
 
 
 def _count(status: str) -> int:
@@ -227,10 +208,10 @@ class PostgresStore:
             return await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_version")
 
     async def get_key(self, kid: str) -> KeyRecord | None:
-        sql = f"SELECT {_KEY_COLUMNS} FROM api_keys k JOIN teams t ON t.id = k.team_id WHERE k.kid = $1"
+        sql = f"SELECT {KEY_COLUMNS} FROM api_keys k JOIN teams t ON t.id = k.team_id WHERE k.kid = $1"
         async with self._conn("cannot read a key") as conn:
             row = await conn.fetchrow(sql, kid)
-        return _row_to_key(row) if row else None
+        return key_from_row(row) if row else None
 
     async def get_balance(self, team_id: str) -> int | None:
         async with self._conn("cannot read a balance") as conn:
@@ -289,14 +270,14 @@ class PostgresStore:
         return record
 
     async def list_keys(self, team_id: str | None = None) -> list[KeyRecord]:
-        sql = f"SELECT {_KEY_COLUMNS} FROM api_keys k JOIN teams t ON t.id = k.team_id"
+        sql = f"SELECT {KEY_COLUMNS} FROM api_keys k JOIN teams t ON t.id = k.team_id"
         args: tuple = ()
         if team_id is not None:
             sql += " WHERE k.team_id = $1"
             args = (team_id,)
         async with self._conn("cannot list keys") as conn:
             rows = await conn.fetch(sql + ' ORDER BY k.created_at, k.kid COLLATE "C"', *args)
-        return [_row_to_key(row) for row in rows]
+        return [key_from_row(row) for row in rows]
 
     async def set_key_status(self, kid: str, status: str) -> bool:
         revoked_at = int(time.time()) if status == REVOKED else None

@@ -16,6 +16,7 @@ from proxy.store import migrations
 from proxy.store.base import (
     ACTIVE,
     GENERATION_COLUMNS,
+    KEY_COLUMNS,
     REVOKED,
     ROW_COST,
     ROW_TEAM,
@@ -25,12 +26,8 @@ from proxy.store.base import (
     StoreError,
     Team,
     TopUp,
+    key_from_row,
 )
-
-_KEY_COLUMNS = """
-    k.kid, k.team_id, t.name, k.secret_hash, k.scopes, k.status, k.name, k.created_at,
-    k.allowed_models, k.daily_limit_cost_nanos, k.monthly_limit_cost_nanos
-"""
 
 
 def sqlite_path(url: str) -> str:
@@ -41,23 +38,6 @@ def sqlite_path(url: str) -> str:
     if not rest.startswith("/"):
         raise ValueError(f"expected sqlite:///relative/path or sqlite:////absolute/path, got {url!r}")
     return rest[1:]
-
-
-def _row_to_key(row: sqlite3.Row | tuple) -> KeyRecord:
-    kid, team_id, team_name, secret_hash, scopes, status, name, created_at, models, daily, monthly = row
-    return KeyRecord(
-        kid=kid,
-        team_id=team_id,
-        team_name=team_name,
-        secret_hash=bytes(secret_hash),
-        scopes=tuple(s for s in scopes.split(",") if s),
-        status=status,
-        name=name,
-        created_at=created_at,
-        allowed_models=tuple(m for m in models.split(",") if m),
-        daily_limit_cost_nanos=daily,
-        monthly_limit_cost_nanos=monthly,
-    )
 
 
 class SqliteStore:
@@ -126,13 +106,13 @@ class SqliteStore:
         return row[0] if row else 0
 
     async def get_key(self, kid: str) -> KeyRecord | None:
-        sql = f"SELECT {_KEY_COLUMNS} FROM api_keys k JOIN teams t ON t.id = k.team_id WHERE k.kid = ?"
+        sql = f"SELECT {KEY_COLUMNS} FROM api_keys k JOIN teams t ON t.id = k.team_id WHERE k.kid = ?"
         try:
             async with self.db.execute(sql, (kid,)) as cur:
                 row = await cur.fetchone()
         except sqlite3.Error as e:
             raise StoreError(str(e)) from e
-        return _row_to_key(row) if row else None
+        return key_from_row(row) if row else None
 
     async def get_balance(self, team_id: str) -> int | None:
         try:
@@ -188,14 +168,14 @@ class SqliteStore:
         return record
 
     async def list_keys(self, team_id: str | None = None) -> list[KeyRecord]:
-        sql = f"SELECT {_KEY_COLUMNS} FROM api_keys k JOIN teams t ON t.id = k.team_id"
+        sql = f"SELECT {KEY_COLUMNS} FROM api_keys k JOIN teams t ON t.id = k.team_id"
         args: tuple = ()
         if team_id is not None:
             sql += " WHERE k.team_id = ?"
             args = (team_id,)
         async with self.db.execute(sql + " ORDER BY k.created_at, k.kid", args) as cur:
             rows = await cur.fetchall()
-        return [_row_to_key(row) for row in rows]
+        return [key_from_row(row) for row in rows]
 
     async def set_key_status(self, kid: str, status: str) -> bool:
         revoked_at = int(time.time()) if status == REVOKED else None
