@@ -235,3 +235,18 @@ async def test_a_body_that_cannot_be_read_is_enveloped(aiohttp_client, config, m
     body = await r.json()
     assert r.status == 400 and body["error"] == "invalid_request"
     assert body["message"] == "The request body could not be read: Can not decode content-encoding: gzip."
+
+
+async def test_key_names_are_printable_and_bounded(gateway, make_key):
+    admin = await make_key(team="acme", management=True)
+    kid = admin.split("_")[3]
+    for bad, why in (("nul\u0000here", "control characters"), ("two\nlines", "control characters"), ("x" * 201, "200")):
+        r = await gateway.post("/v1/keys", json={"name": bad}, headers=auth(admin))
+        body = await r.json()
+        assert r.status == 400 and body["error"] == "invalid_request" and why in body["message"], body
+        r = await gateway.patch(f"/v1/keys/{kid}", json={"name": bad}, headers=auth(admin))
+        assert r.status == 400 and why in (await r.json())["message"]
+    listing = await (await gateway.get("/v1/keys", headers=auth(admin))).json()
+    assert listing["total"] == 1 and listing["keys"][0]["name"] == ""  # nothing created or renamed
+    r = await gateway.post("/v1/keys", json={"name": "café · ci 🚀"}, headers=auth(admin))
+    assert r.status == 200 and (await r.json())["data"]["name"] == "café · ci 🚀"

@@ -280,6 +280,18 @@ class _NewKey(_Limits, forbid_unknown_fields=True):
 
 
 _Resolved = tuple[tuple[str, ...], int | None, int | None]
+_MAX_NAME = 200
+
+
+def _check_name(name: str) -> str:
+    """A key's name as people read it in listings: printable, at most `_MAX_NAME` characters."""
+    if len(name) > _MAX_NAME:
+        raise GatewayError(Code.invalid_request, f"`name` must be at most {_MAX_NAME} characters.", param="name")
+    if not name.isprintable():
+        raise GatewayError(
+            Code.invalid_request, "`name` must not hold control characters (newlines, NUL, …).", param="name"
+        )
+    return name
 
 
 def _check_limits(gw: Gateway, limits: _Limits, target: KeyRecord | None = None) -> _Resolved:
@@ -315,6 +327,7 @@ async def _apply_limits(gw: Gateway, kid: str, resolved: _Resolved) -> None:
 async def _keys_create(request: web.Request, gw: Gateway, key: KeyRecord) -> dict:
     """`POST /v1/keys` (management): a new key for the caller's team; the secret is in this answer only."""
     ask = _decode(await read_body(request, gw.config.server) or b"{}", _NewKey)
+    _check_name(ask.name)
     limits = _check_limits(gw, ask) if ask.touched() else None
     kid, secret_key = generate_key()
     scopes = (SCOPE_INFERENCE, SCOPE_MANAGEMENT) if ask.management else (SCOPE_INFERENCE,)
@@ -352,6 +365,8 @@ async def _keys_update(request: web.Request, gw: Gateway, key: KeyRecord) -> dic
         )
     if target.status == REVOKED:
         raise GatewayError(Code.invalid_request, f"Key {target.kid!r} is revoked; it cannot change.")
+    if change.name is not None:
+        _check_name(change.name)
     limits = _check_limits(gw, change, target) if change.touched() else None
     if change.name is not None:
         await gw.store.rename_key(target.kid, change.name)  # type: ignore[union-attr]
