@@ -24,6 +24,7 @@ from proxy.store.base import (
     SCOPE_INFERENCE,
     SCOPE_MANAGEMENT,
     Generation,
+    Job,
     Team,
     TopUp,
     url_secrets,
@@ -124,7 +125,8 @@ async def test_a_newer_schema_is_refused(url: str, store: Store):
             await conn.execute("INSERT INTO schema_version VALUES (99, 0)")
     else:
         await store.db.execute("PRAGMA user_version = 99")  # type: ignore[attr-defined]
-    with pytest.raises(StoreError, match="schema version 99, newer than this gateway's 3: upgrade the gateway"):
+    newest = len(migrations.SQLITE)
+    with pytest.raises(StoreError, match=f"schema version 99, newer than this gateway's {newest}: upgrade the gateway"):
         await open_store(url)
 
 
@@ -133,7 +135,7 @@ async def test_gateways_starting_together_migrate_once(pg_url: str):
     try:
         async with stores[0].pool.acquire() as conn:  # type: ignore[attr-defined]
             applied = await conn.fetch("SELECT version FROM schema_version ORDER BY version")
-        assert [r["version"] for r in applied] == [1, 2, 3]
+        assert [r["version"] for r in applied] == list(range(1, len(migrations.POSTGRES) + 1))
     finally:
         for store in stores:
             await store.close()
@@ -544,3 +546,69 @@ def test_migrate_command_reports_an_unreachable_store(url: str, tmp_path: Path):
     done = _migrate(unreachable)
     assert done.returncode == 1, done.stdout
     assert done.stderr.startswith("store error: cannot open the") and "s3cret-Pa55" not in done.stderr
+
+
+def job(team_id: str, job_id: str, created_at: int, kind: str = "video", status: str = "queued") -> Job:
+    return Job(
+        id=job_id,
+        kind=kind,
+        team_id=team_id,
+        key_id="kid1",
+        model_id="openai/sora-2",
+        provider="openai",
+        upstream_id="up_" + job_id,
+        status=status,
+        created_at=created_at,
+        updated_at=created_at,
+        billed=False,
+        data=msgspec.Raw(
+            b'{"id": "%s", "status": "%s", "note": "caf\\u00e9 \xc3\xa9"}' % (job_id.encode(), status.encode())
+        ),
+    )
+
+
+async def test_jobs_belong_to_their_team(store: Store):
+    acme, other = await store.ensure_team("acme"), await store.ensure_team("other")
+    first = job(acme.id, "video_1", 1_700_000_000)
+    await store.create_job(first)
+    assert await store.get_job(acme.id, "video_1") == first  # data kept byte for byte
+    assert await store.get_job(other.id, "video_1") is None  # another team's job is absent, not forbidden
+    assert not await store.delete_job(other.id, "video_1")
+    assert await store.get_job(acme.id, "video_1") == first
+    with pytest.raises(StoreError):  # ids are unique
+        await store.create_job(job(other.id, "video_1", 1_700_000_001))
+    assert await store.delete_job(acme.id, "video_1")
+    assert await store.get_job(acme.id, "video_1") is None and not await store.delete_job(acme.id, "video_1")
+
+
+async def test_jobs_list_newest_first_by_kind_and_page(store: Store):
+    acme, other = await store.ensure_team("acme"), await store.ensure_team("other")
+    for i, created in enumerate([100, 300, 200, 300, 400]):
+        await store.create_job(job(acme.id, f"video_{i}", created))
+    await store.create_job(job(acme.id, "music_1", 500, kind="music"))
+    await store.create_job(job(other.id, "video_x", 600))
+    listed = [j.id for j in await store.list_jobs(acme.id, "video", limit=10)]
+    assert listed == ["video_4", "video_3", "video_1", "video_2", "video_0"]  # ties: the greater id first
+    pages, after = [], ""
+    while page := await store.list_jobs(acme.id, "video", limit=2, after=after):
+        pages.append([j.id for j in page])
+        after = page[-1].id
+    assert pages == [["video_4", "video_3"], ["video_1", "video_2"], ["video_0"]]
+    assert [j.id for j in await store.list_jobs(acme.id, "music", limit=10)] == ["music_1"]
+    assert await store.list_jobs(other.id, "video", limit=10, after="video_4") == []  # not its job to page from
+
+
+async def test_a_job_is_updated_and_billed_exactly_once(store: Store):
+    acme = await store.ensure_team("acme")
+    await store.create_job(job(acme.id, "video_1", 1_700_000_000))
+    assert await store.update_job("video_1", status="completed", data=b'{"id": "video_1", "status": "completed"}')
+    got = await store.get_job(acme.id, "video_1")
+    assert (
+        got is not None and got.status == "completed" and bytes(got.data) == b'{"id": "video_1", "status": "completed"}'
+    )
+    assert got.updated_at >= got.created_at and not got.billed
+    marks = await asyncio.gather(*(store.mark_job_billed("video_1") for _ in range(8)))
+    assert marks.count(True) == 1  # concurrent pollers: one bills it
+    assert (await store.get_job(acme.id, "video_1")).billed  # type: ignore[union-attr]
+    assert not await store.update_job("video_404", status="failed", data=b"{}")
+    assert not await store.mark_job_billed("video_404")

@@ -121,6 +121,37 @@ ROW_KEY = Generation.__struct_fields__.index("key_id")
 ROW_COST = Generation.__struct_fields__.index("cost_nanos")
 
 
+class Job(msgspec.Struct, frozen=True):
+    """An asynchronous job (video, music, file, batch) as the gateway knows it: its own id, shown to the
+    client, the owning team, and the provider's id for it. `data` is the provider's last answer about it,
+    with the gateway's id in place of the provider's."""
+
+    id: str
+    kind: str  # video | music | file | batch
+    team_id: str
+    key_id: str
+    model_id: str
+    provider: str
+    upstream_id: str
+    status: str
+    created_at: int  # unix seconds
+    updated_at: int
+    billed: bool  # its cost is recorded (set once, by `mark_job_billed`)
+    data: msgspec.Raw
+
+    @classmethod
+    def from_row(cls, values: Sequence) -> Job:
+        """A row in JOB_COLUMNS order (data as JSON text)."""
+        *head, billed, data = values
+        return cls(*head, bool(billed), msgspec.Raw(data.encode() if isinstance(data, str) else bytes(data)))
+
+    def row(self) -> tuple:
+        return (*(getattr(self, name) for name in self.__struct_fields__[:-1]), bytes(self.data).decode())
+
+
+JOB_COLUMNS = ", ".join(Job.__struct_fields__)
+
+
 class TopUp(msgspec.Struct, frozen=True):
     amount_nanos: int
     note: str
@@ -173,6 +204,22 @@ class Store(Protocol):
     ) -> tuple[int, list[tuple]]:
         """(total rows, the page): per UTC day, model, provider and endpoint, newest day first."""
         ...
+
+    async def create_job(self, job: Job) -> None: ...
+    async def get_job(self, team_id: str, job_id: str) -> Job | None:
+        """The team's job with that id; None when absent or another team's (never tell them apart)."""
+        ...
+
+    async def list_jobs(self, team_id: str, kind: str, *, limit: int, after: str = "") -> list[Job]:
+        """The team's jobs of one kind, newest first; `after`: a job id, to continue after it."""
+        ...
+
+    async def update_job(self, job_id: str, *, status: str, data: bytes) -> bool: ...
+    async def mark_job_billed(self, job_id: str) -> bool:
+        """Whether this call marked the job billed (False if it already was: bill it exactly once)."""
+        ...
+
+    async def delete_job(self, team_id: str, job_id: str) -> bool: ...
 
 
 class StoreError(Exception):

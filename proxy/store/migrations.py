@@ -74,6 +74,24 @@ SQLITE: list[str] = [
     ALTER TABLE api_keys ADD COLUMN monthly_limit_cost_nanos INTEGER;
     CREATE INDEX generations_key_time ON generations(key_id, created_at);
     """,
+    # 4: asynchronous jobs (videos, music, files, batches): the gateway's id, its owner, the provider's id
+    """
+    CREATE TABLE jobs (
+        id           TEXT PRIMARY KEY,
+        kind         TEXT NOT NULL,
+        team_id      TEXT NOT NULL REFERENCES teams(id),
+        key_id       TEXT NOT NULL,
+        model_id     TEXT NOT NULL,
+        provider     TEXT NOT NULL,
+        upstream_id  TEXT NOT NULL,
+        status       TEXT NOT NULL,
+        created_at   INTEGER NOT NULL,
+        updated_at   INTEGER NOT NULL,
+        billed       INTEGER NOT NULL DEFAULT 0,
+        data         TEXT NOT NULL
+    );
+    CREATE INDEX jobs_team_kind_time ON jobs(team_id, kind, created_at);
+    """,
 ]
 
 # The same steps for PostgreSQL (so a version number means the same schema on both): nanos and
@@ -148,5 +166,23 @@ POSTGRES: list[str] = [
     ALTER TABLE api_keys ADD COLUMN daily_limit_cost_nanos BIGINT;
     ALTER TABLE api_keys ADD COLUMN monthly_limit_cost_nanos BIGINT;
     CREATE INDEX generations_key_time ON generations(key_id, created_at);
+    """,
+    # 4: asynchronous jobs (videos, music, files, batches): the gateway's id, its owner, the provider's id
+    """
+    CREATE TABLE jobs (
+        id           TEXT PRIMARY KEY,
+        kind         TEXT NOT NULL,
+        team_id      TEXT NOT NULL REFERENCES teams(id),
+        key_id       TEXT NOT NULL,
+        model_id     TEXT NOT NULL,
+        provider     TEXT NOT NULL,
+        upstream_id  TEXT NOT NULL,
+        status       TEXT NOT NULL,
+        created_at   BIGINT NOT NULL,
+        updated_at   BIGINT NOT NULL,
+        billed       BOOLEAN NOT NULL DEFAULT FALSE,
+        data         JSON NOT NULL
+    );
+    CREATE INDEX jobs_team_kind_time ON jobs(team_id, kind, created_at);
     """,
 ]

@@ -21,10 +21,12 @@ from proxy.store import migrations
 from proxy.store.base import (
     ACTIVE,
     GENERATION_COLUMNS,
+    JOB_COLUMNS,
     KEY_COLUMNS,
     REVOKED,
     Credits,
     Generation,
+    Job,
     KeyRecord,
     StoreError,
     Team,
@@ -398,3 +400,50 @@ class PostgresStore:
         async with self._conn("cannot read a generation") as conn:
             row = await conn.fetchrow(sql, team_id, request_id)
         return None if row is None else Generation.from_row(tuple(row))
+
+    async def create_job(self, job: Job) -> None:
+        marks = ", ".join(f"${i}" for i in range(1, len(Job.__struct_fields__) + 1))
+        async with self._conn("cannot record a job") as conn:
+            await conn.execute(f"INSERT INTO jobs ({JOB_COLUMNS}) VALUES ({marks})", *job.row())
+
+    async def get_job(self, team_id: str, job_id: str) -> Job | None:
+        sql = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 AND team_id = $2"
+        async with self._conn("cannot read a job") as conn:
+            row = await conn.fetchrow(sql, job_id, team_id)
+        return None if row is None else Job.from_row(tuple(row))
+
+    async def list_jobs(self, team_id: str, kind: str, *, limit: int, after: str = "") -> list[Job]:
+        where, args = "team_id = $1 AND kind = $2", [team_id, kind]
+        if after:  # newest first: continue with the jobs older than `after` (ties broken by id)
+            where += (
+                ' AND (created_at, id COLLATE "C") < (SELECT created_at, id FROM jobs WHERE id = $3 AND team_id = $1)'
+            )
+            args.append(after)
+        sql = (
+            f"SELECT {JOB_COLUMNS} FROM jobs WHERE {where} "
+            f'ORDER BY created_at DESC, id COLLATE "C" DESC LIMIT ${len(args) + 1}'
+        )
+        async with self._conn("cannot list jobs") as conn:
+            rows = await conn.fetch(sql, *args, limit)
+        return [Job.from_row(tuple(row)) for row in rows]
+
+    async def update_job(self, job_id: str, *, status: str, data: bytes) -> bool:
+        async with self._conn("cannot change a job") as conn:
+            done = await conn.execute(
+                "UPDATE jobs SET status = $1, data = $2, updated_at = $3 WHERE id = $4",
+                status,
+                data.decode(),
+                int(time.time()),
+                job_id,
+            )
+        return _count(done) > 0
+
+    async def mark_job_billed(self, job_id: str) -> bool:
+        async with self._conn("cannot change a job") as conn:
+            done = await conn.execute("UPDATE jobs SET billed = TRUE WHERE id = $1 AND NOT billed", job_id)
+        return _count(done) > 0
+
+    async def delete_job(self, team_id: str, job_id: str) -> bool:
+        async with self._conn("cannot delete a job") as conn:
+            done = await conn.execute("DELETE FROM jobs WHERE id = $1 AND team_id = $2", job_id, team_id)
+        return _count(done) > 0

@@ -16,12 +16,14 @@ from proxy.store import migrations
 from proxy.store.base import (
     ACTIVE,
     GENERATION_COLUMNS,
+    JOB_COLUMNS,
     KEY_COLUMNS,
     REVOKED,
     ROW_COST,
     ROW_TEAM,
     Credits,
     Generation,
+    Job,
     KeyRecord,
     StoreError,
     Team,
@@ -305,6 +307,49 @@ class SqliteStore:
         async with self.db.execute(sql, (team_id, request_id, request_id)) as cur:
             row = await cur.fetchone()
         return None if row is None else Generation.from_row(tuple(row))
+
+    async def create_job(self, job: Job) -> None:
+        marks = ", ".join("?" * len(Job.__struct_fields__))
+        try:
+            async with self._write:
+                await self.db.execute(f"INSERT INTO jobs ({JOB_COLUMNS}) VALUES ({marks})", job.row())
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot record a job: {e}") from e
+
+    async def get_job(self, team_id: str, job_id: str) -> Job | None:
+        sql = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ? AND team_id = ?"
+        async with self.db.execute(sql, (job_id, team_id)) as cur:
+            row = await cur.fetchone()
+        return None if row is None else Job.from_row(tuple(row))
+
+    async def list_jobs(self, team_id: str, kind: str, *, limit: int, after: str = "") -> list[Job]:
+        where, args = "team_id = ? AND kind = ?", [team_id, kind]
+        if after:  # newest first: continue with the jobs older than `after` (ties broken by id)
+            where += " AND (created_at, id) < (SELECT created_at, id FROM jobs WHERE id = ? AND team_id = ?)"
+            args += [after, team_id]
+        sql = f"SELECT {JOB_COLUMNS} FROM jobs WHERE {where} ORDER BY created_at DESC, id DESC LIMIT ?"
+        async with self.db.execute(sql, (*args, limit)) as cur:
+            return [Job.from_row(tuple(row)) for row in await cur.fetchall()]
+
+    async def update_job(self, job_id: str, *, status: str, data: bytes) -> bool:
+        return await self._change(
+            "UPDATE jobs SET status = ?, data = ?, updated_at = ? WHERE id = ?",
+            (status, data.decode(), int(time.time()), job_id),
+        )
+
+    async def mark_job_billed(self, job_id: str) -> bool:
+        return await self._change("UPDATE jobs SET billed = 1 WHERE id = ? AND billed = 0", (job_id,))
+
+    async def delete_job(self, team_id: str, job_id: str) -> bool:
+        return await self._change("DELETE FROM jobs WHERE id = ? AND team_id = ?", (job_id, team_id))
+
+    async def _change(self, sql: str, args: tuple) -> bool:
+        """One write statement; whether it changed a row."""
+        try:
+            async with self._write, self.db.execute(sql, args) as cur:
+                return cur.rowcount > 0
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot change a job: {e}") from e
 
 
 _ROW_MARKS = "(" + ", ".join("?" * len(Generation.__struct_fields__)) + ")"
