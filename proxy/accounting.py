@@ -26,6 +26,7 @@ log = logging.getLogger("proxy.accounting")
 
 MAX_BATCH = 500
 LINGER_S = 0.05  # how long a record may wait for others to share its transaction
+_UNITS = ("images", "characters", "audio_seconds", "pages", "searches")  # Usage's media counts
 
 
 def estimate(meta: RequestMeta) -> None:
@@ -54,6 +55,10 @@ def row(meta: RequestMeta, created_ms: int) -> tuple:
         if usage
         else {}
     )
+    if usage and usage.units():  # media units, each only when metered: token-only records stay as they were
+        for name in _UNITS:
+            if value := getattr(usage, name):
+                usage_json[name] = value
     return (
         meta.request_id,
         created_ms,

@@ -29,6 +29,7 @@ from proxy.store import open_store
 from proxy.surfaces import ops
 from proxy.surfaces.catalogue import HANDLERS as CATALOGUE_HANDLERS
 from proxy.surfaces.inference import inference_handler, models_handler
+from proxy.surfaces.media import upload_handler
 from proxy.surfaces.platform import HANDLERS as PLATFORM_HANDLERS
 from proxy.upstream import Upstream
 
@@ -51,7 +52,8 @@ def build_app(config: GatewayConfig) -> web.Application:
     known: dict[str, set[str]] = {}
     platform = {"openai.models": models_handler, **PLATFORM_HANDLERS, **CATALOGUE_HANDLERS}
     for route, surface in routes.routes:
-        handler = platform.get(surface.name) or inference_handler(surface, route.default_model, gw.metrics)
+        make = upload_handler if surface.multipart else inference_handler
+        handler = platform.get(surface.name) or make(surface, route.default_model, gw.metrics)
         app.router.add_route(route.method, route.path, handler)
         known.setdefault(route.path, set()).add(route.method)
     ops_routes = [("/healthz", ops.healthz), ("/readyz", ops.readyz)]

@@ -70,6 +70,7 @@ class ServerConfig(_Base):
     port: int = 8080
     workers: int = 1
     max_body_bytes: int = 16 * 1024 * 1024
+    max_upload_bytes: int = 256 * 1024 * 1024  # a multipart upload (audio, image edits): streamed, never held
     body_timeout_s: float = 30.0  # the longest a client may take to send its request body
     max_header_bytes: int = 16 * 1024  # one request or header line
     max_headers: int = 128
@@ -157,7 +158,7 @@ class ModelConfig(_Base):
 
 
 class PriceSheet(_Base):
-    """USD per million tokens (and per request), as written in pricing.yaml."""
+    """USD per million tokens, per request and per unit of media, as written in pricing.yaml."""
 
     input_per_mtok: Decimal = Decimal(0)
     output_per_mtok: Decimal = Decimal(0)
@@ -165,6 +166,11 @@ class PriceSheet(_Base):
     cache_write_per_mtok: Decimal | None = None  # unset: cache writes cost the input price
     reasoning_per_mtok: Decimal | None = None  # unset: reasoning tokens are billed as output
     per_request: Decimal = Decimal(0)
+    per_image: Decimal = Decimal(0)  # each image generated or edited
+    per_mchar: Decimal = Decimal(0)  # per million characters of text to speech
+    per_audio_minute: Decimal = Decimal(0)  # per minute of audio transcribed or translated
+    per_page: Decimal = Decimal(0)  # each page read by OCR
+    per_search: Decimal = Decimal(0)  # each rerank search (unit)
 
 
 class ModelPrices(PriceSheet, kw_only=True):
@@ -426,6 +432,8 @@ def check(config: GatewayConfig, fail: Any) -> None:
         fail(["server", "workers"], f"expected at least 1 worker, got {server.workers}")
     if server.max_body_bytes < 1024:
         fail(["server", "max_body_bytes"], f"expected at least 1024 bytes, got {server.max_body_bytes}")
+    if server.max_upload_bytes < 1024:
+        fail(["server", "max_upload_bytes"], f"expected at least 1024 bytes, got {server.max_upload_bytes}")
     if server.drain_timeout_s < 0:
         fail(["server", "drain_timeout_s"], "expected a duration >= 0 seconds")
     if server.body_timeout_s <= 0:

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 
 class Usage(msgspec.Struct, omit_defaults=True):
-    """Token counts in the gateway's neutral terms."""
+    """Token counts, and units of media, in the gateway's neutral terms (zero: not metered)."""
 
     input_tokens: int = 0
     output_tokens: int = 0
@@ -26,6 +26,15 @@ class Usage(msgspec.Struct, omit_defaults=True):
     cached_input_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+    images: int = 0  # images generated or edited
+    characters: int = 0  # characters of text spoken (text to speech)
+    audio_seconds: float = 0.0  # audio transcribed or translated
+    pages: int = 0  # pages read (OCR)
+    searches: int = 0  # rerank searches (search units)
+
+    def units(self) -> bool:
+        """Whether any media unit was metered."""
+        return bool(self.images or self.characters or self.audio_seconds or self.pages or self.searches)
 
 
 def new_request_id() -> str:

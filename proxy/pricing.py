@@ -1,8 +1,10 @@
 """Prices and cost lines, in integer nano-dollars.
 
-A price sheet gives USD per million units (tokens) and per request. `Tariff` holds the same prices as
-integer nano-dollars per million units, so a line costs `round_half_up(quantity * price / 1e6)` nanos:
-the only rounding, once per line. A request's cost is the sum of its lines. No float is ever summed.
+A price sheet gives USD per million units (tokens, characters), per request and per unit of media (image,
+page, search, minute of audio). `Tariff` holds the same prices as integer nano-dollars, so a line costs
+`round_half_up(quantity * price / per)` nanos, where `per` is 1e6 for per-million prices, 60,000 for per
+minute (audio is counted in milliseconds) and 1 otherwise: the only rounding, once per line. A request's
+cost is the sum of its lines. No float is ever summed.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from proxy.config import NANOS_PER_USD, PriceSheet, PricingFile
 from proxy.meta import Usage
 
 PER_MILLION: Final = 1_000_000
+# What a line's quantity is divided by, per unit its price is given in (1 for the rest: request, image, …).
+_PER: Final = {"1M tokens": PER_MILLION, "1M characters": PER_MILLION, "minute": 60_000}  # audio: in ms
 
 
 def _nanos(usd: Decimal) -> int:
@@ -33,12 +37,25 @@ class Tariff:
     per_request: int
     currency: str
     effective: str
+    per_image: int = 0
+    per_mchar: int = 0  # per million characters
+    per_audio_minute: int = 0
+    per_page: int = 0
+    per_search: int = 0
+    units: bool = False  # any of the per-unit prices above is set
 
     @classmethod
     def of(cls, sheet: PriceSheet, currency: str, effective: str) -> Tariff:
         def per(value: Decimal | None, fallback: Decimal) -> int:
             return _nanos(fallback if value is None else value)
 
+        units = {
+            "per_image": _nanos(sheet.per_image),
+            "per_mchar": _nanos(sheet.per_mchar),
+            "per_audio_minute": _nanos(sheet.per_audio_minute),
+            "per_page": _nanos(sheet.per_page),
+            "per_search": _nanos(sheet.per_search),
+        }
         return cls(
             input=_nanos(sheet.input_per_mtok),
             output=_nanos(sheet.output_per_mtok),
@@ -48,17 +65,21 @@ class Tariff:
             per_request=_nanos(sheet.per_request),
             currency=currency,
             effective=effective,
+            **units,
+            units=any(units.values()),
         )
 
     def cost(self, usage: Usage | None) -> tuple[int, list[dict[str, Any]]]:
         """(total nanos, pricing lines) for one request's usage."""
         lines: list[dict[str, Any]] = []
 
-        def line(meter: str, quantity: int, price: int, unit: str = "1M tokens") -> None:
+        def line(meter: str, quantity: int | float, price: int, unit: str = "1M tokens", counted: int = 0) -> None:
+            """One pricing line; `counted` is the quantity in the unit the amount is computed from, when it
+            is not `quantity` itself (audio: milliseconds, shown as seconds)."""
             if quantity <= 0 or price <= 0:
                 return
-            per = PER_MILLION if unit == "1M tokens" else 1
-            amount = (quantity * price + per // 2) // per
+            per = _PER.get(unit, 1)
+            amount = ((counted or quantity) * price + per // 2) // per  # counted: an int whenever quantity is not
             lines.append(
                 {"meter": meter, "quantity": quantity, "unit": unit, "unit_price_nanos": price, "amount_nanos": amount}
             )
@@ -75,6 +96,13 @@ class Tariff:
                 reasoning = min(usage.reasoning_tokens, usage.output_tokens)
                 line("output_tokens", usage.output_tokens - reasoning, self.output)
                 line("reasoning_tokens", reasoning, self.reasoning)
+            if self.units:
+                line("images", usage.images, self.per_image, unit="image")
+                line("characters", usage.characters, self.per_mchar, unit="1M characters")
+                ms = round(usage.audio_seconds * 1000)
+                line("audio_seconds", ms / 1000, self.per_audio_minute, unit="minute", counted=ms)
+                line("pages", usage.pages, self.per_page, unit="page")
+                line("searches", usage.searches, self.per_search, unit="search")
         line("requests", 1, self.per_request, unit="request")
         return sum(entry["amount_nanos"] for entry in lines), lines
 

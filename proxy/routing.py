@@ -20,6 +20,7 @@ class Surface:
     streaming: bool = False
     required: tuple[str, ...] = ()
     dialect: str = OPENAI  # how its errors are shaped
+    multipart: bool = False  # the body is a multipart/form-data upload, streamed to one target (never read whole)
 
 
 # The surfaces this gateway speaks. Routes name them; models declare the endpoint ids.
@@ -33,6 +34,19 @@ SURFACES: dict[str, Surface] = {
         ),
         Surface("openai.embeddings", "embeddings", "/embeddings", required=("input",)),
         Surface("openai.moderations", "moderations", "/moderations", required=("input",)),
+        Surface("openai.images.generations", "images.generations", "/images/generations", streaming=True),
+        Surface("openai.images.edits", "images.edits", "/images/edits", streaming=True, multipart=True),
+        Surface("openai.audio.speech", "audio.speech", "/audio/speech", required=("input",)),
+        Surface(
+            "openai.audio.transcriptions",
+            "audio.transcriptions",
+            "/audio/transcriptions",
+            streaming=True,
+            multipart=True,
+        ),
+        Surface("openai.audio.translations", "audio.translations", "/audio/translations", multipart=True),
+        Surface("rerank", "rerank", "/rerank"),
+        Surface("ocr", "ocr", "/ocr"),
         Surface("openai.models", "", ""),
         Surface("platform.generations", "", ""),
         Surface("platform.key", "", ""),

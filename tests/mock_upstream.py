@@ -8,13 +8,15 @@ body that is not JSON, a stall, or a stream cut short. The mock records what it 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 
 @dataclass
@@ -26,6 +28,52 @@ class Received:
     @property
     def json(self) -> Any:
         return orjson.loads(self.body)
+
+
+@dataclass
+class Part:
+    """One part of a multipart upload as the mock received it: text fields whole, files as size and sha256."""
+
+    name: str
+    headers: dict[str, str]
+    filename: str | None = None
+    value: str = ""  # a text field's
+    size: int = 0
+    sha256: str = ""
+
+
+@dataclass
+class Form:
+    path: str
+    headers: dict[str, str]
+    parts: list[Part]
+
+    def field(self, name: str) -> Part:
+        return next(p for p in self.parts if p.name == name)
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.parts]
+
+
+# Speech answers repeat this block: a test can hash what it receives against `audio_sha256(n)`.
+AUDIO_BLOCK = random.Random(7).randbytes(64 * 1024)
+
+
+def audio_chunks(n: int):  # type: ignore[no-untyped-def]
+    """`n` bytes of the mock's audio, a block at a time."""
+    whole, rest = divmod(n, len(AUDIO_BLOCK))
+    for _ in range(whole):
+        yield AUDIO_BLOCK
+    if rest:
+        yield AUDIO_BLOCK[:rest]
+
+
+def audio_sha256(n: int) -> str:
+    digest = hashlib.sha256()
+    for chunk in audio_chunks(n):
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 @dataclass
@@ -49,6 +97,9 @@ class MockControl:
     bytes_sent: int = 0  # stream bytes the mock has handed to its transport so far
     linger_after_done_s: float = 0.0  # like a real network: the body's end arrives after [DONE]
     peers: list[int] = field(default_factory=list)  # client port of each request: equal ports = reused
+    # media
+    audio_bytes: int = 4096  # the length of a speech answer (generated, never held: see `audio_block`)
+    forms: list[Form] = field(default_factory=list)  # multipart uploads received, summarised (no file bytes)
 
     @property
     def last(self) -> Received:
@@ -275,7 +326,204 @@ def build_mock(control: MockControl) -> web.Application:
     app.router.add_post("/v1/responses", responses)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_post("/v1/moderations", moderations)
+    _media_routes(app, control)
     return app
+
+
+def _invalid(message: str) -> web.Response:
+    return web.json_response({"error": {"message": f"mock: {message}", "type": "invalid_request_error"}}, status=400)
+
+
+def _check_model(model: object) -> str | None:
+    """What is wrong with the model name the gateway sent (None: it is an upstream name, as it should be)."""
+    if not isinstance(model, str) or not model:
+        return f"expected a model name, got {model!r}"
+    if "/" in model:
+        return f"the gateway did not rewrite the public model id {model!r} to the upstream name"
+    return None
+
+
+def _media_routes(app: web.Application, control: MockControl) -> None:
+    """OpenAI's media endpoints (and Cohere's rerank, Mistral's OCR), each checking what it receives: the
+    model rewritten to its upstream name, the gateway's credentials; multipart parts are read as they come
+    and summarised (size, sha256), never kept."""
+
+    def mode() -> str:
+        return control.script.pop(0) if control.script else control.mode
+
+    def error_reply() -> web.Response:
+        return web.Response(status=control.status, body=control.error_body, content_type="application/json")
+
+    async def json_body(request: web.Request) -> tuple[dict, web.Response | None]:
+        body = await request.read()
+        control.received.append(Received(request.path, dict(request.headers), body))
+        payload = orjson.loads(body)
+        problem = _check_model(payload.get("model"))
+        if request.headers.get("Authorization") != "Bearer sk-upstream-secret":
+            problem = "the gateway did not send its own credentials"
+        return payload, (_invalid(problem) if problem else None)
+
+    async def read_form(request: web.Request) -> tuple[Form, web.Response | None]:
+        reader = await request.multipart()
+        parts: list[Part] = []
+        async for part in reader:
+            assert isinstance(part, BodyPartReader)
+            entry = Part(part.name or "", dict(part.headers), part.filename)
+            if part.filename is None:
+                entry.value = (await part.read()).decode()
+            else:
+                digest = hashlib.sha256()
+                while chunk := await part.read_chunk(64 * 1024):
+                    digest.update(chunk)
+                    entry.size += len(chunk)
+                entry.sha256 = digest.hexdigest()
+            parts.append(entry)
+        form = Form(request.path, dict(request.headers), parts)
+        control.forms.append(form)
+        models = [p.value for p in parts if p.name == "model"]
+        problem = None if len(models) == 1 else f"expected one model field, got {len(models)}"
+        problem = problem or _check_model(models[0])
+        if not any(p.filename is not None for p in parts):
+            problem = "no file part"
+        if request.headers.get("Authorization") != "Bearer sk-upstream-secret":
+            problem = "the gateway did not send its own credentials"
+        return form, (_invalid(problem) if problem else None)
+
+    async def speech(request: web.Request) -> web.StreamResponse:
+        payload, invalid = await json_body(request)
+        if invalid is not None:
+            return invalid
+        if not isinstance(payload.get("input"), str):
+            return _invalid("`input` must be a string")
+        current = mode()
+        if current == "status":
+            return error_reply()
+        types = {"mp3": "audio/mpeg", "wav": "audio/wav", "opus": "audio/opus", "pcm": "audio/pcm"}
+        resp = web.StreamResponse(
+            headers={"Content-Type": types.get(payload.get("response_format", "mp3"), "audio/mpeg")}
+        )
+        await resp.prepare(request)
+        try:
+            for i, chunk in enumerate(audio_chunks(control.audio_bytes)):
+                await resp.write(chunk)
+                control.bytes_sent += len(chunk)
+                control.first_sent.set()
+                if control.gate_after and i + 1 == control.gate_after:
+                    await control.gate.wait()
+                if current == "truncate" and i == 0:
+                    assert request.transport is not None
+                    request.transport.abort()
+                    return resp
+        except (asyncio.CancelledError, ConnectionError):
+            control.disconnected.set()
+            raise
+        await resp.write_eof()
+        return resp
+
+    async def transcribe(request: web.Request) -> web.StreamResponse:
+        form, invalid = await read_form(request)
+        if invalid is not None:
+            return invalid
+        if mode() == "status":
+            return error_reply()
+        fields = {p.name: p.value for p in form.parts if p.filename is None}
+        model = fields["model"]
+        if fields.get("stream") == "true":
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            for word in ("Hello", " there", "!"):
+                event = {"type": "transcript.text.delta", "delta": word}
+                await resp.write(b"data: " + orjson.dumps(event) + b"\n\n")
+            usage = {"type": "tokens", "input_tokens": 40, "output_tokens": 3, "total_tokens": 43}
+            done = {"type": "transcript.text.done", "text": "Hello there!", "usage": usage}
+            await resp.write(b"data: " + orjson.dumps(done) + b"\n\n")
+            return resp
+        fmt = fields.get("response_format", "json")
+        if fmt in ("text", "srt", "vtt"):
+            text = {"text": "Hello there!\n", "srt": "1\n00:00:00,000 --> 00:00:01,000\nHello there!\n\n"}
+            content_type = "text/vtt" if fmt == "vtt" else "text/plain"
+            return web.Response(
+                text=text.get(fmt, "WEBVTT\n\n00:00.000 --> 00:01.000\nHello there!\n"), content_type=content_type
+            )
+        if fmt == "verbose_json":
+            return web.json_response({"task": "transcribe", "duration": 8.47, "text": "Hello there!", "segments": []})
+        if model.startswith("gpt-"):
+            usage = {"type": "tokens", "input_tokens": 40, "output_tokens": 3, "total_tokens": 43}
+        else:
+            usage = {"type": "duration", "seconds": 9}
+        return web.json_response({"text": "Hello there!", "usage": usage})
+
+    def images_answer(model: str, n: int) -> dict:
+        answer: dict = {"created": 1700000000, "data": [{"b64_json": "aW1hZ2U="} for _ in range(n)]}
+        if model.startswith("gpt-image"):
+            answer["usage"] = {"input_tokens": 50, "output_tokens": 1056 * n, "total_tokens": 50 + 1056 * n}
+        return answer
+
+    async def images(request: web.Request) -> web.StreamResponse:
+        payload, invalid = await json_body(request)
+        if invalid is not None:
+            return invalid
+        if mode() == "status":
+            return error_reply()
+        n = payload.get("n", 1)
+        if not payload.get("stream"):
+            return web.json_response(images_answer(payload["model"], n))
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(n):
+            partial = {"type": "image_generation.partial_image", "b64_json": "cGFydA==", "partial_image_index": 0}
+            await resp.write(b"event: image_generation.partial_image\ndata: " + orjson.dumps(partial) + b"\n\n")
+            usage = {
+                "input_tokens": 50 if i == 0 else 0,
+                "output_tokens": 1056,
+                "total_tokens": 1056 + (50 if i == 0 else 0),
+            }
+            done = {"type": "image_generation.completed", "b64_json": "aW1hZ2U=", "usage": usage}
+            await resp.write(b"event: image_generation.completed\ndata: " + orjson.dumps(done) + b"\n\n")
+        return resp
+
+    async def image_edits(request: web.Request) -> web.StreamResponse:
+        form, invalid = await read_form(request)
+        if invalid is not None:
+            return invalid
+        if mode() == "status":
+            return error_reply()
+        fields = {p.name: p.value for p in form.parts if p.filename is None}
+        return web.json_response(images_answer(fields["model"], int(fields.get("n", "1"))))
+
+    async def rerank(request: web.Request) -> web.Response:
+        payload, invalid = await json_body(request)
+        if invalid is not None:
+            return invalid
+        if mode() == "status":
+            return error_reply()
+        results = [{"index": i, "relevance_score": 1.0 / (i + 1)} for i in range(len(payload.get("documents", [])))]
+        return web.json_response(
+            {
+                "id": "rerank-mock",
+                "results": results,
+                "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}},
+            }
+        )
+
+    async def ocr(request: web.Request) -> web.Response:
+        payload, invalid = await json_body(request)
+        if invalid is not None:
+            return invalid
+        if mode() == "status":
+            return error_reply()
+        pages = [{"index": i, "markdown": f"# Page {i + 1}", "images": [], "dimensions": None} for i in range(3)]
+        return web.json_response(
+            {"pages": pages, "model": payload["model"], "usage_info": {"pages_processed": 3, "doc_size_bytes": 2048}}
+        )
+
+    app.router.add_post("/v1/audio/speech", speech)
+    app.router.add_post("/v1/audio/transcriptions", transcribe)
+    app.router.add_post("/v1/audio/translations", transcribe)
+    app.router.add_post("/v1/images/generations", images)
+    app.router.add_post("/v1/images/edits", image_edits)
+    app.router.add_post("/v1/rerank", rerank)
+    app.router.add_post("/v1/ocr", ocr)
 
 
 def now_ms() -> float:

@@ -85,7 +85,7 @@ async def test_data_models_providers_endpoints_organisations(gateway, key):
     } in data["models"]
     providers = await get(gateway, "/v1/providers", key)
     openai = next(p for p in providers["providers"] if p["api_provider_id"] == "openai")
-    assert openai["kind"] == "openai" and openai["models"] == 13
+    assert openai["kind"] == "openai" and openai["models"] == 19
     assert "sk-upstream-secret" not in str(providers) and "127.0.0.1" not in str(providers)  # no keys, no URLs
     endpoints = {e["endpoint_id"]: e for e in (await get(gateway, "/v1/endpoints", key))["endpoints"]}
     assert endpoints["chat.completions"]["path"] == "/v1/chat/completions"
@@ -93,7 +93,7 @@ async def test_data_models_providers_endpoints_organisations(gateway, key):
     organisations = {
         o["organisation_id"]: o["models"] for o in (await get(gateway, "/v1/organisations", key))["organisations"]
     }
-    assert organisations["openai"] == 13 and organisations["groq"] == 2
+    assert organisations["openai"] == 19 and organisations["groq"] == 2
 
 
 async def test_workspaces_need_a_management_key(gateway, key, make_key):

@@ -234,7 +234,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         openai_url = mocks.serve(build_mock(MockControl()), _openai_error) + "/v1"
         claude_url = mocks.serve(build_anthropic_mock(AnthropicControl()), _anthropic_error)
         gemini_url = mocks.serve(build_gemini_mock(GeminiControl()), _gemini_error)
-        compatible = {f"{p}_BASE_URL": openai_url for p in ("GROQ", "DEEPSEEK", "MISTRAL", "XAI", "OLLAMA")}
+        compatible = {f"{p}_BASE_URL": openai_url for p in ("GROQ", "DEEPSEEK", "MISTRAL", "XAI", "OLLAMA", "COHERE")}
         env = env_for(
             Mock(openai_url, MockControl()),
             f"sqlite:///{tmp}/gateway.db",

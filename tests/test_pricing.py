@@ -66,6 +66,30 @@ def amounts(lines: list[dict]) -> dict[str, tuple[int, int]]:
             1_800_000 + 1_500_000 + 1_000_000,
             {"input_tokens": (600, 1_800_000), "cache_write_tokens": (400, 1_500_000), "requests": (1, 1_000_000)},
         ),
+        # media by the unit: 3 images at $0.04
+        ({"per_image": "0.04"}, Usage(images=3), 120_000_000, {"images": (3, 120_000_000)}),
+        # 1,234 characters at $15 per million characters
+        ({"per_mchar": "15"}, Usage(characters=1_234), 18_510_000, {"characters": (1_234, 18_510_000)}),
+        # 8.47 s at $0.006 a minute: 8,470 ms x 6,000,000 / 60,000 (shown in seconds)
+        ({"per_audio_minute": "0.006"}, Usage(audio_seconds=8.47), 847_000, {"audio_seconds": (8.47, 847_000)}),
+        # a millisecond's price rounds half up, once: 1 ms at $0.00003 a minute = 0.5 nano -> 1
+        ({"per_audio_minute": "0.00003"}, Usage(audio_seconds=0.001), 1, {"audio_seconds": (0.001, 1)}),
+        # pages and searches, with a per-request fee
+        (
+            {"per_page": "0.001", "per_search": "0.002", "per_request": "0.0001"},
+            Usage(pages=3, searches=2),
+            3_000_000 + 4_000_000 + 100_000,
+            {"pages": (3, 3_000_000), "searches": (2, 4_000_000), "requests": (1, 100_000)},
+        ),
+        # tokens and units in one sheet (gpt-image-1 style): both billed; an unpriced unit is not listed
+        (
+            {"input_per_mtok": "5", "output_per_mtok": "40", "per_image": "0"},
+            Usage(input_tokens=50, output_tokens=1056, images=1),
+            250_000 + 42_240_000,
+            {"input_tokens": (50, 250_000), "output_tokens": (1056, 42_240_000)},
+        ),
+        # units without a price cost nothing
+        ({"input_per_mtok": "1"}, Usage(images=4, pages=2), 0, {}),
         # free models and missing usage cost nothing and list nothing
         ({}, Usage(input_tokens=10, output_tokens=10), 0, {}),
         ({"input_per_mtok": "1"}, None, 0, {}),
@@ -101,6 +125,12 @@ def test_target_prices_replace_the_models(tmp_path: Path):
         (
             'effective: "2025-10-01"\nmodels:\n  openai/gpt-4o:\n    input_per_mtok: -1\n',
             "$.models['openai/gpt-4o'].input_per_mtok",
+            4,
+            "expected a price >= 0",
+        ),
+        (
+            'effective: "2025-10-01"\nmodels:\n  openai/gpt-4o:\n    per_image: -0.04\n',
+            "$.models['openai/gpt-4o'].per_image",
             4,
             "expected a price >= 0",
         ),
@@ -174,3 +204,24 @@ async def test_embeddings_are_priced_too(gateway, key, mock):
         )
     ).json()
     assert data["cost_nanos"] == 3 * 20  # 3 tokens at $0.02/M
+
+
+def test_unit_lines_name_their_units():
+    _, got = tariff(
+        per_image="0.04", per_mchar="15", per_audio_minute="0.006", per_page="0.001", per_search="0.002"
+    ).cost(Usage(images=1, characters=1, audio_seconds=1.5, pages=1, searches=1))
+    assert [(line["meter"], line["unit"], line["unit_price_nanos"]) for line in got] == [
+        ("images", "image", 40_000_000),
+        ("characters", "1M characters", 15_000_000_000),
+        ("audio_seconds", "minute", 6_000_000),
+        ("pages", "page", 1_000_000),
+        ("searches", "search", 2_000_000),
+    ]
+    assert got[2]["quantity"] == 1.5 and got[2]["amount_nanos"] == 150_000
+
+
+async def test_the_price_sheet_lists_unit_prices_only_where_set(gateway, key):
+    data = (await (await gateway.get("/v1/pricing/models", headers=auth(key))).json())["data"]
+    sheets = {m["model_id"]: m for m in data["models"]}
+    assert sheets["openai/dall-e-3"]["per_image"] == "0.04" and "per_image" not in sheets["openai/gpt-4o-mini"]
+    assert sheets["openai/whisper-1"]["per_audio_minute"] == "0.006"

@@ -1,9 +1,10 @@
 """Inference surfaces: chat completions, responses, messages (streamed or not), embeddings, moderations,
-and the model list.
+JSON media (image generations, speech, rerank, OCR), and the model list.
 
 One handler serves every inference surface: authenticate, read and check the body, resolve the model,
 check credit, plan the translation (`proxy.translators.exchange`), forward to the first target and send
-back what it answers in the client's own format, with meta when asked.
+back what it answers in the client's own format, with meta when asked. Multipart uploads take the same
+handler with their own `serve` step (`proxy.surfaces.media`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import final
 
 import aiohttp
@@ -40,6 +41,7 @@ from proxy.resilience import (
 )
 from proxy.routing import Surface
 from proxy.sse import SSEError
+from proxy.store.base import KeyRecord
 from proxy.surfaces.body import read_body
 from proxy.translators.exchange import Exchange, Relay, plan
 from proxy.translators.openai import RequestView, decode_request
@@ -48,6 +50,7 @@ from proxy.upstream import Upstream
 log = logging.getLogger("proxy.surfaces.inference")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Serve = Callable[[web.Request, Gateway, Surface, str, RequestMeta], Awaitable[web.StreamResponse]]
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 CLIENT_CLOSED = 499  # nginx's convention: the client went away before the answer was complete
@@ -69,9 +72,12 @@ def _check_required(view: object, surface: Surface) -> None:
             raise GatewayError(Code.invalid_request, "`input` must be a string or an array.", param=field)
 
 
-def inference_handler(surface: Surface, default_model: str, metrics: Metrics) -> Handler:
-    """The aiohttp handler for an inference surface (any of the client APIs)."""
+def inference_handler(surface: Surface, default_model: str, metrics: Metrics, serve: Serve | None = None) -> Handler:
+    """The aiohttp handler for an inference surface (any of the client APIs). `serve` reads the request and
+    answers it (default: a JSON body, `_serve`); around it the handler keeps the meta, renders errors in the
+    surface's shape, accounts the request and counts it in the metrics."""
     in_flight = metrics.in_flight.labels(surface.name)
+    serve = serve or _serve
 
     async def handle(request: web.Request) -> web.StreamResponse:
         gw = request.app[GATEWAY]
@@ -79,7 +85,7 @@ def inference_handler(surface: Surface, default_model: str, metrics: Metrics) ->
         request[META] = meta  # for the access log
         in_flight.inc()
         try:
-            return await _serve(request, gw, surface, default_model, meta)
+            return await serve(request, gw, surface, default_model, meta)
         except GatewayError as e:
             meta.status, meta.error_code, meta.error_message = e.status, e.code.name, e.message
             return render(e, meta.request_id, surface.dialect)
@@ -119,16 +125,7 @@ async def _serve(
         raise GatewayError(Code.invalid_request, "Missing required field `model`.", param="model")
     model_id, model = gw.routes.resolve(name, surface)
     meta.model = model_id
-    if key.allowed_models and model_id not in key.allowed_models:
-        raise GatewayError(
-            Code.forbidden,
-            f"This key may not use {model_id!r} (it may use: {', '.join(key.allowed_models)}).",
-            param="model",
-        )
-    await gw.wallets.check(key.team_id, key.team_name)  # type: ignore[union-attr]
-    await gw.budgets.check(key)  # type: ignore[union-attr]
-    if gw.accountant is not None and gw.accountant.backlogged:
-        raise GatewayError(Code.unavailable, "Usage records are waiting for the store; retry shortly.")
+    await admit(gw, key, model_id)
 
     prefs = decode_prefs(view.provider)
     targets = order_targets(model_id, model, prefs, gw.sort_key) if prefs or model.weighted else model.targets
@@ -142,6 +139,21 @@ async def _serve(
                 request, gw, surface, body, view, model_id, model, targets, meta, wants_meta, echo
             )
     return await _try_targets(request, gw, surface, body, view, model_id, model, targets, meta, wants_meta, echo)
+
+
+async def admit(gw: Gateway, key: KeyRecord, model_id: str) -> None:
+    """May this key's request for `model_id` go upstream: the model allowed, credit and budget left, room in
+    the record queue. GatewayError (403, 402, 503) when not."""
+    if key.allowed_models and model_id not in key.allowed_models:
+        raise GatewayError(
+            Code.forbidden,
+            f"This key may not use {model_id!r} (it may use: {', '.join(key.allowed_models)}).",
+            param="model",
+        )
+    await gw.wallets.check(key.team_id, key.team_name)  # type: ignore[union-attr]
+    await gw.budgets.check(key)  # type: ignore[union-attr]
+    if gw.accountant is not None and gw.accountant.backlogged:
+        raise GatewayError(Code.unavailable, "Usage records are waiting for the store; retry shortly.")
 
 
 async def _try_targets(
@@ -159,7 +171,7 @@ async def _try_targets(
 ) -> web.StreamResponse:
     """Try the targets in order, each up to `retries` more times, until one answers; never once the
     client has received a byte. Out of tries: the last failure, as the client's error."""
-    failure: _Retry | None = None
+    failure: Retry | None = None
     unplannable: GatewayError | None = None
     for target in targets:
         health = gw.health.of(target)
@@ -191,8 +203,8 @@ async def _try_targets(
             meta.provider, meta.upstream_model = target.provider, target.model
             meta.tariff = gw.pricing.tariff(model_id, target.provider)
             try:
-                return await _attempt(request, gw, upstream, exchange, health, meta, wants_meta, echo)
-            except _Retry as r:
+                return await attempt(request, gw, upstream, exchange, health, meta, wants_meta, echo)
+            except Retry as r:
                 failure = r
                 if not r.same_target:
                     break
@@ -200,9 +212,14 @@ async def _try_targets(
         return failure.answer(meta)
     if unplannable is not None:
         raise unplannable
+    raise circuits_open(gw, model_id, targets)
+
+
+def circuits_open(gw: Gateway, model_id: str, targets: Sequence[Target]) -> GatewayError:
+    """The 503 when no target of `model_id` may be tried: their circuits are open."""
     now = time.monotonic()
     wait = min((gw.health.of(t).retry_in(now) for t in targets), default=0.0)
-    raise GatewayError(
+    return GatewayError(
         Code.unavailable,
         f"Every provider of {model_id!r} is failing: their circuits are open after repeated errors. "
         f"Retry in {max(wait, 1.0):.0f} s.",
@@ -210,7 +227,7 @@ async def _try_targets(
 
 
 @final
-class _Retry(Exception):
+class Retry(Exception):
     """An attempt that failed before the client received anything: worth another try (`same_target`: at
     the same target, after `retry_after` or a backoff). `answer` is what the client gets when none is left."""
 
@@ -237,7 +254,7 @@ class _Retry(Exception):
         raise self.error
 
 
-async def _attempt(
+async def attempt(
     request: web.Request,
     gw: Gateway,
     upstream: Upstream,
@@ -247,7 +264,7 @@ async def _attempt(
     wants_meta: bool,
     echo: Echo | None,
 ) -> web.StreamResponse:
-    """One call to one target. Raises `_Retry` for a failure the client has not seen."""
+    """One call to one target. Raises `Retry` for a failure the client has not seen."""
     up = exchange.upstream
     if echo is not None:
         echo.sent(upstream.url(up.path), {**upstream.session.headers, **up.headers}, up.body, upstream.config.api_key)
@@ -256,13 +273,16 @@ async def _attempt(
     meta.upstream_started()
     try:
         try:
-            resp = await upstream.session.post(upstream.url(up.path), data=up.body, headers=up.headers or None)
+            data = up.body if exchange.upload is None else exchange.upload.payload()
+            resp = await upstream.session.post(upstream.url(up.path), data=data, headers=up.headers or None)
         except _TRANSPORT_ERRORS as e:
             meta.upstream_ended(0)
+            if exchange.upload is not None and exchange.upload.error is not None:
+                raise exchange.upload.error from None  # the client's upload failed, not the provider
             connecting = isinstance(e, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
             error = upstream.failure(e, "connecting" if connecting else "waiting for its answer")
             verdict = _failed(gw, health, meta, error.code.name, error.message)
-            raise _Retry(error) from None
+            raise Retry(error) from None
         try:
             status = resp.status
             if status in RETRYABLE_STATUSES or status in FALLBACK_STATUSES:
@@ -272,9 +292,12 @@ async def _attempt(
                 upstream.idle(resp)
                 relay = exchange.relay(meta.request_id, wants_meta)
                 out = await _stream(request, resp, upstream, meta, relay, echo)
+            elif exchange.raw and status < 300 and "json" not in resp.content_type:
+                upstream.idle(resp)
+                out = await _relay_bytes(request, resp, upstream, meta, exchange)
             else:
                 out = await _respond(resp, upstream, meta, exchange, wants_meta, echo)
-        except _Retry as r:
+        except Retry as r:
             outcome = str(r.status) if r.status else r.error.code.name
             verdict = _failed(gw, health, meta, outcome, r.error.message)
             raise
@@ -312,7 +335,7 @@ def _failed(gw: Gateway, health: Health, meta: RequestMeta, outcome: str, messag
     return True
 
 
-async def _refused(resp: aiohttp.ClientResponse, upstream: Upstream, meta: RequestMeta, exchange: Exchange) -> _Retry:
+async def _refused(resp: aiohttp.ClientResponse, upstream: Upstream, meta: RequestMeta, exchange: Exchange) -> Retry:
     """A provider's error answer worth trying elsewhere (429, 5xx, its credentials refused), with what the
     client gets if no other try succeeds."""
     try:
@@ -332,7 +355,7 @@ async def _refused(resp: aiohttp.ClientResponse, upstream: Upstream, meta: Reque
     if reply is not None and "retry-after" in resp.headers:
         reply.headers["retry-after"] = resp.headers["retry-after"]  # the SDKs honour it
     same_target = resp.status not in FALLBACK_STATUSES
-    return _Retry(error, same_target=same_target, retry_after=asked, reply=reply, status=resp.status)
+    return Retry(error, same_target=same_target, retry_after=asked, reply=reply, status=resp.status)
 
 
 async def _respond(
@@ -347,14 +370,14 @@ async def _respond(
         data = await resp.read()
     except _TRANSPORT_ERRORS as e:
         meta.upstream_ended(0)
-        raise _Retry(upstream.failure(e, "reading its response")) from None
+        raise Retry(upstream.failure(e, "reading its response")) from None
     meta.upstream_ended(resp.status)
     if resp.status >= 400:
         return _upstream_error(resp, data, upstream, meta, exchange)
     try:
         meta.usage, meta.native_id = exchange.read(data)
     except GatewayError as e:  # not an answer at all: another try may get one
-        raise _Retry(GatewayError(e.code, f"The provider {upstream.name!r}: {e.message}")) from None
+        raise Retry(GatewayError(e.code, f"The provider {upstream.name!r}: {e.message}")) from None
     cost = meta.price(meta.tariff)
     members = [cost] if cost and meta.surface != "anthropic.messages" else []  # Messages stay Anthropic-shaped
     if echo is not None:
@@ -435,10 +458,10 @@ async def _relay(
         chunk = await content.readany()
     except (*_TRANSPORT_ERRORS, SSEError) as e:
         meta.upstream_ended(0)
-        raise _Retry(upstream.failure(e, "waiting for its first event")) from None
+        raise Retry(upstream.failure(e, "waiting for its first event")) from None
     if not chunk:
         meta.upstream_ended(0)
-        raise _Retry(GatewayError(Code.upstream_bad_response, f"The provider {upstream.name!r} sent an empty stream."))
+        raise Retry(GatewayError(Code.upstream_bad_response, f"The provider {upstream.name!r} sent an empty stream."))
     await out.prepare(request)
     meta.status = 200
     try:
@@ -492,6 +515,54 @@ async def _relay(
         await out.write_eof()  # the client's stream is complete before the upstream's is drained
         meta.finished = True
     await _drain(resp.content)
+    return out
+
+
+async def _relay_bytes(
+    request: web.Request, resp: aiohttp.ClientResponse, upstream: Upstream, meta: RequestMeta, exchange: Exchange
+) -> web.StreamResponse:
+    """A successful answer that is not JSON (speech audio, a transcription as text, SRT or VTT), relayed as
+    it arrives with the provider's Content-Type; never read whole. Until its first bytes reach the client a
+    failure may be retried. After, a failure closes the client's connection before the body's end, so the
+    client sees an incomplete body, never a clean one."""
+    headers = {"Content-Type": resp.headers.get("Content-Type", "application/octet-stream")}
+    if resp.content_type == "text/event-stream":  # e.g. speech with stream_format=sse
+        headers.update(SSE_HEADERS)
+    headers["x-request-id"] = meta.request_id
+    content = resp.content
+    try:
+        chunk = await content.readany()
+    except _TRANSPORT_ERRORS as e:
+        meta.upstream_ended(0)
+        raise Retry(upstream.failure(e, "waiting for its first bytes")) from None
+    out = web.StreamResponse(status=resp.status, headers=headers)
+    await out.prepare(request)
+    meta.status = resp.status
+    if exchange.usage is not None:
+        meta.usage = exchange.usage  # billed by the provider for the request, whatever the client reads of it
+    try:
+        if chunk:
+            meta.t_first_token = time.perf_counter()
+        while chunk:
+            await out.write(chunk)
+            chunk = await content.readany()
+    except _TRANSPORT_ERRORS as e:
+        meta.upstream_ended(0)
+        error = upstream.failure(e, "streaming")
+        meta.error_code, meta.error_message = error.code.name, error.message
+        if request.transport is not None:
+            request.transport.close()  # no clean end: the client must not take a cut answer for a whole one
+        resp.close()
+        return out
+    except ConnectionError:  # the client went away
+        meta.status = CLIENT_CLOSED
+        resp.close()
+        return out
+    meta.upstream_ended(resp.status)
+    meta.price(meta.tariff)
+    with contextlib.suppress(ConnectionError):
+        await out.write_eof()
+        meta.finished = True
     return out
 
 

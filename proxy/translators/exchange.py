@@ -8,12 +8,13 @@ encodes it, and answers come back the same way (a `Pipe` for streams). Pure: no 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import AsyncIterable, Mapping
 from typing import Final, Protocol, final
 
 from proxy.errors import Code, GatewayError
 from proxy.meta import Usage
-from proxy.translators import anthropic, chat, gemini, messages, openai, responses, responses_native
+from proxy.translators import anthropic, chat, gemini, media, messages, openai, responses, responses_native
 from proxy.translators.neutral import (
     ChatChunk,
     ChatResponse,
@@ -38,10 +39,12 @@ SURFACES: Final[dict[str, SurfaceTranslator]] = {
 }
 
 # Surfaces each provider kind speaks natively (bytes pass through). The OpenAI Responses API is
-# OpenAI's own: OpenAI-compatible servers get it translated into Chat Completions.
+# OpenAI's own: OpenAI-compatible servers get it translated into Chat Completions. Media surfaces (images,
+# audio, rerank, OCR) pass through to both OpenAI kinds.
+_MEDIA = frozenset(media.PATHS)
 NATIVE: Final[dict[str, frozenset[str]]] = {
-    "openai": frozenset({"openai.chat", "openai.embeddings", "openai.moderations", "openai.responses"}),
-    "openai-compatible": frozenset({"openai.chat", "openai.embeddings", "openai.moderations"}),
+    "openai": frozenset({"openai.chat", "openai.embeddings", "openai.moderations", "openai.responses", *_MEDIA}),
+    "openai-compatible": frozenset({"openai.chat", "openai.embeddings", "openai.moderations", *_MEDIA}),
     "anthropic": frozenset({"anthropic.messages"}),
 }
 
@@ -51,10 +54,26 @@ _NATIVE_PATHS: Final[dict[str, str]] = {
     "openai.moderations": "/moderations",
     "openai.responses": "/responses",
     "anthropic.messages": anthropic.PATH,
+    **media.PATHS,
+}
+# How the usage of a whole native answer is read (Chat Completions' shape unless named here).
+_NATIVE_READERS: Final = {
+    "anthropic.messages": anthropic.message_view,
+    "openai.responses": responses_native.response_usage,
+    **media.READERS,
 }
 
+_TOKEN = re.compile(r"[0-9A-Za-z'+_.-]+")  # a multipart boundary that needs no quotes
 # Client headers forwarded on a pass-through, per surface (they select API features, not identity).
 _FORWARDED_HEADERS: Final = {"anthropic.messages": ("anthropic-beta", "anthropic-version")}
+
+
+class Upload(Protocol):
+    """A request body sent as it is read from the client (a multipart upload): it can be sent once."""
+
+    error: GatewayError | None  # why reading the client's body failed (the client's fault, not the provider's)
+
+    def payload(self) -> AsyncIterable[bytes]: ...
 
 
 class Relay(Protocol):
@@ -150,7 +169,19 @@ class Pipe:
 class Exchange:
     """One request's translation: what to send upstream, and how to read and render what comes back."""
 
-    __slots__ = ("_parsed", "_provider", "_surface", "model", "native", "surface", "upstream", "wants_usage")
+    __slots__ = (
+        "_parsed",
+        "_provider",
+        "_surface",
+        "model",
+        "native",
+        "raw",
+        "surface",
+        "upload",
+        "upstream",
+        "usage",
+        "wants_usage",
+    )
 
     def __init__(
         self,
@@ -169,14 +200,19 @@ class Exchange:
         self._provider = provider
         self._surface = translator
         self._parsed: ChatResponse | None = None
+        self.raw = False  # a 2xx answer that is not JSON is relayed as bytes, as it arrives (audio, text)
+        self.usage: Usage | None = None  # known from the request alone (speech: its characters)
+        self.upload: Upload | None = None  # the body, when it streams from the client instead of `upstream.body`
 
     def relay(self, request_id: str, wants_meta: bool) -> Relay:
         if self._surface is None or self._provider is None:
+            if self.surface == "openai.chat":
+                return openai.ChatStream(self.wants_usage, wants_meta)
             if self.surface == "anthropic.messages":
                 return anthropic.MessagesPassthrough(wants_meta)
             if self.surface == "openai.responses":
                 return responses_native.ResponsesPassthrough(wants_meta)
-            return openai.ChatStream(self.wants_usage, wants_meta)
+            return media.EventRelay(wants_meta)
         writer = self._surface.writer(self.model, self.wants_usage)
         shows_cost = self.wants_usage or self.surface != "openai.chat"
         return Pipe(self._provider.reader(), writer, request_id, wants_meta, shows_cost)
@@ -184,11 +220,7 @@ class Exchange:
     def read(self, body: bytes) -> tuple[Usage | None, str]:
         """(usage, the provider's id) of a whole answer; GatewayError(502) when it is not one."""
         if self._provider is None or self._surface is None:
-            if self.surface == "anthropic.messages":
-                return anthropic.message_view(body)
-            if self.surface == "openai.responses":
-                return responses_native.response_usage(body)
-            return openai.response_view(body)
+            return _NATIVE_READERS.get(self.surface, openai.response_view)(body)
         self._parsed, usage = self._provider.parse_response(body)
         return usage, self._parsed.id
 
@@ -227,9 +259,14 @@ def plan(
         upstream_body, wants_usage = openai.build_request(body, view, upstream_model, stream and chat_usage)
         forwarded = {name: headers[name] for name in _FORWARDED_HEADERS.get(surface, ()) if name in headers}
         path = _NATIVE_PATHS[surface]
-        return Exchange(
+        exchange = Exchange(
             surface, UpstreamRequest(path=path, body=upstream_body, headers=forwarded), public_model, wants_usage
         )
+        if surface in _MEDIA:
+            exchange.raw = surface in media.RAW
+            if surface == media.SPEECH:
+                exchange.usage = media.speech_usage(view.input)
+        return exchange
     translator = SURFACES.get(surface)
     provider = PROVIDERS.get(kind)
     if translator is None or provider is None:
@@ -242,3 +279,16 @@ def plan(
     wants_usage = bool(view.usage) or bool(request.stream_options and request.stream_options.include_usage)
     upstream = provider.build_request(request, upstream_model, stream, drop_params)
     return Exchange(surface, upstream, public_model, wants_usage, provider, translator)
+
+
+def upload_exchange(surface: str, upload: Upload, boundary: str, public_model: str) -> Exchange:
+    """The exchange for a multipart upload to an OpenAI-kind provider: the form streams from the client."""
+    if not _TOKEN.fullmatch(boundary):  # RFC 2046 allows spaces and separators in a quoted boundary
+        boundary = f'"{boundary}"'
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    exchange = Exchange(
+        surface, UpstreamRequest(path=_NATIVE_PATHS[surface], body=b"", headers=headers), public_model, False
+    )
+    exchange.raw = surface in media.RAW
+    exchange.upload = upload
+    return exchange
