@@ -19,14 +19,13 @@ from typing import final
 import orjson
 
 from proxy.credit import KeyBudgets, WalletCache
-from proxy.meta import RequestMeta, Usage
+from proxy.meta import MEDIA_UNITS, RequestMeta, Usage
 from proxy.store.base import ROW_COST, ROW_KEY, ROW_TEAM, Generation, Store, StoreError
 
 log = logging.getLogger("proxy.accounting")
 
 MAX_BATCH = 500
 LINGER_S = 0.05  # how long a record may wait for others to share its transaction
-_UNITS = ("images", "characters", "audio_seconds", "pages", "searches")  # Usage's media counts
 
 
 def estimate(meta: RequestMeta) -> None:
@@ -56,7 +55,7 @@ def row(meta: RequestMeta, created_ms: int) -> tuple:
         else {}
     )
     if usage and usage.units():  # media units, each only when metered: token-only records stay as they were
-        for name in _UNITS:
+        for name in MEDIA_UNITS:
             if value := getattr(usage, name):
                 usage_json[name] = value
     return (

@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 from collections.abc import Callable, Iterable
 from datetime import date
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Final, NoReturn
 
 import msgspec
 import yaml
@@ -78,6 +79,9 @@ class ServerConfig(_Base):
     drain_timeout_s: float = 30.0
     pid_file: str = "./data/gateway.pid"  # written by `serve`, read by `reload`; "" for none
     access_log: bool = False  # one JSON line per request on the `proxy.access` logger
+    # Signs download links (videos). Unset: a random key made once per process tree (its workers and
+    # reloads share it), so links stop working at a restart and on other instances: set it for those.
+    url_signing_key: str = ""
 
 
 class StoreConfig(_Base):
@@ -171,6 +175,7 @@ class PriceSheet(_Base):
     per_audio_minute: Decimal = Decimal(0)  # per minute of audio transcribed or translated
     per_page: Decimal = Decimal(0)  # each page read by OCR
     per_search: Decimal = Decimal(0)  # each rerank search (unit)
+    per_video_second: Decimal = Decimal(0)  # each second of video generated
 
 
 class ModelPrices(PriceSheet, kw_only=True):
@@ -367,6 +372,9 @@ def _convert_entries(raw: dict[str, Any], entry_types: dict[str, type], fail: Fa
                 _convert(value, typ, [section, str(key)], fail)
 
 
+_PROCESS_SIGNING_KEY: Final = secrets.token_urlsafe(32)  # made at import: forked workers inherit it
+
+
 def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> GatewayConfig:
     """Read, substitute, convert and check the config at `path` (and its pricing file)."""
     file = Path(path)
@@ -378,6 +386,7 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
     _convert_entries(raw, {"providers": ProviderConfig, "models": ModelConfig}, fail)
     config = _convert(raw, GatewayConfig, [], fail)
     config.source = str(file)
+    config.server.url_signing_key = config.server.url_signing_key or _PROCESS_SIGNING_KEY
     if "routes" not in raw:
         config.routes = default_routes(config.models)
     check(config, fail)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, final
+from typing import TYPE_CHECKING, Final, final
 
 import msgspec
 import orjson
@@ -31,10 +31,14 @@ class Usage(msgspec.Struct, omit_defaults=True):
     audio_seconds: float = 0.0  # audio transcribed or translated
     pages: int = 0  # pages read (OCR)
     searches: int = 0  # rerank searches (search units)
+    video_seconds: float = 0.0  # seconds of video generated
 
     def units(self) -> bool:
         """Whether any media unit was metered."""
-        return bool(self.images or self.characters or self.audio_seconds or self.pages or self.searches)
+        return any(getattr(self, name) for name in MEDIA_UNITS)
+
+
+MEDIA_UNITS: Final = ("images", "characters", "audio_seconds", "pages", "searches", "video_seconds")
 
 
 def new_request_id() -> str:

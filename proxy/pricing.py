@@ -18,7 +18,7 @@ from proxy.meta import Usage
 
 PER_MILLION: Final = 1_000_000
 # What a line's quantity is divided by, per unit its price is given in (1 for the rest: request, image, …).
-_PER: Final = {"1M tokens": PER_MILLION, "1M characters": PER_MILLION, "minute": 60_000}  # audio: in ms
+_PER: Final = {"1M tokens": PER_MILLION, "1M characters": PER_MILLION, "minute": 60_000, "second": 1000}  # in ms
 
 
 def _nanos(usd: Decimal) -> int:
@@ -42,6 +42,7 @@ class Tariff:
     per_audio_minute: int = 0
     per_page: int = 0
     per_search: int = 0
+    per_video_second: int = 0
     units: bool = False  # any of the per-unit prices above is set
 
     @classmethod
@@ -55,6 +56,7 @@ class Tariff:
             "per_audio_minute": _nanos(sheet.per_audio_minute),
             "per_page": _nanos(sheet.per_page),
             "per_search": _nanos(sheet.per_search),
+            "per_video_second": _nanos(sheet.per_video_second),
         }
         return cls(
             input=_nanos(sheet.input_per_mtok),
@@ -103,6 +105,8 @@ class Tariff:
                 line("audio_seconds", ms / 1000, self.per_audio_minute, unit="minute", counted=ms)
                 line("pages", usage.pages, self.per_page, unit="page")
                 line("searches", usage.searches, self.per_search, unit="search")
+                video_ms = round(usage.video_seconds * 1000)
+                line("video_seconds", video_ms / 1000, self.per_video_second, unit="second", counted=video_ms)
         line("requests", 1, self.per_request, unit="request")
         return sum(entry["amount_nanos"] for entry in lines), lines
 

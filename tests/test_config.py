@@ -682,6 +682,14 @@ def test_shipped_config_loads_on_defaults_and_every_target_resolves() -> None:
         ("POST", "/v1/audio/translations"),
         ("POST", "/v1/rerank"),
         ("POST", "/v1/ocr"),
+        ("POST", "/v1/videos"),
+        ("GET", "/v1/videos"),
+        ("GET", "/v1/videos/models"),
+        ("GET", "/v1/videos/{id}"),
+        ("DELETE", "/v1/videos/{id}"),
+        ("GET", "/v1/videos/{id}/content"),
+        ("POST", "/v1/videos/{id}/download_url"),
+        ("POST", "/v1/videos/{id}/cancel"),
         ("GET", "/v1/models"),
         ("GET", "/v1/generations"),
         ("GET", "/v1/key"),
@@ -760,3 +768,13 @@ models:
     config = load(tmp_path, text)
     assert config.providers["claude"].drop_params is True and config.providers["google"].drop_params is False
     assert config.models["g/gemini"].endpoints == ["chat.completions", "responses", "messages"]
+
+
+def test_url_signing_key_is_random_per_process_unless_set(tmp_path: Path) -> None:
+    file = tmp_path / "gateway.yaml"
+    file.write_text("server:\n  url_signing_key: ${GATEWAY_URL_SIGNING_KEY:-}\n")
+    first, again = load_config(file, env={}), load_config(file, env={})
+    assert len(first.server.url_signing_key) >= 32  # made up, the same for every load (workers, reloads)
+    assert first.server.url_signing_key == again.server.url_signing_key
+    chosen = load_config(file, env={"GATEWAY_URL_SIGNING_KEY": "shared-by-every-instance"})
+    assert chosen.server.url_signing_key == "shared-by-every-instance"

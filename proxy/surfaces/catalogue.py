@@ -20,6 +20,15 @@ _TYPES: dict[str, tuple[list[str], list[str]]] = {
     "messages": (["text"], ["text"]),
     "embeddings": (["text"], ["embedding"]),
     "moderations": (["text"], ["moderation"]),
+    "images.generations": (["text"], ["image"]),
+    "images.edits": (["text", "image"], ["image"]),
+    "audio.speech": (["text"], ["audio"]),
+    "audio.transcriptions": (["audio"], ["text"]),
+    "audio.translations": (["audio"], ["text"]),
+    "rerank": (["text"], ["ranking"]),
+    "ocr": (["document", "image"], ["text"]),
+    "video.generation": (["text", "image"], ["video"]),
+    "music.generate": (["text"], ["audio"]),
 }
 _CHAT_PARAMETERS = [
     "max_tokens",

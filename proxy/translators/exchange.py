@@ -281,11 +281,16 @@ def plan(
     return Exchange(surface, upstream, public_model, wants_usage, provider, translator)
 
 
-def upload_exchange(surface: str, upload: Upload, boundary: str, public_model: str) -> Exchange:
-    """The exchange for a multipart upload to an OpenAI-kind provider: the form streams from the client."""
+def form_type(boundary: str) -> str:
+    """The Content-Type of a multipart form re-emitted under the client's `boundary`."""
     if not _TOKEN.fullmatch(boundary):  # RFC 2046 allows spaces and separators in a quoted boundary
         boundary = f'"{boundary}"'
-    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    return f"multipart/form-data; boundary={boundary}"
+
+
+def upload_exchange(surface: str, upload: Upload, boundary: str, public_model: str) -> Exchange:
+    """The exchange for a multipart upload to an OpenAI-kind provider: the form streams from the client."""
+    headers = {"Content-Type": form_type(boundary)}
     exchange = Exchange(
         surface, UpstreamRequest(path=_NATIVE_PATHS[surface], body=b"", headers=headers), public_model, False
     )

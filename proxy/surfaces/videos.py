@@ -1,0 +1,458 @@
+"""Video jobs, in the shape of OpenAI's Videos API, on any OpenAI-compatible provider.
+
+`POST /v1/videos` routes by model like a chat request (auth, credit gate, targets in order, breaker), and
+the provider's job gets an id of the gateway's own (`video_…`), recorded in the store with its team: every
+later call is looked up by that id within the caller's team, so nobody reaches another team's jobs, and a
+job survives a restart. `GET /v1/videos/{id}` asks the provider for the job's state and keeps it; the first
+time a job is seen completed (there, or when its content is downloaded) its seconds of video are billed,
+exactly once even when several gateways poll it (`Store.mark_job_billed`). `GET …/content` relays the
+provider's bytes as they come, range requests included; `POST …/download_url` signs a link to it that works
+without a key until it expires. `POST …/cancel` answers the reference's structured 501.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+import msgspec
+import orjson
+from aiohttp import web
+from yarl import URL
+
+from proxy.auth import token_from_headers
+from proxy.errors import Code, GatewayError, render
+from proxy.gateway import GATEWAY, Gateway
+from proxy.meta import RequestMeta, Usage, new_request_id
+from proxy.routing import SURFACES
+from proxy.store.base import Job, KeyRecord, StoreError
+from proxy.surfaces.body import read_body
+from proxy.surfaces.inference import admit, circuits_open
+from proxy.surfaces.media import Upload
+from proxy.translators.exchange import form_type
+from proxy.translators.openai import patch_members
+from proxy.upstream import Upstream
+
+log = logging.getLogger("proxy.surfaces.videos")
+
+KIND = "video"
+PREFIX = "video_"
+SURFACE = "openai.videos"
+DONE = "completed"
+LINK_TTL_S = 3600  # a download link's default lifetime
+LINK_MAX_TTL_S = 7 * 86_400
+_RELAYED_HEADERS = ("Content-Type", "Content-Length", "Content-Range", "Accept-Ranges", "ETag", "Last-Modified")
+_CHUNK = 64 * 1024
+_TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
+
+
+class _Create(msgspec.Struct):
+    model: str = ""
+
+
+class _Video(msgspec.Struct):
+    """What the gateway reads of a provider's video object; the rest is kept as it came."""
+
+    id: str = ""
+    status: str = ""
+    seconds: str | int | float | None = None
+
+
+Serve = Callable[[web.Request, Gateway, KeyRecord, str], Awaitable[web.StreamResponse]]
+
+
+def handler(serve: Serve, *, signed: bool = False) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """Authenticate (or, where `signed`, accept a valid download link instead), then `serve`; every failure
+    in OpenAI's error shape."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        gw = request.app[GATEWAY]
+        request_id = new_request_id()
+        try:
+            key = None if signed and "signature" in request.query else await _authenticate(request, gw)
+            return await serve(request, gw, key, request_id)  # type: ignore[arg-type]
+        except GatewayError as e:
+            return render(e, request_id)
+        except StoreError as e:
+            return render(GatewayError(Code.unavailable, f"The store is unavailable: {e}"), request_id)
+        except Exception:
+            log.exception("request %s failed", request_id)
+            return render(GatewayError(Code.internal_error, "The gateway failed to serve this request."), request_id)
+
+    return handle
+
+
+async def _authenticate(request: web.Request, gw: Gateway) -> KeyRecord:
+    return await gw.keys.authenticate(token_from_headers(request.headers))  # type: ignore[union-attr]
+
+
+def _json(data: object, request_id: str, status: int = 200) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(data), status=status, content_type="application/json", headers={"x-request-id": request_id}
+    )
+
+
+def _shown(raw: bytes, job_id: str) -> bytes:
+    """The provider's object with the gateway's id in place of the provider's."""
+    return patch_members(raw, {"id": orjson.dumps(job_id)})
+
+
+async def create(request: web.Request, gw: Gateway, key: KeyRecord, request_id: str) -> web.StreamResponse:
+    """`POST /v1/videos`, JSON or a multipart form (a reference image; the `openai` SDK always sends a
+    form): start a job on the model's first available target."""
+    meta = RequestMeta(request_id, SURFACE, time.perf_counter())
+    meta.team_id, meta.key_id, meta.key_limited = key.team_id, key.kid, key.limited
+    try:
+        if request.content_type == "multipart/form-data":
+            upload = await Upload.open(request, gw.config.server, meta)
+            try:
+                return await _start(gw, key, meta, await upload.until_model(), upload, request_id)
+            finally:
+                meta.request_bytes = upload.received
+                upload.close()
+        body = await read_body(request, gw.config.server)
+        try:
+            ask = msgspec.json.decode(body, type=_Create)
+        except msgspec.DecodeError as e:
+            raise GatewayError(Code.invalid_request, f"Invalid request: {e}") from None
+        return await _start(gw, key, meta, ask.model, body, request_id)
+    finally:
+        meta.t_end = time.perf_counter()
+        if gw.accountant is not None:
+            gw.accountant.submit(meta)  # the creation itself costs nothing: the video is billed when done
+
+
+async def _start(
+    gw: Gateway, key: KeyRecord, meta: RequestMeta, name: str, body: bytes | Upload, request_id: str
+) -> web.Response:
+    """Send the job to the targets in order until one takes it. A form is read as it is sent, so once a
+    provider has begun to read it no other is tried."""
+    if not name:
+        raise GatewayError(Code.invalid_request, "Missing required field `model`.", param="model")
+    model_id, model = gw.routes.resolve(name, SURFACES[SURFACE])
+    meta.model = model_id
+    await admit(gw, key, model_id)
+    failure: GatewayError | None = None
+    for target in model.targets:
+        health = gw.health.of(target)
+        if not health.acquire(time.monotonic()):
+            continue  # open circuit: skip the target
+        upstream = gw.upstreams[target.provider]
+        meta.provider, meta.upstream_model = target.provider, target.model
+        if isinstance(body, Upload):
+            body.upstream_model = target.model
+            data: object = body.payload()
+            headers = {"Content-Type": form_type(body.boundary)}
+        else:
+            data, headers = patch_members(body, {"model": orjson.dumps(target.model)}), None
+        meta.upstream_started()
+        try:
+            async with upstream.session.post(upstream.url("/videos"), data=data, headers=headers) as resp:
+                answer = await resp.read()
+        except _TRANSPORT_ERRORS as e:
+            meta.upstream_ended(0)
+            if isinstance(body, Upload) and body.error is not None:
+                raise body.error from None  # the client's form failed, not the provider
+            failure = upstream.failure(e, "creating a video")
+            health.failure(failure.message, time.monotonic())
+            if isinstance(body, Upload) and body.started:
+                raise failure from None
+            continue
+        meta.upstream_ended(resp.status)
+        if resp.status >= 500 or resp.status == 429:  # nothing was started: the next target may
+            failure = _provider_error(upstream, resp.status, answer)
+            health.failure(failure.message, time.monotonic())
+            if isinstance(body, Upload) and body.started:
+                raise failure
+            continue
+        health.success(meta.provider_latency())
+        if resp.status >= 400:
+            meta.status = resp.status
+            return _passed_on(resp.status, answer, request_id)
+        return await _created(gw, key, meta, upstream, model_id, answer, request_id)
+    raise failure or circuits_open(gw, model_id, model.targets)
+
+
+async def _created(
+    gw: Gateway, key: KeyRecord, meta: RequestMeta, upstream: Upstream, model_id: str, answer: bytes, request_id: str
+) -> web.Response:
+    try:
+        video = msgspec.json.decode(answer, type=_Video)
+    except msgspec.DecodeError:
+        video = _Video()
+    if not video.id:
+        raise GatewayError(
+            Code.upstream_bad_response, f"The provider {upstream.name!r} started no video: {answer[:200]!r}"
+        )
+    job_id = PREFIX + secrets.token_hex(12)
+    shown = _shown(answer, job_id)
+    now = int(time.time())
+    await gw.store.create_job(  # type: ignore[union-attr]
+        Job(
+            id=job_id,
+            kind=KIND,
+            team_id=key.team_id,
+            key_id=key.kid,
+            model_id=model_id,
+            provider=upstream.name,
+            upstream_id=video.id,
+            status=video.status or "queued",
+            created_at=now,
+            updated_at=now,
+            billed=False,
+            data=msgspec.Raw(shown),
+        )
+    )
+    meta.status, meta.native_id = 200, video.id
+    return web.Response(body=shown, content_type="application/json", headers={"x-request-id": request_id})
+
+
+def _provider_error(upstream: Upstream, status: int, answer: bytes) -> GatewayError:
+    snippet = answer[:300].decode(errors="replace")
+    return GatewayError(Code.upstream_error, f"The provider {upstream.name!r} answered HTTP {status}: {snippet}")
+
+
+def _passed_on(status: int, answer: bytes, request_id: str) -> web.Response:
+    """A provider's refusal (4xx), as it came when it is JSON."""
+    try:
+        orjson.loads(answer)
+    except orjson.JSONDecodeError:
+        error = GatewayError(Code.upstream_error, f"The provider answered HTTP {status}.", status=status)
+        return render(error, request_id)
+    return web.Response(
+        body=answer, status=status, content_type="application/json", headers={"x-request-id": request_id}
+    )
+
+
+async def _owned(request: web.Request, gw: Gateway, team_id: str) -> Job:
+    job_id = request.match_info.get("id", "")
+    job = await gw.store.get_job(team_id, job_id) if job_id.startswith(PREFIX) else None  # type: ignore[union-attr]
+    if job is None or job.kind != KIND:
+        raise GatewayError(Code.route_not_found, f"No video {job_id!r}.", status=404)
+    return job
+
+
+async def retrieve(request: web.Request, gw: Gateway, key: KeyRecord, request_id: str) -> web.StreamResponse:
+    """`GET /v1/videos/{id}`: the job's state, from the provider (and kept); billed when first seen done."""
+    job = await _owned(request, gw, key.team_id)
+    upstream = _upstream(gw, job)
+    status, answer = await _call(upstream, "GET", f"/videos/{job.upstream_id}", "reading a video's state")
+    if status >= 400:
+        return _passed_on(status, answer, request_id)
+    try:
+        video = msgspec.json.decode(answer, type=_Video)
+    except msgspec.DecodeError:
+        error = GatewayError(Code.upstream_bad_response, f"The provider {upstream.name!r} sent a broken video object.")
+        raise error from None
+    shown = _shown(answer, job.id)
+    await gw.store.update_job(job.id, status=video.status or job.status, data=shown)  # type: ignore[union-attr]
+    if video.status == DONE:
+        await _bill(gw, job, video)
+    return web.Response(body=shown, content_type="application/json", headers={"x-request-id": request_id})
+
+
+async def _call(upstream: Upstream, method: str, path: str, doing: str) -> tuple[int, bytes]:
+    """(status, body) of one call about a job; a provider that cannot be reached or fails (5xx) is a 502."""
+    try:
+        async with upstream.session.request(method, upstream.url(path)) as resp:
+            answer = await resp.read()
+    except _TRANSPORT_ERRORS as e:
+        raise upstream.failure(e, doing) from None
+    if resp.status >= 500:
+        raise _provider_error(upstream, resp.status, answer)
+    return resp.status, answer
+
+
+def _upstream(gw: Gateway, job: Job) -> Upstream:
+    upstream = gw.upstreams.get(job.provider)
+    if upstream is None:
+        raise GatewayError(
+            Code.unavailable, f"The provider {job.provider!r} that made this video is no longer configured."
+        )
+    return upstream
+
+
+async def _bill(gw: Gateway, job: Job, video: _Video) -> None:
+    """Record the finished video's usage and cost, once whoever sees it done first."""
+    if job.billed or not await gw.store.mark_job_billed(job.id):  # type: ignore[union-attr]
+        return
+    meta = RequestMeta(new_request_id(), SURFACE, time.perf_counter())
+    meta.team_id, meta.key_id, meta.model, meta.provider = job.team_id, job.key_id, job.model_id, job.provider
+    meta.native_id, meta.status = job.upstream_id, 200
+    meta.usage = Usage(video_seconds=_seconds(video.seconds))
+    meta.usage_source = "reported"
+    meta.tariff = gw.pricing.tariff(job.model_id, job.provider)
+    meta.price(meta.tariff)
+    meta.t_end = time.perf_counter()
+    if gw.accountant is not None:
+        gw.accountant.submit(meta)
+
+
+def _seconds(value: str | int | float | None) -> float:
+    try:
+        return max(float(value or 0), 0.0)
+    except ValueError:
+        return 0.0
+
+
+async def listing(request: web.Request, gw: Gateway, key: KeyRecord, request_id: str) -> web.StreamResponse:
+    """`GET /v1/videos?limit=&after=`: the team's videos, newest first, as last seen (no provider call)."""
+    try:
+        limit = int(request.query.get("limit", "20"))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= 100:
+        raise GatewayError(Code.invalid_request, "`limit` must be an integer from 1 to 100.", param="limit")
+    jobs = await gw.store.list_jobs(  # type: ignore[union-attr]
+        key.team_id, KIND, limit=limit + 1, after=request.query.get("after", "")
+    )
+    page = jobs[:limit]
+    body = b'{"object":"list","data":[%s],"first_id":%s,"last_id":%s,"has_more":%s}' % (
+        b",".join(bytes(job.data) for job in page),
+        orjson.dumps(page[0].id if page else None),
+        orjson.dumps(page[-1].id if page else None),
+        b"true" if len(jobs) > limit else b"false",
+    )
+    return web.Response(body=body, content_type="application/json", headers={"x-request-id": request_id})
+
+
+async def content(request: web.Request, gw: Gateway, key: KeyRecord | None, request_id: str) -> web.StreamResponse:
+    """`GET /v1/videos/{id}/content[?variant=]`: the provider's bytes relayed as they come (`Range` too),
+    with a key, or with a download link's `expires`, `team` and `signature` instead."""
+    team_id = key.team_id if key is not None else _verified_team(request, gw)
+    job = await _owned(request, gw, team_id)
+    upstream = _upstream(gw, job)
+    params = {"variant": request.query["variant"]} if "variant" in request.query else None
+    headers = {"Range": request.headers["Range"]} if "Range" in request.headers else None
+    try:
+        resp = await upstream.session.get(
+            upstream.url(f"/videos/{job.upstream_id}/content"), params=params, headers=headers
+        )
+    except _TRANSPORT_ERRORS as e:
+        raise upstream.failure(e, "downloading a video") from None
+    try:
+        if resp.status >= 400:
+            answer = await resp.read()
+            if resp.status >= 500:
+                raise _provider_error(upstream, resp.status, answer)
+            return _passed_on(resp.status, answer, request_id)
+        out = web.StreamResponse(status=resp.status, headers={"x-request-id": request_id})
+        for name in _RELAYED_HEADERS:
+            if name in resp.headers:
+                out.headers[name] = resp.headers[name]
+        await out.prepare(request)
+        async for chunk in resp.content.iter_chunked(_CHUNK):
+            await out.write(chunk)
+        await out.write_eof()
+    except _TRANSPORT_ERRORS as e:
+        raise upstream.failure(e, "downloading a video") from None
+    finally:
+        resp.release()
+    if not job.billed and resp.status in (200, 206) and not params:  # only a finished video has content
+        await _bill(gw, job, msgspec.json.decode(bytes(job.data), type=_Video))
+    return out
+
+
+def _signature(gw: Gateway, team_id: str, job_id: str, expires: int) -> str:
+    message = f"{team_id}\n{job_id}\n{expires}".encode()
+    return hmac.new(gw.config.server.url_signing_key.encode(), message, hashlib.sha256).hexdigest()
+
+
+def _verified_team(request: web.Request, gw: Gateway) -> str:
+    """The team a download link was signed for, if the link is intact and unexpired."""
+    query = request.query
+    team_id, signature = query.get("team", ""), query.get("signature", "")
+    try:
+        expires = int(query.get("expires", ""))
+    except ValueError:
+        expires = 0
+    expected = _signature(gw, team_id, request.match_info.get("id", ""), expires)
+    if not hmac.compare_digest(expected, signature):
+        raise GatewayError(Code.invalid_api_key, "This download link is not valid: ask for a new one.", status=403)
+    if expires < time.time():
+        raise GatewayError(Code.invalid_api_key, "This download link has expired: ask for a new one.", status=403)
+    return team_id
+
+
+async def download_url(request: web.Request, gw: Gateway, key: KeyRecord, request_id: str) -> web.StreamResponse:
+    """`POST /v1/videos/{id}/download_url[?expires_in=S]`: a link to the content that needs no key until it
+    expires (default an hour, at most a week)."""
+    job = await _owned(request, gw, key.team_id)
+    try:
+        ttl = int(request.query.get("expires_in", str(LINK_TTL_S)))
+    except ValueError:
+        ttl = 0
+    if not 1 <= ttl <= LINK_MAX_TTL_S:
+        raise GatewayError(
+            Code.invalid_request, f"`expires_in` must be 1 to {LINK_MAX_TTL_S} seconds.", param="expires_in"
+        )
+    expires = int(time.time()) + ttl
+    query = {"expires": str(expires), "team": job.team_id, "signature": _signature(gw, job.team_id, job.id, expires)}
+    url = _public_url(request).with_path(f"/v1/videos/{job.id}/content").with_query(query)
+    return _json({"object": "video.download_url", "id": job.id, "url": str(url), "expires_at": expires}, request_id)
+
+
+def _public_url(request: web.Request) -> URL:
+    """This request's URL as the client sees it: behind a TLS-terminating proxy, its `X-Forwarded-Proto`
+    and `X-Forwarded-Host` (a forged value only misleads the caller about its own link)."""
+    url = request.url
+    proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip()
+    host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip()
+    if proto in ("http", "https"):
+        url = url.with_scheme(proto)
+    if host:
+        url = url.join(URL(f"//{host}")).with_path(request.path)
+    return url
+
+
+async def delete(request: web.Request, gw: Gateway, key: KeyRecord, request_id: str) -> web.StreamResponse:
+    """`DELETE /v1/videos/{id}`: deleted at the provider (already gone there is fine), then here."""
+    job = await _owned(request, gw, key.team_id)
+    status, answer = await _call(_upstream(gw, job), "DELETE", f"/videos/{job.upstream_id}", "deleting a video")
+    if status >= 400 and status != 404:
+        return _passed_on(status, answer, request_id)
+    await gw.store.delete_job(key.team_id, job.id)  # type: ignore[union-attr]
+    return _json({"id": job.id, "object": "video.deleted", "deleted": True}, request_id)
+
+
+async def cancel(request: web.Request, gw: Gateway, key: KeyRecord, request_id: str) -> web.StreamResponse:
+    """`POST /v1/videos/{id}/cancel`: not offered, as in the reference: its structured 501."""
+    job = await _owned(request, gw, key.team_id)
+    return _json(
+        {
+            "status_code": 501,
+            "error": "not_implemented_yet",
+            "description": f"Cancelling a video job is not implemented yet; {job.id} goes on. "
+            "DELETE /v1/videos/{id} removes it once it has finished.",
+        },
+        request_id,
+        status=501,
+    )
+
+
+async def models(request: web.Request, gw: Gateway, key: KeyRecord, request_id: str) -> web.StreamResponse:
+    """`GET /v1/videos/models`: the models that make videos, in OpenAI's list shape."""
+    endpoint = SURFACES[SURFACE].endpoint
+    data = [
+        {"id": model_id, "object": "model", "created": m.created, "owned_by": m.owned_by or model_id.partition("/")[0]}
+        for model_id, m in gw.config.models.items()
+        if endpoint in m.endpoints
+    ]
+    return _json({"object": "list", "data": data}, request_id)
+
+
+HANDLERS = {
+    "openai.videos": handler(create),
+    "openai.videos_list": handler(listing),
+    "openai.videos_models": handler(models),
+    "openai.videos_get": handler(retrieve),
+    "openai.videos_content": handler(content, signed=True),
+    "openai.videos_download_url": handler(download_url),
+    "openai.videos_delete": handler(delete),
+    "openai.videos_cancel": handler(cancel),
+}
