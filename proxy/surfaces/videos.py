@@ -17,22 +17,30 @@ import hmac
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
 
-import aiohttp
 import msgspec
 import orjson
 from aiohttp import web
-from yarl import URL
 
-from proxy.auth import token_from_headers
-from proxy.errors import Code, GatewayError, render
-from proxy.gateway import GATEWAY, Gateway
-from proxy.meta import RequestMeta, Usage, new_request_id
+from proxy.errors import Code, GatewayError
+from proxy.gateway import Gateway
+from proxy.meta import RequestMeta, Usage
 from proxy.routing import SURFACES
-from proxy.store.base import Job, KeyRecord, StoreError
+from proxy.store.base import Job, KeyRecord
 from proxy.surfaces.body import read_body
 from proxy.surfaces.inference import admit, circuits_open
+from proxy.surfaces.jobs import (
+    TRANSPORT_ERRORS,
+    bill,
+    call,
+    handler,
+    json_response,
+    owned,
+    passed_on,
+    provider_error,
+    public_url,
+    upstream_of,
+)
 from proxy.surfaces.media import Upload
 from proxy.translators.exchange import form_type
 from proxy.translators.openai import patch_members
@@ -41,14 +49,12 @@ from proxy.upstream import Upstream
 log = logging.getLogger("proxy.surfaces.videos")
 
 KIND = "video"
-PREFIX = "video_"
 SURFACE = "openai.videos"
 DONE = "completed"
 LINK_TTL_S = 3600  # a download link's default lifetime
 LINK_MAX_TTL_S = 7 * 86_400
 _RELAYED_HEADERS = ("Content-Type", "Content-Length", "Content-Range", "Accept-Ranges", "ETag", "Last-Modified")
 _CHUNK = 64 * 1024
-_TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
 
 
 class _Create(msgspec.Struct):
@@ -61,40 +67,6 @@ class _Video(msgspec.Struct):
     id: str = ""
     status: str = ""
     seconds: str | int | float | None = None
-
-
-Serve = Callable[[web.Request, Gateway, KeyRecord, str], Awaitable[web.StreamResponse]]
-
-
-def handler(serve: Serve, *, signed: bool = False) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    """Authenticate (or, where `signed`, accept a valid download link instead), then `serve`; every failure
-    in OpenAI's error shape."""
-
-    async def handle(request: web.Request) -> web.StreamResponse:
-        gw = request.app[GATEWAY]
-        request_id = new_request_id()
-        try:
-            key = None if signed and "signature" in request.query else await _authenticate(request, gw)
-            return await serve(request, gw, key, request_id)  # type: ignore[arg-type]
-        except GatewayError as e:
-            return render(e, request_id)
-        except StoreError as e:
-            return render(GatewayError(Code.unavailable, f"The store is unavailable: {e}"), request_id)
-        except Exception:
-            log.exception("request %s failed", request_id)
-            return render(GatewayError(Code.internal_error, "The gateway failed to serve this request."), request_id)
-
-    return handle
-
-
-async def _authenticate(request: web.Request, gw: Gateway) -> KeyRecord:
-    return await gw.keys.authenticate(token_from_headers(request.headers))  # type: ignore[union-attr]
-
-
-def _json(data: object, request_id: str, status: int = 200) -> web.Response:
-    return web.Response(
-        body=orjson.dumps(data), status=status, content_type="application/json", headers={"x-request-id": request_id}
-    )
 
 
 def _shown(raw: bytes, job_id: str) -> bytes:
@@ -154,7 +126,7 @@ async def _start(
         try:
             async with upstream.session.post(upstream.url("/videos"), data=data, headers=headers) as resp:
                 answer = await resp.read()
-        except _TRANSPORT_ERRORS as e:
+        except TRANSPORT_ERRORS as e:
             meta.upstream_ended(0)
             if isinstance(body, Upload) and body.error is not None:
                 raise body.error from None  # the client's form failed, not the provider
@@ -165,7 +137,7 @@ async def _start(
             continue
         meta.upstream_ended(resp.status)
         if resp.status >= 500 or resp.status == 429:  # nothing was started: the next target may
-            failure = _provider_error(upstream, resp.status, answer)
+            failure = provider_error(upstream, resp.status, answer)
             health.failure(failure.message, time.monotonic())
             if isinstance(body, Upload) and body.started:
                 raise failure
@@ -173,7 +145,7 @@ async def _start(
         health.success(meta.provider_latency())
         if resp.status >= 400:
             meta.status = resp.status
-            return _passed_on(resp.status, answer, request_id)
+            return passed_on(resp.status, answer, request_id)
         return await _created(gw, key, meta, upstream, model_id, answer, request_id)
     raise failure or circuits_open(gw, model_id, model.targets)
 
@@ -189,7 +161,7 @@ async def _created(
         raise GatewayError(
             Code.upstream_bad_response, f"The provider {upstream.name!r} started no video: {answer[:200]!r}"
         )
-    job_id = PREFIX + secrets.token_hex(12)
+    job_id = KIND + "_" + secrets.token_hex(12)
     shown = _shown(answer, job_id)
     now = int(time.time())
     await gw.store.create_job(  # type: ignore[union-attr]
@@ -212,38 +184,13 @@ async def _created(
     return web.Response(body=shown, content_type="application/json", headers={"x-request-id": request_id})
 
 
-def _provider_error(upstream: Upstream, status: int, answer: bytes) -> GatewayError:
-    snippet = answer[:300].decode(errors="replace")
-    return GatewayError(Code.upstream_error, f"The provider {upstream.name!r} answered HTTP {status}: {snippet}")
-
-
-def _passed_on(status: int, answer: bytes, request_id: str) -> web.Response:
-    """A provider's refusal (4xx), as it came when it is JSON."""
-    try:
-        orjson.loads(answer)
-    except orjson.JSONDecodeError:
-        error = GatewayError(Code.upstream_error, f"The provider answered HTTP {status}.", status=status)
-        return render(error, request_id)
-    return web.Response(
-        body=answer, status=status, content_type="application/json", headers={"x-request-id": request_id}
-    )
-
-
-async def _owned(request: web.Request, gw: Gateway, team_id: str) -> Job:
-    job_id = request.match_info.get("id", "")
-    job = await gw.store.get_job(team_id, job_id) if job_id.startswith(PREFIX) else None  # type: ignore[union-attr]
-    if job is None or job.kind != KIND:
-        raise GatewayError(Code.route_not_found, f"No video {job_id!r}.", status=404)
-    return job
-
-
 async def retrieve(request: web.Request, gw: Gateway, key: KeyRecord, request_id: str) -> web.StreamResponse:
     """`GET /v1/videos/{id}`: the job's state, from the provider (and kept); billed when first seen done."""
-    job = await _owned(request, gw, key.team_id)
-    upstream = _upstream(gw, job)
-    status, answer = await _call(upstream, "GET", f"/videos/{job.upstream_id}", "reading a video's state")
+    job = await owned(request, gw, key.team_id, KIND)
+    upstream = upstream_of(gw, job)
+    status, answer = await call(upstream, "GET", f"/videos/{job.upstream_id}", "reading a video's state")
     if status >= 400:
-        return _passed_on(status, answer, request_id)
+        return passed_on(status, answer, request_id)
     try:
         video = msgspec.json.decode(answer, type=_Video)
     except msgspec.DecodeError:
@@ -252,45 +199,8 @@ async def retrieve(request: web.Request, gw: Gateway, key: KeyRecord, request_id
     shown = _shown(answer, job.id)
     await gw.store.update_job(job.id, status=video.status or job.status, data=shown)  # type: ignore[union-attr]
     if video.status == DONE:
-        await _bill(gw, job, video)
+        await bill(gw, job, SURFACE, Usage(video_seconds=_seconds(video.seconds)))
     return web.Response(body=shown, content_type="application/json", headers={"x-request-id": request_id})
-
-
-async def _call(upstream: Upstream, method: str, path: str, doing: str) -> tuple[int, bytes]:
-    """(status, body) of one call about a job; a provider that cannot be reached or fails (5xx) is a 502."""
-    try:
-        async with upstream.session.request(method, upstream.url(path)) as resp:
-            answer = await resp.read()
-    except _TRANSPORT_ERRORS as e:
-        raise upstream.failure(e, doing) from None
-    if resp.status >= 500:
-        raise _provider_error(upstream, resp.status, answer)
-    return resp.status, answer
-
-
-def _upstream(gw: Gateway, job: Job) -> Upstream:
-    upstream = gw.upstreams.get(job.provider)
-    if upstream is None:
-        raise GatewayError(
-            Code.unavailable, f"The provider {job.provider!r} that made this video is no longer configured."
-        )
-    return upstream
-
-
-async def _bill(gw: Gateway, job: Job, video: _Video) -> None:
-    """Record the finished video's usage and cost, once whoever sees it done first."""
-    if job.billed or not await gw.store.mark_job_billed(job.id):  # type: ignore[union-attr]
-        return
-    meta = RequestMeta(new_request_id(), SURFACE, time.perf_counter())
-    meta.team_id, meta.key_id, meta.model, meta.provider = job.team_id, job.key_id, job.model_id, job.provider
-    meta.native_id, meta.status = job.upstream_id, 200
-    meta.usage = Usage(video_seconds=_seconds(video.seconds))
-    meta.usage_source = "reported"
-    meta.tariff = gw.pricing.tariff(job.model_id, job.provider)
-    meta.price(meta.tariff)
-    meta.t_end = time.perf_counter()
-    if gw.accountant is not None:
-        gw.accountant.submit(meta)
 
 
 def _seconds(value: str | int | float | None) -> float:
@@ -325,22 +235,22 @@ async def content(request: web.Request, gw: Gateway, key: KeyRecord | None, requ
     """`GET /v1/videos/{id}/content[?variant=]`: the provider's bytes relayed as they come (`Range` too),
     with a key, or with a download link's `expires`, `team` and `signature` instead."""
     team_id = key.team_id if key is not None else _verified_team(request, gw)
-    job = await _owned(request, gw, team_id)
-    upstream = _upstream(gw, job)
+    job = await owned(request, gw, team_id, KIND)
+    upstream = upstream_of(gw, job)
     params = {"variant": request.query["variant"]} if "variant" in request.query else None
     headers = {"Range": request.headers["Range"]} if "Range" in request.headers else None
     try:
         resp = await upstream.session.get(
             upstream.url(f"/videos/{job.upstream_id}/content"), params=params, headers=headers
         )
-    except _TRANSPORT_ERRORS as e:
+    except TRANSPORT_ERRORS as e:
         raise upstream.failure(e, "downloading a video") from None
     try:
         if resp.status >= 400:
             answer = await resp.read()
             if resp.status >= 500:
-                raise _provider_error(upstream, resp.status, answer)
-            return _passed_on(resp.status, answer, request_id)
+                raise provider_error(upstream, resp.status, answer)
+            return passed_on(resp.status, answer, request_id)
         out = web.StreamResponse(status=resp.status, headers={"x-request-id": request_id})
         for name in _RELAYED_HEADERS:
             if name in resp.headers:
@@ -349,12 +259,13 @@ async def content(request: web.Request, gw: Gateway, key: KeyRecord | None, requ
         async for chunk in resp.content.iter_chunked(_CHUNK):
             await out.write(chunk)
         await out.write_eof()
-    except _TRANSPORT_ERRORS as e:
+    except TRANSPORT_ERRORS as e:
         raise upstream.failure(e, "downloading a video") from None
     finally:
         resp.release()
     if not job.billed and resp.status in (200, 206) and not params:  # only a finished video has content
-        await _bill(gw, job, msgspec.json.decode(bytes(job.data), type=_Video))
+        seen = msgspec.json.decode(bytes(job.data), type=_Video)
+        await bill(gw, job, SURFACE, Usage(video_seconds=_seconds(seen.seconds)))
     return out
 
 
@@ -382,7 +293,7 @@ def _verified_team(request: web.Request, gw: Gateway) -> str:
 async def download_url(request: web.Request, gw: Gateway, key: KeyRecord, request_id: str) -> web.StreamResponse:
     """`POST /v1/videos/{id}/download_url[?expires_in=S]`: a link to the content that needs no key until it
     expires (default an hour, at most a week)."""
-    job = await _owned(request, gw, key.team_id)
+    job = await owned(request, gw, key.team_id, KIND)
     try:
         ttl = int(request.query.get("expires_in", str(LINK_TTL_S)))
     except ValueError:
@@ -393,37 +304,26 @@ async def download_url(request: web.Request, gw: Gateway, key: KeyRecord, reques
         )
     expires = int(time.time()) + ttl
     query = {"expires": str(expires), "team": job.team_id, "signature": _signature(gw, job.team_id, job.id, expires)}
-    url = _public_url(request).with_path(f"/v1/videos/{job.id}/content").with_query(query)
-    return _json({"object": "video.download_url", "id": job.id, "url": str(url), "expires_at": expires}, request_id)
-
-
-def _public_url(request: web.Request) -> URL:
-    """This request's URL as the client sees it: behind a TLS-terminating proxy, its `X-Forwarded-Proto`
-    and `X-Forwarded-Host` (a forged value only misleads the caller about its own link)."""
-    url = request.url
-    proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip()
-    host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip()
-    if proto in ("http", "https"):
-        url = url.with_scheme(proto)
-    if host:
-        url = url.join(URL(f"//{host}")).with_path(request.path)
-    return url
+    url = public_url(request).with_path(f"/v1/videos/{job.id}/content").with_query(query)
+    return json_response(
+        {"object": "video.download_url", "id": job.id, "url": str(url), "expires_at": expires}, request_id
+    )
 
 
 async def delete(request: web.Request, gw: Gateway, key: KeyRecord, request_id: str) -> web.StreamResponse:
     """`DELETE /v1/videos/{id}`: deleted at the provider (already gone there is fine), then here."""
-    job = await _owned(request, gw, key.team_id)
-    status, answer = await _call(_upstream(gw, job), "DELETE", f"/videos/{job.upstream_id}", "deleting a video")
+    job = await owned(request, gw, key.team_id, KIND)
+    status, answer = await call(upstream_of(gw, job), "DELETE", f"/videos/{job.upstream_id}", "deleting a video")
     if status >= 400 and status != 404:
-        return _passed_on(status, answer, request_id)
+        return passed_on(status, answer, request_id)
     await gw.store.delete_job(key.team_id, job.id)  # type: ignore[union-attr]
-    return _json({"id": job.id, "object": "video.deleted", "deleted": True}, request_id)
+    return json_response({"id": job.id, "object": "video.deleted", "deleted": True}, request_id)
 
 
 async def cancel(request: web.Request, gw: Gateway, key: KeyRecord, request_id: str) -> web.StreamResponse:
     """`POST /v1/videos/{id}/cancel`: not offered, as in the reference: its structured 501."""
-    job = await _owned(request, gw, key.team_id)
-    return _json(
+    job = await owned(request, gw, key.team_id, KIND)
+    return json_response(
         {
             "status_code": 501,
             "error": "not_implemented_yet",
@@ -443,7 +343,7 @@ async def models(request: web.Request, gw: Gateway, key: KeyRecord, request_id: 
         for model_id, m in gw.config.models.items()
         if endpoint in m.endpoints
     ]
-    return _json({"object": "list", "data": data}, request_id)
+    return json_response({"object": "list", "data": data}, request_id)
 
 
 HANDLERS = {
