@@ -27,9 +27,12 @@ from proxy.metrics import Metrics
 from proxy.routing import RouteTable
 from proxy.store import open_store
 from proxy.surfaces import ops
+from proxy.surfaces.batches import HANDLERS as BATCH_HANDLERS
 from proxy.surfaces.catalogue import HANDLERS as CATALOGUE_HANDLERS
+from proxy.surfaces.files import HANDLERS as FILE_HANDLERS
 from proxy.surfaces.inference import inference_handler, models_handler
 from proxy.surfaces.media import upload_handler
+from proxy.surfaces.music import HANDLERS as MUSIC_HANDLERS
 from proxy.surfaces.platform import HANDLERS as PLATFORM_HANDLERS
 from proxy.surfaces.videos import HANDLERS as VIDEO_HANDLERS
 from proxy.upstream import Upstream
@@ -51,7 +54,15 @@ def build_app(config: GatewayConfig) -> web.Application:
     app.on_shutdown.append(_drain)
 
     known: dict[str, set[str]] = {}
-    platform = {"openai.models": models_handler, **PLATFORM_HANDLERS, **CATALOGUE_HANDLERS, **VIDEO_HANDLERS}
+    platform = {
+        "openai.models": models_handler,
+        **PLATFORM_HANDLERS,
+        **CATALOGUE_HANDLERS,
+        **VIDEO_HANDLERS,
+        **MUSIC_HANDLERS,
+        **FILE_HANDLERS,
+        **BATCH_HANDLERS,
+    }
     for route, surface in routes.routes:
         make = upload_handler if surface.multipart else inference_handler
         handler = platform.get(surface.name) or make(surface, route.default_model, gw.metrics)

@@ -45,7 +45,11 @@ ENDPOINT_IDS = frozenset(
     }
 )
 
-PROVIDER_KINDS = ("openai", "openai-compatible", "anthropic", "gemini")
+OPENAI_KINDS = ("openai", "openai-compatible")
+CHAT_KINDS = (*OPENAI_KINDS, "anthropic", "gemini")  # every text endpoint, translated where need be
+MUSIC_KINDS = ("suno",)  # a sunoapi.org-style API: music jobs, nothing else
+IMAGE_KINDS = (*OPENAI_KINDS, "gemini")  # images.generations: Gemini's image models and Imagen, translated
+PROVIDER_KINDS = (*CHAT_KINDS, *MUSIC_KINDS)
 # The text-generation surfaces: a model serves all three unless its `endpoints` say otherwise.
 TEXT_ENDPOINTS = ("chat.completions", "responses", "messages")
 
@@ -136,6 +140,7 @@ class ProviderConfig(_Base):
     max_connections: int = 4096  # open connections to this provider per worker: one per stream in flight
     breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
     drop_params: bool = False  # drop request parameters this provider cannot honour instead of answering 400
+    team: str = ""  # the team whose own account this provider's key is (it may list the provider's files); "": shared
 
 
 class Target(_Base):
@@ -172,7 +177,7 @@ class PriceSheet(_Base):
     per_request: Decimal = Decimal(0)
     per_image: Decimal = Decimal(0)  # each image generated or edited
     per_mchar: Decimal = Decimal(0)  # per million characters of text to speech
-    per_audio_minute: Decimal = Decimal(0)  # per minute of audio transcribed or translated
+    per_audio_minute: Decimal = Decimal(0)  # per minute of audio transcribed or translated, or of music made
     per_page: Decimal = Decimal(0)  # each page read by OCR
     per_search: Decimal = Decimal(0)  # each rerank search (unit)
     per_video_second: Decimal = Decimal(0)  # each second of video generated
@@ -185,6 +190,7 @@ class ModelPrices(PriceSheet, kw_only=True):
 class PricingFile(_Base, kw_only=True):
     currency: str = "USD"
     effective: str  # the date the prices were taken, YYYY-MM-DD
+    batch_discount: Decimal = Decimal("0.5")  # batch jobs cost this fraction of the prices (OpenAI: half)
     models: dict[str, ModelPrices] = {}
 
 
@@ -400,6 +406,8 @@ def load_pricing(file: Path, config: GatewayConfig, env: dict[str, str] | os._En
     raw, fail = _read(file, env, "pricing file")
     _convert_entries(raw, {"models": ModelPrices}, fail)
     prices: PricingFile = _convert(raw, PricingFile, [], fail)
+    if not 0 < prices.batch_discount <= 1:
+        fail(["batch_discount"], f"expected a fraction of the price, 0 < x <= 1, got {prices.batch_discount}")
     try:
         date.fromisoformat(prices.effective)
     except ValueError:
@@ -430,6 +438,16 @@ def _convert(obj: Any, typ: type, prefix: list[Segment], fail: Any) -> Any:
     except msgspec.ValidationError as e:
         message, _, where = str(e).partition(" - at ")
         fail([*prefix, *_parse_msgspec_path(where)], message)
+
+
+def served_by(endpoint: str) -> tuple[str, ...]:
+    """The provider kinds that can serve `endpoint`: text at every chat kind, music at `suno` kinds, image
+    generations at OpenAI kinds and Gemini, the rest (media, videos, OCR, …) at OpenAI kinds."""
+    if endpoint in TEXT_ENDPOINTS:
+        return CHAT_KINDS
+    if endpoint == "images.generations":
+        return IMAGE_KINDS
+    return MUSIC_KINDS if endpoint == "music.generate" else OPENAI_KINDS
 
 
 def check(config: GatewayConfig, fail: Any) -> None:
@@ -517,14 +535,16 @@ def check(config: GatewayConfig, fail: Any) -> None:
                     [*where, "endpoints", i],
                     f"unknown endpoint {endpoint!r} (expected one of: {', '.join(sorted(ENDPOINT_IDS))})",
                 )
-            if endpoint in TEXT_ENDPOINTS:
-                continue
+            kinds = served_by(endpoint)
             for target in model.targets:
                 kind = config.providers[target.provider].kind
-                if kind not in ("openai", "openai-compatible"):
+                if kind not in kinds:
+                    names = (
+                        "OpenAI-kind providers" if kinds == OPENAI_KINDS else f"providers of kind {', '.join(kinds)}"
+                    )
                     fail(
                         [*where, "endpoints", i],
-                        f"{endpoint} is served by OpenAI-kind providers only; provider {target.provider!r} is {kind}",
+                        f"{endpoint} is served by {names} only; provider {target.provider!r} is {kind}",
                     )
 
     seen: dict[tuple[str, str], int] = {}

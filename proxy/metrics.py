@@ -289,6 +289,19 @@ class Metrics:
             if usage.output_tokens:
                 tok_out.inc(usage.output_tokens)
 
+    def settled(self, meta: RequestMeta) -> None:
+        """Account the bill of an asynchronous job when its results arrive (its requests were recorded when
+        they were made): spend and tokens only."""
+        key = (meta.surface, meta.model, meta.provider)
+        if meta.cost_nanos:
+            self.spend.labels(*key).inc(meta.cost_nanos / 1e9)
+        usage = meta.usage
+        if usage is not None:
+            if usage.input_tokens:
+                self.tokens.labels(*key, "input").inc(usage.input_tokens)
+            if usage.output_tokens:
+                self.tokens.labels(*key, "output").inc(usage.output_tokens)
+
     def attempt(self, provider: str, model: str, outcome: str) -> None:
         """Count one call to a provider (outcomes are few: `ok`, a status, or a transport failure's kind)."""
         key = (provider, model, outcome)

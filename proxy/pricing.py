@@ -9,8 +9,8 @@ cost is the sum of its lines. No float is ever summed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from decimal import Decimal
+from dataclasses import dataclass, replace
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, Final
 
 from proxy.config import NANOS_PER_USD, PriceSheet, PricingFile
@@ -44,6 +44,20 @@ class Tariff:
     per_search: int = 0
     per_video_second: int = 0
     units: bool = False  # any of the per-unit prices above is set
+
+    def scaled(self, factor: Decimal) -> Tariff:
+        """Every price times `factor` (rounded half up to whole nanos)."""
+
+        def times(nanos: int) -> int:
+            return int((nanos * factor).to_integral_value(ROUND_HALF_UP))
+
+        prices = {
+            name: times(getattr(self, name))
+            for name in self.__dataclass_fields__
+            if name not in ("currency", "effective", "units", "reasoning")
+        }
+        reasoning = None if self.reasoning is None else times(self.reasoning)
+        return replace(self, **prices, reasoning=reasoning)
 
     @classmethod
     def of(cls, sheet: PriceSheet, currency: str, effective: str) -> Tariff:
@@ -116,6 +130,7 @@ class Pricing:
 
     def __init__(self, file: PricingFile | None):
         self.currency = file.currency if file else "USD"
+        self.batch_discount = file.batch_discount if file else Decimal("0.5")
         self._tariffs: dict[tuple[str, str], Tariff] = {}
         self._defaults: dict[str, Tariff] = {}
         if file is None:
@@ -128,6 +143,11 @@ class Pricing:
     def tariff(self, model_id: str, provider: str) -> Tariff | None:
         """The prices for `model_id` served by `provider`; None when the model is not priced."""
         return self._tariffs.get((model_id, provider)) or self._defaults.get(model_id)
+
+    def batch_tariff(self, model_id: str, provider: str) -> Tariff | None:
+        """The prices of a batch job's requests: the model's, times `batch_discount`."""
+        tariff = self.tariff(model_id, provider)
+        return None if tariff is None else tariff.scaled(self.batch_discount)
 
     def priced(self, model_id: str) -> bool:
         return model_id in self._defaults

@@ -11,7 +11,11 @@ from yarl import URL
 from proxy import __version__
 from proxy.config import ProviderConfig
 from proxy.errors import Code, GatewayError
+from proxy.translators import suno
 from proxy.translators.exchange import PROVIDERS
+
+# Credential headers of the provider kinds that serve job surfaces only (no chat translator).
+_JOB_KIND_AUTH = {"suno": suno.auth_headers}
 
 
 @final
@@ -29,7 +33,9 @@ class Upstream:
         # sock_read bounds the wait for the response headers; `idle` narrows it for a stream's body.
         self.timeout = aiohttp.ClientTimeout(total=t.total_s, sock_connect=t.connect_s, sock_read=t.first_byte_s)
         headers = {"Content-Type": "application/json", "User-Agent": f"stats-gateway/{__version__}"}
-        headers.update(PROVIDERS[config.kind].auth_headers(config.api_key))
+        provider = PROVIDERS.get(config.kind)
+        auth = provider.auth_headers if provider is not None else _JOB_KIND_AUTH[config.kind]
+        headers.update(auth(config.api_key))
         headers.update(config.headers)
         connector = aiohttp.TCPConnector(limit=config.max_connections, ttl_dns_cache=300, enable_cleanup_closed=True)
         self.session = aiohttp.ClientSession(

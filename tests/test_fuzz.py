@@ -49,6 +49,8 @@ from proxy.routing import SURFACES
 from tests.conftest import DEFAULT_CONFIG, ROOT, Mock, env_for
 from tests.mock_anthropic import AnthropicControl, build_anthropic_mock
 from tests.mock_gemini import GeminiControl, build_gemini_mock
+from tests.mock_music import UPSTREAM_KEY as SUNO_KEY
+from tests.mock_music import MusicControl, build_music_mock
 from tests.mock_upstream import MockControl, build_mock
 from tests.test_cli import cli
 
@@ -139,8 +141,12 @@ def _gemini_error(message: str) -> dict:
     return {"error": {"code": 400, "message": message, "status": "INVALID_ARGUMENT"}}
 
 
+def _suno_error(message: str) -> dict:
+    return {"code": 400, "msg": message, "data": None}
+
+
 class Upstreams:
-    """The three mock providers, served on 127.0.0.1 by an event loop in a background thread."""
+    """The mock providers, served on 127.0.0.1 by an event loop in a background thread."""
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
@@ -234,6 +240,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         openai_url = mocks.serve(build_mock(MockControl()), _openai_error) + "/v1"
         claude_url = mocks.serve(build_anthropic_mock(AnthropicControl()), _anthropic_error)
         gemini_url = mocks.serve(build_gemini_mock(GeminiControl()), _gemini_error)
+        suno_url = mocks.serve(build_music_mock(MusicControl()), _suno_error)
         compatible = {f"{p}_BASE_URL": openai_url for p in ("GROQ", "DEEPSEEK", "MISTRAL", "XAI", "OLLAMA", "COHERE")}
         env = env_for(
             Mock(openai_url, MockControl()),
@@ -242,6 +249,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
             ANTHROPIC_API_KEY="sk-ant-upstream",
             GEMINI_BASE_URL=gemini_url,
             GEMINI_API_KEY="gem-upstream",
+            SUNO_BASE_URL=suno_url,
+            SUNO_API_KEY=SUNO_KEY,
             GATEWAY_LOG_LEVEL="INFO",
             **compatible,
         )

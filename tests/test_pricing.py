@@ -117,6 +117,7 @@ def test_target_prices_replace_the_models(tmp_path: Path):
     assert pricing.tariff("openai/gpt-4o-mini", "openai").input == 150_000_000  # type: ignore[union-attr]
     assert pricing.tariff("openai/gpt-4o-mini", "groq").input == 50_000_000  # type: ignore[union-attr]
     assert pricing.tariff("openai/gpt-4o", "openai") is None
+    assert pricing.batch_tariff("openai/gpt-4o-mini", "groq").input == 25_000_000  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(
@@ -135,6 +136,7 @@ def test_target_prices_replace_the_models(tmp_path: Path):
             "expected a price >= 0",
         ),
         ('effective: "last tuesday"\n', "$.effective", 1, "YYYY-MM-DD"),
+        ('effective: "2025-10-01"\nbatch_discount: 0\n', "$.batch_discount", 2, "0 < x <= 1"),
         ("models: {}\n", "$", 1, "missing required field `effective`"),
         (
             'effective: "2025-10-01"\nmodels:\n  openai/gpt-4o:\n    input_per_token: 1\n',

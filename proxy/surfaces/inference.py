@@ -377,6 +377,8 @@ async def _respond(
     try:
         meta.usage, meta.native_id = exchange.read(data)
     except GatewayError as e:  # not an answer at all: another try may get one
+        if e.code is Code.content_policy_violation:
+            raise  # unless the provider refused what was asked (an image blocked for safety): final
         raise Retry(GatewayError(e.code, f"The provider {upstream.name!r}: {e.message}")) from None
     cost = meta.price(meta.tariff)
     members = [cost] if cost and meta.surface != "anthropic.messages" else []  # Messages stay Anthropic-shaped

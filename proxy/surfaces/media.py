@@ -17,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import IO, TypeVar, final
 
 from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.helpers import parse_mimetype
+from aiohttp.multipart import parse_content_disposition
 
 from proxy.auth import token_from_headers
 from proxy.config import ServerConfig, Target
@@ -40,7 +41,6 @@ HELD_TEXT = 64 * 1024  # a text field before `model` is held in memory up to thi
 HELD_MEMORY = 256 * 1024  # all text fields held in memory before `model`; more are spooled
 MAX_HELD_PARTS = 1000  # parts before `model`
 MODEL_FIELD_MAX = 1024
-_MODEL_FIELD = [("Content-Disposition", 'form-data; name="model"')]  # when the route's default model is used
 T = TypeVar("T")
 
 
@@ -56,7 +56,7 @@ async def _serve_upload(
     meta.team_id, meta.key_id, meta.key_limited = key.team_id, key.kid, key.limited
     upload = await Upload.open(request, gw.config.server, meta)
     try:
-        name = await upload.until_model() or default_model
+        name = await upload.until_key() or default_model
         if not name:
             raise GatewayError(Code.invalid_request, "Missing required form field `model`.", param="model")
         model_id, model = gw.routes.resolve(name, surface)
@@ -88,7 +88,7 @@ async def _send(
         upstream = gw.upstreams[target.provider]
         meta.provider, meta.upstream_model = target.provider, target.model
         meta.tariff = gw.pricing.tariff(model_id, target.provider)
-        upload.upstream_model = target.model
+        upload.key_value = target.model
         exchange = upload_exchange(surface.name, upload, upload.boundary, model_id)
         try:
             return await attempt(request, gw, upstream, exchange, health, meta, gw.config.meta.always, None)
@@ -108,6 +108,7 @@ class Upload:
     __slots__ = (
         "_held",
         "_in_memory",
+        "_key",
         "_meta",
         "_model_headers",
         "_reader",
@@ -116,15 +117,22 @@ class Upload:
         "boundary",
         "error",
         "idle_s",
+        "key_value",
         "limit",
         "started",
-        "upstream_model",
     )
 
     def __init__(
-        self, request: web.Request, reader: MultipartReader, boundary: str, server: ServerConfig, meta: RequestMeta
+        self,
+        request: web.Request,
+        reader: MultipartReader,
+        boundary: str,
+        server: ServerConfig,
+        meta: RequestMeta,
+        key: str = "model",
     ):
         self._request = request
+        self._key = key  # the field the gateway needs before sending anything (media: `model`)
         self._reader = reader
         self._meta = meta
         self.boundary = boundary
@@ -135,12 +143,12 @@ class Upload:
         self._in_memory = 0
         self._spool: IO[bytes] | None = None
         self._model_headers: list[tuple[str, str]] | None = None
-        self.upstream_model = ""
+        self.key_value = ""  # what the key field is sent upstream with (media: the upstream model's name)
         self.started = False  # the provider began to take the body: it cannot be sent elsewhere
         self.error: GatewayError | None = None
 
     @classmethod
-    async def open(cls, request: web.Request, server: ServerConfig, meta: RequestMeta) -> Upload:
+    async def open(cls, request: web.Request, server: ServerConfig, meta: RequestMeta, key: str = "model") -> Upload:
         """The upload of `request`; GatewayError 400 unless it is multipart/form-data, 413 when its declared
         length is over `server.max_upload_bytes`."""
         content_type = request.headers.get("Content-Type", "")
@@ -164,28 +172,29 @@ class Upload:
             raise GatewayError(
                 Code.invalid_request, f"The multipart body cannot be read: {_printable(str(e))}"
             ) from None
-        return cls(request, reader, boundary, server, meta)
+        return cls(request, reader, boundary, server, meta, key)
 
     @property
     def received(self) -> int:
         """Bytes of the body read from the client so far."""
         return self._request.content.total_bytes
 
-    async def until_model(self) -> str:
-        """Read the parts up to the `model` field (holding the ones before it) and return its value; "" when
+    async def until_key(self) -> str:
+        """Read the parts up to the key field (holding the ones before it) and return its value; "" when
         the form ends without one."""
+        key = self._key
         while (part := await self._next_part()) is not None:
             headers = list(part.headers.items())
-            if part.name == "model":
-                value = await self._small(part, MODEL_FIELD_MAX, "model")
+            if part.name == key:
+                value = await self._small(part, MODEL_FIELD_MAX, key)
                 self._model_headers = headers
                 try:
                     return value.decode().strip()
                 except UnicodeDecodeError:
-                    raise self._fail(GatewayError(Code.invalid_request, "`model` must be UTF-8 text.")) from None
+                    raise self._fail(GatewayError(Code.invalid_request, f"`{key}` must be UTF-8 text.")) from None
             if len(self._held) >= MAX_HELD_PARTS:
                 raise self._fail(
-                    GatewayError(Code.invalid_request, f"More than {MAX_HELD_PARTS} form parts come before `model`.")
+                    GatewayError(Code.invalid_request, f"More than {MAX_HELD_PARTS} form parts come before `{key}`.")
                 )
             if part.filename is None:  # a text field: in memory unless it is long
                 value = b""
@@ -200,6 +209,27 @@ class Upload:
             else:  # a file: never in memory
                 self._held.append((headers, await self._spooled(part, b"")))
         return ""
+
+    def holds(self, name: str) -> bool:
+        """Whether a part called `name` came before the key field (and is held as it came)."""
+        return any(_part_name(headers) == name for headers, _ in self._held)
+
+    async def hold_rest(self, name: str, rewrite: Callable[[bytes], bytes], finish: Callable[[], bytes]) -> None:
+        """Read the rest of the form now, spooling it; the part called `name` goes through `rewrite` chunk by
+        chunk, then `finish` (their output is what the provider gets). For a body the gateway must check whole
+        before sending any of it (a batch file)."""
+        while (part := await self._next_part()) is not None:
+            if part.name == self._key:
+                raise self._fail(GatewayError(Code.invalid_request, f"The form has two `{self._key}` fields."))
+            headers = [(k, v) for k, v in part.headers.items() if k.lower() != "content-length"]
+            if part.name != name:
+                self._held.append((headers, await self._spooled(part, b"")))
+                continue
+            start, length = await self._spooled(part, b"", rewrite)
+            tail = finish()
+            if tail:
+                await asyncio.to_thread(self._spool.write, tail)  # type: ignore[union-attr]
+            self._held.append((headers, (start, length + len(tail))))
 
     def payload(self) -> AsyncIterator[bytes]:
         """The form as the provider gets it (once): held parts, the rewritten `model`, then the rest as it
@@ -217,10 +247,12 @@ class Upload:
                 async for chunk in self._unspool(*value):
                     yield chunk
             yield b"\r\n"
-        yield part_head(boundary, self._model_headers or _MODEL_FIELD) + self.upstream_model.encode() + b"\r\n"
+        key_headers = self._model_headers or [("Content-Disposition", f'form-data; name="{self._key}"')]
+        yield part_head(boundary, key_headers) + self.key_value.encode() + b"\r\n"
         while (part := await self._next_part()) is not None:
-            if part.name == "model":
-                raise self._fail(GatewayError(Code.invalid_request, "The form has two `model` fields.", param="model"))
+            if part.name == self._key:
+                message = f"The form has two `{self._key}` fields."
+                raise self._fail(GatewayError(Code.invalid_request, message, param=self._key))
             yield part_head(boundary, part.headers.items())
             if part.name == "stream" and part.filename is None:
                 value = await self._small(part, 64, "stream")
@@ -257,9 +289,11 @@ class Upload:
                 )
         return value
 
-    async def _spooled(self, part: BodyPartReader, first: bytes) -> tuple[int, int]:
-        """`first` and the rest of `part`, appended to the spool (an anonymous temporary file: disk, never
-        memory); where they are in it."""
+    async def _spooled(
+        self, part: BodyPartReader, first: bytes, rewrite: Callable[[bytes], bytes] | None = None
+    ) -> tuple[int, int]:
+        """`first` and the rest of `part` (through `rewrite` if given), appended to the spool (an anonymous
+        temporary file: disk, never memory); where they are in it."""
         if self._spool is None:
             self._spool = await asyncio.to_thread(tempfile.TemporaryFile)
         spool = self._spool
@@ -267,6 +301,8 @@ class Upload:
         length = 0
         chunk = first
         while True:
+            if chunk and rewrite is not None:
+                chunk = rewrite(chunk)
             if chunk:
                 await asyncio.to_thread(spool.write, chunk)
                 length += len(chunk)
@@ -329,6 +365,11 @@ class Upload:
     def _fail(self, error: GatewayError) -> GatewayError:
         self.error = self.error or error
         return self.error
+
+
+def _part_name(headers: list[tuple[str, str]]) -> str:
+    disposition = next((v for k, v in headers if k.lower() == "content-disposition"), "")
+    return parse_content_disposition(disposition)[1].get("name", "")
 
 
 def _printable(text: str) -> str:

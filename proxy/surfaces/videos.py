@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import secrets
 import time
 
 import msgspec
@@ -26,19 +25,26 @@ from proxy.errors import Code, GatewayError
 from proxy.gateway import Gateway
 from proxy.meta import RequestMeta, Usage
 from proxy.routing import SURFACES
-from proxy.store.base import Job, KeyRecord
+from proxy.store.base import KeyRecord
 from proxy.surfaces.body import read_body
-from proxy.surfaces.inference import admit, circuits_open
+from proxy.surfaces.inference import circuits_open
 from proxy.surfaces.jobs import (
     TRANSPORT_ERRORS,
+    account,
     bill,
     call,
+    download,
     handler,
+    job_model,
     json_response,
+    listing,
+    new_job,
+    open_targets,
     owned,
     passed_on,
     provider_error,
     public_url,
+    remove,
     upstream_of,
 )
 from proxy.surfaces.media import Upload
@@ -53,8 +59,6 @@ SURFACE = "openai.videos"
 DONE = "completed"
 LINK_TTL_S = 3600  # a download link's default lifetime
 LINK_MAX_TTL_S = 7 * 86_400
-_RELAYED_HEADERS = ("Content-Type", "Content-Length", "Content-Range", "Accept-Ranges", "ETag", "Last-Modified")
-_CHUNK = 64 * 1024
 
 
 class _Create(msgspec.Struct):
@@ -83,7 +87,7 @@ async def create(request: web.Request, gw: Gateway, key: KeyRecord, request_id: 
         if request.content_type == "multipart/form-data":
             upload = await Upload.open(request, gw.config.server, meta)
             try:
-                return await _start(gw, key, meta, await upload.until_model(), upload, request_id)
+                return await _start(gw, key, meta, await upload.until_key(), upload, request_id)
             finally:
                 meta.request_bytes = upload.received
                 upload.close()
@@ -93,10 +97,11 @@ async def create(request: web.Request, gw: Gateway, key: KeyRecord, request_id: 
         except msgspec.DecodeError as e:
             raise GatewayError(Code.invalid_request, f"Invalid request: {e}") from None
         return await _start(gw, key, meta, ask.model, body, request_id)
+    except GatewayError as e:
+        meta.status, meta.error_code, meta.error_message = e.status, e.code.name, e.message
+        raise
     finally:
-        meta.t_end = time.perf_counter()
-        if gw.accountant is not None:
-            gw.accountant.submit(meta)  # the creation itself costs nothing: the video is billed when done
+        account(gw, meta)  # the creation itself costs nothing: the video is billed when done
 
 
 async def _start(
@@ -104,20 +109,11 @@ async def _start(
 ) -> web.Response:
     """Send the job to the targets in order until one takes it. A form is read as it is sent, so once a
     provider has begun to read it no other is tried."""
-    if not name:
-        raise GatewayError(Code.invalid_request, "Missing required field `model`.", param="model")
-    model_id, model = gw.routes.resolve(name, SURFACES[SURFACE])
-    meta.model = model_id
-    await admit(gw, key, model_id)
+    model_id, model = await job_model(gw, key, meta, name, SURFACE)
     failure: GatewayError | None = None
-    for target in model.targets:
-        health = gw.health.of(target)
-        if not health.acquire(time.monotonic()):
-            continue  # open circuit: skip the target
-        upstream = gw.upstreams[target.provider]
-        meta.provider, meta.upstream_model = target.provider, target.model
+    for target, health, upstream in open_targets(gw, meta, model.targets):
         if isinstance(body, Upload):
-            body.upstream_model = target.model
+            body.key_value = target.model
             data: object = body.payload()
             headers = {"Content-Type": form_type(body.boundary)}
         else:
@@ -161,24 +157,9 @@ async def _created(
         raise GatewayError(
             Code.upstream_bad_response, f"The provider {upstream.name!r} started no video: {answer[:200]!r}"
         )
-    job_id = KIND + "_" + secrets.token_hex(12)
-    shown = _shown(answer, job_id)
-    now = int(time.time())
-    await gw.store.create_job(  # type: ignore[union-attr]
-        Job(
-            id=job_id,
-            kind=KIND,
-            team_id=key.team_id,
-            key_id=key.kid,
-            model_id=model_id,
-            provider=upstream.name,
-            upstream_id=video.id,
-            status=video.status or "queued",
-            created_at=now,
-            updated_at=now,
-            billed=False,
-            data=msgspec.Raw(shown),
-        )
+    status = video.status or "queued"
+    shown = await new_job(
+        gw, key, KIND, model_id, upstream.name, video.id, status, lambda job_id, _: _shown(answer, job_id)
     )
     meta.status, meta.native_id = 200, video.id
     return web.Response(body=shown, content_type="application/json", headers={"x-request-id": request_id})
@@ -210,25 +191,9 @@ def _seconds(value: str | int | float | None) -> float:
         return 0.0
 
 
-async def listing(request: web.Request, gw: Gateway, key: KeyRecord, request_id: str) -> web.StreamResponse:
+async def list_videos(request: web.Request, gw: Gateway, key: KeyRecord, request_id: str) -> web.StreamResponse:
     """`GET /v1/videos?limit=&after=`: the team's videos, newest first, as last seen (no provider call)."""
-    try:
-        limit = int(request.query.get("limit", "20"))
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= 100:
-        raise GatewayError(Code.invalid_request, "`limit` must be an integer from 1 to 100.", param="limit")
-    jobs = await gw.store.list_jobs(  # type: ignore[union-attr]
-        key.team_id, KIND, limit=limit + 1, after=request.query.get("after", "")
-    )
-    page = jobs[:limit]
-    body = b'{"object":"list","data":[%s],"first_id":%s,"last_id":%s,"has_more":%s}' % (
-        b",".join(bytes(job.data) for job in page),
-        orjson.dumps(page[0].id if page else None),
-        orjson.dumps(page[-1].id if page else None),
-        b"true" if len(jobs) > limit else b"false",
-    )
-    return web.Response(body=body, content_type="application/json", headers={"x-request-id": request_id})
+    return await listing(request, gw, key.team_id, KIND, request_id)
 
 
 async def content(request: web.Request, gw: Gateway, key: KeyRecord | None, request_id: str) -> web.StreamResponse:
@@ -239,31 +204,9 @@ async def content(request: web.Request, gw: Gateway, key: KeyRecord | None, requ
     upstream = upstream_of(gw, job)
     params = {"variant": request.query["variant"]} if "variant" in request.query else None
     headers = {"Range": request.headers["Range"]} if "Range" in request.headers else None
-    try:
-        resp = await upstream.session.get(
-            upstream.url(f"/videos/{job.upstream_id}/content"), params=params, headers=headers
-        )
-    except TRANSPORT_ERRORS as e:
-        raise upstream.failure(e, "downloading a video") from None
-    try:
-        if resp.status >= 400:
-            answer = await resp.read()
-            if resp.status >= 500:
-                raise provider_error(upstream, resp.status, answer)
-            return passed_on(resp.status, answer, request_id)
-        out = web.StreamResponse(status=resp.status, headers={"x-request-id": request_id})
-        for name in _RELAYED_HEADERS:
-            if name in resp.headers:
-                out.headers[name] = resp.headers[name]
-        await out.prepare(request)
-        async for chunk in resp.content.iter_chunked(_CHUNK):
-            await out.write(chunk)
-        await out.write_eof()
-    except TRANSPORT_ERRORS as e:
-        raise upstream.failure(e, "downloading a video") from None
-    finally:
-        resp.release()
-    if not job.billed and resp.status in (200, 206) and not params:  # only a finished video has content
+    path = f"/videos/{job.upstream_id}/content"
+    out = await download(request, upstream, path, "downloading a video", request_id, params=params, headers=headers)
+    if not job.billed and out.status in (200, 206) and not params:  # only a finished video has content
         seen = msgspec.json.decode(bytes(job.data), type=_Video)
         await bill(gw, job, SURFACE, Usage(video_seconds=_seconds(seen.seconds)))
     return out
@@ -313,11 +256,7 @@ async def download_url(request: web.Request, gw: Gateway, key: KeyRecord, reques
 async def delete(request: web.Request, gw: Gateway, key: KeyRecord, request_id: str) -> web.StreamResponse:
     """`DELETE /v1/videos/{id}`: deleted at the provider (already gone there is fine), then here."""
     job = await owned(request, gw, key.team_id, KIND)
-    status, answer = await call(upstream_of(gw, job), "DELETE", f"/videos/{job.upstream_id}", "deleting a video")
-    if status >= 400 and status != 404:
-        return passed_on(status, answer, request_id)
-    await gw.store.delete_job(key.team_id, job.id)  # type: ignore[union-attr]
-    return json_response({"id": job.id, "object": "video.deleted", "deleted": True}, request_id)
+    return await remove(gw, job, f"/videos/{job.upstream_id}", "video.deleted", request_id)
 
 
 async def cancel(request: web.Request, gw: Gateway, key: KeyRecord, request_id: str) -> web.StreamResponse:
@@ -348,7 +287,7 @@ async def models(request: web.Request, gw: Gateway, key: KeyRecord, request_id: 
 
 HANDLERS = {
     "openai.videos": handler(create),
-    "openai.videos_list": handler(listing),
+    "openai.videos_list": handler(list_videos),
     "openai.videos_models": handler(models),
     "openai.videos_get": handler(retrieve),
     "openai.videos_content": handler(content, signed=True),

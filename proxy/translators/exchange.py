@@ -3,7 +3,8 @@
 The pair (client surface, provider kind) picks it. When both speak the same wire format the body is
 forwarded as bytes (only `model` and the gateway's own members are spliced) and streams are relayed as
 they come; otherwise the surface's translator decodes the request into the neutral form, the provider's
-encodes it, and answers come back the same way (a `Pipe` for streams). Pure: no I/O.
+encodes it, and answers come back the same way (a `Pipe` for streams). A media surface a provider kind does
+not speak has its own translator of whole answers (`MEDIA_TRANSLATORS`: images from Gemini). Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -14,7 +15,17 @@ from typing import Final, Protocol, final
 
 from proxy.errors import Code, GatewayError
 from proxy.meta import Usage
-from proxy.translators import anthropic, chat, gemini, media, messages, openai, responses, responses_native
+from proxy.translators import (
+    anthropic,
+    chat,
+    gemini,
+    gemini_images,
+    media,
+    messages,
+    openai,
+    responses,
+    responses_native,
+)
 from proxy.translators.neutral import (
     ChatChunk,
     ChatResponse,
@@ -66,6 +77,28 @@ _NATIVE_READERS: Final = {
 _TOKEN = re.compile(r"[0-9A-Za-z'+_.-]+")  # a multipart boundary that needs no quotes
 # Client headers forwarded on a pass-through, per surface (they select API features, not identity).
 _FORWARDED_HEADERS: Final = {"anthropic.messages": ("anthropic-beta", "anthropic-version")}
+
+
+class WholeAnswer(Protocol):
+    """A media surface translated for one request (images from Gemini): a whole answer read, then rendered."""
+
+    def read(self, body: bytes) -> tuple[Usage | None, str]: ...
+
+    def render(self, extra: bytes) -> bytes: ...
+
+    def error(self, status: int, body: bytes) -> GatewayError | None: ...
+
+
+class MediaTranslate(Protocol):
+    def __call__(
+        self, body: bytes, upstream_model: str, stream: bool, drop_params: bool
+    ) -> tuple[UpstreamRequest, WholeAnswer]: ...
+
+
+# Media surfaces translated for a provider kind that does not speak them: (surface, kind) → translator.
+MEDIA_TRANSLATORS: Final[dict[tuple[str, str], MediaTranslate]] = {
+    (media.IMAGES, gemini.KIND): gemini_images.translate,
+}
 
 
 class Upload(Protocol):
@@ -170,6 +203,7 @@ class Exchange:
     """One request's translation: what to send upstream, and how to read and render what comes back."""
 
     __slots__ = (
+        "_answer",
         "_parsed",
         "_provider",
         "_surface",
@@ -191,14 +225,16 @@ class Exchange:
         wants_usage: bool,
         provider: ProviderTranslator | None = None,
         translator: SurfaceTranslator | None = None,
+        answer: WholeAnswer | None = None,
     ):
         self.surface = surface
         self.upstream = upstream
         self.model = model
         self.wants_usage = wants_usage
-        self.native = translator is None
+        self.native = translator is None and answer is None
         self._provider = provider
         self._surface = translator
+        self._answer = answer  # a translated media surface's (its answers are whole: never streamed)
         self._parsed: ChatResponse | None = None
         self.raw = False  # a 2xx answer that is not JSON is relayed as bytes, as it arrives (audio, text)
         self.usage: Usage | None = None  # known from the request alone (speech: its characters)
@@ -218,8 +254,11 @@ class Exchange:
         return Pipe(self._provider.reader(), writer, request_id, wants_meta, shows_cost)
 
     def read(self, body: bytes) -> tuple[Usage | None, str]:
-        """(usage, the provider's id) of a whole answer; GatewayError(502) when it is not one."""
+        """(usage, the provider's id) of a whole answer; GatewayError(502) when it is not one (or, from a media
+        translator, 400 `content_policy_violation` when the provider refused to make it)."""
         if self._provider is None or self._surface is None:
+            if self._answer is not None:
+                return self._answer.read(body)
             return _NATIVE_READERS.get(self.surface, openai.response_view)(body)
         self._parsed, usage = self._provider.parse_response(body)
         return usage, self._parsed.id
@@ -227,13 +266,15 @@ class Exchange:
     def render(self, body: bytes, usage: Usage | None, extra: bytes) -> bytes:
         """The client's body for a whole answer (after `read`), with `extra` members added."""
         if self._surface is None or self._parsed is None:
+            if self._answer is not None:
+                return self._answer.render(extra)
             return openai.inject_members(body, extra)
         return self._surface.render_response(self._parsed, usage, self.model, extra)
 
     def error(self, status: int, body: bytes) -> GatewayError | None:
         """A provider's error answer as the client's error; None to forward it as it came (native)."""
         if self._provider is None or self._surface is None:
-            return None
+            return self._answer.error(status, body) if self._answer is not None else None
         return self._provider.parse_error(status, body)
 
     @property
@@ -267,6 +308,10 @@ def plan(
             if surface == media.SPEECH:
                 exchange.usage = media.speech_usage(view.input)
         return exchange
+    translate = MEDIA_TRANSLATORS.get((surface, kind))
+    if translate is not None:
+        upstream, answer = translate(body, upstream_model, stream, drop_params)
+        return Exchange(surface, upstream, public_model, False, answer=answer)
     translator = SURFACES.get(surface)
     provider = PROVIDERS.get(kind)
     if translator is None or provider is None:
