@@ -6,7 +6,7 @@ import difflib
 from dataclasses import dataclass
 from typing import final
 
-from proxy.config import GatewayConfig, ModelConfig, RouteConfig, fail_at
+from proxy.config import GatewayConfig, ModelConfig, RouteConfig, Target, fail_at
 from proxy.errors import ANTHROPIC, OPENAI, Code, GatewayError
 
 
@@ -85,11 +85,13 @@ SURFACES: dict[str, Surface] = {
 class RouteTable:
     """Routes and models from the config, checked once at start-up."""
 
-    __slots__ = ("_aliases", "config", "models", "routes")
+    __slots__ = ("_aliases", "_owned", "config", "models", "routes")
 
     def __init__(self, config: GatewayConfig):
         self.config = config
         self.models: dict[str, ModelConfig] = config.models
+        # Providers whose key is one team's own account (`providers.<name>.team`): only that team's requests use them.
+        self._owned = {name: p.team for name, p in config.providers.items() if p.team}
         self.routes: list[tuple[RouteConfig, Surface]] = []
         for i, route in enumerate(config.routes):
             surface = SURFACES.get(route.surface)
@@ -115,6 +117,18 @@ class RouteTable:
             for name in names - {"", model_id}:
                 aliases.setdefault(name, set()).add(model_id)
         self._aliases = {name: sorted(ids) for name, ids in aliases.items() if name not in config.models}
+
+    def usable(self, model_id: str, targets: list[Target], team_name: str) -> list[Target]:
+        """`targets` without those at another team's own provider account; 403 when none is left."""
+        owned = self._owned
+        if not owned:
+            return targets
+        left = [t for t in targets if owned.get(t.provider, team_name) == team_name]
+        if not left:
+            raise GatewayError(
+                Code.forbidden, f"{model_id!r} is served only by another team's own provider account.", param="model"
+            )
+        return left
 
     def resolve(self, name: str, surface: Surface) -> tuple[str, ModelConfig]:
         """(public id, model) for a requested model name that serves `surface`."""

@@ -173,6 +173,9 @@ async def test_the_provider_list_needs_the_teams_own_account(aiohttp_client, ups
     rival = await make_key(team="rival")
     r = await own.get("/v1/files?provider=openai", headers=auth(rival))
     assert r.status == 400
+    chat = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    r = await own.post("/v1/chat/completions", json=chat, headers=auth(rival))  # acme's account: not for rival
+    assert r.status == 403 and "another team's own provider account" in (await r.json())["error"]["message"]
 
 
 async def test_other_files_stream_to_the_files_provider_and_are_deleted(gateway, key, upstream):

@@ -266,3 +266,23 @@ def test_shipped_config_resolves_every_model() -> None:
             for target in model.targets:
                 assert target.provider in config.providers
                 assert table.resolve(target.model, surface)[0] == model_id
+
+
+def test_a_teams_own_provider_serves_only_that_team(tmp_path: Path) -> None:
+    text = CONFIG.replace(
+        '  azure: {kind: openai-compatible, base_url: "https://example.openai.azure.com/v1"}',
+        '  azure: {kind: openai-compatible, base_url: "https://example.openai.azure.com/v1", team: acme}',
+    ).replace(
+        "  azure/gpt-4o:\n    targets: [{provider: azure, model: gpt4o-deployment}]",
+        "  azure/gpt-4o:\n    targets: [{provider: azure, model: gpt4o-deployment}, {provider: openai, model: gpt-4o}]",
+    )
+    table = RouteTable(load(tmp_path, text))
+    _, model = table.resolve("azure/gpt-4o", CHAT)
+    assert [t.provider for t in table.usable("azure/gpt-4o", model.targets, "acme")] == ["azure", "openai"]
+    assert [t.provider for t in table.usable("azure/gpt-4o", model.targets, "rival")] == ["openai"]
+    only_own = model.targets[:1]
+    with pytest.raises(GatewayError) as info:
+        table.usable("azure/gpt-4o", only_own, "rival")
+    assert info.value.code is Code.forbidden and "another team's own provider account" in info.value.message
+    shared = RouteTable(load(tmp_path, CONFIG))
+    assert shared.usable("azure/gpt-4o", only_own, "rival") is only_own  # no owned provider: untouched

@@ -138,7 +138,8 @@ async def create(request: web.Request, gw: Gateway, key: KeyRecord, request_id: 
                     "A batch file must come after `purpose` in the form (e.g. curl -F purpose=batch -F file=@in.jsonl)",
                     param="file",
                 )
-            kinds = {name: p.kind for name, p in gw.config.providers.items()}
+            providers = gw.config.providers.items()  # not another team's own account
+            kinds = {name: p.kind for name, p in providers if p.team in ("", key.team_name)}
             lines = BatchLines(lambda name, surface: gw.routes.resolve(name, SURFACES[surface]), kinds)
             await upload.hold_rest("file", lines.feed, lines.finish)
             if lines.target is None:

@@ -129,6 +129,7 @@ async def _serve(
 
     prefs = decode_prefs(view.provider)
     targets = order_targets(model_id, model, prefs, gw.sort_key) if prefs or model.weighted else model.targets
+    targets = gw.routes.usable(model_id, targets, key.team_name)
     stream = surface.streaming and view.stream
     meta.stream = stream
     wants_meta = view.meta if isinstance(view.meta, bool) else gw.config.meta.always

@@ -63,6 +63,7 @@ async def _serve_upload(
         meta.model = model_id
         await admit(gw, key, model_id)
         targets = order_targets(model_id, model, None, gw.sort_key) if model.weighted else model.targets
+        targets = gw.routes.usable(model_id, targets, key.team_name)
         return await _send(request, gw, surface, upload, model_id, targets, meta)
     finally:
         meta.request_bytes = upload.received

@@ -60,7 +60,7 @@ async def _start(gw: Gateway, key: KeyRecord, meta: RequestMeta, body: bytes, re
     ask = suno.decode_request(body)
     model_id, model = await job_model(gw, key, meta, ask.model, SURFACE)
     failure: GatewayError | None = None
-    for target, health, upstream in open_targets(gw, meta, model.targets):
+    for target, health, upstream in open_targets(gw, meta, gw.routes.usable(model_id, model.targets, key.team_name)):
         data = suno.build_request(body, ask, target.model)
         meta.upstream_started()
         try:

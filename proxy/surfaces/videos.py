@@ -111,7 +111,7 @@ async def _start(
     provider has begun to read it no other is tried."""
     model_id, model = await job_model(gw, key, meta, name, SURFACE)
     failure: GatewayError | None = None
-    for target, health, upstream in open_targets(gw, meta, model.targets):
+    for target, health, upstream in open_targets(gw, meta, gw.routes.usable(model_id, model.targets, key.team_name)):
         if isinstance(body, Upload):
             body.key_value = target.model
             data: object = body.payload()
