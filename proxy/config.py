@@ -447,7 +447,7 @@ def served_by(endpoint: str) -> tuple[str, ...]:
         return CHAT_KINDS
     if endpoint == "images.generations":
         return IMAGE_KINDS
-    return MUSIC_KINDS if endpoint == "music.generate" else OPENAI_KINDS
+    return (*MUSIC_KINDS, *OPENAI_KINDS) if endpoint == "music.generate" else OPENAI_KINDS
 
 
 def check(config: GatewayConfig, fail: Any) -> None:

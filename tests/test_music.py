@@ -3,10 +3,12 @@ provider's refusals (in an HTTP 200) and failures as the client's errors."""
 
 from __future__ import annotations
 
+import msgspec
 import pytest
+from aiohttp import web
 
 from proxy.app import build_app
-from proxy.config import ConfigError, load_config
+from proxy.config import ConfigError, ModelConfig, load_config
 from proxy.gateway import GATEWAY
 from proxy.translators.suno import CALLBACK_PLACEHOLDER
 from tests.conftest import DEFAULT_CONFIG, Mock, auth, env_for
@@ -35,14 +37,14 @@ async def gateway(aiohttp_client, music, store_url):
     return await aiohttp_client(build_app(load_config(DEFAULT_CONFIG, env=music_env(url, store_url))))
 
 
-async def create(gateway, key: str, **fields) -> dict:
+async def create_music(gateway, key: str, **fields) -> dict:
     body = {"model": "suno/V4_5", "prompt": "a calm piano piece for a rainy evening", **fields}
     r = await gateway.post("/v1/music/generate", json=body, headers=auth(key))
     assert r.status == 200, await r.text()
     return await r.json()
 
 
-async def get(gateway, key: str, music_id: str) -> dict:
+async def get_music(gateway, key: str, music_id: str) -> dict:
     r = await gateway.get(f"/v1/music/generate/{music_id}", headers=auth(key))
     assert r.status == 200, await r.text()
     return await r.json()
@@ -50,7 +52,7 @@ async def get(gateway, key: str, music_id: str) -> dict:
 
 async def test_a_task_is_created_polled_and_billed_once(gateway, key, music, store_url):
     _, control = music
-    made = await create(gateway, key)
+    made = await create_music(gateway, key)
     assert made["id"].startswith("music_") and len(made["id"]) == len("music_") + 24
     assert {k: v for k, v in made.items() if k not in ("id", "created_at")} == {
         "object": "music",
@@ -69,17 +71,17 @@ async def test_a_task_is_created_polled_and_billed_once(gateway, key, music, sto
         "title": "",
         "callBackUrl": CALLBACK_PLACEHOLDER,
     }
-    got = await get(gateway, key, made["id"])
+    got = await get_music(gateway, key, made["id"])
     assert got["status"] == "in_progress" and got["output"] == [] and "usage" not in got
     assert control.polls == ["task1"]
     control.status["task1"] = "FIRST_SUCCESS"
-    got = await get(gateway, key, made["id"])
+    got = await get_music(gateway, key, made["id"])
     assert (
         got["status"] == "in_progress" and got["output"][0]["stream_audio_url"] == "https://cdn.example/stream/task1-0"
     )
     control.status["task1"] = "SUCCESS"
     for _ in range(3):  # polled again and again: billed once
-        got = await get(gateway, key, made["id"])
+        got = await get_music(gateway, key, made["id"])
         assert got["status"] == "completed" and got["id"] == made["id"] and got["created_at"] == made["created_at"]
     assert got["usage"] == {"output_audio_count": 2, "output_audio_seconds": SECONDS}
     assert got["output"][1] == {
@@ -101,7 +103,7 @@ async def test_a_task_is_created_polled_and_billed_once(gateway, key, music, sto
 
 async def test_custom_mode_fields_are_translated_and_the_rest_passed_on(gateway, key, music):
     _, control = music
-    made = await create(
+    made = await create_music(
         gateway,
         key,
         model="suno/V5",
@@ -127,39 +129,39 @@ async def test_custom_mode_fields_are_translated_and_the_rest_passed_on(gateway,
 
 
 async def test_another_team_gets_404(gateway, key, make_key):
-    made = await create(gateway, key)
+    made = await create_music(gateway, key)
     rival = await make_key(team="rival")
     r = await gateway.get(f"/v1/music/generate/{made['id']}", headers=auth(rival))
     assert r.status == 404 and made["id"] in (await r.json())["error"]["message"]
     for unknown in ("music_0123456789abcdef01234567", "video_0123456789abcdef01234567"):
         assert (await gateway.get(f"/v1/music/generate/{unknown}", headers=auth(key))).status == 404
-    assert (await get(gateway, key, made["id"]))["id"] == made["id"]
+    assert (await get_music(gateway, key, made["id"]))["id"] == made["id"]
 
 
 async def test_jobs_survive_a_new_app_on_the_same_store(aiohttp_client, music, store_url, make_key):
     url, control = music
     key = await make_key()
     first = await aiohttp_client(build_app(load_config(DEFAULT_CONFIG, env=music_env(url, store_url))))
-    made = await create(first, key)
+    made = await create_music(first, key)
     await first.close()
     second = await aiohttp_client(build_app(load_config(DEFAULT_CONFIG, env=music_env(url, store_url))))
     control.status["task1"] = "SUCCESS"
-    got = await get(second, key, made["id"])
+    got = await get_music(second, key, made["id"])
     assert got["id"] == made["id"] and got["status"] == "completed"
 
 
 async def test_a_failed_task_shows_the_message_and_bills_nothing(gateway, key, music, store_url):
     _, control = music
-    made = await create(gateway, key)
+    made = await create_music(gateway, key)
     control.status["task1"] = "GENERATE_AUDIO_FAILED"
     control.errors["task1"] = "The audio could not be generated."
     for _ in range(2):
-        got = await get(gateway, key, made["id"])
+        got = await get_music(gateway, key, made["id"])
         assert got["status"] == "failed" and "usage" not in got
         assert got["error"] == {"code": "GENERATE_AUDIO_FAILED", "message": "The audio could not be generated."}
     control.status["task1"] = "SENSITIVE_WORD_ERROR"
     control.errors.pop("task1")
-    assert (await get(gateway, key, made["id"]))["error"]["message"] == "SENSITIVE_WORD_ERROR"
+    assert (await get_music(gateway, key, made["id"]))["error"]["message"] == "SENSITIVE_WORD_ERROR"
     await gateway.server.app[GATEWAY].accountant.flush()
     assert [row[3] for row in await generations(store_url, "acme")] == [0]  # only the creation
 
@@ -199,7 +201,7 @@ async def test_bad_requests_and_a_failing_provider(gateway, key, music):
     r = await gateway.post("/v1/music/generate", json={"model": "suno/V4_5", "prompt": "x"}, headers=auth(key))
     assert r.status == 502 and "HTTP 500" in (await r.json())["error"]["message"]
     assert (await gateway.post("/v1/music/generate", json={"model": "suno/V4_5", "prompt": "x"})).status == 401
-    made = await create(gateway, key)
+    made = await create_music(gateway, key)
     assert (await gateway.get(f"/v1/music/generate/{made['id']}")).status == 401
 
 
@@ -222,8 +224,9 @@ async def test_a_wrong_upstream_key_is_a_502(aiohttp_client, music, store_url, k
         ),
         (
             "targets: [{provider: suno, model: V5}]",
-            "targets: [{provider: openai, model: V5}]",
-            "music.generate is served by providers of kind suno only; provider 'openai' is openai",
+            "targets: [{provider: anthropic, model: V5}]",
+            "music.generate is served by providers of kind suno, openai, openai-compatible only; "
+            "provider 'anthropic' is anthropic",
         ),
     ],
 )
@@ -234,3 +237,45 @@ def test_music_and_suno_providers_go_together(tmp_path, old, new, expected):
     with pytest.raises(ConfigError) as e:
         load_config(tmp_path / "gateway.yaml", env={})
     assert e.value.path.startswith("$.models['suno/V5'].endpoints[") and e.value.message == expected
+
+
+async def test_an_openai_kind_upstream_speaking_this_api_is_passed_through(
+    aiohttp_client, aiohttp_server, key, store_url
+):
+    """Music at an OpenAI-kind provider that serves this same API (another gateway): bodies pass through with
+    the model renamed, ids are the gateway's own, and the usage it reports is billed once."""
+    seen: list[dict] = []
+    state = {"status": "queued"}
+
+    async def create(request: web.Request) -> web.Response:
+        assert request.headers["Authorization"] == "Bearer sk-upstream-secret"
+        seen.append(await request.json())
+        return web.json_response({"id": "music_up1", "object": "music", "status": "queued", "model": "x"})
+
+    async def get(request: web.Request) -> web.Response:
+        assert request.match_info["id"] == "music_up1"
+        body = {"id": "music_up1", "object": "music", "status": state["status"], "output": []}
+        if state["status"] == "completed":
+            body["usage"] = {"output_audio_count": 2, "output_audio_seconds": 90.5}
+        return web.json_response(body)
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/music/generate", create)
+    upstream.router.add_get("/v1/music/generate/{id}", get)
+    server = await aiohttp_server(upstream, host="127.0.0.1")
+    config = load_config(DEFAULT_CONFIG, env=env_for(Mock(str(server.make_url("/v1")), None), store_url))  # type: ignore[arg-type]
+    config.models["relay/music"] = msgspec.convert(
+        {"endpoints": ["music.generate"], "targets": [{"provider": "openai", "model": "suno/V5"}]}, ModelConfig
+    )
+    gateway = await aiohttp_client(build_app(config))
+    made = await create_music(gateway, key, model="relay/music")
+    assert made["id"].startswith("music_") and made["id"] != "music_up1" and made["model"] == "relay/music"
+    assert seen[-1]["model"] == "suno/V5" and seen[-1]["prompt"] == "a calm piano piece for a rainy evening"
+    assert (await get_music(gateway, key, made["id"]))["status"] == "queued"
+    state["status"] = "completed"
+    for _ in range(2):
+        done = await get_music(gateway, key, made["id"])
+        assert done["status"] == "completed" and done["id"] == made["id"]
+    await gateway.server.app[GATEWAY].accountant.flush()
+    billed = [row for row in await generations(store_url, "acme") if '"audio_seconds"' in row[4]]
+    assert len(billed) == 1 and '"audio_seconds":90.5' in billed[0][4]

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import time
 
+import msgspec
+import orjson
 from aiohttp import web
 
-from proxy.errors import GatewayError
+from proxy.config import OPENAI_KINDS
+from proxy.errors import Code, GatewayError
 from proxy.gateway import Gateway
 from proxy.meta import RequestMeta, Usage
 from proxy.store.base import KeyRecord
@@ -29,12 +32,16 @@ from proxy.surfaces.jobs import (
     new_job,
     open_targets,
     owned,
+    passed_on,
+    provider_error,
     raw_json,
     upstream_of,
 )
 from proxy.translators import suno
+from proxy.translators.openai import patch_members
 
 KIND = "music"
+NATIVE_PATH = "/music/generate"  # at an OpenAI-kind upstream that serves this same API (another gateway)
 SURFACE = "music.generate"
 DONE = "completed"
 
@@ -61,16 +68,31 @@ async def _start(gw: Gateway, key: KeyRecord, meta: RequestMeta, body: bytes, re
     model_id, model = await job_model(gw, key, meta, ask.model, SURFACE)
     failure: GatewayError | None = None
     for target, health, upstream in open_targets(gw, meta, gw.routes.usable(model_id, model.targets, key.team_name)):
-        data = suno.build_request(body, ask, target.model)
+        native = upstream.config.kind in OPENAI_KINDS  # a gateway speaking this same music API
+        if native:
+            data = patch_members(body, {"model": orjson.dumps(target.model)})
+        else:
+            data = suno.build_request(body, ask, target.model)
         meta.upstream_started()
         try:
-            status, answer = await call(upstream, "POST", suno.CREATE_PATH, "starting a music task", data=data)
+            path = NATIVE_PATH if native else suno.CREATE_PATH
+            status, answer = await call(upstream, "POST", path, "starting a music task", data=data)
         except GatewayError as e:  # unreachable, or failing (5xx): nothing was started
             meta.upstream_ended(0)
             failure = e
             health.failure(e.message, time.monotonic())
             continue
         meta.upstream_ended(status)
+        if native:
+            if status == 429:
+                failure = provider_error(upstream, status, answer)
+                health.failure(failure.message, time.monotonic())
+                continue
+            health.success(meta.provider_latency())
+            if status >= 400:
+                meta.status = status
+                return passed_on(status, answer, request_id)
+            return await _created_native(gw, key, meta, upstream.name, model_id, answer, request_id)
         try:
             task_id = suno.read_created(upstream.name, status, answer)
         except GatewayError as e:
@@ -97,11 +119,59 @@ async def _created(
     return raw_json(data, request_id)
 
 
+class _NativeUsage(msgspec.Struct):
+    output_audio_seconds: float = 0.0
+
+
+class _Native(msgspec.Struct):
+    """What the gateway reads of a music object from an upstream speaking this API."""
+
+    id: str = ""
+    status: str = ""
+    usage: _NativeUsage | None = None
+
+
+def _native(upstream_name: str, answer: bytes) -> _Native:
+    try:
+        seen = msgspec.json.decode(answer, type=_Native)
+    except msgspec.DecodeError:
+        seen = _Native()
+    if not seen.id:
+        raise GatewayError(
+            Code.upstream_bad_response, f"The provider {upstream_name!r} sent no music task: {answer[:200]!r}"
+        )
+    return seen
+
+
+async def _created_native(
+    gw: Gateway, key: KeyRecord, meta: RequestMeta, provider: str, model_id: str, answer: bytes, request_id: str
+) -> web.Response:
+    seen = _native(provider, answer)
+
+    def shown(job_id: str, created_at: int) -> bytes:
+        return patch_members(answer, {"id": orjson.dumps(job_id), "model": orjson.dumps(model_id)})
+
+    data = await new_job(gw, key, KIND, model_id, provider, seen.id, seen.status or "queued", shown)
+    meta.status, meta.native_id = 200, seen.id
+    return raw_json(data, request_id)
+
+
 async def retrieve(request: web.Request, gw: Gateway, key: KeyRecord, request_id: str) -> web.StreamResponse:
     """`GET /v1/music/generate/{id}`: the task's state, from the provider (and kept); billed when first seen
     completed."""
     job = await owned(request, gw, key.team_id, KIND)
     upstream = upstream_of(gw, job)
+    if upstream.config.kind in OPENAI_KINDS:
+        status, answer = await call(upstream, "GET", f"{NATIVE_PATH}/{job.upstream_id}", "reading a music task")
+        if status >= 400:
+            return passed_on(status, answer, request_id)
+        seen = _native(upstream.name, answer)
+        shown = patch_members(answer, {"id": orjson.dumps(job.id), "model": orjson.dumps(job.model_id)})
+        await gw.store.update_job(job.id, status=seen.status or job.status, data=shown)  # type: ignore[union-attr]
+        if seen.status == DONE:
+            seconds = seen.usage.output_audio_seconds if seen.usage is not None else 0.0
+            await bill(gw, job, SURFACE, Usage(audio_seconds=seconds))
+        return raw_json(shown, request_id)
     status, answer = await call(
         upstream, "GET", suno.RECORD_PATH, "reading a music task's state", params={"taskId": job.upstream_id}
     )
