@@ -83,6 +83,10 @@ async def test_a_batch_runs_and_is_billed_once_at_the_batch_discount(gateway, ke
     listed = await client.batches.list()
     assert [b.id for b in listed.data] == [batch.id]
     exposition = await (await gateway.get("/metrics")).text()
+    assert (
+        'gateway_requests_total{model="openai/gpt-4o-mini",provider="openai",status="200",surface="openai.files"} 1.0'
+        in exposition
+    )
     spent = 'gateway_spend_usd_total{model="openai/gpt-4o-mini",provider="openai",surface="openai.batches"} 6.75e-06'
     assert spent in exposition
 

@@ -150,12 +150,22 @@ async def create(request: web.Request, gw: Gateway, key: KeyRecord, request_id: 
         else:
             provider = _default_provider(gw, request.query.get("provider", ""), key)
         upstream = gw.upstreams[provider]
+        meta.model, meta.provider = model_id, provider
+        meta.upstream_started()
         status, answer = await _send(upstream, upload)
+        meta.upstream_ended(status)
+        meta.status = status
         if status >= 400:
             return passed_on(status, answer, request_id)
         return await _created(gw, key, upstream, model_id, answer, request_id)
+    except GatewayError as e:
+        meta.status = e.status
+        raise
     finally:
         upload.close()
+        meta.request_bytes = upload.received
+        meta.t_end = time.perf_counter()
+        gw.metrics.record(meta, meta.t_end)  # counted, not recorded as a generation: a file costs nothing
 
 
 async def _send(upstream: Upstream, upload: Upload) -> tuple[int, bytes]:
