@@ -41,6 +41,7 @@ from proxy.surfaces.jobs import (
     passed_on,
     provider_error,
     raw_json,
+    read_object,
     upstream_of,
 )
 from proxy.translators.batch import BatchUsage
@@ -122,9 +123,7 @@ async def _start(
     meta.status = status
     if status >= 400:
         return passed_on(status, answer, request_id)
-    seen = _decode(answer, upstream)
-    if not seen.id:
-        raise GatewayError(Code.upstream_bad_response, f"The provider {upstream.name!r} started no batch.")
+    seen = read_object(answer, _Batch, upstream.name, "started no batch")
     now = int(time.time())
     job = Job(
         id=f"{KIND}_{secrets.token_hex(12)}",

@@ -37,6 +37,7 @@ from proxy.surfaces.jobs import (
     passed_on,
     provider_error,
     raw_json,
+    read_object,
     remove,
     upstream_of,
 )
@@ -185,12 +186,7 @@ async def _send(upstream: Upstream, upload: Upload) -> tuple[int, bytes]:
 async def _created(
     gw: Gateway, key: KeyRecord, upstream: Upstream, model_id: str, answer: bytes, request_id: str
 ) -> web.Response:
-    try:
-        seen = msgspec.json.decode(answer, type=_File)
-    except msgspec.DecodeError:
-        seen = _File()
-    if not seen.id:
-        raise GatewayError(Code.upstream_bad_response, f"The provider {upstream.name!r} kept no file: {answer[:200]!r}")
+    seen = read_object(answer, _File, upstream.name, "kept no file")
     job_id = file_id(key.team_id, upstream.name, seen.id)
     shown = _shown(answer, job_id)
     job = _job(job_id, key.team_id, key.kid, model_id, upstream.name, seen.id, seen.status or "uploaded", shown)

@@ -12,6 +12,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from typing import Protocol, TypeVar
 
 import aiohttp
 import msgspec
@@ -33,6 +34,12 @@ from proxy.upstream import Upstream
 
 log = logging.getLogger("proxy.surfaces.jobs")
 
+
+class _HasId(Protocol):
+    id: str
+
+
+_Object = TypeVar("_Object", bound=_HasId)
 TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
 Serve = Callable[[web.Request, Gateway, KeyRecord, str], Awaitable[web.StreamResponse]]
 
@@ -122,6 +129,18 @@ async def new_job(
     )
     await gw.store.create_job(job)  # type: ignore[union-attr]
     return data
+
+
+def read_object(answer: bytes, kind: type[_Object], provider: str, nothing: str) -> _Object:
+    """The provider's object (a video, task, file, batch) in `answer`; a 502 "The provider … {nothing}" when
+    the answer is not one with an id."""
+    try:
+        seen = msgspec.json.decode(answer, type=kind)
+    except msgspec.DecodeError:
+        seen = None
+    if seen is None or not seen.id:
+        raise GatewayError(Code.upstream_bad_response, f"The provider {provider!r} {nothing}: {answer[:200]!r}")
+    return seen
 
 
 def upstream_of(gw: Gateway, job: Job) -> Upstream:

@@ -17,7 +17,7 @@ import orjson
 from aiohttp import web
 
 from proxy.config import OPENAI_KINDS
-from proxy.errors import Code, GatewayError
+from proxy.errors import GatewayError
 from proxy.gateway import Gateway
 from proxy.meta import RequestMeta, Usage
 from proxy.store.base import KeyRecord
@@ -35,6 +35,7 @@ from proxy.surfaces.jobs import (
     passed_on,
     provider_error,
     raw_json,
+    read_object,
     upstream_of,
 )
 from proxy.translators import suno
@@ -131,22 +132,10 @@ class _Native(msgspec.Struct):
     usage: _NativeUsage | None = None
 
 
-def _native(upstream_name: str, answer: bytes) -> _Native:
-    try:
-        seen = msgspec.json.decode(answer, type=_Native)
-    except msgspec.DecodeError:
-        seen = _Native()
-    if not seen.id:
-        raise GatewayError(
-            Code.upstream_bad_response, f"The provider {upstream_name!r} sent no music task: {answer[:200]!r}"
-        )
-    return seen
-
-
 async def _created_native(
     gw: Gateway, key: KeyRecord, meta: RequestMeta, provider: str, model_id: str, answer: bytes, request_id: str
 ) -> web.Response:
-    seen = _native(provider, answer)
+    seen = read_object(answer, _Native, provider, "sent no music task")
 
     def shown(job_id: str, created_at: int) -> bytes:
         return patch_members(answer, {"id": orjson.dumps(job_id), "model": orjson.dumps(model_id)})
@@ -165,7 +154,7 @@ async def retrieve(request: web.Request, gw: Gateway, key: KeyRecord, request_id
         status, answer = await call(upstream, "GET", f"{NATIVE_PATH}/{job.upstream_id}", "reading a music task")
         if status >= 400:
             return passed_on(status, answer, request_id)
-        seen = _native(upstream.name, answer)
+        seen = read_object(answer, _Native, upstream.name, "sent no music task")
         shown = patch_members(answer, {"id": orjson.dumps(job.id), "model": orjson.dumps(job.model_id)})
         await gw.store.update_job(job.id, status=seen.status or job.status, data=shown)  # type: ignore[union-attr]
         if seen.status == DONE:

@@ -44,6 +44,7 @@ from proxy.surfaces.jobs import (
     passed_on,
     provider_error,
     public_url,
+    read_object,
     remove,
     upstream_of,
 )
@@ -149,14 +150,7 @@ async def _start(
 async def _created(
     gw: Gateway, key: KeyRecord, meta: RequestMeta, upstream: Upstream, model_id: str, answer: bytes, request_id: str
 ) -> web.Response:
-    try:
-        video = msgspec.json.decode(answer, type=_Video)
-    except msgspec.DecodeError:
-        video = _Video()
-    if not video.id:
-        raise GatewayError(
-            Code.upstream_bad_response, f"The provider {upstream.name!r} started no video: {answer[:200]!r}"
-        )
+    video = read_object(answer, _Video, upstream.name, "started no video")
     status = video.status or "queued"
     shown = await new_job(
         gw, key, KIND, model_id, upstream.name, video.id, status, lambda job_id, _: _shown(answer, job_id)
