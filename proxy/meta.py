@@ -6,6 +6,7 @@ reference's figures: latency, provider latency, TTFT, generation time, TPOT, thr
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from typing import TYPE_CHECKING, Final, final
@@ -41,8 +42,26 @@ class Usage(msgspec.Struct, omit_defaults=True):
 MEDIA_UNITS: Final = ("images", "characters", "audio_seconds", "pages", "searches", "video_seconds")
 
 
+def _process_tag() -> str:
+    return os.urandom(4).hex()
+
+
+_tag = _process_tag()
+_serial = itertools.count()
+
+
+def _forked() -> None:  # a worker must not share its parent's tag (ids would collide)
+    global _tag, _serial
+    _tag, _serial = _process_tag(), itertools.count()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
 def new_request_id() -> str:
-    return "req_" + os.urandom(12).hex()
+    """`req_` and 24 hex digits: milliseconds since the epoch, a random tag per process, a counter. Ids sort by
+    time (the store's index grows at its end instead of at random places) and cost no system call."""
+    return f"req_{time.time_ns() // 1_000_000:011x}{_tag}{next(_serial) & 0xFFFFF:05x}"
 
 
 def _ms(seconds: float) -> float:
@@ -52,6 +71,7 @@ def _ms(seconds: float) -> float:
 @final
 class RequestMeta:
     __slots__ = (
+        "accounted",
         "attempts",
         "cost_nanos",
         "currency",
@@ -112,6 +132,7 @@ class RequestMeta:
         self.error_code = ""
         self.error_message = ""
         self.t_end = 0.0
+        self.accounted = False  # handed to the accountant (its record is journaled): a second submit is a no-op
 
     def price(self, tariff: Tariff | None) -> bytes:
         """Cost this request's usage; the `cost_nanos`, `currency`, `pricing_lines` members (b"" if unpriced)."""

@@ -1,14 +1,19 @@
-"""Pooled HTTP clients, one per provider, with its credentials, headers and timeouts prepared once."""
+"""One provider as the gateway calls it: its lean connection pool for the inference path (`proxy.client`),
+an aiohttp session for the job, file and batch APIs, and the credentials, headers, timeouts and URLs
+prepared once. Transport failures of either become the client-facing error here (`failure`)."""
 
 from __future__ import annotations
 
 import asyncio
+import ssl
+from collections.abc import AsyncIterable, Callable, Mapping
 from typing import final
 
 import aiohttp
 from yarl import URL
 
 from proxy import __version__
+from proxy.client import BrokenResponse, Connection, ConnectTimeout, Pool, ReadTimeout, Response
 from proxy.config import ProviderConfig
 from proxy.errors import Code, GatewayError
 from proxy.translators import suno
@@ -16,39 +21,85 @@ from proxy.translators.exchange import PROVIDERS
 
 # Credential headers of the provider kinds that serve job surfaces only (no chat translator).
 _JOB_KIND_AUTH = {"suno": suno.auth_headers}
+_STREAMING_PHASES = ("streaming", "waiting for its first event")
 
 
 @final
 class Upstream:
-    """One provider: a `ClientSession` with a connection pool, and its URLs parsed once."""
+    """One provider: a lean pool for inference requests, an aiohttp `ClientSession` for the rest."""
 
-    __slots__ = ("_urls", "base_url", "config", "kind", "name", "retired", "session", "timeout", "users")
+    __slots__ = (
+        "_session",
+        "_urls",
+        "base_path",
+        "base_url",
+        "config",
+        "headers",
+        "kind",
+        "name",
+        "pool",
+        "retired",
+        "timeout",
+        "users",
+    )
 
     def __init__(self, name: str, config: ProviderConfig):
         self.name = name
         self.config = config
         self.kind = config.kind
         self.base_url = config.base_url.rstrip("/")
+        url = URL(self.base_url)
+        self.base_path = url.raw_path.rstrip("/")
         t = config.timeouts
-        # sock_read bounds the wait for the response headers; `idle` narrows it for a stream's body.
+        # sock_read bounds the wait for the response headers (and each read of a job's answer).
         self.timeout = aiohttp.ClientTimeout(total=t.total_s, sock_connect=t.connect_s, sock_read=t.first_byte_s)
         headers = {"Content-Type": "application/json", "User-Agent": f"stats-gateway/{__version__}"}
         provider = PROVIDERS.get(config.kind)
         auth = provider.auth_headers if provider is not None else _JOB_KIND_AUTH[config.kind]
         headers.update(auth(config.api_key))
         headers.update(config.headers)
-        connector = aiohttp.TCPConnector(limit=config.max_connections, ttl_dns_cache=300, enable_cleanup_closed=True)
-        self.session = aiohttp.ClientSession(
-            connector=connector,
-            # Upstream cookies must never be stored: they would be replayed for every tenant's requests.
-            cookie_jar=aiohttp.DummyCookieJar(),
-            headers=headers,
-            timeout=self.timeout,
-            read_bufsize=2**16,
+        self.headers = headers  # what every request carries (the aiohttp session's defaults too)
+        host = url.raw_host or ""
+        tls = url.scheme == "https"
+        port = url.port or (443 if tls else 80)
+        host_header = f"[{host}]" if ":" in host else host  # an IPv6 literal
+        if url.explicit_port is not None and port != (443 if tls else 80):
+            host_header += f":{port}"
+        origin = f"{url.scheme}://{host_header}"
+        self.pool = Pool(
+            _direct(host, port, tls),
+            origin,
+            {"Host": host_header, **headers, "Accept-Encoding": "gzip, deflate"},
+            limit=config.max_connections,
+            connect_s=t.connect_s,
+            first_byte_s=t.first_byte_s,
+            total_s=t.total_s,
         )
+        self._session: aiohttp.ClientSession | None = None
         self._urls: dict[str, URL] = {}
         self.users = 0  # requests using it now
         self.retired = False  # replaced by a reload: closed when `users` comes back to 0
+
+    async def post(
+        self, path: str, body: bytes | AsyncIterable[bytes], headers: Mapping[str, str] | None = None
+    ) -> Response:
+        """An inference request (`path` under the base URL) over the pool; its answer's head has arrived."""
+        return await self.pool.request(self.base_path + path, body, headers)
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """aiohttp's client, for the job, file and batch APIs (made when first used)."""
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=self.config.max_connections, ttl_dns_cache=300)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                # Upstream cookies must never be stored: they would be replayed for every tenant's requests.
+                cookie_jar=aiohttp.DummyCookieJar(),
+                headers=self.headers,
+                timeout=self.timeout,
+                read_bufsize=2**16,
+            )
+        return self._session
 
     def url(self, path: str) -> URL:
         url = self._urls.get(path)
@@ -56,34 +107,39 @@ class Upstream:
             url = self._urls[path] = URL(self.base_url + path)
         return url
 
-    def idle(self, resp: aiohttp.ClientResponse) -> None:
-        """From now on, bound the silence between reads of `resp`'s body by `timeouts.idle_s` (the
-        connection's read timer, restarted; aiohttp has no per-response setting for it)."""
-        idle = self.config.timeouts.idle_s
-        if idle == self.config.timeouts.first_byte_s or resp.connection is None:
-            return
-        protocol = resp.connection.protocol
-        if protocol is not None:
-            protocol.read_timeout = idle
-            protocol.start_timeout()
-
     async def close(self) -> None:
-        await self.session.close()
+        self.pool.close()
+        if self._session is not None:
+            await self._session.close()
 
     def failure(self, exc: BaseException, phase: str) -> GatewayError:
         """The client-facing error for a transport failure while `phase` (e.g. 'connecting')."""
         where = f"provider {self.name!r} ({self.base_url})"
+        t = self.config.timeouts
         if isinstance(exc, asyncio.TimeoutError):
-            if isinstance(exc, aiohttp.ConnectionTimeoutError):
-                limit = f"{self.config.timeouts.connect_s:g} s to connect"
-            elif isinstance(exc, aiohttp.SocketTimeoutError):
-                t = self.config.timeouts
-                idle = phase in ("streaming", "waiting for its first event")
-                limit = f"{t.idle_s:g} s between events" if idle else f"{t.first_byte_s:g} s to answer"
+            if isinstance(exc, ConnectTimeout | aiohttp.ConnectionTimeoutError):
+                limit = f"{t.connect_s:g} s to connect"
+            elif isinstance(exc, ReadTimeout | aiohttp.SocketTimeoutError):
+                streaming = phase in _STREAMING_PHASES
+                limit = f"{t.idle_s:g} s between events" if streaming else f"{t.first_byte_s:g} s to answer"
             else:
-                limit = f"{self.config.timeouts.total_s:g} s in total"
+                limit = f"{t.total_s:g} s in total"
             return GatewayError(Code.upstream_timeout, f"The {where} timed out while {phase} (limit: {limit}).")
-        if isinstance(exc, aiohttp.ClientPayloadError):
-            return GatewayError(Code.upstream_bad_response, f"The {where} sent a broken response while {phase}.")
+        if isinstance(exc, BrokenResponse | aiohttp.ClientPayloadError):
+            detail = f": {exc}" if isinstance(exc, BrokenResponse) else ""
+            message = f"The {where} sent a broken response while {phase}{detail}."
+            return GatewayError(Code.upstream_bad_response, message)
         detail = str(exc) or type(exc).__name__
         return GatewayError(Code.upstream_unreachable, f"Could not reach the {where} while {phase}: {detail}")
+
+
+def _direct(
+    host: str, port: int, tls: bool
+) -> Callable[[Callable[[], Connection], float], asyncio.Future[tuple[asyncio.Transport, Connection]]]:
+    context = ssl.create_default_context() if tls else None
+
+    def connect(factory: Callable[[], Connection], timeout: float):  # type: ignore[no-untyped-def]
+        loop = asyncio.get_running_loop()
+        return loop.create_connection(factory, host, port, ssl=context, server_hostname=host if tls else None)
+
+    return connect

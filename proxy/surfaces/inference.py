@@ -16,7 +16,6 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import final
 
-import aiohttp
 import msgspec
 import orjson
 from aiohttp import web
@@ -24,6 +23,7 @@ from msgspec import UNSET
 
 from proxy.access import META
 from proxy.auth import token_from_headers
+from proxy.client import ClientError, ConnectError, ConnectTimeout, Response
 from proxy.config import ModelConfig, Target
 from proxy.debug import Echo, wanted
 from proxy.errors import Code, GatewayError, render
@@ -54,7 +54,7 @@ Serve = Callable[[web.Request, Gateway, Surface, str, RequestMeta], Awaitable[we
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 CLIENT_CLOSED = 499  # nginx's convention: the client went away before the answer was complete
-_TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
+_TRANSPORT_ERRORS = (ClientError,)  # the lean client's failures (its timeouts are TimeoutErrors too)
 _encode = msgspec.json.Encoder().encode
 _DRAIN_BYTES = 64 * 1024  # after [DONE], read at most this much ...
 _DRAIN_S = 1.0  # ... for at most this long, before closing the upstream connection instead
@@ -268,33 +268,36 @@ async def attempt(
     """One call to one target. Raises `Retry` for a failure the client has not seen."""
     up = exchange.upstream
     if echo is not None:
-        echo.sent(upstream.url(up.path), {**upstream.session.headers, **up.headers}, up.body, upstream.config.api_key)
+        echo.sent(upstream.url(up.path), {**upstream.headers, **up.headers}, up.body, upstream.config.api_key)
     verdict = False
     upstream.users += 1
     meta.upstream_started()
     try:
         try:
             data = up.body if exchange.upload is None else exchange.upload.payload()
-            resp = await upstream.session.post(upstream.url(up.path), data=data, headers=up.headers or None)
+            resp = await upstream.post(up.path, data, up.headers or None)
         except _TRANSPORT_ERRORS as e:
             meta.upstream_ended(0)
             if exchange.upload is not None and exchange.upload.error is not None:
                 raise exchange.upload.error from None  # the client's upload failed, not the provider
-            connecting = isinstance(e, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
+            connecting = isinstance(e, ConnectError | ConnectTimeout)
             error = upstream.failure(e, "connecting" if connecting else "waiting for its answer")
             verdict = _failed(gw, health, meta, error.code.name, error.message)
             raise Retry(error) from None
+        except GatewayError:  # reading the client's upload failed: its error is the answer
+            meta.upstream_ended(0)
+            raise
         try:
             status = resp.status
             if status in RETRYABLE_STATUSES or status in FALLBACK_STATUSES:
                 raise await _refused(resp, upstream, meta, exchange)
             first_byte = time.perf_counter() - meta.t_upstream_start
             if meta.stream and status == 200 and resp.content_type == "text/event-stream":
-                upstream.idle(resp)
+                resp.stream(upstream.config.timeouts.idle_s)
                 relay = exchange.relay(meta.request_id, wants_meta)
                 out = await _stream(request, resp, upstream, meta, relay, echo)
             elif exchange.raw and status < 300 and "json" not in resp.content_type:
-                upstream.idle(resp)
+                resp.stream(upstream.config.timeouts.idle_s)
                 out = await _relay_bytes(request, resp, upstream, meta, exchange)
             else:
                 out = await _respond(resp, upstream, meta, exchange, wants_meta, echo)
@@ -336,7 +339,7 @@ def _failed(gw: Gateway, health: Health, meta: RequestMeta, outcome: str, messag
     return True
 
 
-async def _refused(resp: aiohttp.ClientResponse, upstream: Upstream, meta: RequestMeta, exchange: Exchange) -> Retry:
+async def _refused(resp: Response, upstream: Upstream, meta: RequestMeta, exchange: Exchange) -> Retry:
     """A provider's error answer worth trying elsewhere (429, 5xx, its credentials refused), with what the
     client gets if no other try succeeds."""
     try:
@@ -360,7 +363,7 @@ async def _refused(resp: aiohttp.ClientResponse, upstream: Upstream, meta: Reque
 
 
 async def _respond(
-    resp: aiohttp.ClientResponse,
+    resp: Response,
     upstream: Upstream,
     meta: RequestMeta,
     exchange: Exchange,
@@ -395,7 +398,7 @@ async def _respond(
 
 
 def _upstream_error(
-    resp: aiohttp.ClientResponse, data: bytes, upstream: Upstream, meta: RequestMeta, exchange: Exchange
+    resp: Response, data: bytes, upstream: Upstream, meta: RequestMeta, exchange: Exchange
 ) -> web.Response:
     """An upstream error status: its JSON body passes through when the client speaks the provider's format,
     or is translated into the client's; anything else is wrapped in our envelope."""
@@ -432,7 +435,7 @@ def _upstream_error(
 
 async def _stream(
     request: web.Request,
-    resp: aiohttp.ClientResponse,
+    resp: Response,
     upstream: Upstream,
     meta: RequestMeta,
     state: Relay,
@@ -448,14 +451,14 @@ async def _stream(
 
 async def _relay(
     request: web.Request,
-    resp: aiohttp.ClientResponse,
+    resp: Response,
     upstream: Upstream,
     meta: RequestMeta,
     state: Relay,
     echo: Echo | None,
 ) -> web.StreamResponse:
     out = web.StreamResponse(status=200, headers={**SSE_HEADERS, "x-request-id": meta.request_id})
-    content = resp.content
+    content = resp
     try:
         # The client's response starts with the provider's first bytes: until then, a failure is retried.
         chunk = await content.readany()
@@ -517,12 +520,12 @@ async def _relay(
     with contextlib.suppress(ConnectionError):
         await out.write_eof()  # the client's stream is complete before the upstream's is drained
         meta.finished = True
-    await _drain(resp.content)
+    await _drain(resp)
     return out
 
 
 async def _relay_bytes(
-    request: web.Request, resp: aiohttp.ClientResponse, upstream: Upstream, meta: RequestMeta, exchange: Exchange
+    request: web.Request, resp: Response, upstream: Upstream, meta: RequestMeta, exchange: Exchange
 ) -> web.StreamResponse:
     """A successful answer that is not JSON (speech audio, a transcription as text, SRT or VTT), relayed as
     it arrives with the provider's Content-Type; never read whole. Until its first bytes reach the client a
@@ -532,7 +535,7 @@ async def _relay_bytes(
     if resp.content_type == "text/event-stream":  # e.g. speech with stream_format=sse
         headers.update(SSE_HEADERS)
     headers["x-request-id"] = meta.request_id
-    content = resp.content
+    content = resp
     try:
         chunk = await content.readany()
     except _TRANSPORT_ERRORS as e:
@@ -575,7 +578,7 @@ async def _end_with_error(out: web.StreamResponse, state: Relay, meta: RequestMe
     await _write_quietly(out, state.abort() + state.error(error, meta.request_id))
 
 
-async def _drain(content: aiohttp.StreamReader) -> None:
+async def _drain(content: Response) -> None:
     """Read what follows `[DONE]` (normally just the end of the chunked body, which may come a moment
     later), so that the upstream connection goes back to the pool instead of being closed."""
     budget = _DRAIN_BYTES
