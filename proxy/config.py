@@ -131,6 +131,14 @@ class BreakerConfig(_Base):
     cooldown_s: float = 30.0
 
 
+class TlsConfig(_Base):
+    """A provider's TLS beyond the defaults; certificates and host names are verified whatever is set here."""
+
+    ca_file: str = ""  # PEM CA certificates trusted for this provider instead of the system store
+    cert_file: str = ""  # a PEM client certificate to present (mTLS); it may hold its private key too
+    key_file: str = ""  # the client certificate's PEM private key, unless cert_file holds it
+
+
 class ProviderConfig(_Base):
     kind: str
     base_url: str
@@ -141,6 +149,10 @@ class ProviderConfig(_Base):
     breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
     drop_params: bool = False  # drop request parameters this provider cannot honour instead of answering 400
     team: str = ""  # the team whose own account this provider's key is (it may list the provider's files); "": shared
+    # "": HTTPS_PROXY / HTTP_PROXY from the environment unless NO_PROXY names the host; "direct": never a
+    # proxy; or http://[user:password@]host:port for this provider, whatever the environment says.
+    proxy: str = ""
+    tls: TlsConfig = msgspec.field(default_factory=TlsConfig)  # file paths relative to the config's folder
 
 
 class Target(_Base):
@@ -396,6 +408,7 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
     if "routes" not in raw:
         config.routes = default_routes(config.models)
     check(config, fail)
+    check_egress(config, Path(os.path.abspath(file.parent)), environ, fail)
     pricing = file.parent / config.pricing.file
     if pricing.exists() or "pricing" in raw:  # the default file is optional; a named one is not
         config.prices = load_pricing(pricing, config, environ)
@@ -558,6 +571,24 @@ def check(config: GatewayConfig, fail: Any) -> None:
         seen[key] = i
         if route.default_model and route.default_model not in config.models:
             fail(["routes", i, "default_model"], f"unknown model {route.default_model!r}")
+
+
+def check_egress(config: GatewayConfig, folder: Path, env: Any, fail: Any) -> None:
+    """Each provider's proxy and TLS files, as its connections will use them (relative paths made absolute)."""
+    from proxy.egress import Egress, SettingError
+
+    for name, provider in config.providers.items():
+        tls = provider.tls
+        for field in TlsConfig.__struct_fields__:
+            path = getattr(tls, field)
+            if path:
+                setattr(tls, field, str(folder / Path(path).expanduser()))  # an absolute path stays itself
+        try:
+            Egress(provider.base_url, provider, environ=env)
+        except SettingError as e:
+            fail(["providers", name, *e.field], e.message)
+        if any(getattr(tls, field) for field in TlsConfig.__struct_fields__) and provider.base_url.startswith("http:"):
+            log.warning("%s: providers.%s.tls is set but its base_url is http://: no TLS is used", config.source, name)
 
 
 def fail_at(config: GatewayConfig, segments: list[Segment], message: str) -> None:

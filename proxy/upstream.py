@@ -5,16 +5,16 @@ prepared once. Transport failures of either become the client-facing error here 
 from __future__ import annotations
 
 import asyncio
-import ssl
-from collections.abc import AsyncIterable, Callable, Mapping
+from collections.abc import AsyncIterable, Mapping
 from typing import final
 
 import aiohttp
 from yarl import URL
 
 from proxy import __version__
-from proxy.client import BrokenResponse, Connection, ConnectTimeout, Pool, ReadTimeout, Response
+from proxy.client import BrokenResponse, ConnectTimeout, Pool, ReadTimeout, Response
 from proxy.config import ProviderConfig
+from proxy.egress import Egress
 from proxy.errors import Code, GatewayError
 from proxy.translators import suno
 from proxy.translators.exchange import PROVIDERS
@@ -34,6 +34,7 @@ class Upstream:
         "base_path",
         "base_url",
         "config",
+        "egress",
         "headers",
         "kind",
         "name",
@@ -59,21 +60,17 @@ class Upstream:
         headers.update(auth(config.api_key))
         headers.update(config.headers)
         self.headers = headers  # what every request carries (the aiohttp session's defaults too)
-        host = url.raw_host or ""
-        tls = url.scheme == "https"
-        port = url.port or (443 if tls else 80)
-        host_header = f"[{host}]" if ":" in host else host  # an IPv6 literal
-        if url.explicit_port is not None and port != (443 if tls else 80):
-            host_header += f":{port}"
-        origin = f"{url.scheme}://{host_header}"
+        self.egress = egress = Egress(self.base_url, config)  # direct or through a proxy; TLS settings
+        origin = f"{'https' if egress.tls else 'http'}://{egress.authority}"
         self.pool = Pool(
-            _direct(host, port, tls),
+            egress.connect,
             origin,
-            {"Host": host_header, **headers, "Accept-Encoding": "gzip, deflate"},
+            {"Host": egress.authority, **headers, "Accept-Encoding": "gzip, deflate", **egress.extra_headers},
             limit=config.max_connections,
             connect_s=t.connect_s,
             first_byte_s=t.first_byte_s,
             total_s=t.total_s,
+            target_prefix=egress.target_prefix,
         )
         self._session: aiohttp.ClientSession | None = None
         self._urls: dict[str, URL] = {}
@@ -90,8 +87,10 @@ class Upstream:
     def session(self) -> aiohttp.ClientSession:
         """aiohttp's client, for the job, file and batch APIs (made when first used)."""
         if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self.config.max_connections, ttl_dns_cache=300)
+            tls, proxy = self.egress.aiohttp_options()
+            connector = aiohttp.TCPConnector(limit=self.config.max_connections, ttl_dns_cache=300, **tls)
             self._session = aiohttp.ClientSession(
+                **proxy,
                 connector=connector,
                 # Upstream cookies must never be stored: they would be replayed for every tenant's requests.
                 cookie_jar=aiohttp.DummyCookieJar(),
@@ -114,7 +113,7 @@ class Upstream:
 
     def failure(self, exc: BaseException, phase: str) -> GatewayError:
         """The client-facing error for a transport failure while `phase` (e.g. 'connecting')."""
-        where = f"provider {self.name!r} ({self.base_url})"
+        where = f"provider {self.name!r} ({self.base_url}){self.egress.via}"
         t = self.config.timeouts
         if isinstance(exc, asyncio.TimeoutError):
             if isinstance(exc, ConnectTimeout | aiohttp.ConnectionTimeoutError):
@@ -132,14 +131,3 @@ class Upstream:
         detail = str(exc) or type(exc).__name__
         return GatewayError(Code.upstream_unreachable, f"Could not reach the {where} while {phase}: {detail}")
 
-
-def _direct(
-    host: str, port: int, tls: bool
-) -> Callable[[Callable[[], Connection], float], asyncio.Future[tuple[asyncio.Transport, Connection]]]:
-    context = ssl.create_default_context() if tls else None
-
-    def connect(factory: Callable[[], Connection], timeout: float):  # type: ignore[no-untyped-def]
-        loop = asyncio.get_running_loop()
-        return loop.create_connection(factory, host, port, ssl=context, server_hostname=host if tls else None)
-
-    return connect

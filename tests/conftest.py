@@ -22,6 +22,12 @@ from tests.mock_upstream import MockControl, build_mock
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "config" / "gateway.yaml"
 
+# Tests reach only their own servers on 127.0.0.1: a proxy set on the machine (CI behind one) must not take
+# their traffic. The egress tests set these variables themselves, per test.
+for _name in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "NO_PROXY"):
+    os.environ.pop(_name, None)
+    os.environ.pop(_name.lower(), None)
+
 
 @dataclass
 class Mock:
