@@ -19,7 +19,12 @@ async def read_body(request: web.Request, server: ServerConfig) -> bytes:
     if length is not None and length > limit:
         raise GatewayError(Code.payload_too_large, f"The request body is {length} bytes; the limit is {limit}.")
     try:
-        if request.content.is_eof():  # the common case: it came with the headers
+        content = request.content
+        if length is not None and content.is_eof():  # the common case: it came with the headers
+            body = content.read_nowait()  # the buffer as it is (`request.read()` copies it twice)
+            if len(body) > limit:  # e.g. a small compressed body that decodes to a large one
+                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body))
+        elif content.is_eof():
             body = await request.read()
         else:
             async with asyncio.timeout(server.body_timeout_s):
