@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import socket
 
+import orjson
 import pytest
 
 from proxy.app import build_app
@@ -111,6 +113,13 @@ async def test_413_body_over_the_limit(aiohttp_client, mock, store_url, make_key
     key = await make_key()
     big = {**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]}
     r = await client.post("/v1/chat/completions", json=big, headers=auth(key))
+    await expect_error(r, 413, "payload_too_large", "2048")
+
+    # A small compressed body that decodes past the limit (a zip bomb) is refused, not read whole.
+    packed = gzip.compress(orjson.dumps({**CHAT, "messages": [{"role": "user", "content": "x" * 50_000}]}))
+    assert len(packed) < 2048
+    headers = {**auth(key), "Content-Encoding": "gzip", "Content-Type": "application/json"}
+    r = await client.post("/v1/chat/completions", data=packed, headers=headers)
     await expect_error(r, 413, "payload_too_large", "2048")
 
     async def chunks():  # no Content-Length: the limit holds while reading
