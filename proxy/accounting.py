@@ -1,10 +1,13 @@
-"""Usage accounting: each request's generation record and wallet debit, written exactly once, off the hot path.
+"""Usage accounting: each request's generation record and wallet debit, written exactly once, off the hot path,
+and kept through a crash.
 
-A finished request hands its `RequestMeta` to `Accountant.submit` (a deque append). Its cost comes off the
-team's cached balance at once, so concurrent requests see it. One writer task turns waiting metas into
-records and gives them to the store in batches. The store writes a batch's records and debits in one
-transaction, and a record already written is never charged again. A failed write is retried, never
-dropped. On shutdown `close` flushes what is waiting.
+A finished request hands its `RequestMeta` to `Accountant.submit`, once (a second call is a no-op). Its cost
+comes off the team's cached balance at once, so concurrent requests see it; its record is built, appended to
+this worker's journal (one `os.write`: see `proxy.journal`) and queued. One writer task gives queued records
+to the store in batches. The store writes a batch's records and debits in one transaction, and a record
+already written is never charged again, so replaying the journal after a crash is safe. A failed write is
+retried, never dropped. On shutdown `close` flushes what is waiting; on start, and every ADOPT_EVERY_S,
+the journals of dead workers are replayed.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import final
 import orjson
 
 from proxy.credit import KeyBudgets, WalletCache
+from proxy.journal import ROTATE_BYTES, Journal, encode_row
 from proxy.meta import MEDIA_UNITS, RequestMeta, Usage
 from proxy.store.base import ROW_COST, ROW_KEY, ROW_TEAM, Generation, Store, StoreError
 
@@ -26,6 +30,7 @@ log = logging.getLogger("proxy.accounting")
 
 MAX_BATCH = 500
 LINGER_S = 0.05  # how long a record may wait for others to share its transaction
+ADOPT_EVERY_S = 30.0  # how often the writer looks for journals left by dead workers
 
 
 def estimate(meta: RequestMeta) -> None:
@@ -67,12 +72,12 @@ def row(meta: RequestMeta, created_ms: int) -> tuple:
         meta.model,
         meta.provider,
         meta.upstream_model,
-        meta.native_id,
+        meta.native_id.replace("\0", ""),  # from the provider; PostgreSQL text cannot hold NUL
         meta.stream,
         meta.status,
         200 <= meta.status < 300 and not meta.error_code,
         meta.error_code,
-        meta.error_message,
+        meta.error_message.replace("\0", ""),
         orjson.dumps(usage_json).decode(),
         meta.usage_source if usage else "none",
         meta.cost_nanos or 0,
@@ -91,19 +96,31 @@ class Accountant:
         "_wake",
         "_writing",
         "budgets",
+        "fsync_s",
+        "journal",
         "max_queue",
         "store",
         "unwritten",
         "wallets",
     )
 
-    def __init__(self, store: Store, wallets: WalletCache, budgets: KeyBudgets, max_queue: int = 100_000):
+    def __init__(
+        self,
+        store: Store,
+        wallets: WalletCache,
+        budgets: KeyBudgets,
+        journal: Journal,
+        max_queue: int = 100_000,
+        fsync_s: float = 1.0,
+    ):
         self.store = store
         self.wallets = wallets
         self.budgets = budgets
+        self.journal = journal
         self.max_queue = max_queue
-        self.unwritten: dict[str, tuple | RequestMeta] = {}  # request id → waiting meta, then its row
-        self._queue: deque[tuple[RequestMeta, int]] = deque()
+        self.fsync_s = fsync_s  # 0: the journal is never fsynced
+        self.unwritten: dict[str, tuple] = {}  # request id → its row, until the store has it
+        self._queue: deque[tuple[tuple, bytes]] = deque()  # (row, journal line), in the journal's order
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -115,11 +132,19 @@ class Accountant:
         """Too many records wait for the store: new requests are refused until it catches up."""
         return len(self._queue) >= self.max_queue
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        """Open this worker's journal, replay those dead workers left (before serving), start the writer."""
+        self.journal.open()
+        await self.adopt()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def submit(self, meta: RequestMeta) -> None:
-        """Account a finished request: debit its cost in memory now, record it soon. Never blocks."""
+        """Account a finished request: debit its cost in memory and journal its record now, store it soon.
+        Never blocks (the journal append is one write to the page cache). Once per request: a second call
+        is a no-op, so a handler may submit before its last write and again in its `finally`."""
+        if meta.accounted:
+            return
+        meta.accounted = True
         if meta.cost_nanos is None and meta.tariff is not None:
             estimate(meta)
             if meta.usage is not None:  # a provider answered (or streamed): bill it; else nothing to bill
@@ -131,48 +156,61 @@ class Accountant:
             self.wallets.debit(meta.team_id, cost)
             if meta.key_limited:
                 self.budgets.add(meta.key_id, cost)
-        self.unwritten[meta.request_id] = meta
-        self._queue.append((meta, int(time.time() * 1000)))
+        values = row(meta, int(time.time() * 1000))
+        line = encode_row(values)
+        self.journal.append(line)
+        self.unwritten[meta.request_id] = values
+        self._queue.append((values, line))
         self._idle.clear()
         self._wake.set()
 
     def lookup(self, team_id: str, request_id: str) -> Generation | None:
-        """A record not yet in the store (by request id), built on demand."""
-        waiting = self.unwritten.get(request_id)
-        if waiting is None:
-            return None
-        values = waiting if isinstance(waiting, tuple) else row(waiting, int(time.time() * 1000))
-        return Generation.from_row(values) if values[ROW_TEAM] == team_id else None
+        """A record not yet in the store (by request id)."""
+        values = self.unwritten.get(request_id)
+        return Generation.from_row(values) if values is not None and values[ROW_TEAM] == team_id else None
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        adopt_at = loop.time() + ADOPT_EVERY_S
+        sync_at = loop.time() + self.fsync_s
         while True:
             if not self._queue:
                 self._idle.set()
                 self._wake.clear()
-                await self._wake.wait()
+                due = min(adopt_at, sync_at) if self.fsync_s and self.journal.dirty else adopt_at
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), max(due - loop.time(), 0.0))
+            now = loop.time()
+            if self.fsync_s and now >= sync_at:
+                sync_at = now + self.fsync_s
+                if self.journal.dirty:
+                    await asyncio.to_thread(self.journal.sync)  # off the event loop: it waits for the disk
+            if now >= adopt_at:
+                adopt_at = now + ADOPT_EVERY_S
+                await self.adopt()
+            if not self._queue:
+                continue
             if len(self._queue) < MAX_BATCH:
                 await asyncio.sleep(LINGER_S)  # let a batch gather: one transaction for many requests
             batch = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_BATCH))]
-            rows = [row(meta, created) for meta, created in batch]
-            for values in rows:
-                self.unwritten[values[0]] = values
             self._writing = True
             try:
-                await self._write(rows)
+                await self._write(batch)
             finally:
                 self._writing = False
+            await self._settle()
 
-    async def _write(self, rows: list[tuple]) -> None:
+    async def _write(self, batch: list[tuple[tuple, bytes]]) -> None:
         delay = 0.1
         while True:
             try:
-                await self.store.record(rows)
+                await self.store.record([line for _, line in batch])
                 break
             except StoreError as e:  # keep the batch: nothing is dropped, it is tried again
-                log.error("writing %d usage records failed (%s); retrying in %.1f s", len(rows), e, delay)
+                log.error("writing %d usage records failed (%s); retrying in %.1f s", len(batch), e, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        for values in rows:
+        for values, _ in batch:
             self.unwritten.pop(values[0], None)
             cost = values[ROW_COST]
             if not cost:
@@ -181,19 +219,77 @@ class Accountant:
             if values[ROW_KEY] in self.budgets.pending:  # counted for a limited key
                 self.budgets.written(values[ROW_KEY], cost)
 
+    async def _settle(self) -> None:
+        """After a batch: start a new journal segment when the active one is big, and delete the retired
+        ones whose every line is in the store (all but the queued lines, the newest, are)."""
+        journal = self.journal
+        if journal.size >= ROTATE_BYTES:
+            journal.rotate()
+        done = journal.applied(journal.appended - len(self._queue))
+        if not done:
+            return
+        if self.fsync_s:  # a power loss must not take from the store what the journal no longer holds
+            try:
+                await self.store.sync()
+            except StoreError as e:
+                log.warning("keeping applied journal segments: %s", e)
+                return
+        journal.drop(done)
+
+    async def adopt(self) -> None:
+        """Replay the journal segments of dead workers into the store, then delete them. Idempotent: a
+        record the store has already is neither written nor charged again. A segment the store cannot
+        take now is left for the next try."""
+        for segment in await asyncio.to_thread(self.journal.adopt):
+            try:
+                new = 0
+                for start in range(0, len(segment.lines), MAX_BATCH):
+                    new += await self.store.record(segment.lines[start : start + MAX_BATCH])
+                if self.fsync_s:
+                    await self.store.sync()
+            except StoreError as e:
+                segment.release()
+                log.error("cannot replay the accounting journal %s yet (%s); trying again later", segment.path, e)
+                continue
+            except BaseException:
+                segment.release()
+                raise
+            segment.done()
+            if segment.skipped:
+                log.warning("accounting journal %s: skipped %d torn or unreadable lines", segment.path, segment.skipped)
+            log.info(
+                "replayed %d usage records (%d not yet in the store) from %s, left by a dead worker",
+                len(segment.lines),
+                new,
+                segment.path,
+            )
+
     async def flush(self) -> None:
         """Wait until every submitted record is in the store."""
         while self._queue or self._writing:
             await self._idle.wait()
 
     async def close(self, timeout: float) -> None:
-        """Flush (for at most `timeout` seconds), then stop the writer."""
+        """Flush (for at most `timeout` seconds), then stop the writer. When every record is in the store,
+        the journal is deleted; otherwise it stays, and the next start replays it."""
         try:
             async with asyncio.timeout(timeout):
                 await self.flush()
         except TimeoutError:
-            log.error("%d usage records were not written before shutdown", len(self._queue) + len(self.unwritten))
+            log.error(
+                "%d usage records were not written before shutdown: they stay in the journal (%s) and are "
+                "written at the next start",
+                len(self.unwritten),
+                self.journal.directory,
+            )
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        applied = not self._queue and not self._writing
+        if applied and self.fsync_s:
+            try:
+                await self.store.sync()
+            except StoreError:
+                applied = False
+        self.journal.close(applied)

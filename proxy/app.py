@@ -23,6 +23,7 @@ from proxy.auth import KeyCache
 from proxy.config import ConfigError, GatewayConfig, load_config
 from proxy.credit import KeyBudgets, WalletCache
 from proxy.gateway import GATEWAY, Gateway
+from proxy.journal import Journal, folder_for
 from proxy.metrics import Metrics
 from proxy.routing import RouteTable
 from proxy.store import open_store
@@ -86,8 +87,12 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     gw.wallets = WalletCache(gw.store, config.auth.cache_ttl_s, config.auth.min_balance_nanos, config.auth.stale_s)
     gw.budgets = KeyBudgets(gw.store, config.auth.cache_ttl_s, config.auth.stale_s)
     if config.accounting.enabled:
-        gw.accountant = Accountant(gw.store, gw.wallets, gw.budgets, config.accounting.max_backlog)
-        gw.accountant.start()
+        accounting = config.accounting
+        journal = Journal(folder_for(accounting.journal_dir, config.store.url))
+        gw.accountant = Accountant(
+            gw.store, gw.wallets, gw.budgets, journal, accounting.max_backlog, accounting.journal_fsync_s
+        )
+        await gw.accountant.start()  # replays what dead workers left in the journal, before serving
     gw.upstreams = {name: Upstream(name, provider) for name, provider in config.providers.items()}
     try:
         yield

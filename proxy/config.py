@@ -115,6 +115,9 @@ class MetricsConfig(_Base):
 class AccountingConfig(_Base):
     enabled: bool = True  # record every request and debit its cost
     max_backlog: int = 100_000  # records waiting for the store before new requests get 503
+    # Each worker appends its records here (a subfolder per store) before answering: a crash loses none.
+    journal_dir: str = "./data/journal"
+    journal_fsync_s: float = 1.0  # a thread fdatasyncs the journal this often (the power-loss window); 0: never
 
 
 class Timeouts(_Base):
@@ -486,6 +489,10 @@ def check(config: GatewayConfig, fail: Any) -> None:
         fail(["server", "max_streams_per_key"], "expected 0 (no limit) or more")
     if config.accounting.max_backlog < 1:
         fail(["accounting", "max_backlog"], "expected at least 1")
+    if not config.accounting.journal_dir:
+        fail(["accounting", "journal_dir"], "expected a directory (relative to the working directory, or absolute)")
+    if config.accounting.journal_fsync_s < 0:
+        fail(["accounting", "journal_fsync_s"], "expected a duration >= 0 seconds (0: never fsync)")
     if config.auth.cache_ttl_s < 0:
         fail(["auth", "cache_ttl_s"], "expected a duration >= 0 seconds")
     if config.auth.stale_s < 0:

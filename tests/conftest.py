@@ -49,16 +49,20 @@ def store_url(tmp_path: Path) -> str:
 
 def env_for(mock: Mock, store_url: str, **extra: str) -> dict[str, str]:
     """The environment of a gateway on `mock` and `store_url`; `extra` variables are added or override. The
-    pid file sits beside a SQLite store; with another store there is none unless `GATEWAY_PID_FILE` names one."""
+    pid file and the accounting journal sit beside a SQLite store; with another store there is no pid file
+    unless `GATEWAY_PID_FILE` names one, and the journal is the default's (`./data/journal/postgres-…`, emptied
+    and removed at a clean stop) unless `GATEWAY_JOURNAL_DIR` names another."""
     env = {k: v for k, v in os.environ.items() if not k.endswith(("_BASE_URL", "_API_KEY")) and k[:8] != "GATEWAY_"}
     sqlite = store_url.startswith("sqlite:///")
-    pid_file = store_url.removeprefix("sqlite:///").rsplit("/", 1)[0] + "/gateway.pid" if sqlite else ""
+    folder = store_url.removeprefix("sqlite:///").rsplit("/", 1)[0]
     env.update(
         OPENAI_BASE_URL=mock.url,
         OPENAI_API_KEY="sk-upstream-secret",
         GATEWAY_STORE=store_url,
-        GATEWAY_PID_FILE=pid_file,
+        GATEWAY_PID_FILE=folder + "/gateway.pid" if sqlite else "",
     )
+    if sqlite and folder != ":memory:":
+        env["GATEWAY_JOURNAL_DIR"] = folder + "/journal"
     env.update(extra)
     return env
 

@@ -13,6 +13,7 @@ import pytest
 from proxy.app import build_app
 from proxy.config import NANOS_PER_USD, load_config
 from proxy.gateway import GATEWAY
+from proxy.journal import encode_row
 from proxy.store import open_store
 from proxy.store.base import StoreError
 from tests.conftest import DEFAULT_CONFIG, ROOT, auth, env_for
@@ -124,7 +125,8 @@ async def test_a_replayed_batch_is_charged_once(gateway, key, mock, store_url):
     async with gw.store.db.execute("SELECT request_id FROM generations") as cur:
         (request_id,) = await cur.fetchone()
     record = await gw.store.get_generation(team_id, request_id)
-    await gw.store.record([record.row(), record.row()])  # a retry after a lost acknowledgement, twice over
+    line = encode_row(record.row())
+    assert await gw.store.record([line, line]) == 0  # a retry after a lost acknowledgement, twice over
     assert await balance(store_url, "acme") == before
     assert await count_generations(store_url) == 1
 

@@ -16,6 +16,7 @@ import pytest
 
 from bench.pg_server import PgServer, free_port
 from proxy.config import ConfigError, load_config
+from proxy.journal import encode_row
 from proxy.store import Store, StoreError, migrations, open_store, redact_url
 from proxy.store.base import (
     ACTIVE,
@@ -95,6 +96,11 @@ def generation(
         pricing_lines=msgspec.Raw(b'[{"kind": "input", "nanos": 1}]'),
         timings=msgspec.Raw(b'{"total_ms": 12.5}'),
     ).row()
+
+
+async def record(store: Store, rows: list[tuple]) -> int:
+    """`store.record` of rows given as tuples (it takes them as the journal's lines)."""
+    return await store.record([encode_row(row) for row in rows])
 
 
 async def funded_team(store: Store, name: str = "acme", credit: int = 1_000_000) -> Team:
@@ -261,12 +267,13 @@ async def test_concurrent_credits_all_count(store: Store):
 async def test_credits_spend_windows(store: Store):
     team = await funded_team(store)
     now = int(time.time() * 1000)
-    await store.record(
+    await record(
+        store,
         [
             generation("r-1h", team.id, cost=1, created_ms=now - 3_600_000),
             generation("r-5d", team.id, cost=20, created_ms=now - 5 * DAY_MS),
             generation("r-40d", team.id, cost=300, created_ms=now - 40 * DAY_MS),
-        ]
+        ],
     )
     credits = await store.credits(team.id)
     assert (credits.spend_24h_nanos, credits.spend_30d_nanos) == (1, 21)
@@ -339,32 +346,43 @@ async def test_record_a_batch_debits_each_team_its_cost(store: Store):
         generation("r3", rival.id, cost=7),
         generation("r4", rival.id, cost=0, usage=b"{}"),  # a failed request: recorded, not charged
     ]
-    await store.record(rows)
+    await record(store, rows)
     assert await store.get_balance(acme.id) == 1_000_000 - 4_650
     assert await store.get_balance(rival.id) == 1_000_000 - 7
     for row in rows:  # read back exactly as written, JSON text included
         found = await store.get_generation(row[2], row[0])
         assert found is not None and found.row() == row
-    await store.record([])
+    await record(store, [])
     assert await store.get_balance(acme.id) == 1_000_000 - 4_650
 
 
 async def test_a_replayed_batch_is_recorded_and_debited_once(store: Store):
     team = await funded_team(store)
     batch = [generation("r1", team.id, cost=100), generation("r2", team.id, cost=20)]
-    await store.record(batch)
-    await store.record(batch)  # the writer retries a batch whose commit it never heard of
-    await store.record([*batch, generation("r3", team.id, cost=3)])  # and one that grew
+    assert await record(store, batch) == 2
+    assert await record(store, batch) == 0  # the writer retries a batch whose commit it never heard of
+    assert await record(store, [*batch, generation("r3", team.id, cost=3)]) == 1  # and one that grew
     assert await store.get_balance(team.id) == 1_000_000 - 123
     assert (await store.credits(team.id)).spend_24h_nanos == 123
 
 
 async def test_a_request_id_twice_in_one_batch_is_recorded_once_last_wins(store: Store):
     team = await funded_team(store)
-    await store.record([generation("r1", team.id, cost=100), generation("r1", team.id, cost=40)])
+    await record(store, [generation("r1", team.id, cost=100), generation("r1", team.id, cost=40)])
     assert await store.get_balance(team.id) == 1_000_000 - 40
     assert (await store.get_generation(team.id, "r1")).cost_nanos == 40  # type: ignore[union-attr]
     assert (await store.credits(team.id)).spend_24h_nanos == 40
+
+
+async def test_record_keeps_any_text_exactly(store: Store):
+    """Rows travel as JSON to the store, which reads them itself: every string comes back as it was."""
+    team = await funded_team(store)
+    row = list(generation("r1", team.id, native="id \\u0000 not a NUL"))
+    row[Generation.__struct_fields__.index("error_message")] = 'quote " backslash \\ \n\t\x01\x7f ü € 😀 \\"'
+    row[Generation.__struct_fields__.index("usage")] = '{"prompt_tokens": 1, "note": "a \\"quoted\\" \\u00e9"}'
+    await record(store, [tuple(row)])
+    found = await store.get_generation(team.id, "r1")
+    assert found is not None and found.row() == tuple(row)
 
 
 async def test_two_gateways_recording_the_same_rows_at_once_debit_once(url: str):
@@ -372,7 +390,7 @@ async def test_two_gateways_recording_the_same_rows_at_once_debit_once(url: str)
     try:
         team = await funded_team(one)
         rows = [generation(f"r{i}", team.id, cost=i) for i in range(1, 201)]
-        await asyncio.gather(one.record(rows[:150]), two.record(rows[50:]), one.record(rows[100:]))
+        await asyncio.gather(record(one, rows[:150]), record(two, rows[50:]), record(one, rows[100:]))
         assert await two.get_balance(team.id) == 1_000_000 - sum(range(1, 201))
     finally:
         await one.close()
@@ -384,7 +402,7 @@ async def test_record_takes_flags_as_integers(store: Store):
     row = list(generation("r1", team.id))
     row[Generation.__struct_fields__.index("stream")] = 1
     row[Generation.__struct_fields__.index("success")] = 0
-    await store.record([tuple(row)])
+    await record(store, [tuple(row)])
     found = await store.get_generation(team.id, "r1")
     assert found is not None and found.stream is True and found.success is False
 
@@ -393,12 +411,13 @@ async def test_get_generation(store: Store):
     acme = await funded_team(store, "acme")
     rival = await funded_team(store, "rival")
     now = int(time.time() * 1000)
-    await store.record(
+    await record(
+        store,
         [
             generation("r1", acme.id, native="chatcmpl-1", created_ms=now - 1_000),
             generation("r2", acme.id, native="chatcmpl-1", created_ms=now),  # a retried native id: newest wins
             generation("r3", rival.id, native="chatcmpl-3"),
-        ]
+        ],
     )
     found = await store.get_generation(acme.id, "r1")
     assert found is not None and found.request_id == "r1" and found.native_response_id == "chatcmpl-1"
@@ -413,13 +432,14 @@ async def test_get_generation(store: Store):
 async def test_key_spend(store: Store):
     team = await funded_team(store)
     since = ms("2025-03-02T00:00")
-    await store.record(
+    await record(
+        store,
         [
             generation("r1", team.id, key="k1", cost=100, created_ms=since),
             generation("r2", team.id, key="k1", cost=20, created_ms=since + DAY_MS),
             generation("r3", team.id, key="k1", cost=3_000, created_ms=since - 1),  # before: not counted
             generation("r4", team.id, key="k2", cost=5_000, created_ms=since),  # another key
-        ]
+        ],
     )
     assert await store.key_spend("k1", since) == 120
     assert await store.key_spend("k2", since) == 5_000
@@ -431,7 +451,8 @@ async def test_activity_groups_by_day_model_provider_endpoint_and_pages(store: S
     rival = await funded_team(store, "rival")
     day_a, day_b = ms("2025-03-02T00:00"), ms("2025-03-03T00:00")
     usage = b'{"prompt_tokens":10,"completion_tokens":5,"reasoning_tokens":1}'
-    await store.record(
+    await record(
+        store,
         [
             generation("r1", team.id, created_ms=day_a + 1, cost=100, model="m/b", usage=usage),
             generation("r2", team.id, created_ms=day_b - 1, cost=50, model="m/b", usage=b'{"prompt_tokens":1}'),
@@ -443,7 +464,7 @@ async def test_activity_groups_by_day_model_provider_endpoint_and_pages(store: S
             generation("r6", team.id, created_ms=day_a - 1, cost=1_000, model="m/b"),  # before `since`
             generation("r7", team.id, created_ms=day_b + DAY_MS, cost=1_000, model="m/b"),  # at `until`
             generation("r8", rival.id, created_ms=day_a + 1, cost=1_000, model="m/b"),  # another team
-        ]
+        ],
     )
     window = {"since_ms": day_a, "until_ms": day_b + DAY_MS, "limit": 100, "offset": 0}
     total, rows = await store.activity(team.id, model="", key_id="", **window)

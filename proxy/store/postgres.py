@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import asyncpg
 
@@ -46,7 +46,7 @@ MIGRATION_LOCK = 7_461_617_453_727_361_601
 _FAILURES = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError)
 
 
-# The Postgres type of each generation column, for the arrays `record` sends (one per column).
+# The Postgres type of each generation column, to which `record` casts the batch's JSON values.
 _GENERATION_TYPES = {
     "request_id": "text",
     "created_at": "bigint",
@@ -70,19 +70,23 @@ _GENERATION_TYPES = {
     "timings": "json",
 }
 assert tuple(_GENERATION_TYPES) == Generation.__struct_fields__, "a generation column without its Postgres type"
-_BOOLEAN_COLUMNS = [i for i, t in enumerate(_GENERATION_TYPES.values()) if t == "boolean"]
-_ARRAYS = ", ".join(f"${i}::{t}[]" for i, t in enumerate(_GENERATION_TYPES.values(), start=1))
-_NOW = len(_GENERATION_TYPES) + 1
+_BATCH_COLUMNS = ", ".join(
+    (f"r ->> {i}" if t == "text" else f"(r ->> {i})::{t}") + f" AS {name}"
+    for i, (name, t) in enumerate(_GENERATION_TYPES.items())
+)
+_NOW = 2
 
-# One statement, so one transaction and one round trip: the batch arrives as one array per column; the
-# last row of a request id repeated in the batch wins (as in SQLite). Only rows actually inserted (not
-# already stored: a retried batch) are debited. Wallets are locked in team order, so two workers whose
-# batches debit the same teams cannot deadlock; the debit is relative, so a concurrent top-up is kept.
+# One statement, so one transaction and one round trip: the batch arrives as one parameter, a JSON array of
+# rows (the journal's lines), parsed once by the server (jsonb); the last row of a request id repeated in
+# the batch wins (as in SQLite). Only rows actually inserted (not already stored: a retried batch, a
+# replayed journal) are debited. Wallets are locked in team order, so two workers whose batches debit the
+# same teams cannot deadlock; the debit is relative, so a concurrent top-up is kept. Returns the count of
+# rows inserted.
 _RECORD = f"""
 WITH batch AS (
-    SELECT DISTINCT ON (request_id) *
-    FROM unnest({_ARRAYS}) WITH ORDINALITY AS b({GENERATION_COLUMNS}, n)
-    ORDER BY request_id, n DESC
+    SELECT DISTINCT ON (r ->> 0) {_BATCH_COLUMNS}
+    FROM jsonb_array_elements($1::text::jsonb) WITH ORDINALITY AS b(r, n)
+    ORDER BY r ->> 0, n DESC
 ), inserted AS (
     INSERT INTO generations ({GENERATION_COLUMNS})
     SELECT {GENERATION_COLUMNS} FROM batch
@@ -93,9 +97,11 @@ WITH batch AS (
 ), locked AS MATERIALIZED (
     SELECT w.team_id, d.cost FROM wallets w JOIN debits d ON d.team_id = w.team_id
     ORDER BY w.team_id COLLATE "C" FOR UPDATE OF w
+), debited AS (
+    UPDATE wallets w SET balance_nanos = w.balance_nanos - l.cost, updated_at = ${_NOW}
+    FROM locked l WHERE w.team_id = l.team_id
 )
-UPDATE wallets w SET balance_nanos = w.balance_nanos - l.cost, updated_at = ${_NOW}
-FROM locked l WHERE w.team_id = l.team_id
+SELECT COUNT(*) FROM inserted
 """
 
 # A top-up and its ledger line in one statement; no wallet, no line (and `add_credit` raises).
@@ -301,16 +307,18 @@ class PostgresStore:
             raise StoreError(f"team {team_id} has no wallet")
         return balance
 
-    async def record(self, rows: list[tuple]) -> None:
-        """Insert generation rows (in `GENERATION_COLUMNS` order) and debit each team by their cost, in one
-        statement. A row whose request id is already stored (a replay) is skipped and not charged again."""
+    async def record(self, rows: Sequence[bytes]) -> int:
+        """Insert generation rows (each a JSON array in `GENERATION_COLUMNS` order: the journal's lines) and
+        debit each team by their cost, in one statement. A row whose request id is already stored (a replay)
+        is skipped and not charged again. Returns how many rows were new."""
         if not rows:
-            return
-        columns = [list(column) for column in zip(*rows, strict=True)]
-        for i in _BOOLEAN_COLUMNS:  # SQLite takes 0/1 as well: so does this store
-            columns[i] = [bool(v) for v in columns[i]]
+            return 0
+        batch = (b"[" + b",".join(rows) + b"]").decode()
         async with self._conn("cannot record usage") as conn:
-            await conn.execute(_RECORD, *columns, int(time.time()))
+            return await conn.fetchval(_RECORD, batch, int(time.time()))
+
+    async def sync(self) -> None:
+        """Nothing to do: a commit is durable once the server acknowledges it (`synchronous_commit` on)."""
 
     async def credits(self, team_id: str, top_ups: int = 20) -> Credits:
         """The wallet's balance, its latest top-ups, and what the team spent over 24 hours and 30 days."""

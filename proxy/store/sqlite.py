@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import functools
+import os
 import secrets
 import sqlite3
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import aiosqlite
-import orjson
 
 from proxy.store import migrations
 from proxy.store.base import (
@@ -212,16 +212,30 @@ class SqliteStore:
             raise StoreError(f"team {team_id} has no wallet")
         return row[0]
 
-    async def record(self, rows: list[tuple]) -> None:
-        """Insert generation rows (in `GENERATION_COLUMNS` order) and debit each team by their cost, in one
-        transaction. A row whose request id is already stored (a replay) is skipped and not charged again."""
+    async def record(self, rows: Sequence[bytes]) -> int:
+        """Insert generation rows (each a JSON array in `GENERATION_COLUMNS` order: the journal's lines) and
+        debit each team by their cost, in one transaction. A row whose request id is already stored (a
+        replay) is skipped and not charged again. Returns how many rows were new."""
+        if not rows:
+            return 0
+        batch = b"[" + b",".join(rows) + b"]"
         try:
             async with self._write:
                 # The whole transaction is one call into the connection's thread (aiosqlite's `_execute`,
                 # which all its public methods use): one hand-off per batch instead of one per statement.
-                await self.db._execute(_record, self.db._conn, rows, int(time.time()))
+                return await self.db._execute(_record, self.db._conn, batch, int(time.time()))
         except sqlite3.Error as e:
             raise StoreError(f"cannot record usage: {e}") from e
+
+    async def sync(self) -> None:
+        """Make every committed transaction survive a power loss. With `synchronous=NORMAL` SQLite syncs its
+        WAL only at checkpoints; an fsync of the WAL file makes every commit so far durable."""
+        if self.path == ":memory:":
+            return
+        try:
+            await asyncio.to_thread(_fsync, self.path + "-wal")
+        except OSError as e:
+            raise StoreError(f"cannot sync the SQLite store's WAL: {e}") from e
 
     async def credits(self, team_id: str, top_ups: int = 20) -> Credits:
         """The wallet's balance, its latest top-ups, and what the team spent over 24 hours and 30 days."""
@@ -352,36 +366,47 @@ class SqliteStore:
             raise StoreError(f"cannot change a job: {e}") from e
 
 
-_ROW_MARKS = "(" + ", ".join("?" * len(Generation.__struct_fields__)) + ")"
-_MAX_ROWS_PER_INSERT = 256  # x 20 columns stays far below SQLite's 32,766 bound parameters
-_STORED = "SELECT request_id FROM generations WHERE request_id IN (SELECT value FROM json_each(?))"
-_DEBIT = "UPDATE wallets SET balance_nanos = balance_nanos - ?, updated_at = ? WHERE team_id = ?"
+# The batch is ONE parameter, a JSON array of rows, read by SQLite itself (`json_each`, `->>`): each
+# statement is one step, and the connection's thread holds the GIL only to bind that parameter, not for
+# each row or value. A request id twice in the batch: the last row counts (the window keeps it).
+_BATCH = (
+    "SELECT value AS r FROM (SELECT value, row_number() OVER (PARTITION BY value ->> 0 ORDER BY key DESC) AS nth "
+    "FROM json_each(CAST(?1 AS TEXT))) WHERE nth = 1"
+)
+# Debit first, by the rows not stored yet; then insert them. One transaction (BEGIN IMMEDIATE: no other
+# writer in between), so a replayed row is neither inserted nor charged.
+_DEBIT = (
+    "UPDATE wallets SET balance_nanos = balance_nanos - d.cost, updated_at = ?2 FROM ("
+    f"SELECT r ->> {ROW_TEAM} AS team_id, SUM(r ->> {ROW_COST}) AS cost FROM ({_BATCH}) "
+    "WHERE NOT EXISTS (SELECT 1 FROM generations g WHERE g.request_id = r ->> 0) GROUP BY 1"
+    ") AS d WHERE wallets.team_id = d.team_id AND d.cost <> 0"
+)
+_INSERT = (
+    f"INSERT INTO generations ({GENERATION_COLUMNS}) "
+    f"SELECT {', '.join(f'r ->> {i}' for i in range(len(Generation.__struct_fields__)))} FROM ({_BATCH}) "
+    "WHERE true ON CONFLICT(request_id) DO NOTHING"  # `WHERE`: SQLite's parser needs it before ON CONFLICT
+)
 
 
-@functools.cache
-def _insert(rows: int) -> str:
-    return f"INSERT INTO generations ({GENERATION_COLUMNS}) VALUES " + ", ".join([_ROW_MARKS] * rows)
-
-
-def _record(db: sqlite3.Connection, rows: list[tuple], now: int) -> None:
-    """`SqliteStore.record`'s transaction, run in the connection's thread. Every statement's text repeats
-    from batch to batch, so SQLite parses each once (the module caches prepared statements): the ids go in
-    as one JSON array, and rows go in multi-row INSERTs of power-of-two sizes. Each statement is one step,
-    so the thread gives the GIL back and takes it again a few times a batch, not once a row."""
+def _record(db: sqlite3.Connection, batch: bytes, now: int) -> int:
+    """`SqliteStore.record`'s transaction, run in the connection's thread: four statements of one step each."""
     db.execute("BEGIN IMMEDIATE")
     try:
-        stored = {r[0] for r in db.execute(_STORED, (orjson.dumps([row[0] for row in rows]),))}
-        fresh = [row for row in {row[0]: row for row in rows}.values() if row[0] not in stored]  # last one wins
-        done = 0
-        while done < len(fresh):
-            size = min(1 << ((len(fresh) - done).bit_length() - 1), _MAX_ROWS_PER_INSERT)
-            db.execute(_insert(size), [value for row in fresh[done : done + size] for value in row])
-            done += size
-        debits: dict[str, int] = {}
-        for row in fresh:
-            debits[row[ROW_TEAM]] = debits.get(row[ROW_TEAM], 0) + row[ROW_COST]
-        db.executemany(_DEBIT, [(cost, now, team) for team, cost in debits.items() if cost])
+        db.execute(_DEBIT, (batch, now))
+        inserted = db.execute(_INSERT, (batch,)).rowcount
         db.execute("COMMIT")
     except BaseException:
         db.execute("ROLLBACK")
         raise
+    return inserted
+
+
+def _fsync(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return  # no WAL: every commit is in the database file, synced when it was checkpointed
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

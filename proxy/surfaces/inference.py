@@ -492,7 +492,7 @@ async def _relay(
             )
         else:
             error = upstream.failure(e, "streaming")
-        await _end_with_error(out, state, meta, error)
+        await _end_with_error(request, out, state, meta, error)
         resp.close()
         return out
     except ConnectionError:  # the client went away: stop reading; the upstream connection is closed
@@ -510,13 +510,15 @@ async def _relay(
             Code.upstream_bad_response,
             f"The provider {upstream.name!r} closed the stream before it finished (no [DONE] received).",
         )
-        await _end_with_error(out, state, meta, error)
+        await _end_with_error(request, out, state, meta, error)
         return out
     cost = meta.price(meta.tariff)
     if meta.surface == "anthropic.messages":
         cost = b""  # Messages stay Anthropic-shaped: cost is in meta when asked
     echoed = echo.members(resp.status, resp.headers, None, upstream.config.api_key) if echo is not None else b""
-    await _write_quietly(out, state.finish(_encode(meta.as_dict()) if state.wants_meta else None, cost, echoed))
+    closing = state.finish(_encode(meta.as_dict()) if state.wants_meta else None, cost, echoed)
+    _settle(request, meta, state)
+    await _write_quietly(out, closing)
     with contextlib.suppress(ConnectionError):
         await out.write_eof()  # the client's stream is complete before the upstream's is drained
         meta.finished = True
@@ -566,16 +568,35 @@ async def _relay_bytes(
         return out
     meta.upstream_ended(resp.status)
     meta.price(meta.tariff)
+    _settle(request, meta, None)
     with contextlib.suppress(ConnectionError):
         await out.write_eof()
         meta.finished = True
     return out
 
 
-async def _end_with_error(out: web.StreamResponse, state: Relay, meta: RequestMeta, error: GatewayError) -> None:
+async def _end_with_error(
+    request: web.Request, out: web.StreamResponse, state: Relay, meta: RequestMeta, error: GatewayError
+) -> None:
     """End a stream that cannot finish: the usage chunk if it was asked for and held, then an error event."""
     meta.error_code, meta.error_message = error.code.name, error.message
-    await _write_quietly(out, state.abort() + state.error(error, meta.request_id))
+    closing = state.abort() + state.error(error, meta.request_id)
+    _settle(request, meta, state)
+    await _write_quietly(out, closing)
+
+
+def _settle(request: web.Request, meta: RequestMeta, state: Relay | None) -> None:
+    """Account the request now, before its last bytes are written: its record is in the journal when the
+    client has the whole answer, so a crash after that loses nothing (the handler's own submit is then a
+    no-op). A JSON answer needs no call: the handler accounts it before aiohttp writes it."""
+    if state is not None:
+        meta.streamed_events, meta.native_id = state.events, state.id
+        if meta.usage is None:
+            meta.usage = state.usage
+    gw = request.app[GATEWAY]
+    if meta.team_id and gw.accountant is not None:
+        meta.t_end = time.perf_counter()
+        gw.accountant.submit(meta)
 
 
 async def _drain(content: Response) -> None:
