@@ -108,6 +108,28 @@ def test_a_torn_last_line_is_skipped_and_counted():
     assert parse(b'["not", "a row"]\n') == ([], 1)
 
 
+def test_a_failed_append_is_logged_once_and_the_next_line_reads_whole(tmp_path: Path, caplog):
+    caplog.set_level(logging.INFO, logger="proxy.accounting")
+    journal = Journal(tmp_path)
+    journal.open()
+    first, second, third = (encode_row(generation(f"r{i}", "team_1")) for i in range(3))
+    journal.append(first)
+    segment = journal._active
+    assert segment is not None
+    good, segment.fd = segment.fd, os.open(segment.path, os.O_RDONLY)  # every write now fails (EBADF)
+    journal.append(second)
+    journal.append(second)
+    os.close(segment.fd)
+    segment.fd = good
+    os.write(good, third[:25])  # and a write that stopped part-way, as on a full disk
+    journal.append(third)
+    assert caplog.text.count("cannot append to the accounting journal") == 1
+    assert "takes records again" in caplog.text
+    assert parse(segment.path.read_bytes()) == ([first.rstrip(b"\n"), third.rstrip(b"\n")], 1)
+    assert journal.appended == 4  # the failed ones count: the writer's count of applied lines stays right
+    journal.close(applied=True)
+
+
 def test_a_clean_close_deletes_the_segments_and_the_empty_folder(tmp_path: Path):
     folder = tmp_path / "sqlite-0123456789ab"
     journal = Journal(folder)
@@ -330,7 +352,7 @@ async def test_kill_9_under_load_loses_no_answered_record(backend: str, request,
             clients = [asyncio.create_task(client(session, streamed=i % 2 == 1)) for i in range(32)]
             try:
                 async with asyncio.timeout(60):
-                    while len(answered) < 600:
+                    while len(answered) < 600 or sum(s for s, _ in answered.values()) < 100:
                         await asyncio.sleep(0.01)
                         assert not any(c.done() for c in clients), [c.exception() for c in clients if c.done()]
                 proc.send_signal(signal.SIGKILL)  # requests in flight, records waiting for the writer
@@ -348,17 +370,16 @@ async def test_kill_9_under_load_loses_no_answered_record(backend: str, request,
     finally:
         await _terminate([proc])
 
-    print(f"{len(answered)} answered, {len(missing)} of them not in the store at the kill")
+    assert missing, "every answered request was stored at the kill: the journal was not put to the test"
     text = log.read_text()
     assert "replayed" in text and "left by a dead worker" in text, text[-3000:]
     records, balance = await _records(url, team_id)
     assert CREDIT_NANOS - balance == sum(records.values())  # each record debited once, no debit without one
     whole = {rid: cost for rid, (streamed, cost) in answered.items() if not streamed}
-    assert len(whole) > 100 and {rid: records.get(rid) for rid in whole} == whole, f"{len(missing)} not yet stored"
-    lost = [rid for rid, (streamed, _) in answered.items() if streamed and rid not in records]
-    if lost:
-        pytest.xfail(
-            f"{len(lost)} streamed requests answered in full have no record: the streamed path submits after "
-            "writing its final event (until it submits before, a kill -9 in between loses the record)"
-        )
-    assert all(records[rid] > 0 for rid, (streamed, _) in answered.items() if streamed)
+    assert len(whole) > 100 and {rid: records.get(rid) for rid in whole} == whole
+    # A stream is accounted before its final event is written (proxy/surfaces/inference.py): a client that
+    # saw [DONE] has a record too, billed from the usage the stream reported.
+    streamed = [rid for rid, (s, _) in answered.items() if s]
+    assert len(streamed) >= 100 and all(records.get(rid, 0) > 0 for rid in streamed), [
+        rid for rid in streamed if rid not in records
+    ]

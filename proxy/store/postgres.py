@@ -76,16 +76,16 @@ _BATCH_COLUMNS = ", ".join(
 )
 _NOW = 2
 
-# One statement, so one transaction and one round trip: the batch arrives as one parameter, a JSON array of
-# rows (the journal's lines), parsed once by the server (jsonb); the last row of a request id repeated in
-# the batch wins (as in SQLite). Only rows actually inserted (not already stored: a retried batch, a
-# replayed journal) are debited. Wallets are locked in team order, so two workers whose batches debit the
-# same teams cannot deadlock; the debit is relative, so a concurrent top-up is kept. Returns the count of
-# rows inserted.
+# One statement, so one transaction and one round trip. The batch arrives as one parameter, the rows (the
+# journal's lines, JSON arrays) joined by commas, parsed once by the server (jsonb). The last row of a
+# request id repeated in the batch wins (as in SQLite). Only rows actually inserted (not already stored: a
+# retried batch, a replayed journal) are debited. Wallets are locked in team order, so two workers whose
+# batches debit the same teams cannot deadlock; the debit is relative, so a concurrent top-up is kept.
+# Returns the count of rows inserted.
 _RECORD = f"""
 WITH batch AS (
     SELECT DISTINCT ON (r ->> 0) {_BATCH_COLUMNS}
-    FROM jsonb_array_elements($1::text::jsonb) WITH ORDINALITY AS b(r, n)
+    FROM jsonb_array_elements(('[' || $1::text || ']')::jsonb) WITH ORDINALITY AS b(r, n)
     ORDER BY r ->> 0, n DESC
 ), inserted AS (
     INSERT INTO generations ({GENERATION_COLUMNS})
@@ -313,7 +313,7 @@ class PostgresStore:
         is skipped and not charged again. Returns how many rows were new."""
         if not rows:
             return 0
-        batch = (b"[" + b",".join(rows) + b"]").decode()
+        batch = b",".join(rows).decode()  # the brackets are added by the server
         async with self._conn("cannot record usage") as conn:
             return await conn.fetchval(_RECORD, batch, int(time.time()))
 

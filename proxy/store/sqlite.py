@@ -73,6 +73,9 @@ class SqliteStore:
         except sqlite3.Error as e:
             await self.close()
             raise StoreError(f"cannot open the SQLite store at {self.path}: {e}") from e
+        except StoreError:  # a schema newer than this gateway's: the connection must not outlive the refusal
+            await self.close()
+            raise
 
     async def _migrate(self) -> None:
         async with self.db.execute("PRAGMA user_version") as cur:
@@ -218,7 +221,7 @@ class SqliteStore:
         replay) is skipped and not charged again. Returns how many rows were new."""
         if not rows:
             return 0
-        batch = b"[" + b",".join(rows) + b"]"
+        batch = b",".join(rows)  # the brackets are added by SQLite: no second copy of a large batch here
         try:
             async with self._write:
                 # The whole transaction is one call into the connection's thread (aiosqlite's `_execute`,
@@ -366,12 +369,12 @@ class SqliteStore:
             raise StoreError(f"cannot change a job: {e}") from e
 
 
-# The batch is ONE parameter, a JSON array of rows, read by SQLite itself (`json_each`, `->>`): each
-# statement is one step, and the connection's thread holds the GIL only to bind that parameter, not for
-# each row or value. A request id twice in the batch: the last row counts (the window keeps it).
+# The batch is ONE parameter, the rows (JSON arrays) joined by commas, read by SQLite itself (`json_each`,
+# `->>`): each statement is one step, and the connection's thread holds the GIL only to bind that parameter,
+# not for each row or value. A request id twice in the batch: the last row counts (the window keeps it).
 _BATCH = (
     "SELECT value AS r FROM (SELECT value, row_number() OVER (PARTITION BY value ->> 0 ORDER BY key DESC) AS nth "
-    "FROM json_each(CAST(?1 AS TEXT))) WHERE nth = 1"
+    "FROM json_each('[' || CAST(?1 AS TEXT) || ']')) WHERE nth = 1"
 )
 # Debit first, by the rows not stored yet; then insert them. One transaction (BEGIN IMMEDIATE: no other
 # writer in between), so a replayed row is neither inserted nor charged.
