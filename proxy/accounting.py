@@ -82,7 +82,7 @@ def row(meta: RequestMeta, created_ms: int) -> tuple:
         meta.usage_source if usage else "none",
         meta.cost_nanos or 0,
         meta.currency,
-        orjson.dumps(meta.pricing_lines).decode(),
+        meta.pricing_json.decode(),
         orjson.dumps(meta.timings(meta.t_end)).decode(),
     )
 

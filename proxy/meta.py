@@ -82,6 +82,7 @@ class RequestMeta:
         "key_limited",
         "model",
         "native_id",
+        "pricing_json",
         "pricing_lines",
         "provider",
         "request_bytes",
@@ -119,6 +120,7 @@ class RequestMeta:
         self.cost_nanos: int | None = None  # None: the model is not priced
         self.currency = "USD"
         self.pricing_lines: list[dict] = []
+        self.pricing_json = b"[]"  # `pricing_lines` as JSON, made once for the answer and the record
         self.attempts: list[tuple[str, int, float, float]] = []  # (provider, status, start, end)
         # for accounting
         self.team_id = ""
@@ -140,10 +142,11 @@ class RequestMeta:
             return b""
         self.cost_nanos, self.pricing_lines = tariff.cost(self.usage)
         self.currency = tariff.currency
+        self.pricing_json = orjson.dumps(self.pricing_lines)
         return b'"cost_nanos":%d,"currency":%s,"pricing_lines":%s' % (
             self.cost_nanos,
             orjson.dumps(self.currency),
-            orjson.dumps(self.pricing_lines),
+            self.pricing_json,
         )
 
     def upstream_started(self) -> None:

@@ -88,41 +88,54 @@ class Tariff:
     def cost(self, usage: Usage | None) -> tuple[int, list[dict[str, Any]]]:
         """(total nanos, pricing lines) for one request's usage."""
         lines: list[dict[str, Any]] = []
-
-        def line(meter: str, quantity: int | float, price: int, unit: str = "1M tokens", counted: int = 0) -> None:
-            """One pricing line; `counted` is the quantity in the unit the amount is computed from, when it
-            is not `quantity` itself (audio: milliseconds, shown as seconds)."""
-            if quantity <= 0 or price <= 0:
-                return
-            per = _PER.get(unit, 1)
-            amount = ((counted or quantity) * price + per // 2) // per  # counted: an int whenever quantity is not
-            lines.append(
-                {"meter": meter, "quantity": quantity, "unit": unit, "unit_price_nanos": price, "amount_nanos": amount}
-            )
-
         if usage is not None:
             cached = min(usage.cached_input_tokens, usage.input_tokens)
             writes = min(usage.cache_write_tokens, usage.input_tokens - cached)
-            line("input_tokens", usage.input_tokens - cached - writes, self.input)
-            line("cached_input_tokens", cached, self.cached_input)
-            line("cache_write_tokens", writes, self.cache_write)
+            _line(lines, "input_tokens", usage.input_tokens - cached - writes, self.input)
+            if cached:
+                _line(lines, "cached_input_tokens", cached, self.cached_input)
+            if writes:
+                _line(lines, "cache_write_tokens", writes, self.cache_write)
             if self.reasoning is None:
-                line("output_tokens", usage.output_tokens, self.output)
+                _line(lines, "output_tokens", usage.output_tokens, self.output)
             else:
                 reasoning = min(usage.reasoning_tokens, usage.output_tokens)
-                line("output_tokens", usage.output_tokens - reasoning, self.output)
-                line("reasoning_tokens", reasoning, self.reasoning)
+                _line(lines, "output_tokens", usage.output_tokens - reasoning, self.output)
+                _line(lines, "reasoning_tokens", reasoning, self.reasoning)
             if self.units:
-                line("images", usage.images, self.per_image, unit="image")
-                line("characters", usage.characters, self.per_mchar, unit="1M characters")
+                _line(lines, "images", usage.images, self.per_image, "image")
+                _line(lines, "characters", usage.characters, self.per_mchar, "1M characters")
                 ms = round(usage.audio_seconds * 1000)
-                line("audio_seconds", ms / 1000, self.per_audio_minute, unit="minute", counted=ms)
-                line("pages", usage.pages, self.per_page, unit="page")
-                line("searches", usage.searches, self.per_search, unit="search")
+                _line(lines, "audio_seconds", ms / 1000, self.per_audio_minute, "minute", ms)
+                _line(lines, "pages", usage.pages, self.per_page, "page")
+                _line(lines, "searches", usage.searches, self.per_search, "search")
                 video_ms = round(usage.video_seconds * 1000)
-                line("video_seconds", video_ms / 1000, self.per_video_second, unit="second", counted=video_ms)
-        line("requests", 1, self.per_request, unit="request")
-        return sum(entry["amount_nanos"] for entry in lines), lines
+                _line(lines, "video_seconds", video_ms / 1000, self.per_video_second, "second", video_ms)
+        if self.per_request:
+            _line(lines, "requests", 1, self.per_request, "request")
+        total = 0
+        for entry in lines:
+            total += entry["amount_nanos"]
+        return total, lines
+
+
+def _line(
+    lines: list[dict[str, Any]],
+    meter: str,
+    quantity: int | float,
+    price: int,
+    unit: str = "1M tokens",
+    counted: int = 0,
+) -> None:
+    """Append one pricing line (none for a zero quantity or price); `counted` is the quantity in the unit the
+    amount is computed from, when it is not `quantity` itself (audio: milliseconds, shown as seconds)."""
+    if quantity <= 0 or price <= 0:
+        return
+    per = _PER.get(unit, 1)
+    amount = ((counted or quantity) * price + per // 2) // per  # counted: an int whenever quantity is not
+    lines.append(
+        {"meter": meter, "quantity": quantity, "unit": unit, "unit_price_nanos": price, "amount_nanos": amount}
+    )
 
 
 class Pricing:
