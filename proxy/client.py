@@ -186,6 +186,7 @@ class Response:
 
     __slots__ = (
         "_chunks",
+        "_collect",
         "_deadline",
         "_decoder",
         "_error",
@@ -226,6 +227,7 @@ class Response:
         self.buffered = 0
         self.last = loop.time()  # when the provider last sent something (or was last waited for)
         self._chunks: deque[bytes] = deque()
+        self._collect = False  # `read()` wants the whole body: no back-pressure
         self._decoder: zlib._Decompress | None = None
         self._deadline = deadline
         self._phase_s = 0.0
@@ -272,7 +274,7 @@ class Response:
                 return
         self._chunks.append(data)
         self.buffered += len(data)
-        if self.buffered > HIGH_WATER:
+        if self.buffered > HIGH_WATER and not self._collect:
             self.conn.pause_reading()
         self._wake()
 
@@ -396,7 +398,9 @@ class Response:
         return data
 
     async def read(self) -> bytes:
-        """The whole body."""
+        """The whole body (held in memory: the caller bounds what it asks for this way)."""
+        self._collect = True
+        self.conn.resume_reading()  # paused if more than HIGH_WATER arrived before this call
         while not self.eof:
             if self._error is not None:
                 raise self._error

@@ -269,6 +269,18 @@ async def test_back_pressure_pauses_reading_until_the_consumer_catches_up():
         pool.close()
 
 
+async def test_a_whole_answer_larger_than_the_buffer_bound_is_read_whole():
+    size = 4 * 1024 * 1024
+    body = b"[" + b"1," * (size // 2) + b"1]"
+    async with Server(json_reply(body)) as server:
+        pool = pool_for(server.port, first_byte_s=2)
+        resp = await pool.request("/v1/embeddings", b"{}")
+        await asyncio.sleep(0.1)  # more than HIGH_WATER arrives before the consumer asks: reading pauses
+        assert await asyncio.wait_for(resp.read(), 5) == body
+        resp.release()
+        pool.close()
+
+
 async def _silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     await asyncio.sleep(30)
 
