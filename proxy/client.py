@@ -462,7 +462,6 @@ class Pool:
         "limit",
         "loop",
         "open",
-        "origin",
         "target_prefix",
         "total_s",
     )
@@ -470,7 +469,6 @@ class Pool:
     def __init__(
         self,
         connect: Connect,
-        origin: str,
         headers: Mapping[str, str],
         *,
         limit: int,
@@ -481,13 +479,12 @@ class Pool:
     ):
         self.loop = asyncio.get_running_loop()
         self.connect = connect
-        self.origin = origin  # e.g. "https://api.openai.com" (no path), for the Host header and messages
         self.headers = dict(headers)  # sent with every request, in this order (Host first)
         self.limit = limit
         self.connect_s = connect_s
         self.first_byte_s = first_byte_s
         self.total_s = total_s
-        self.target_prefix = target_prefix  # "" or the origin, when a plain-HTTP proxy needs absolute-form
+        self.target_prefix = target_prefix  # "" or `http://host:port`, when a plain-HTTP proxy needs absolute-form
         self.open = 0  # connections open or opening
         self.closed = False
         self._idle: deque[Connection] = deque()  # most recently used on the right

@@ -92,10 +92,8 @@ class Tariff:
             cached = min(usage.cached_input_tokens, usage.input_tokens)
             writes = min(usage.cache_write_tokens, usage.input_tokens - cached)
             _line(lines, "input_tokens", usage.input_tokens - cached - writes, self.input)
-            if cached:
-                _line(lines, "cached_input_tokens", cached, self.cached_input)
-            if writes:
-                _line(lines, "cache_write_tokens", writes, self.cache_write)
+            _line(lines, "cached_input_tokens", cached, self.cached_input)
+            _line(lines, "cache_write_tokens", writes, self.cache_write)
             if self.reasoning is None:
                 _line(lines, "output_tokens", usage.output_tokens, self.output)
             else:
@@ -111,8 +109,7 @@ class Tariff:
                 _line(lines, "searches", usage.searches, self.per_search, "search")
                 video_ms = round(usage.video_seconds * 1000)
                 _line(lines, "video_seconds", video_ms / 1000, self.per_video_second, "second", video_ms)
-        if self.per_request:
-            _line(lines, "requests", 1, self.per_request, "request")
+        _line(lines, "requests", 1, self.per_request, "request")
         total = 0
         for entry in lines:
             total += entry["amount_nanos"]

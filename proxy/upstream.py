@@ -61,10 +61,8 @@ class Upstream:
         headers.update(config.headers)
         self.headers = headers  # what every request carries (the aiohttp session's defaults too)
         self.egress = egress = Egress(self.base_url, config)  # direct or through a proxy; TLS settings
-        origin = f"{'https' if egress.tls else 'http'}://{egress.authority}"
         self.pool = Pool(
             egress.connect,
-            origin,
             {"Host": egress.authority, **headers, "Accept-Encoding": "gzip, deflate", **egress.extra_headers},
             limit=config.max_connections,
             connect_s=t.connect_s,

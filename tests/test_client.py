@@ -93,7 +93,6 @@ def pool_for(port: int, **timeouts: float) -> Pool:
     settings = {"connect_s": 5.0, "first_byte_s": 5.0, "total_s": 10.0, **timeouts}
     return Pool(
         connect,
-        f"http://127.0.0.1:{port}",
         {"Host": f"127.0.0.1:{port}", "Authorization": "Bearer up", "Content-Type": "application/json"},
         limit=8,
         **settings,
@@ -345,7 +344,7 @@ async def test_connect_failures():
         await asyncio.sleep(30)
         raise AssertionError
 
-    slow = Pool(never, "http://x", {"Host": "x"}, limit=1, connect_s=0.2, first_byte_s=1, total_s=5)
+    slow = Pool(never, {"Host": "x"}, limit=1, connect_s=0.2, first_byte_s=1, total_s=5)
     with pytest.raises(ConnectTimeout):
         await slow.request("/v1/a", b"{}")
     assert slow.open == 0

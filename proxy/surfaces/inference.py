@@ -103,9 +103,7 @@ def inference_handler(surface: Surface, default_model: str, metrics: Metrics, se
             )
         finally:
             in_flight.dec()
-            meta.t_end = time.perf_counter()
-            if meta.team_id and gw.accountant is not None:
-                gw.accountant.submit(meta)  # first: it prices an abandoned stream, which metrics then count
+            _account(gw, meta)  # first: it prices an abandoned stream, which metrics then count
             gw.metrics.record(meta, meta.t_end)
 
     return handle
@@ -593,9 +591,13 @@ def _settle(request: web.Request, meta: RequestMeta, state: Relay | None) -> Non
         meta.streamed_events, meta.native_id = state.events, state.id
         if meta.usage is None:
             meta.usage = state.usage
-    gw = request.app[GATEWAY]
+    _account(request.app[GATEWAY], meta)
+
+
+def _account(gw: Gateway, meta: RequestMeta) -> None:
+    """End the request's clock and hand it to the accountant (once: a second call records nothing more)."""
+    meta.t_end = time.perf_counter()
     if meta.team_id and gw.accountant is not None:
-        meta.t_end = time.perf_counter()
         gw.accountant.submit(meta)
 
 
