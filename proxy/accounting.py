@@ -22,7 +22,7 @@ from typing import final
 import orjson
 
 from proxy.credit import KeyBudgets, WalletCache
-from proxy.journal import ROTATE_BYTES, Journal, encode_row
+from proxy.journal import ROTATE_BYTES, Journal, encode
 from proxy.meta import MEDIA_UNITS, RequestMeta, Usage
 from proxy.store.base import ROW_COST, ROW_KEY, ROW_TEAM, Generation, Store, StoreError
 
@@ -44,25 +44,29 @@ def estimate(meta: RequestMeta) -> None:
     meta.usage_source = "estimated"
 
 
+_USAGE = (
+    '{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d,"cached_tokens":%d,"cache_write_tokens":%d,'
+    '"reasoning_tokens":%d}'
+)
+
+
 def row(meta: RequestMeta, created_ms: int) -> tuple:
     """The generation record of a finished request, as a row in the store's column order."""
     usage = meta.usage
-    usage_json = (
-        {
-            "prompt_tokens": usage.input_tokens,
-            "completion_tokens": usage.output_tokens,
-            "total_tokens": usage.total_tokens,
-            "cached_tokens": usage.cached_input_tokens,
-            "cache_write_tokens": usage.cache_write_tokens,
-            "reasoning_tokens": usage.reasoning_tokens,
-        }
-        if usage
-        else {}
-    )
-    if usage and usage.units():  # media units, each only when metered: token-only records stay as they were
-        for name in MEDIA_UNITS:
-            if value := getattr(usage, name):
-                usage_json[name] = value
+    if usage is None:
+        usage_json = "{}"
+    else:
+        usage_json = _USAGE % (
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.total_tokens,
+            usage.cached_input_tokens,
+            usage.cache_write_tokens,
+            usage.reasoning_tokens,
+        )
+        if usage.units():  # media units, each only when metered: token-only records stay as they were
+            metered = {name: value for name in MEDIA_UNITS if (value := getattr(usage, name))}
+            usage_json = usage_json[:-1] + "," + orjson.dumps(metered).decode()[1:]
     return (
         meta.request_id,
         created_ms,
@@ -78,7 +82,7 @@ def row(meta: RequestMeta, created_ms: int) -> tuple:
         200 <= meta.status < 300 and not meta.error_code,
         meta.error_code,
         meta.error_message.replace("\0", ""),
-        orjson.dumps(usage_json).decode(),
+        usage_json,
         meta.usage_source if usage else "none",
         meta.cost_nanos or 0,
         meta.currency,
@@ -156,8 +160,7 @@ class Accountant:
             self.wallets.debit(meta.team_id, cost)
             if meta.key_limited:
                 self.budgets.add(meta.key_id, cost)
-        values = row(meta, int(time.time() * 1000))
-        line = encode_row(values)
+        line, values = encode(row(meta, int(time.time() * 1000)))
         self.journal.append(line)
         self.unwritten[meta.request_id] = values
         self._queue.append((values, line))
@@ -204,7 +207,7 @@ class Accountant:
         delay = 0.1
         while True:
             try:
-                await self.store.record([line for _, line in batch])
+                await self.store.record([line for _, line in batch], [values for values, _ in batch])
                 break
             except StoreError as e:  # keep the batch: nothing is dropped, it is tried again
                 log.error("writing %d usage records failed (%s); retrying in %.1f s", len(batch), e, delay)

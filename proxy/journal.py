@@ -53,11 +53,17 @@ class JournalError(Exception):
 
 def encode_row(values: tuple) -> bytes:
     """A generation row as one journal line (a JSON array and a newline): what `Store.record` takes."""
+    return encode(values)[0]
+
+
+def encode(values: tuple) -> tuple[bytes, tuple]:
+    """`encode_row`, and the row the line holds: `values` itself, or a copy with each string that is not valid
+    Unicode (a lone surrogate) repaired, which is what a replay would read."""
     try:
-        return orjson.dumps(values, option=orjson.OPT_APPEND_NEWLINE)
-    except orjson.JSONEncodeError:  # a string that is not valid Unicode (a lone surrogate): keep the rest
-        clean = [v.encode("utf-8", "replace").decode() if isinstance(v, str) else v for v in values]
-        return orjson.dumps(clean, option=orjson.OPT_APPEND_NEWLINE)
+        return orjson.dumps(values, option=orjson.OPT_APPEND_NEWLINE), values
+    except orjson.JSONEncodeError:
+        clean = tuple(v.encode("utf-8", "replace").decode() if isinstance(v, str) else v for v in values)
+        return orjson.dumps(clean, option=orjson.OPT_APPEND_NEWLINE), clean
 
 
 def folder_for(root: str, store_url: str) -> Path:

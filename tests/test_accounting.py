@@ -136,11 +136,11 @@ async def test_a_failing_store_loses_nothing(gateway, key, mock, store_url, monk
     real = gw.store.record
     failures = []
 
-    async def flaky(records):
+    async def flaky(records, values=None):
         if len(failures) < 2:
             failures.append(len(records))
             raise StoreError("disk on fire")
-        return await real(records)
+        return await real(records, values)
 
     monkeypatch.setattr(gw.store, "record", flaky)
     before = await balance(store_url, "acme")
@@ -158,10 +158,10 @@ async def test_a_lagging_store_refuses_new_requests_and_the_refusals_do_not_queu
     real = gw.store.record
     store_back, writing = asyncio.Event(), asyncio.Event()
 
-    async def stalled(records):
+    async def stalled(records, values=None):
         writing.set()
         await store_back.wait()
-        return await real(records)
+        return await real(records, values)
 
     monkeypatch.setattr(gw.store, "record", stalled)
     monkeypatch.setattr(gw.accountant, "max_queue", 2)

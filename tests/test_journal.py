@@ -242,6 +242,25 @@ async def test_submit_journals_before_it_returns_and_only_once(store: Store, tmp
         await acct.close(5)
 
 
+async def test_a_record_with_text_that_is_not_unicode_is_stored_repaired(store: Store, tmp_path: Path):
+    """A lone surrogate (from a provider's error text, say) cannot be JSON nor bound by SQLite: the journal and
+    the store get the same repaired row, the one a replay would read."""
+    team = await funded_team(store)
+    acct = accountant(store, tmp_path)
+    await acct.start()
+    try:
+        m = meta(team.id)
+        m.status, m.error_code, m.error_message = 502, "upstream_error", "bad \udc80 text"
+        acct.submit(m)
+        (path,) = segments(tmp_path)
+        assert orjson.loads(path.read_bytes())[13] == "bad ? text"
+        await acct.flush()
+        found = await store.get_generation(team.id, m.request_id)
+        assert found is not None and found.error_message == "bad ? text"
+    finally:
+        await acct.close(5)
+
+
 async def test_records_of_a_crash_during_an_outage_survive_rotation(store: Store, tmp_path: Path, monkeypatch):
     team = await funded_team(store)
     monkeypatch.setattr(accounting, "ROTATE_BYTES", 1)  # a new segment after every batch
@@ -257,7 +276,7 @@ async def test_records_of_a_crash_during_an_outage_survive_rotation(store: Store
     real = store.record
     outage = asyncio.Event()
 
-    async def down(rows):
+    async def down(rows, values=None):
         outage.set()
         raise StoreError("connection refused")
 

@@ -307,10 +307,11 @@ class PostgresStore:
             raise StoreError(f"team {team_id} has no wallet")
         return balance
 
-    async def record(self, rows: Sequence[bytes]) -> int:
-        """Insert generation rows (each a JSON array in `GENERATION_COLUMNS` order: the journal's lines) and
-        debit each team by their cost, in one statement. A row whose request id is already stored (a replay)
-        is skipped and not charged again. Returns how many rows were new."""
+    async def record(self, rows: Sequence[bytes], values: Sequence[tuple] | None = None) -> int:
+        """Insert generation rows (each a JSON array in `GENERATION_COLUMNS` order: the journal's lines; the
+        server parses them, so `values` is not used) and debit each team by their cost, in one statement. A
+        row whose request id is already stored (a replay) is skipped and not charged again. Returns how many
+        rows were new."""
         if not rows:
             return 0
         batch = b",".join(rows).decode()  # the brackets are added by the server

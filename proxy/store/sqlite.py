@@ -217,13 +217,15 @@ class SqliteStore:
             raise StoreError(f"team {team_id} has no wallet")
         return row[0]
 
-    async def record(self, rows: Sequence[bytes]) -> int:
-        """Insert generation rows (each a JSON array in `GENERATION_COLUMNS` order: the journal's lines) and
-        debit each team by their cost, in one transaction. A row whose request id is already stored (a
-        replay) is skipped and not charged again. Returns how many rows were new."""
+    async def record(self, rows: Sequence[bytes], values: Sequence[tuple] | None = None) -> int:
+        """Insert generation rows (each a JSON array in `GENERATION_COLUMNS` order: the journal's lines, or
+        `values`, the same rows decoded, when given) and debit each team by their cost, in one transaction. A
+        row whose request id is already stored (a replay) is skipped and not charged again. Returns how many
+        rows were new."""
         if not rows:
             return 0
-        batch = b",".join(rows)  # the brackets are added in the connection's thread
+        # Lines are joined here and parsed in the connection's thread; decoded rows are bound as they are.
+        batch: bytes | Sequence[tuple] = b",".join(rows) if values is None else values
         try:
             async with self._write:
                 # The whole transaction is one call into the connection's thread (aiosqlite's `_execute`,
@@ -382,13 +384,15 @@ def _insert(rows: int) -> str:
     return f"INSERT INTO generations ({GENERATION_COLUMNS}) VALUES " + ", ".join([_ROW_MARKS] * rows)
 
 
-def _record(db: sqlite3.Connection, batch: bytes, now: int) -> int:
-    """`SqliteStore.record`'s transaction, run in the connection's thread. The journal lines are parsed here
-    (orjson), and bound as parameters of multi-row INSERTs of power-of-two sizes whose texts repeat from
-    batch to batch, so SQLite prepares each once. (Letting SQLite read the JSON itself, `json_each` and a
-    `->>` per column, holds the GIL less but costs three times the CPU per row: it parses each row's JSON
-    once per column.) A request id twice in the batch: the last row counts. Returns the rows inserted."""
-    rows = {row[0]: row for row in orjson.loads(b"[" + batch + b"]")}
+def _record(db: sqlite3.Connection, batch: bytes | Sequence[tuple], now: int) -> int:
+    """`SqliteStore.record`'s transaction, run in the connection's thread. Journal lines (joined with commas) are
+    parsed here (orjson); rows from the accountant come decoded. They are bound as parameters of multi-row
+    INSERTs of power-of-two sizes whose texts repeat from batch to batch, so SQLite prepares each once.
+    (Letting SQLite read the JSON itself, `json_each` and a `->>` per column, holds the GIL less but costs
+    three times the CPU per row: it parses each row's JSON once per column.) A request id twice in the batch:
+    the last row counts. Returns the rows inserted."""
+    decoded = orjson.loads(b"[" + batch + b"]") if isinstance(batch, bytes) else batch
+    rows = {row[0]: row for row in decoded}
     db.execute("BEGIN IMMEDIATE")
     try:
         stored = {r[0] for r in db.execute(_STORED, (orjson.dumps(list(rows)),))}
