@@ -22,6 +22,7 @@ from proxy.accounting import Accountant
 from proxy.auth import KeyCache
 from proxy.config import ConfigError, GatewayConfig, load_config
 from proxy.credit import KeyBudgets, WalletCache
+from proxy.edge import Edge, EdgeSite, raise_fd_limit
 from proxy.gateway import GATEWAY, Gateway
 from proxy.journal import Journal, folder_for
 from proxy.metrics import Metrics
@@ -163,10 +164,13 @@ async def serve(
         max_line_size=server.max_header_bytes,
         max_field_size=server.max_header_bytes,
         max_headers=server.max_headers,
+        keepalive_timeout=server.header_timeout_s,  # armed at the connection's start and after each answer
     )
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, reuse_port=reuse_port, backlog=2048)
+        raise_fd_limit(server.max_connections)
+        edge = Edge(runner.server, server.header_timeout_s, server.max_connections)  # type: ignore[arg-type]
+        site = EdgeSite(runner, edge, host, port, reuse_port=reuse_port, backlog=2048)
         await site.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

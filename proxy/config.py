@@ -80,6 +80,10 @@ class ServerConfig(_Base):
     max_header_bytes: int = 16 * 1024  # one request or header line
     max_headers: int = 128
     max_streams_per_key: int = 0  # concurrent streams one API key may hold open; 0: no limit
+    # A request head must arrive whole this long after the connection opened or its previous answer ended
+    # (also how long an idle keep-alive connection stays open). nginx's client_header_timeout is 60 s.
+    header_timeout_s: float = 60.0
+    max_connections: int = 10_000  # open client connections per worker process; past it: 503 and close. 0: none
     drain_timeout_s: float = 30.0
     pid_file: str = "./data/gateway.pid"  # written by `serve`, read by `reload`; "" for none
     access_log: bool = False  # one JSON line per request on the `proxy.access` logger
@@ -487,6 +491,10 @@ def check(config: GatewayConfig, fail: Any) -> None:
         fail(["server", "max_headers"], f"expected at least 16, got {server.max_headers}")
     if server.max_streams_per_key < 0:
         fail(["server", "max_streams_per_key"], "expected 0 (no limit) or more")
+    if server.header_timeout_s <= 0:
+        fail(["server", "header_timeout_s"], "expected a duration > 0 seconds")
+    if server.max_connections < 0:
+        fail(["server", "max_connections"], "expected 0 (no limit) or more")
     if config.accounting.max_backlog < 1:
         fail(["accounting", "max_backlog"], "expected at least 1")
     if not config.accounting.journal_dir:

@@ -289,6 +289,20 @@ ERROR_CASES = [
         ("unknown provider 'nowhere'", "(expected one of: openai)"),
     ),
     (
+        "header-timeout",
+        BASE + "server:\n  header_timeout_s: 0\n",
+        "header_timeout_s:",
+        "$.server.header_timeout_s",
+        ("expected a duration > 0 seconds",),
+    ),
+    (
+        "max-connections",
+        BASE + "server:\n  max_connections: -1\n",
+        "max_connections:",
+        "$.server.max_connections",
+        ("expected 0 (no limit) or more",),
+    ),
+    (
         "dangling-provider-second-target",
         MODELS_TWO_TARGETS.replace("- provider: groq", "- provider: grok"),
         "provider: grok",
