@@ -155,6 +155,7 @@ class ProviderConfig(_Base):
     max_connections: int = 4096  # open connections to this provider per worker: one per stream in flight
     breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
     drop_params: bool = False  # drop request parameters this provider cannot honour instead of answering 400
+    strict_params: bool = False  # refuse (400) even the parameters dropped by default (seed, top_k, …)
     team: str = ""  # the team whose own account this provider's key is (it may list the provider's files); "": shared
     # "": HTTPS_PROXY / HTTP_PROXY from the environment unless NO_PROXY names the host; "direct": never a
     # proxy; or http://[user:password@]host:port for this provider, whatever the environment says.
@@ -550,6 +551,8 @@ def check(config: GatewayConfig, fail: Any) -> None:
                     [*where, "targets", i, "provider"],
                     f"unknown provider {target.provider!r} (expected one of: {', '.join(providers) or 'none defined'})",
                 )
+        if provider.drop_params and provider.strict_params:
+            fail([*where, "strict_params"], "expected at most one of drop_params and strict_params to be true")
             if target.weight is not None and not target.weight > 0:
                 fail([*where, "targets", i, "weight"], f"expected a weight > 0, got {target.weight}")
         if model.retries < 0:

@@ -73,6 +73,7 @@ class RequestMeta:
         "attempts",
         "cost_nanos",
         "currency",
+        "dropped_params",
         "error_code",
         "error_message",
         "finished",
@@ -120,6 +121,7 @@ class RequestMeta:
         self.pricing_lines: list[dict] = []
         self.pricing_json = b"[]"  # `pricing_lines` as JSON, made once for the answer and the record
         self.attempts: list[tuple[str, int, float, float]] = []  # (provider, status, start, end)
+        self.dropped_params: tuple[str, ...] = ()  # request parameters the provider could not honour, left out
         # for accounting
         self.team_id = ""
         self.key_id = ""
@@ -211,8 +213,8 @@ class RequestMeta:
         }
 
     def as_dict(self, now: float | None = None) -> dict:
-        """The `meta` object of a response."""
-        return {
+        """The `meta` object of a response (`dropped_params` only when a parameter was left out)."""
+        out = {
             "request_id": self.request_id,
             "provider": self.provider,
             "model": self.model,
@@ -222,3 +224,6 @@ class RequestMeta:
             **self.timings(now or time.perf_counter()),
             "cost_nanos": self.cost_nanos,
         }
+        if self.dropped_params:
+            out["dropped_params"] = list(self.dropped_params)
+        return out

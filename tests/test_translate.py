@@ -235,9 +235,10 @@ async def test_reasoning_from_claude_reaches_openai_clients(oai, claude: Claude)
 
 
 async def test_parameter_claude_cannot_honour_is_named(oai, claude: Claude) -> None:
+    """A parameter whose loss would change the answer (`n`, OpenAI-only `logit_bias`) is a 400 naming it."""
     with pytest.raises(openai.BadRequestError) as err:
-        await oai.chat.completions.create(model=CLAUDE, messages=[{"role": "user", "content": "hi"}], seed=7)
-    assert err.value.body["param"] == "seed"
+        await oai.chat.completions.create(model=CLAUDE, messages=[{"role": "user", "content": "hi"}], n=2)
+    assert err.value.body["param"] == "n"
     assert "drop_params" in err.value.body["message"]
     assert not claude.control.received
     with pytest.raises(openai.BadRequestError) as err:
@@ -247,16 +248,57 @@ async def test_parameter_claude_cannot_honour_is_named(oai, claude: Claude) -> N
     assert err.value.body["param"] == "logit_bias"
 
 
-async def test_drop_params_lets_them_through(
-    aiohttp_client, mock: Mock, claude: Claude, store_url: str, key: str, tmp_path
-) -> None:
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_a_hint_claude_cannot_honour_is_dropped_and_the_answer_says_so(oai, claude: Claude, stream) -> None:
+    raw = await oai.chat.completions.with_raw_response.create(
+        model=CLAUDE,
+        messages=[{"role": "user", "content": "hi"}],
+        seed=7,
+        presence_penalty=0.5,
+        stream=stream,
+        extra_body={"meta": True},
+    )
+    assert raw.headers["x-gateway-dropped-params"] == "seed,presence_penalty"
+    answer = raw.parse()
+    if stream:
+        chunks = [chunk async for chunk in answer]
+        meta = next(c.model_extra["meta"] for c in chunks if c.model_extra and "meta" in c.model_extra)
+    else:
+        meta = answer.model_extra["meta"]
+    assert meta["dropped_params"] == ["seed", "presence_penalty"]
+    sent = claude.control.last.json
+    assert "seed" not in sent and "presence_penalty" not in sent and sent["messages"][0]["role"] == "user"
+
+
+async def _claude_gateway(aiohttp_client, mock: Mock, claude: Claude, store_url: str, tmp_path, setting: str):
+    """A gateway whose Anthropic provider has `setting` (a line of YAML) added."""
     text = DEFAULT_CONFIG.read_text().replace(
-        "    api_key: ${ANTHROPIC_API_KEY:-}\n", "    api_key: ${ANTHROPIC_API_KEY:-}\n    drop_params: true\n"
+        "    api_key: ${ANTHROPIC_API_KEY:-}\n", f"    api_key: ${{ANTHROPIC_API_KEY:-}}\n    {setting}\n"
     )
     path = tmp_path / "gateway.yaml"
     path.write_text(text)
     env = env_for(mock, store_url, ANTHROPIC_BASE_URL=claude.url, ANTHROPIC_API_KEY="k")
-    client = await aiohttp_client(build_app(load_config(path, env=env)))
+    return await aiohttp_client(build_app(load_config(path, env=env)))
+
+
+async def test_strict_params_refuses_even_the_hints(
+    aiohttp_client, mock: Mock, claude: Claude, store_url: str, key: str, tmp_path
+) -> None:
+    client = await _claude_gateway(aiohttp_client, mock, claude, store_url, tmp_path, "strict_params: true")
+    resp = await client.post(
+        "/v1/chat/completions",
+        json={"model": CLAUDE, "messages": [{"role": "user", "content": "hi"}], "seed": 1},
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    error = (await resp.json())["error"]
+    assert resp.status == 400 and error["param"] == "seed" and "strict_params" in error["message"]
+    assert not claude.control.received
+
+
+async def test_drop_params_lets_them_through(
+    aiohttp_client, mock: Mock, claude: Claude, store_url: str, key: str, tmp_path
+) -> None:
+    client = await _claude_gateway(aiohttp_client, mock, claude, store_url, tmp_path, "drop_params: true")
     resp = await client.post(
         "/v1/chat/completions",
         json={"model": CLAUDE, "messages": [{"role": "user", "content": "hi"}], "seed": 1, "logit_bias": {"1": 2}},

@@ -58,7 +58,6 @@ def test_build_request(path: Path) -> None:
 
 
 UNSUPPORTED = [
-    ("parallel_tool_calls", {"parallel_tool_calls": False}, False, "parallel_tool_calls"),
     (
         "audio_part",
         {"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}, {"type": "input_audio"}]}]},
@@ -97,6 +96,20 @@ def test_unsupported_params_400_unless_dropped(extra: dict[str, Any], stream: bo
     assert "thinkingConfig" not in body.get("generationConfig", {})
     assert "responseMimeType" not in body.get("generationConfig", {})
     assert "tools" not in body
+
+
+def test_a_parameter_whose_loss_keeps_the_answer_valid_is_dropped_and_reported_unless_strict() -> None:
+    """`parallel_tool_calls: false` (LlamaIndex and LangChain send it with tools): Gemini has no switch; the
+    client gets what it asked for, possibly several calls at once, and is told the parameter was left out."""
+    asked = {"messages": [{"role": "user", "content": "hi"}], "parallel_tool_calls": False}
+    plain = PROVIDER.build_request(_request({"messages": asked["messages"]}), "gemini-2.5-flash", False, False)
+    for drop_params in (False, True):
+        upstream = PROVIDER.build_request(_request(asked), "gemini-2.5-flash", False, drop_params)
+        assert upstream.dropped == ("parallel_tool_calls",) and upstream.body == plain.body
+    assert plain.dropped == ()
+    with pytest.raises(GatewayError) as info:
+        PROVIDER.build_request(_request(asked), "gemini-2.5-flash", False, False, strict=True)
+    assert info.value.param == "parallel_tool_calls" and "strict_params" in info.value.message
 
 
 def test_n_is_honoured_without_streaming() -> None:

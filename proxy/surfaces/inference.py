@@ -53,6 +53,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Serve = Callable[[web.Request, Gateway, Surface, str, RequestMeta], Awaitable[web.StreamResponse]]
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+DROPPED_HEADER = "x-gateway-dropped-params"  # request parameters the provider could not honour, left out
 CLIENT_CLOSED = 499  # nginx's convention: the client went away before the answer was complete
 _TRANSPORT_ERRORS = (ClientError,)  # the lean client's failures (its timeouts are TimeoutErrors too)
 _encode = msgspec.json.Encoder().encode
@@ -186,10 +187,12 @@ async def _try_targets(
                 meta.stream,
                 upstream.config.drop_params,
                 request.headers,
+                upstream.config.strict_params,
             )
         except GatewayError as e:  # this provider cannot take the request as asked; another may
             unplannable = unplannable or e
             continue
+        meta.dropped_params = exchange.upstream.dropped
         for retry in range(model.retries + 1):
             if retry:
                 assert failure is not None
@@ -390,9 +393,10 @@ async def _respond(
         members.append(b'"meta":' + _encode(meta.as_dict()))
     data = exchange.render(data, meta.usage, b",".join(members))
     meta.status = resp.status
-    return web.Response(
-        body=data, status=resp.status, headers={"Content-Type": "application/json", "x-request-id": meta.request_id}
-    )
+    headers = {"Content-Type": "application/json", "x-request-id": meta.request_id}
+    if meta.dropped_params:
+        headers[DROPPED_HEADER] = ",".join(meta.dropped_params)
+    return web.Response(body=data, status=resp.status, headers=headers)
 
 
 def _upstream_error(
@@ -456,6 +460,8 @@ async def _relay(
     echo: Echo | None,
 ) -> web.StreamResponse:
     out = web.StreamResponse(status=200, headers={**SSE_HEADERS, "x-request-id": meta.request_id})
+    if meta.dropped_params:
+        out.headers[DROPPED_HEADER] = ",".join(meta.dropped_params)
     content = resp
     try:
         # The client's response starts with the provider's first bytes: until then, a failure is retried.

@@ -37,6 +37,7 @@ from proxy.translators.neutral import (
     ToolCall,
     ToolCallDelta,
     UpstreamRequest,
+    unhonoured,
     unsupported,
 )
 from proxy.translators.openai import closing_members, inject_members
@@ -200,10 +201,10 @@ def _tool_choice(request: ChatRequest) -> dict[str, Any] | None:
     return out
 
 
-def build_request(request: ChatRequest, upstream_model: str, stream: bool, drop_params: bool) -> UpstreamRequest:
-    for name, honoured in UNSUPPORTED.items():
-        if getattr(request, name) not in honoured and not drop_params:
-            raise unsupported(name, KIND)
+def build_request(
+    request: ChatRequest, upstream_model: str, stream: bool, drop_params: bool, strict: bool = False
+) -> UpstreamRequest:
+    dropped = unhonoured(request, UNSUPPORTED, KIND, drop_params, strict)  # none of them is read below
     system, turns = _messages(request, drop_params)
     body: dict[str, Any] = {"model": upstream_model, "messages": turns}
     if system:
@@ -256,7 +257,7 @@ def build_request(request: ChatRequest, upstream_model: str, stream: bool, drop_
         body["metadata"] = {"user_id": request.user}
     if stream:
         body["stream"] = True
-    return UpstreamRequest(path=PATH, body=orjson.dumps(body))
+    return UpstreamRequest(path=PATH, body=orjson.dumps(body), dropped=dropped)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from proxy.translators.neutral import (
     StreamWriter,
     SurfaceTranslator,
     UpstreamRequest,
+    unhonoured,
     unsupported,
 )
 from proxy.translators.openai import DONE, GATEWAY_FIELDS, OpenAIUsage, decode_body, inject_members
@@ -41,24 +42,24 @@ _encode = msgspec.json.Encoder().encode
 # provider side: neutral → an OpenAI-compatible upstream
 
 # Neutral parameters an OpenAI-kind provider does not take.
-_NOT_OPENAI: Final = ("top_k",)
+_NOT_OPENAI: Final = {"top_k": (None,)}
 
 
 def auth_headers(api_key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-def build_request(request: ChatRequest, upstream_model: str, stream: bool, drop_params: bool) -> UpstreamRequest:
-    for name in _NOT_OPENAI:
-        if getattr(request, name) is not None:
-            if not drop_params:
-                raise unsupported(name, KIND)
-            request = msgspec.structs.replace(request, **{name: None})
+def build_request(
+    request: ChatRequest, upstream_model: str, stream: bool, drop_params: bool, strict: bool = False
+) -> UpstreamRequest:
+    dropped = unhonoured(request, _NOT_OPENAI, KIND, drop_params, strict)
+    if dropped:
+        request = msgspec.structs.replace(request, **dict.fromkeys(dropped))
     out = msgspec.structs.replace(request, model=upstream_model, stream=stream, stream_options=None)
     body = _encode(out)
     if stream:  # metering needs usage
         body = inject_members(body, b'"stream_options":{"include_usage":true}')
-    return UpstreamRequest(path=PATH, body=body)
+    return UpstreamRequest(path=PATH, body=body, dropped=dropped)
 
 
 class _UsageView(msgspec.Struct):

@@ -292,6 +292,7 @@ def plan(
     stream: bool,
     drop_params: bool,
     headers: Mapping[str, str],
+    strict_params: bool = False,
 ) -> Exchange:
     """The exchange for a request on `surface` to a provider of `kind` (GatewayError 400 when the body
     cannot be translated, or asks for what the provider cannot honour)."""
@@ -322,7 +323,7 @@ def plan(
         )
     request = translator.decode_request(body, drop_params)
     wants_usage = bool(view.usage) or bool(request.stream_options and request.stream_options.include_usage)
-    upstream = provider.build_request(request, upstream_model, stream, drop_params)
+    upstream = provider.build_request(request, upstream_model, stream, drop_params, strict_params)
     return Exchange(surface, upstream, public_model, wants_usage, provider, translator)
 
 

@@ -42,6 +42,7 @@ from proxy.translators.neutral import (
     ToolCall,
     ToolCallDelta,
     UpstreamRequest,
+    unhonoured,
     unsupported,
 )
 
@@ -350,10 +351,10 @@ def _generation_config(request: ChatRequest, upstream_model: str, stream: bool, 
     return config
 
 
-def build_request(request: ChatRequest, upstream_model: str, stream: bool, drop_params: bool) -> UpstreamRequest:
-    for name, honoured in UNSUPPORTED.items():
-        if getattr(request, name) not in honoured and not drop_params:
-            raise unsupported(name, KIND)
+def build_request(
+    request: ChatRequest, upstream_model: str, stream: bool, drop_params: bool, strict: bool = False
+) -> UpstreamRequest:
+    dropped = unhonoured(request, UNSUPPORTED, KIND, drop_params, strict)  # none of them is read below
     system, turns = _contents(request, drop_params)
     body: dict[str, Any] = {"contents": turns}
     if system:
@@ -368,7 +369,7 @@ def build_request(request: ChatRequest, upstream_model: str, stream: bool, drop_
     if config:
         body["generationConfig"] = config
     # `user` and `metadata` have no Gemini counterpart and change nothing in the answer: left out.
-    return UpstreamRequest(path=model_path(upstream_model, stream), body=orjson.dumps(body))
+    return UpstreamRequest(path=model_path(upstream_model, stream), body=orjson.dumps(body), dropped=dropped)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -16,9 +16,9 @@ Conventions of the neutral form (those of OpenAI Chat Completions):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import msgspec
 
@@ -247,6 +247,7 @@ class UpstreamRequest(msgspec.Struct, kw_only=True):
     path: str  # appended to the provider's base_url
     body: bytes
     headers: dict[str, str] = {}  # besides the provider's credentials and configured headers
+    dropped: tuple[str, ...] = ()  # request parameters left out (`unhonoured`): the answer says so
 
 
 class StreamReader(Protocol):
@@ -283,6 +284,31 @@ class StreamWriter(Protocol):
         ...
 
 
+# Parameters a provider may not honour whose loss leaves the answer valid for what was asked: sampling and
+# determinism hints, and a cap on parallel tool calls (the client handles several calls anyway). They are
+# dropped by default and reported (`x-gateway-dropped-params`, `meta.dropped_params`); a provider with
+# `strict_params: true` refuses them. Any other parameter a provider cannot honour (`n`, response formats,
+# content it cannot carry) changes the meaning of the answer: a 400, unless the provider has `drop_params`.
+DROPPABLE: Final = frozenset({"seed", "presence_penalty", "frequency_penalty", "top_k", "parallel_tool_calls"})
+
+
+def unhonoured(
+    request: ChatRequest, table: Mapping[str, tuple[Any, ...]], kind: str, drop_params: bool, strict: bool
+) -> tuple[str, ...]:
+    """The parameters `request` sets to values a provider of `kind` cannot honour (`table`: name → the values
+    it does), to be left out: the DROPPABLE ones (unless `strict`), and any with `drop_params`. Any other is a
+    400 naming it."""
+    dropped = []
+    for name, honoured in table.items():
+        if getattr(request, name) in honoured:
+            continue
+        if drop_params or (name in DROPPABLE and not strict):
+            dropped.append(name)
+        else:
+            raise unsupported(name, kind, "the provider has strict_params" if name in DROPPABLE else "")
+    return tuple(dropped)
+
+
 def unsupported(name: str, provider_kind: str, why: str = "") -> GatewayError:
     """The 400 for a request parameter a provider cannot honour."""
     detail = f" ({why})" if why else ""
@@ -310,7 +336,7 @@ class ProviderTranslator:
 
     kind: str
     auth_headers: Callable[[str], dict[str, str]]
-    build_request: Callable[[ChatRequest, str, bool, bool], UpstreamRequest]
+    build_request: Callable[..., UpstreamRequest]
     parse_response: Callable[[bytes], tuple[ChatResponse, Usage | None]]
     reader: Callable[[], StreamReader]
     parse_error: Callable[[int, bytes], GatewayError | None]
