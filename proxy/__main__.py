@@ -39,10 +39,13 @@ def _usd(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stats-gateway", description="A lean, self-hosted AI gateway.")
-    parser.add_argument("--log-level", default=os.environ.get("GATEWAY_LOG_LEVEL", "INFO"))
+    log_help = "DEBUG, INFO, WARNING or ERROR (default: $GATEWAY_LOG_LEVEL or INFO)"
+    parser.add_argument("--log-level", default=os.environ.get("GATEWAY_LOG_LEVEL", "INFO"), help=log_help)
     sub = parser.add_subparsers(dest="command")
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        # Also after the command (`serve --log-level DEBUG`); SUPPRESS keeps the top level's value otherwise.
+        p.add_argument("--log-level", default=argparse.SUPPRESS, help=log_help)
         p.add_argument(
             "--config",
             default=os.environ.get("GATEWAY_CONFIG", DEFAULT_CONFIG),
@@ -88,8 +91,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not any(arg in COMMANDS for arg in argv[:1]) and not any(a in ("-h", "--help") for a in argv[:1]):
-        argv.insert(0, "serve")  # `serve` is the default command
+    named = any(arg in COMMANDS for arg in argv if not arg.startswith("-"))
+    if not named and not any(a in ("-h", "--help") for a in argv[:1]):
+        argv.insert(0, "serve")  # `serve` is the default command (its options may come first)
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr

@@ -36,6 +36,7 @@ from proxy.surfaces.inference import inference_handler, models_handler
 from proxy.surfaces.media import upload_handler
 from proxy.surfaces.music import HANDLERS as MUSIC_HANDLERS
 from proxy.surfaces.platform import HANDLERS as PLATFORM_HANDLERS
+from proxy.surfaces.tokens import count_tokens
 from proxy.surfaces.videos import HANDLERS as VIDEO_HANDLERS
 from proxy.upstream import Upstream
 
@@ -58,6 +59,7 @@ def build_app(config: GatewayConfig) -> web.Application:
     known: dict[str, set[str]] = {}
     platform = {
         "openai.models": models_handler,
+        "anthropic.count_tokens": count_tokens,
         **PLATFORM_HANDLERS,
         **CATALOGUE_HANDLERS,
         **VIDEO_HANDLERS,
@@ -154,6 +156,13 @@ async def serve(
     """Serve until SIGTERM or SIGINT, then stop accepting, drain in-flight requests and close."""
     quiet_malformed_requests()
     app = build_app(config)
+    log.debug(
+        "config %s: %d routes, %d models, %d providers",
+        config.source,
+        len(config.routes),
+        len(config.models),
+        len(config.providers),
+    )
     server = config.server
     runner = web.AppRunner(
         app,

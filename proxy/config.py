@@ -229,14 +229,42 @@ DEFAULT_MODERATION_MODEL = "openai/omni-moderation-latest"
 
 
 def default_routes(models: dict[str, ModelConfig]) -> list[RouteConfig]:
-    """The routes used when the config has no `routes` key."""
+    """The routes used when the config has no `routes` key: every surface, as the shipped config/gateway.yaml
+    routes them (tests/test_config.py keeps the two the same)."""
     moderation = DEFAULT_MODERATION_MODEL if DEFAULT_MODERATION_MODEL in models else ""
     return [
         RouteConfig(method="POST", path="/v1/chat/completions", surface="openai.chat"),
         RouteConfig(method="POST", path="/v1/responses", surface="openai.responses"),
         RouteConfig(method="POST", path="/v1/messages", surface="anthropic.messages"),
+        RouteConfig(method="POST", path="/v1/messages/count_tokens", surface="anthropic.count_tokens"),
         RouteConfig(method="POST", path="/v1/embeddings", surface="openai.embeddings"),
         RouteConfig(method="POST", path="/v1/moderations", surface="openai.moderations", default_model=moderation),
+        RouteConfig(method="POST", path="/v1/images/generations", surface="openai.images.generations"),
+        RouteConfig(method="POST", path="/v1/images/edits", surface="openai.images.edits"),
+        RouteConfig(method="POST", path="/v1/audio/speech", surface="openai.audio.speech"),
+        RouteConfig(method="POST", path="/v1/audio/transcriptions", surface="openai.audio.transcriptions"),
+        RouteConfig(method="POST", path="/v1/audio/translations", surface="openai.audio.translations"),
+        RouteConfig(method="POST", path="/v1/rerank", surface="rerank"),
+        RouteConfig(method="POST", path="/v1/ocr", surface="ocr"),
+        RouteConfig(method="POST", path="/v1/music/generate", surface="music.generate"),
+        RouteConfig(method="GET", path="/v1/music/generate/{id}", surface="music.get"),
+        RouteConfig(method="POST", path="/v1/videos", surface="openai.videos"),
+        RouteConfig(method="GET", path="/v1/videos", surface="openai.videos_list"),
+        RouteConfig(method="GET", path="/v1/videos/models", surface="openai.videos_models"),
+        RouteConfig(method="GET", path="/v1/videos/{id}", surface="openai.videos_get"),
+        RouteConfig(method="DELETE", path="/v1/videos/{id}", surface="openai.videos_delete"),
+        RouteConfig(method="GET", path="/v1/videos/{id}/content", surface="openai.videos_content"),
+        RouteConfig(method="POST", path="/v1/videos/{id}/download_url", surface="openai.videos_download_url"),
+        RouteConfig(method="POST", path="/v1/videos/{id}/cancel", surface="openai.videos_cancel"),
+        RouteConfig(method="POST", path="/v1/files", surface="openai.files"),
+        RouteConfig(method="GET", path="/v1/files", surface="openai.files_list"),
+        RouteConfig(method="GET", path="/v1/files/{id}", surface="openai.files_get"),
+        RouteConfig(method="DELETE", path="/v1/files/{id}", surface="openai.files_delete"),
+        RouteConfig(method="GET", path="/v1/files/{id}/content", surface="openai.files_content"),
+        RouteConfig(method="POST", path="/v1/batches", surface="openai.batches"),
+        RouteConfig(method="GET", path="/v1/batches", surface="openai.batches_list"),
+        RouteConfig(method="GET", path="/v1/batches/{id}", surface="openai.batches_get"),
+        RouteConfig(method="POST", path="/v1/batches/{id}/cancel", surface="openai.batches_cancel"),
         RouteConfig(method="GET", path="/v1/models", surface="openai.models"),
         RouteConfig(method="GET", path="/v1/generations", surface="platform.generations"),
         RouteConfig(method="GET", path="/v1/key", surface="platform.key"),
@@ -523,6 +551,8 @@ def check(config: GatewayConfig, fail: Any) -> None:
 
     for name, provider in config.providers.items():
         where = ["providers", name]
+        if provider.drop_params and provider.strict_params:
+            fail([*where, "strict_params"], "expected at most one of drop_params and strict_params to be true")
         if provider.kind not in PROVIDER_KINDS:
             fail(
                 [*where, "kind"],
@@ -551,8 +581,6 @@ def check(config: GatewayConfig, fail: Any) -> None:
                     [*where, "targets", i, "provider"],
                     f"unknown provider {target.provider!r} (expected one of: {', '.join(providers) or 'none defined'})",
                 )
-        if provider.drop_params and provider.strict_params:
-            fail([*where, "strict_params"], "expected at most one of drop_params and strict_params to be true")
             if target.weight is not None and not target.weight > 0:
                 fail([*where, "targets", i, "weight"], f"expected a weight > 0, got {target.weight}")
         if model.retries < 0:

@@ -28,6 +28,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from proxy.errors import Code, GatewayError, error_body
+from proxy.meta import new_request_id
 
 log = logging.getLogger("proxy.edge")
 
@@ -61,12 +62,14 @@ def raise_fd_limit(max_connections: int) -> None:
 
 
 def _answer(status_line: bytes, err: GatewayError, extra: bytes = b"") -> bytes:
-    """A whole HTTP/1.1 answer that closes the connection: the envelope of `err`."""
-    body = orjson.dumps(error_body(err, None))
+    """A whole HTTP/1.1 answer that closes the connection: the envelope of `err`, with a request id."""
+    request_id = new_request_id()
+    body = orjson.dumps(error_body(err, request_id))
     return (
         b"HTTP/1.1 "
         + status_line
-        + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
+        + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\nx-request-id: %s\r\n"
+        % (len(body), request_id.encode())
         + extra
         + b"Connection: close\r\n\r\n"
         + body
@@ -83,7 +86,7 @@ class Edge:
         self.server = server
         self.max_connections = max_connections  # 0: no cap
         self.open = 0
-        self._late = _answer(
+        self._late = (
             b"408 Request Timeout",
             GatewayError(
                 Code.request_timeout,
@@ -91,7 +94,7 @@ class Edge:
                 f"the previous answer on it (server.header_timeout_s).",
             ),
         )
-        self._full = _answer(
+        self._full = (
             b"503 Service Unavailable",
             GatewayError(
                 Code.unavailable,
@@ -142,7 +145,7 @@ class _Connection(RequestHandler):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         edge = self._edge
         if edge.max_connections and edge.open >= edge.max_connections:
-            transport.write(edge._full)  # type: ignore[attr-defined]
+            transport.write(_answer(*edge._full))  # type: ignore[attr-defined]
             transport.close()
             return
         edge.open += 1
@@ -167,5 +170,5 @@ class _Connection(RequestHandler):
         transport = self.transport
         if self._partial and transport is not None and not transport.is_closing():
             self._partial = False
-            transport.write(self._edge._late)
+            transport.write(_answer(*self._edge._late))
         super().force_close()

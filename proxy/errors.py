@@ -37,7 +37,8 @@ class Code(enum.Enum):
     key_budget_exceeded = (402, "insufficient_credits")
     forbidden = (403, "permission_error")
     model_not_found = (404, "not_found_error")
-    route_not_found = (404, "not_found_error")
+    route_not_found = (404, "not_found_error")  # no route for this method and path
+    not_found = (404, "not_found_error")  # the route exists; the object asked for does not (or is another team's)
     method_not_allowed = (405, "invalid_request_error")
     request_timeout = (408, "invalid_request_error")
     payload_too_large = (413, "invalid_request_error")

@@ -32,6 +32,8 @@ SURFACES: dict[str, Surface] = {
         Surface(
             "anthropic.messages", "messages", "/v1/messages", streaming=True, required=("messages",), dialect=ANTHROPIC
         ),
+        # Token counting for any model that serves Messages (`proxy.surfaces.tokens`): not billed.
+        Surface("anthropic.count_tokens", "messages", "/v1/messages/count_tokens", dialect=ANTHROPIC),
         Surface("openai.embeddings", "embeddings", "/embeddings", required=("input",)),
         Surface("openai.moderations", "moderations", "/moderations", required=("input",)),
         Surface("openai.images.generations", "images.generations", "/images/generations", streaming=True),

@@ -104,6 +104,9 @@ def _event(kind: str, data: dict) -> bytes:
     return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
 
+COUNTED_TOKENS = 41  # what `/v1/messages/count_tokens` answers
+
+
 def build_anthropic_mock(control: AnthropicControl) -> web.Application:
     async def messages(request: web.Request) -> web.StreamResponse:
         body = await request.read()
@@ -212,6 +215,20 @@ def build_anthropic_mock(control: AnthropicControl) -> web.Application:
         await resp.write(_event("message_stop", {"type": "message_stop"}))
         return resp
 
+    async def count_tokens(request: web.Request) -> web.Response:
+        body = await request.read()
+        control.received.append(Received(request.path, dict(request.headers), body))
+        if control.mode == "status":
+            return web.Response(status=control.status, body=control.error_body, content_type="application/json")
+        payload = orjson.loads(body)
+        if "max_tokens" in payload or "messages" not in payload:  # the real endpoint refuses both
+            return web.json_response(
+                {"type": "error", "error": {"type": "invalid_request_error", "message": "bad count request"}},
+                status=400,
+            )
+        return web.json_response({"input_tokens": COUNTED_TOKENS})
+
     app = web.Application()
     app.router.add_post("/v1/messages", messages)
+    app.router.add_post("/v1/messages/count_tokens", count_tokens)
     return app

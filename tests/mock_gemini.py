@@ -95,6 +95,28 @@ def _sse(answer: dict[str, Any]) -> bytes:
 TOOL_CALL_PART = {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}}
 
 
+COUNTED_TOKENS = 42  # what `countTokens` answers, as `totalTokens`
+
+
+def _count_tokens(control: GeminiControl, request: web.Request, model: str, payload: Any) -> web.Response:
+    """`models/{model}:countTokens`, checked as the real API checks it: `contents` or a `generateContentRequest`
+    naming the same model, never both."""
+    if not request.headers.get("x-goog-api-key"):
+        return gemini_error(400, "API key not valid. Please pass a valid API key.")
+    if control.mode == "status":
+        return web.Response(status=control.status, body=control.error_body, content_type="application/json")
+    if not isinstance(payload, dict) or ("contents" in payload) == ("generateContentRequest" in payload):
+        return gemini_error(400, "Either contents or generateContentRequest must be set, not both.")
+    generate = payload.get("generateContentRequest")
+    if generate is not None:
+        if generate.get("model") != f"models/{model}":
+            return gemini_error(400, f"generateContentRequest.model must be models/{model}.")
+        problem = _problem({k: v for k, v in generate.items() if k != "model"})
+        if problem:
+            return gemini_error(400, problem)
+    return web.json_response({"totalTokens": COUNTED_TOKENS, "promptTokensDetails": []})
+
+
 def build_gemini_mock(control: GeminiControl) -> web.Application:
     async def handle(request: web.Request) -> web.StreamResponse:
         raw = await request.read()
@@ -104,6 +126,8 @@ def build_gemini_mock(control: GeminiControl) -> web.Application:
             payload = None
         control.received.append(GeminiReceived(request.path, dict(request.query), dict(request.headers), payload))
         model, _, method = request.match_info["name"].partition(":")
+        if method == "countTokens":
+            return _count_tokens(control, request, model, payload)
         if method not in ("generateContent", "streamGenerateContent"):
             return gemini_error(404, f"Method not found: {method!r}.")
         if not request.headers.get("x-goog-api-key"):

@@ -18,6 +18,8 @@ from typing import Any
 import orjson
 from aiohttp import BodyPartReader, web
 
+COUNTED_TOKENS = 43  # what `/v1/responses/input_tokens` answers
+
 
 @dataclass
 class Received:
@@ -321,8 +323,17 @@ def build_mock(control: MockControl) -> web.Application:
             {"id": "modr-mock", "model": payload["model"], "results": [{"flagged": False, "categories": {}}]}
         )
 
+    async def input_tokens(request: web.Request) -> web.Response:
+        body = await request.read()
+        control.received.append(Received(request.path, dict(request.headers), body))
+        payload = orjson.loads(body)
+        if not isinstance(payload.get("input"), (str, list)) or not payload.get("model"):
+            return web.json_response({"error": {"message": "input and model are required"}}, status=400)
+        return web.json_response({"object": "response.input_tokens", "input_tokens": COUNTED_TOKENS})
+
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/responses/input_tokens", input_tokens)
     app.router.add_post("/v1/responses", responses)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_post("/v1/moderations", moderations)

@@ -170,6 +170,12 @@ async def test_health_and_readiness(gateway):
     assert r.status == 200 and (await r.json())["checks"]["store"] == "ok"
 
 
+async def test_every_answer_carries_a_request_id(gateway):
+    for path in ("/healthz", "/readyz", "/metrics", "/nowhere"):
+        r = await gateway.get(path)
+        assert r.headers.get("x-request-id", "").startswith("req_"), path
+
+
 async def test_many_concurrent_streams(gateway, key, mock):
     async def one() -> bytes:
         r = await gateway.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=auth(key))

@@ -197,3 +197,26 @@ def test_serve_refuses_a_port_in_use(env):
         result = cli(env, "serve", "--port", str(port), check=False)
     assert result.returncode == 1 and f"cannot serve on 127.0.0.1:{port}" in result.stderr
     assert os.environ.get("PROMETHEUS_MULTIPROC_DIR") is None
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve", "--log-level", "DEBUG"],
+        ["--log-level", "DEBUG", "serve"],
+        ["--log-level", "DEBUG"],  # `serve` is the default command, its options may come first
+    ],
+    ids=["after", "before", "default-command"],
+)
+async def test_the_log_level_option_works_before_and_after_the_command(env, tmp_path: Path, argv: list[str]):
+    log = tmp_path / "gateway.log"
+    with log.open("wb") as sink:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", *argv, "--port", "0", cwd=ROOT, env=env, stdout=sink, stderr=sink
+        )
+    try:
+        await _wait_for_line(log, "listening on")
+        assert " DEBUG proxy: config " in log.read_text()
+    finally:
+        proc.terminate()
+        await proc.wait()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from proxy.config import ConfigError, GatewayConfig, format_path, load_config, substitute
+from proxy.routing import SURFACES
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "config" / "gateway.yaml"
@@ -612,45 +613,27 @@ def test_omitted_routes_do_not_share_state_between_loads(tmp_path: Path) -> None
     first = load(tmp_path, text)
     first.routes[0].method = "PATCH"
     second = load(tmp_path, text)
-    assert [(r.method, r.path, r.surface) for r in second.routes] == DEFAULT_ROUTES
-    assert second.routes[4].default_model == "openai/omni-moderation-latest"
+    assert second.routes[0].method == "POST" and second.routes[0].path == "/v1/chat/completions"
+    moderation = [r.default_model for r in second.routes if r.surface == "openai.moderations"]
+    assert moderation == ["openai/omni-moderation-latest"]
 
 
-DEFAULT_ROUTES = [
-    ("POST", "/v1/chat/completions", "openai.chat"),
-    ("POST", "/v1/responses", "openai.responses"),
-    ("POST", "/v1/messages", "anthropic.messages"),
-    ("POST", "/v1/embeddings", "openai.embeddings"),
-    ("POST", "/v1/moderations", "openai.moderations"),
-    ("GET", "/v1/models", "openai.models"),
-    ("GET", "/v1/generations", "platform.generations"),
-    ("GET", "/v1/key", "platform.key"),
-    ("GET", "/v1/credits", "platform.credits"),
-    ("GET", "/v1/pricing/models", "platform.pricing_models"),
-    ("POST", "/v1/pricing/calculate", "platform.pricing_calculate"),
-    ("GET", "/v1/keys", "platform.keys_list"),
-    ("POST", "/v1/keys", "platform.keys_create"),
-    ("PATCH", "/v1/keys/{id}", "platform.keys_update"),
-    ("DELETE", "/v1/keys/{id}", "platform.keys_revoke"),
-    ("GET", "/v1/activity", "platform.activity"),
-    ("GET", "/v1/gateway/models", "catalogue.models"),
-    ("GET", "/v1/gateway/models/me", "catalogue.models_me"),
-    ("GET", "/v1/data/models", "catalogue.data_models"),
-    ("GET", "/v1/providers", "catalogue.providers"),
-    ("GET", "/v1/endpoints", "catalogue.endpoints"),
-    ("GET", "/v1/organisations", "catalogue.organisations"),
-    ("GET", "/v1/workspaces", "catalogue.workspaces"),
-]
 
 
 @pytest.mark.parametrize(
     "text", [BASE.split("routes:")[0], "", "# only a comment\n"], ids=["no-routes", "empty", "comment"]
 )
 def test_config_without_routes_loads_with_the_default_routes(tmp_path: Path, text: str) -> None:
+    """The same routes as the shipped config, so every surface answers (images, audio, videos, music, files,
+    batches, OCR and rerank included), and each surface once."""
     # (A regression: the default moderations route once named a default model the config need not define.)
     config = load(tmp_path, text)
-    assert [(r.method, r.path, r.surface) for r in config.routes] == DEFAULT_ROUTES
-    assert config.routes[4].default_model == ""
+    shipped = load_config(DEFAULT_CONFIG, env={})
+    assert [(r.method, r.path, r.surface) for r in config.routes] == [
+        (r.method, r.path, r.surface) for r in shipped.routes
+    ]
+    assert sorted(r.surface for r in config.routes) == sorted(SURFACES)
+    assert [r.default_model for r in config.routes if r.surface == "openai.moderations"] == [""]
 
 
 def test_empty_file_gets_every_default(tmp_path: Path) -> None:
@@ -687,6 +670,7 @@ def test_shipped_config_loads_on_defaults_and_every_target_resolves() -> None:
         ("POST", "/v1/chat/completions"),
         ("POST", "/v1/responses"),
         ("POST", "/v1/messages"),
+        ("POST", "/v1/messages/count_tokens"),
         ("POST", "/v1/embeddings"),
         ("POST", "/v1/moderations"),
         ("POST", "/v1/images/generations"),
@@ -762,7 +746,8 @@ def test_default_routes_give_moderations_a_model_when_it_is_configured(tmp_path:
         + "    targets: [{provider: openai, model: m}]\n"
     )
     config = load_config(write(tmp_path, text), env={})
-    assert config.routes[4].default_model == "openai/omni-moderation-latest"
+    moderation = [r.default_model for r in config.routes if r.surface == "openai.moderations"]
+    assert moderation == ["openai/omni-moderation-latest"]
 
 
 def test_embeddings_on_a_claude_provider_fail_at_start_up(tmp_path: Path) -> None:
@@ -803,3 +788,11 @@ def test_url_signing_key_is_random_per_process_unless_set(tmp_path: Path) -> Non
     assert first.server.url_signing_key == again.server.url_signing_key
     chosen = load_config(file, env={"GATEWAY_URL_SIGNING_KEY": "shared-by-every-instance"})
     assert chosen.server.url_signing_key == "shared-by-every-instance"
+
+
+def test_the_readme_names_every_surface_and_only_those() -> None:
+    """The README's `routes` row lists the surfaces a route may name: the same set as the code."""
+    readme = (ROOT / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| `routes` |"))
+    listed = row.partition("`surface` is one of ")[2].partition(";")[0]
+    assert [name.strip(" `") for name in listed.split(",")] == list(SURFACES)

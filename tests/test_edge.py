@@ -79,7 +79,7 @@ async def test_a_head_sent_too_slowly_gets_408_in_the_envelope_and_is_closed(edg
     finally:
         writer.close()
     assert answer.startswith(b"HTTP/1.1 408 "), answer
-    assert b"Connection: close" in answer
+    assert b"Connection: close" in answer and b"\r\nx-request-id: req_" in answer
     error = orjson.loads(answer.partition(b"\r\n\r\n")[2])["error"]
     assert error["code"] == "request_timeout" and "server.header_timeout_s" in error["message"]
     assert HEAD_TIMEOUT_S * 0.9 <= time.monotonic() - started < HEAD_TIMEOUT_S + 3
@@ -126,6 +126,7 @@ async def test_past_max_connections_new_ones_get_503_and_open_ones_are_served(ed
                 writer.close()
                 assert answer.startswith(b"HTTP/1.1 503 "), answer
                 assert b"Retry-After: 1" in answer and b"Connection: close" in answer
+                assert b"\r\nx-request-id: req_" in answer
                 error = orjson.loads(answer.partition(b"\r\n\r\n")[2])["error"]
                 assert error["code"] == "unavailable" and "server.max_connections" in error["message"]
             # The connection already open is unharmed.

@@ -106,6 +106,15 @@ async def test_404_unknown_route_and_405_wrong_method(gateway, key):
     assert r.headers["Allow"] == "POST"
 
 
+async def test_a_missing_object_is_not_found_which_is_not_a_missing_route(gateway, key):
+    """A client can tell a wrong path (`route_not_found`) from an id that names nothing (`not_found`)."""
+    r = await gateway.get("/v1/videos/video_nothing", headers=auth(key))
+    await expect_error(r, 404, "not_found", "video_nothing")
+    r = await gateway.get("/v1/generations", params={"id": "req_nothing"}, headers=auth(key))
+    body = await r.json()
+    assert r.status == 404 and body["ok"] is False and body["error"] == "not_found", body
+
+
 async def test_413_body_over_the_limit(aiohttp_client, mock, store_url, make_key):
     config = load_config(DEFAULT_CONFIG, env=env_for(mock, store_url))
     config.server.max_body_bytes = 2048

@@ -189,6 +189,7 @@ def test_surfaces() -> None:
         "openai.chat": ("chat.completions", "/chat/completions", True),
         "openai.responses": ("responses", "/responses", True),
         "anthropic.messages": ("messages", "/v1/messages", True),
+        "anthropic.count_tokens": ("messages", "/v1/messages/count_tokens", False),
         "openai.embeddings": ("embeddings", "/embeddings", False),
         "openai.moderations": ("moderations", "/moderations", False),
         "openai.images.generations": ("images.generations", "/images/generations", True),

@@ -81,6 +81,30 @@ async def test_a_video_is_created_polled_billed_once_and_downloaded(gateway, key
     assert '"video_seconds":8' in rows[1][4]
 
 
+async def test_generations_finds_a_video_by_the_id_the_client_holds(gateway, key, videos):
+    """`GET /v1/generations?id=video_…` (the gateway's id) and `?id=` the provider's: the create record while
+    the video is not done, the billed one after."""
+    _, control = videos
+    video = await create(gateway, key)
+    accountant = gateway.server.app[GATEWAY].accountant
+
+    async def record(wanted: str) -> dict:
+        await accountant.flush()
+        r = await gateway.get("/v1/generations", params={"id": wanted}, headers=auth(key))
+        assert r.status == 200, await r.text()
+        return (await r.json())["data"]
+
+    for wanted in (video["id"], "video_up1"):
+        created = await record(wanted)
+        assert created["native_response_id"] == "video_up1" and created["cost_nanos"] == 0
+    control.status["video_up1"] = "completed"
+    assert (await (await gateway.get(f"/v1/videos/{video['id']}", headers=auth(key))).json())["status"] == "completed"
+    for wanted in (video["id"], "video_up1"):
+        billed = await record(wanted)
+        assert billed["native_response_id"] == "video_up1" and billed["cost_nanos"] == 8 * SORA_PER_SECOND_NANOS
+    assert billed["request_id"] != created["request_id"]
+
+
 async def test_ranges_are_passed_through(gateway, key, videos):
     _, control = videos
     control.content_bytes = 1_000_000

@@ -404,7 +404,8 @@ class PostgresStore:
     async def get_generation(self, team_id: str, request_id: str) -> Generation | None:
         sql = (
             f"SELECT {GENERATION_COLUMNS} FROM generations WHERE team_id = $1 "
-            "AND (request_id = $2 OR native_response_id = $2) ORDER BY created_at DESC LIMIT 1"
+            "AND (request_id = $2 OR native_response_id = $2) "
+            "ORDER BY request_id = $2 DESC, cost_nanos > 0 DESC, created_at DESC LIMIT 1"
         )
         async with self._conn("cannot read a generation") as conn:
             row = await conn.fetchrow(sql, team_id, request_id)

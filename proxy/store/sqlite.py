@@ -323,9 +323,10 @@ class SqliteStore:
     async def get_generation(self, team_id: str, request_id: str) -> Generation | None:
         sql = (
             f"SELECT {GENERATION_COLUMNS} FROM generations WHERE team_id = ? "
-            "AND (request_id = ? OR native_response_id = ?) ORDER BY created_at DESC LIMIT 1"
+            "AND (request_id = ? OR native_response_id = ?) "
+            "ORDER BY request_id = ? DESC, cost_nanos > 0 DESC, created_at DESC LIMIT 1"
         )
-        async with self.db.execute(sql, (team_id, request_id, request_id)) as cur:
+        async with self.db.execute(sql, (team_id, request_id, request_id, request_id)) as cur:
             row = await cur.fetchone()
         return None if row is None else Generation.from_row(tuple(row))
 

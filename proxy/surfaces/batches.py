@@ -93,7 +93,7 @@ async def create(request: web.Request, gw: Gateway, key: KeyRecord, request_id: 
         raise GatewayError(Code.invalid_request, "Missing required field `input_file_id`.", param="input_file_id")
     file = await gw.store.get_job(key.team_id, ask.input_file_id)  # type: ignore[union-attr]
     if file is None or file.kind != FILE:
-        raise GatewayError(Code.route_not_found, f"No file {ask.input_file_id!r}.", status=404)
+        raise GatewayError(Code.not_found, f"No file {ask.input_file_id!r}.")
     if not file.model_id:
         raise GatewayError(
             Code.invalid_request,

@@ -83,7 +83,7 @@ async def owned(request: web.Request, gw: Gateway, team_id: str, kind: str) -> J
     job_id = request.match_info.get("id", "")
     job = await gw.store.get_job(team_id, job_id) if job_id.startswith(kind + "_") else None  # type: ignore[union-attr]
     if job is None or job.kind != kind:
-        raise GatewayError(Code.route_not_found, f"No {kind} {job_id!r}.", status=404)
+        raise GatewayError(Code.not_found, f"No {kind} {job_id!r}.")
     return job
 
 

@@ -17,7 +17,7 @@ _JSON = "application/json"
 
 async def healthz(request: web.Request) -> web.Response:
     """Liveness: the process answers."""
-    return web.Response(body=b'{"status":"ok"}', content_type=_JSON)
+    return web.Response(body=b'{"status":"ok"}', content_type=_JSON, headers={"x-request-id": new_request_id()})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -41,12 +41,17 @@ async def readyz(request: web.Request) -> web.Response:
         "providers": sorted(gw.upstreams),
         "targets": gw.health.snapshot([targets[k] for k in sorted(targets)]),  # circuit breakers: not readiness
     }
-    return web.Response(status=200 if ready else 503, body=orjson.dumps(body), content_type=_JSON)
+    return web.Response(
+        status=200 if ready else 503,
+        body=orjson.dumps(body),
+        content_type=_JSON,
+        headers={"x-request-id": new_request_id()},
+    )
 
 
 async def metrics(request: web.Request) -> web.Response:
     body, content_type = request.app[GATEWAY].metrics.render()
-    return web.Response(body=body, headers={"Content-Type": content_type})
+    return web.Response(body=body, headers={"Content-Type": content_type, "x-request-id": new_request_id()})
 
 
 def not_found(known: dict[str, set[str]]):

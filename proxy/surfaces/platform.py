@@ -109,15 +109,21 @@ def _decode(body: bytes, shape: type[T]) -> T:
 
 
 async def _generation(request: web.Request, gw: Gateway, key: KeyRecord) -> dict:
-    """`GET /v1/generations?id=…`: one of the calling team's records, by request id or provider response id."""
+    """`GET /v1/generations?id=…`: one of the calling team's records, by request id, by the id of a job the
+    gateway handed out (`video_…`, a music task's, `batch_…`: its billed record once billed, else the one of
+    its creation), or by a provider's response id (the same for a job's provider id)."""
     wanted = request.query.get("id", "").strip()
     if not wanted:
         raise GatewayError(Code.invalid_request, "Pass the generation's id: GET /v1/generations?id=req_…")
+    store = gw.store
+    assert store is not None
     found = gw.accountant.lookup(key.team_id, wanted) if gw.accountant is not None else None
     if found is None:
-        found = await gw.store.get_generation(key.team_id, wanted)  # type: ignore[union-attr]
+        found = await store.get_generation(key.team_id, wanted)
+    if found is None and (job := await store.get_job(key.team_id, wanted)) is not None:
+        found = await store.get_generation(key.team_id, job.upstream_id)
     if found is None:
-        raise GatewayError(Code.route_not_found, f"No generation {wanted!r} for this team.", status=404)
+        raise GatewayError(Code.not_found, f"No generation {wanted!r} for this team.")
     return {"data": _record(found)}
 
 
@@ -346,7 +352,7 @@ async def _team_key(request: web.Request, gw: Gateway, key: KeyRecord) -> KeyRec
     kid = request.match_info.get("id", "")
     target = await gw.store.get_key(kid) if kid else None  # type: ignore[union-attr]
     if target is None or target.team_id != key.team_id:
-        raise GatewayError(Code.route_not_found, f"No key {kid!r} in this team.", status=404)
+        raise GatewayError(Code.not_found, f"No key {kid!r} in this team.")
     return target
 
 
