@@ -2,7 +2,7 @@
 
 serve (default)   run the gateway
 reload            validate the config, then have the running gateway apply it (SIGHUP)
-check-config      validate the config and print a summary
+check-config      validate the config and print a summary (--online: ask each provider for its models)
 keys              create, list and revoke API keys
 credits           add credit to a team's wallet, or show it
 migrate           create or upgrade the store's schema, print its version
@@ -58,7 +58,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (default: server.port)")
     serve.add_argument("--workers", type=int, help="worker processes (default: server.workers)")
 
-    with_config(sub.add_parser("check-config", help="validate the config and print a summary"))
+    checking = with_config(sub.add_parser("check-config", help="validate the config and print a summary"))
+    checking.add_argument(
+        "--online",
+        action="store_true",
+        help="also ask each provider (with its key) for its model list: key accepted, routed models it no longer "
+        "lists, latency; exits 1 on a problem",
+    )
     reload = with_config(
         sub.add_parser("reload", help="validate the config, then signal the running gateway to apply it (SIGHUP)")
     )
@@ -103,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(config, args)
         if args.command == "check-config":
-            return _check(config)
+            return _check(config, args.online)
         if args.command == "reload":
             return _reload(config, args.pid)
         if args.command == "migrate":
@@ -171,7 +177,7 @@ def _reload(config: GatewayConfig, pid: int | None) -> int:
     return 0
 
 
-def _check(config: GatewayConfig) -> int:
+def _check(config: GatewayConfig, online: bool = False) -> int:
     from proxy.routing import RouteTable
 
     table = RouteTable(config)
@@ -198,7 +204,13 @@ def _check(config: GatewayConfig) -> int:
     print(f"routes ({len(table.routes)}):")
     for route, surface in table.routes:
         print(f"  {route.method:<6} {route.path:<28} {surface.name}")
-    return 0
+    if not online:
+        return 0
+    from proxy import online as remote
+
+    reports = asyncio.run(remote.check(config))
+    print(remote.render(reports))
+    return 1 if any(r.problem for r in reports) else 0
 
 
 async def _migrate(config: GatewayConfig) -> int:

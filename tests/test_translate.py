@@ -581,6 +581,38 @@ async def test_responses_stream_and_tools_to_claude(oai, claude: Claude) -> None
     assert turns[1]["content"][0]["type"] == "tool_use" and turns[2]["content"][0]["type"] == "tool_result"
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_a_translated_response_echoes_what_was_asked(oai, claude: Claude, stream: bool) -> None:
+    """As OpenAI's own Response object does: tools, tool_choice, reasoning, text, sampling, limits, instructions."""
+    tools = [{"type": "function", "name": "get_weather", "parameters": WEATHER_TOOL["function"]["parameters"]}]
+    asked = {
+        "instructions": "Be brief.",
+        "max_output_tokens": 2000,
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "tools": tools,
+        "tool_choice": "auto",
+        "reasoning": {"effort": "low"},
+        "text": {"format": {"type": "text"}},
+        "metadata": {"run": "7"},
+    }
+    if stream:
+        async with oai.responses.stream(model=CLAUDE, input="hi", **asked) as events:
+            seen = [event async for event in events]
+            final = await events.get_final_response()
+        created = next(e.response for e in seen if e.type == "response.created")
+        responses = [created, final]
+    else:
+        responses = [await oai.responses.create(model=CLAUDE, input="hi", **asked)]
+    for response in responses:
+        assert response.instructions == "Be brief." and response.max_output_tokens == 2000
+        assert (response.temperature, response.top_p, response.tool_choice) == (0.5, 0.9, "auto")
+        assert [tool.name for tool in response.tools] == ["get_weather"]
+        assert response.reasoning is not None and response.reasoning.effort == "low"
+        assert response.text is not None and response.text.format.type == "text"
+        assert response.metadata == {"run": "7"}
+
+
 async def test_responses_to_a_chat_only_provider_and_to_gemini(
     aiohttp_client, mock: Mock, gemini: Gemini, store_url: str, key: str
 ) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterable, Mapping
-from typing import Final, Protocol, final
+from typing import Any, Final, Protocol, final
 
 from proxy.errors import Code, GatewayError
 from proxy.meta import Usage
@@ -204,6 +204,7 @@ class Exchange:
 
     __slots__ = (
         "_answer",
+        "_echo",
         "_parsed",
         "_provider",
         "_surface",
@@ -230,6 +231,7 @@ class Exchange:
         self.surface = surface
         self.upstream = upstream
         self.model = model
+        self._echo: dict[str, Any] = {}  # a translated Responses answer echoes these request members
         self.wants_usage = wants_usage
         self.native = translator is None and answer is None
         self._provider = provider
@@ -249,7 +251,7 @@ class Exchange:
             if self.surface == "openai.responses":
                 return responses_native.ResponsesPassthrough(wants_meta)
             return media.EventRelay(wants_meta)
-        writer = self._surface.writer(self.model, self.wants_usage)
+        writer = self._surface.writer(self.model, self.wants_usage, **self._echoes())
         shows_cost = self.wants_usage or self.surface != "openai.chat"
         return Pipe(self._provider.reader(), writer, request_id, wants_meta, shows_cost)
 
@@ -269,7 +271,10 @@ class Exchange:
             if self._answer is not None:
                 return self._answer.render(extra)
             return openai.inject_members(body, extra)
-        return self._surface.render_response(self._parsed, usage, self.model, extra)
+        return self._surface.render_response(self._parsed, usage, self.model, extra, **self._echoes())
+
+    def _echoes(self) -> dict[str, Any]:
+        return {"echo": self._echo} if self._echo else {}  # only the Responses surface takes an echo
 
     def error(self, status: int, body: bytes) -> GatewayError | None:
         """A provider's error answer as the client's error; None to forward it as it came (native)."""
@@ -324,7 +329,10 @@ def plan(
     request = translator.decode_request(body, drop_params)
     wants_usage = bool(view.usage) or bool(request.stream_options and request.stream_options.include_usage)
     upstream = provider.build_request(request, upstream_model, stream, drop_params, strict_params)
-    return Exchange(surface, upstream, public_model, wants_usage, provider, translator)
+    exchange = Exchange(surface, upstream, public_model, wants_usage, provider, translator)
+    if surface == "openai.responses":
+        exchange._echo = responses.request_echo(body)
+    return exchange
 
 
 def form_type(boundary: str) -> str:

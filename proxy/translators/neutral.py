@@ -358,5 +358,5 @@ class SurfaceTranslator:
     name: str
     dialect: str
     decode_request: Callable[[bytes, bool], ChatRequest]
-    render_response: Callable[[ChatResponse, Usage | None, str, bytes], bytes]
-    writer: Callable[[str, bool], StreamWriter]
+    render_response: Callable[..., bytes]  # (response, usage, model, extra[, echo])
+    writer: Callable[..., StreamWriter]  # (model, wants_usage[, echo])

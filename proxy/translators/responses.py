@@ -438,12 +438,45 @@ def _base_id(upstream_id: str) -> str:
     return upstream_id or os.urandom(12).hex()
 
 
+# What OpenAI's Response object echoes of the request. A translated answer echoes the same: what the
+# request set, else the API's defaults below (null where the neutral answer cannot know).
+ECHOED: Final = (
+    "instructions",
+    "max_output_tokens",
+    "metadata",
+    "parallel_tool_calls",
+    "reasoning",
+    "temperature",
+    "text",
+    "tool_choice",
+    "tools",
+    "top_p",
+    "truncation",
+    "user",
+)
+
+
+def request_echo(body: bytes) -> dict[str, Any]:
+    """The members of a Responses request (already checked by `decode_request`) that its answer echoes."""
+    try:
+        fields = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return {}
+    return {name: fields[name] for name in ECHOED if fields.get(name) is not None} if isinstance(fields, dict) else {}
+
+
 def _response(
-    base: str, created: int, model: str, status: str, reason: str | None, output: list, usage: Usage | None
+    base: str,
+    created: int,
+    model: str,
+    status: str,
+    reason: str | None,
+    output: list,
+    usage: Usage | None,
+    echo: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The response object. Request echoes the neutral answer cannot know (tools, temperature, text
-    format…) are the API's defaults or null, which the SDK's `Response` model allows."""
-    return {
+    """The response object: the request's echoed members (`request_echo`) over the API's defaults."""
+    response = {
         "id": "resp_" + base,
         "object": "response",
         "created_at": created,
@@ -469,6 +502,9 @@ def _response(
         "user": None,
         "metadata": {},
     }
+    if echo:
+        response.update(echo)
+    return response
 
 
 def _reasoning_item(item_id: str, text: str) -> dict[str, Any]:
@@ -505,8 +541,10 @@ def _text_of(content: str | list[ContentPart] | None) -> str:
     return "".join(part.text or "" for part in content if part.type == "text")
 
 
-def render_response(resp: ChatResponse, usage: Usage | None, model: str, extra: bytes) -> bytes:
-    """A whole neutral answer → the Responses `response` object, with `extra` members spliced in."""
+def render_response(
+    resp: ChatResponse, usage: Usage | None, model: str, extra: bytes, echo: dict[str, Any] | None = None
+) -> bytes:
+    """A whole neutral answer → the Responses `response` object (echoing `echo`), with `extra` spliced in."""
     base = _base_id(resp.id)
     choice = resp.choices[0] if resp.choices else None
     status, reason = _status(choice.finish_reason if choice else None)
@@ -527,7 +565,7 @@ def render_response(resp: ChatResponse, usage: Usage | None, model: str, extra: 
             fn = call.function
             call_id = call.id or f"call_{base}_{i}"
             output.append(_call_item(f"fc_{base}_{len(output)}", "completed", call_id, fn.name, fn.arguments))
-    body = orjson.dumps(_response(base, resp.created, model, status, reason, output, usage))
+    body = orjson.dumps(_response(base, resp.created, model, status, reason, output, usage, echo))
     return inject_members(body, extra)
 
 
@@ -550,6 +588,7 @@ class ResponsesWriter:
         "_call",
         "_content",
         "_created",
+        "_echo",
         "_finish_reason",
         "_index",
         "_open",
@@ -562,8 +601,9 @@ class ResponsesWriter:
         "model",
     )
 
-    def __init__(self, model: str, wants_usage: bool = True):
+    def __init__(self, model: str, wants_usage: bool = True, echo: dict[str, Any] | None = None):
         self.model = model  # `wants_usage` does not matter: Responses always carry usage
+        self._echo = echo  # the request's echoed members (`request_echo`)
         self._seq = 0
         self._started = False
         self._base = ""
@@ -587,7 +627,7 @@ class ResponsesWriter:
         self._started = True
         self._base = _base_id(upstream_id)
         self._created = created or int(time.time())
-        response = _response(self._base, self._created, self.model, "in_progress", None, [], None)
+        response = _response(self._base, self._created, self.model, "in_progress", None, [], None, self._echo)
         self._emit(out, "response.created", response=response)
         self._emit(out, "response.in_progress", response=response)
 
@@ -709,7 +749,9 @@ class ResponsesWriter:
         status, reason = _status(self._finish_reason)
         self._close(out, status)
         kind = b"response.incomplete" if reason else b"response.completed"
-        body = orjson.dumps(_response(self._base, self._created, self.model, status, reason, self._output, usage))
+        body = orjson.dumps(
+            _response(self._base, self._created, self.model, status, reason, self._output, usage, self._echo)
+        )
         out.append(
             b"event: "
             + kind
@@ -745,8 +787,8 @@ def error_event(err: GatewayError, sequence_number: int) -> bytes:
     return b"event: error\n" + data_event(orjson.dumps(payload))
 
 
-def writer(model: str, wants_usage: bool) -> StreamWriter:
-    return ResponsesWriter(model, wants_usage)
+def writer(model: str, wants_usage: bool, echo: dict[str, Any] | None = None) -> StreamWriter:
+    return ResponsesWriter(model, wants_usage, echo)
 
 
 SURFACE: Final = SurfaceTranslator(
