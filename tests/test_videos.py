@@ -19,7 +19,7 @@ from proxy.store import open_store
 from tests.conftest import DEFAULT_CONFIG, Mock, auth, env_for
 from tests.mock_videos import VideoControl, build_video_mock, pattern
 
-SORA_PER_SECOND_NANOS = 100_000_000  # $0.10 a second (config/pricing.yaml)
+SORA_PER_SECOND_NANOS = 100_000_000  # $0.10 a second (`video_config`)
 SIGNING_KEY = "test-signing-key"
 
 
@@ -30,11 +30,26 @@ async def videos(aiohttp_server) -> tuple[Mock, VideoControl]:
     return Mock(url=str(server.make_url("/v1")), control=None), control  # type: ignore[arg-type]
 
 
+def video_config(folder: Path) -> Path:
+    """The shipped config and prices plus a Videos API model (the default catalogue has none since OpenAI
+    shut Sora's API down): `openai/sora-2` at $0.10 a second, on the `openai` provider (the mock)."""
+    config = DEFAULT_CONFIG.read_text().replace(
+        "\nmodels:\n",
+        "\nmodels:\n  openai/sora-2: {endpoints: [video.generation], targets: [{provider: openai, model: sora-2}]}\n",
+        1,
+    )
+    prices = (DEFAULT_CONFIG.parent / "pricing.yaml").read_text()
+    prices = prices.replace("\nmodels:\n", "\nmodels:\n  openai/sora-2: {per_video_second: 0.10}\n", 1)
+    (folder / "gateway.yaml").write_text(config)
+    (folder / "pricing.yaml").write_text(prices)
+    return folder / "gateway.yaml"
+
+
 @pytest.fixture
-async def gateway(aiohttp_client, videos, store_url):
+async def gateway(aiohttp_client, videos, store_url, tmp_path: Path):
     mock, _ = videos
     env = env_for(mock, store_url, GATEWAY_URL_SIGNING_KEY=SIGNING_KEY)
-    return await aiohttp_client(build_app(load_config(DEFAULT_CONFIG, env=env)))
+    return await aiohttp_client(build_app(load_config(video_config(tmp_path), env=env)))
 
 
 async def create(gateway, key: str, **fields) -> dict:
@@ -185,14 +200,14 @@ async def test_cancel_answers_the_structured_501_and_delete_removes_it(gateway, 
     assert (await gateway.get(f"/v1/videos/{video['id']}", headers=auth(key))).status == 404
 
 
-async def test_jobs_survive_a_restart(aiohttp_client, videos, store_url, make_key):
+async def test_jobs_survive_a_restart(aiohttp_client, videos, store_url, make_key, tmp_path: Path):
     mock, control = videos
     key = await make_key()
     env = env_for(mock, store_url, GATEWAY_URL_SIGNING_KEY=SIGNING_KEY)
-    first = await aiohttp_client(build_app(load_config(DEFAULT_CONFIG, env=env)))
+    first = await aiohttp_client(build_app(load_config(video_config(tmp_path), env=env)))
     video = await create(first, key)
     await first.close()
-    second = await aiohttp_client(build_app(load_config(DEFAULT_CONFIG, env=env)))
+    second = await aiohttp_client(build_app(load_config(video_config(tmp_path), env=env)))
     control.status["video_up1"] = "in_progress"
     got = await (await second.get(f"/v1/videos/{video['id']}", headers=auth(key))).json()
     assert got["id"] == video["id"] and got["status"] == "in_progress"
