@@ -10,7 +10,8 @@
   `@t=<ns>`, which survives a gateway translating the stream into another surface's events.
 - `POST /v1/embeddings` and `GET /v1/models`.
 
-A request may override N and G with the body fields `x_mock_events` and `x_mock_gap_ms`. Responses are
+A request may override N and G with the body fields `x_mock_events` and `x_mock_gap_ms`, and ask for an
+error answer with `x_mock_status` (an OpenAI-style error JSON with that status). Responses are
 encoded once at startup; only the timestamps are formatted per event. Nothing is logged.
 """
 
@@ -156,6 +157,10 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await _json_body(request)
     encoded = request.app[ENCODED]
+    status = body.get("x_mock_status")
+    if isinstance(status, int) and status >= 400:
+        error = {"error": {"message": "the mock was asked to fail", "type": "server_error", "code": None}}
+        return web.Response(status=status, body=orjson.dumps(error), content_type="application/json")
     if not body.get("stream"):
         return web.Response(body=encoded.completion, content_type="application/json")
     config = request.app[CONFIG]

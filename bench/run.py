@@ -442,6 +442,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="install LiteLLM's proxy (PyPI) and Portkey's gateway (npm) into a cache outside the repository, and exit",
     )
     parser.add_argument(
+        "--soak",
+        type=int,
+        default=0,
+        metavar="SECONDS",
+        help="instead of the comparison: a mixed load on the gateway for this long, watched for leaks and lost "
+        "records (bench/soak.py)",
+    )
+    parser.add_argument("--soak-rate", type=int, default=100, help="requests per second during --soak (default 100)")
+    parser.add_argument(
         "--tool",
         choices=("auto", "wrk", "aiohttp"),
         default="auto",
@@ -453,7 +462,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.rates, args.ramp = args.rates[:1], min(args.ramp, 50)
     if args.duration < 1 or args.rounds < 1:
         parser.error("--duration and --rounds must be at least 1")
+    if args.soak < 0 or args.soak_rate < 1:
+        parser.error("--soak must be >= 0 seconds and --soak-rate at least 1")
     return args
+
+
+def run_soak(args: argparse.Namespace) -> str:
+    """`--soak`: the mock and one gateway (SQLite, accounting on), a mixed load, samples and checks."""
+    from bench import soak
+
+    with ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="soak-")))
+        postgres = stack.enter_context(Postgres())  # not started: the soak's store is SQLite
+        procs = stack.enter_context(Processes(workdir))
+        runner = stack.enter_context(asyncio.Runner(loop_factory=uvloop.new_event_loop))
+        launcher = Launcher(procs, workdir, args, postgres)
+        target = launcher.gateway("gateway", accounting=True, workers=1)
+        base = target.url.removesuffix(CHAT_PATH)
+        run = soak.Soak(base, target.api_key, target.pid, workdir / "gateway.db", args.soak_rate)
+        print(f"soak: {args.soak} s at {args.soak_rate} requests/s against {base}", flush=True)
+        runner.run(run.run(args.soak))
+        return soak.save(run, args.soak)
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -468,7 +497,7 @@ def main(argv: list[str] | None = None) -> None:
             for name in peers.INSTALLABLE:
                 peers.install(name)
             return
-        print(run(args))
+        print(run_soak(args) if args.soak else run(args))
     except BenchError as exc:
         sys.exit(f"bench: {exc}")
     except KeyboardInterrupt:

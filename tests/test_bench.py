@@ -55,3 +55,26 @@ def test_bench_quick_run_measures_all_targets(tmp_path):
     assert gateway_stream["ttft_ms"] > 0 and gateway_stream["event_delay_ms"] is not None
     translated = next(r for r in rows if r["target"] == "gateway-messages" and r["load"].startswith("stream"))
     assert translated["event_delay_ms"] is not None  # the send-time stamp survived the translation
+
+
+def test_a_short_soak_loses_no_record_and_ends_with_nothing_in_flight():
+    before = set((ROOT / "bench" / "results").glob("soak-*.json"))
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--soak", "6", "--soak-rate", "40"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (new,) = set((ROOT / "bench" / "results").glob("soak-*.json")) - before
+    payload = json.loads(new.read_text())
+    figures, samples = payload["figures"], payload["samples"]
+    checks = figures["checks"]
+    assert checks["answers"] >= 200 and checks["answers"] == checks["distinct ids seen"], checks
+    assert checks["seen but not recorded"] == 0 and checks["recorded twice"] == 0, checks
+    assert figures["drained"]["in_flight"] == 0 and figures["drained"]["backlog"] <= 0, figures
+    outcomes = figures["outcomes"]
+    assert {"chat 200", "stream 200", "abort 200", "error 500"} <= set(outcomes), outcomes
+    assert not [k for k in outcomes if "failed" in k], outcomes
+    assert 0 < payload["reloaded_at"] < 6 and len(samples) >= 2 and all(s["rss_mb"] > 10 for s in samples)
