@@ -70,7 +70,11 @@ async def sdk(gw: TestClient, key: str):
 
 
 async def test_the_anthropic_sdk_counts_with_an_anthropic_model_passed_through(sdk, claude) -> None:
-    counted = await sdk.messages.count_tokens(model="anthropic/claude-sonnet-4.6", **ASK)  # type: ignore[arg-type]
+    counted = await sdk.messages.count_tokens(
+        model="anthropic/claude-sonnet-4.6",
+        extra_body={"meta": True},  # the gateway's own member: not passed on
+        **ASK,  # type: ignore[arg-type]
+    )
     assert counted.input_tokens == mock_anthropic.COUNTED_TOKENS
     sent = claude[1].last
     assert sent.path == "/v1/messages/count_tokens" and sent.headers["x-api-key"] == "sk-ant-upstream"

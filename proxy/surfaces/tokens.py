@@ -31,6 +31,7 @@ from proxy.routing import SURFACES
 from proxy.surfaces.body import read_body
 from proxy.translators import gemini, messages
 from proxy.translators.neutral import ChatRequest, ContentPart, Message
+from proxy.translators.openai import GATEWAY_FIELDS
 
 SURFACE: Final = SURFACES["anthropic.count_tokens"]
 COUNTING_KINDS: Final = ("anthropic", "gemini", "openai")  # provider kinds with a token-counting endpoint
@@ -117,8 +118,9 @@ def _fields(body: bytes) -> dict[str, Any]:
 
 def _request(kind: str, body: bytes, fields: dict[str, Any], upstream_model: str, drop: bool) -> tuple[str, bytes]:
     """The provider's counting request: (path, body)."""
-    if kind == "anthropic":
-        return "/v1/messages/count_tokens", orjson.dumps({**fields, "model": upstream_model})
+    if kind == "anthropic":  # the gateway's own members (`meta`, `provider`, …) are not Anthropic's
+        asked = {name: value for name, value in fields.items() if name not in GATEWAY_FIELDS}
+        return "/v1/messages/count_tokens", orjson.dumps({**asked, "model": upstream_model})
     # Counting takes no `max_tokens`; the Messages translator needs one (it is not counted, nor sent).
     neutral = messages.decode_request(orjson.dumps({"max_tokens": 1, **fields, "stream": False}), drop)
     if kind == "gemini":
