@@ -211,8 +211,10 @@ class Accountant:
                 break
             except StoreError as e:  # keep the batch: nothing is dropped, it is tried again
                 log.error("writing %d usage records failed (%s); retrying in %.1f s", len(batch), e, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+            except Exception:  # a fault in the gateway: the writer must not die of it (`flush` would wait forever)
+                log.exception("writing %d usage records failed; retrying in %.1f s", len(batch), delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
         for values, _ in batch:
             self.unwritten.pop(values[0], None)
             cost = values[ROW_COST]
