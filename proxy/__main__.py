@@ -25,6 +25,7 @@ from proxy.config import NANOS_PER_USD, ConfigError, GatewayConfig, load_config
 
 DEFAULT_CONFIG = "config/gateway.yaml"
 COMMANDS = ("serve", "reload", "check-config", "keys", "credits", "migrate")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def _usd(text: str) -> int:
@@ -101,9 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     if not named and not any(a in ("-h", "--help") for a in argv[:1]):
         argv.insert(0, "serve")  # `serve` is the default command (its options may come first)
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    level = args.log_level.upper()
+    if level not in LOG_LEVELS:
+        choices = ", ".join(LOG_LEVELS)
+        print(f"unknown log level {args.log_level!r} (--log-level, $GATEWAY_LOG_LEVEL): use {choices}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         config = load_config(args.config)
         if args.command == "serve":

@@ -220,3 +220,11 @@ async def test_the_log_level_option_works_before_and_after_the_command(env, tmp_
     finally:
         proc.terminate()
         await proc.wait()
+
+
+def test_an_unknown_log_level_is_refused_with_the_choices(env):
+    result = cli({**env, "GATEWAY_LOG_LEVEL": "chatty"}, "check-config", "--config", str(DEFAULT_CONFIG), check=False)
+    assert result.returncode == 2 and "unknown log level 'chatty'" in result.stderr and "WARNING" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = cli(env, "check-config", "--log-level", "loud", "--config", str(DEFAULT_CONFIG), check=False)
+    assert result.returncode == 2 and "unknown log level 'loud'" in result.stderr
