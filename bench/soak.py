@@ -149,6 +149,12 @@ class Soak:
         """Every id a client saw is in the store once (the primary key makes twice impossible: counted too)."""
         with sqlite3.connect(f"file:{self.store}?mode=ro", uri=True) as db:
             stored = Counter(r[0] for r in db.execute("SELECT request_id FROM generations"))
+            # Answers none of the four kinds should get (the provider's 500s and dropped streams' 499 are asked
+            # for): what they were, from their records.
+            odd = db.execute(
+                "SELECT status_code, error_code, substr(error_message, 1, 160), count(*) FROM generations "
+                "WHERE status_code NOT IN (200, 499, 500) GROUP BY 1, 2, 3 ORDER BY 4 DESC"
+            ).fetchall()
         seen = set(self.seen)
         return {
             "answers": len(self.seen),
@@ -156,6 +162,7 @@ class Soak:
             "records": sum(stored.values()),
             "seen but not recorded": len(seen - set(stored)),
             "recorded twice": sum(1 for n in stored.values() if n > 1),
+            "unexpected": [f"{n} x {status} {code}: {message}" for status, code, message, n in odd],
         }
 
 
@@ -181,7 +188,9 @@ def summary(soak: Soak, seconds: float, checks: dict[str, object]) -> tuple[str,
         "",
         "Outcomes: " + ", ".join(f"{k}: {v}" for k, v in sorted(soak.outcomes.items())),
         "",
-        "Records: " + ", ".join(f"{k}: {v}" for k, v in checks.items()),
+        "Records: " + ", ".join(f"{k}: {v}" for k, v in checks.items() if k != "unexpected"),
+        "",
+        "Unexpected answers: " + ("; ".join(checks["unexpected"]) or "none"),  # type: ignore[arg-type]
     ]
     figures = {
         "warm": asdict(warm) | {"backlog": warm.backlog},
