@@ -26,7 +26,7 @@ MAX_PAGES: Final = 50
 
 @dataclass
 class Report:
-    """One provider's outcome. `problem` is what makes the check fail; `note` is information."""
+    """One provider's outcome; `problem`: it makes the check fail."""
 
     provider: str
     kind: str
@@ -121,6 +121,7 @@ async def check_provider(config: GatewayConfig, name: str) -> Report:
         return report
     finally:
         report.latency_ms = round((time.perf_counter() - started) * 1000, 1)
+        report.detail = report.detail.replace(provider.api_key, "***")  # an error may quote the key
         await upstream.close()
     report.listed = len(listed)
     known = set(listed)

@@ -52,7 +52,8 @@ def build_lists(listed: dict[str, list[str]], seen: list[tuple[str, str, str]]) 
 
     async def refuse(request: web.Request) -> web.Response:
         seen.append(("refuse", request.path_qs, key_of(request)))
-        return web.json_response({"error": {"message": "Invalid API key"}}, status=401)
+        message = f"Incorrect API key provided: {key_of(request)}"  # as OpenAI's does (there, masked)
+        return web.json_response({"error": {"message": message}}, status=401)
 
     app = web.Application()
     app.router.add_get("/oai/v1/models", openai)
