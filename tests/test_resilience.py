@@ -446,7 +446,7 @@ async def test_every_circuit_open_is_a_503_with_a_wait(aiohttp_client, config, m
     assert (
         r.status == 503
         and "circuits are open" in body["error"]["message"]
-        and "Retry in 30 s" in (body["error"]["message"])
+        and "Retry in 30 s at most" in (body["error"]["message"])
     )
     assert len(mock.control.received) == 1
 

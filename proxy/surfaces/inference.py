@@ -224,7 +224,7 @@ def circuits_open(gw: Gateway, model_id: str, targets: Sequence[Target]) -> Gate
     return GatewayError(
         Code.unavailable,
         f"Every provider of {model_id!r} is failing: their circuits are open after repeated errors. "
-        f"Retry in {max(wait, 1.0):.0f} s.",
+        f"Retry in {max(wait, 1.0):.0f} s at most (sooner when a request still in flight there succeeds).",
     )
 
 
