@@ -2,9 +2,9 @@
 
 A limit of `rate` units a minute (requests, or tokens) with a burst of `burst` units keeps, per key, one number:
 the theoretical arrival time (TAT), when the key's bucket would be empty again. Taking `cost` units at `now`
-moves it to `max(TAT, now) + cost × interval` (interval = 60 / rate s); that is allowed while the new TAT is
-at most `now + burst × interval`. So a key may spend its burst at once, then `rate` a minute, evenly: never
-twice its limit across a minute boundary, as fixed windows allow.
+moves it to `max(TAT, now) + cost * interval` (interval = 60 / rate s); that is allowed while the new TAT is
+at most `now + burst * interval`. So a key may spend its burst at once, then `rate` a minute, evenly: in any
+60 s at most `burst + rate`, and no minute edge hands out a fresh minute's worth, as fixed windows do.
 
 Tokens are reserved at admission from an estimate and `settle`d when the real usage is known: the TAT moves
 back by what was over-reserved (never below now) or on by what was under-reserved.
