@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import anthropic
 import pytest
 from aiohttp.test_utils import TestClient
 
@@ -17,6 +18,8 @@ from proxy.auth import generate_key, hash_secret, split_key
 from proxy.config import NANOS_PER_USD, GatewayConfig, load_config
 from proxy.store import open_store
 from proxy.store.base import SCOPE_INFERENCE, SCOPE_MANAGEMENT
+from tests.mock_anthropic import AnthropicControl, build_anthropic_mock
+from tests.mock_gemini import GeminiControl, build_gemini_mock
 from tests.mock_upstream import MockControl, build_mock
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,3 +132,53 @@ def pg_server() -> Iterator[PgServer]:
 def pg_url(pg_server: PgServer) -> str:
     """A new, empty database on the session's server: `postgresql://postgres:PASSWORD@127.0.0.1:PORT/test_N`."""
     return pg_server.create_database()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# an Anthropic and a Gemini mock beside the OpenAI one, and a gateway on all three (translation tests)
+
+
+@dataclass
+class Claude:
+    url: str
+    control: AnthropicControl
+
+
+@pytest.fixture
+async def claude(aiohttp_server) -> Claude:
+    control = AnthropicControl()
+    server = await aiohttp_server(build_anthropic_mock(control), host="127.0.0.1")
+    return Claude(url=str(server.make_url("")).rstrip("/"), control=control)
+
+
+@dataclass
+class Gemini:
+    url: str
+    control: GeminiControl
+
+
+@pytest.fixture
+async def gemini(aiohttp_server) -> Gemini:
+    control = GeminiControl()
+    server = await aiohttp_server(build_gemini_mock(control), host="127.0.0.1")
+    return Gemini(url=str(server.make_url("")).rstrip("/"), control=control)
+
+
+@pytest.fixture
+async def gw(aiohttp_client, mock: Mock, claude: Claude, gemini: Gemini, store_url: str) -> TestClient:
+    env = env_for(
+        mock,
+        store_url,
+        ANTHROPIC_BASE_URL=claude.url,
+        ANTHROPIC_API_KEY="sk-ant-secret",
+        GEMINI_BASE_URL=gemini.url,
+        GEMINI_API_KEY="gem-secret",
+    )
+    return await aiohttp_client(build_app(load_config(DEFAULT_CONFIG, env=env)))
+
+
+@pytest.fixture
+async def ant(gw: TestClient, key: str):
+    sdk = anthropic.AsyncAnthropic(base_url=str(gw.make_url("")), api_key=key, max_retries=0, timeout=10)
+    yield sdk
+    await sdk.close()

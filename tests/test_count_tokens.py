@@ -8,12 +8,8 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from proxy.app import build_app
-from proxy.config import load_config
 from tests import mock_anthropic, mock_gemini, mock_upstream
-from tests.conftest import DEFAULT_CONFIG, Mock, auth, env_for
-from tests.mock_anthropic import AnthropicControl, build_anthropic_mock
-from tests.mock_gemini import GeminiControl, build_gemini_mock
+from tests.conftest import Claude, Gemini, Mock, auth
 
 ASK = {
     "system": "Be brief.",
@@ -35,56 +31,22 @@ ASK = {
 }
 
 
-@pytest.fixture
-async def claude(aiohttp_server) -> tuple[str, AnthropicControl]:
-    control = AnthropicControl()
-    server = await aiohttp_server(build_anthropic_mock(control), host="127.0.0.1")
-    return str(server.make_url("")).rstrip("/"), control
-
-
-@pytest.fixture
-async def gemini(aiohttp_server) -> tuple[str, GeminiControl]:
-    control = GeminiControl()
-    server = await aiohttp_server(build_gemini_mock(control), host="127.0.0.1")
-    return str(server.make_url("")).rstrip("/"), control
-
-
-@pytest.fixture
-async def gw(aiohttp_client, mock: Mock, claude, gemini, store_url: str) -> TestClient:
-    env = env_for(
-        mock,
-        store_url,
-        ANTHROPIC_BASE_URL=claude[0],
-        ANTHROPIC_API_KEY="sk-ant-upstream",
-        GEMINI_BASE_URL=gemini[0],
-        GEMINI_API_KEY="AIza-upstream",
-    )
-    return await aiohttp_client(build_app(load_config(DEFAULT_CONFIG, env=env)))
-
-
-@pytest.fixture
-async def sdk(gw: TestClient, key: str):
-    client = anthropic.AsyncAnthropic(base_url=str(gw.make_url("")), api_key=key, max_retries=0, timeout=10)
-    yield client
-    await client.close()
-
-
-async def test_the_anthropic_sdk_counts_with_an_anthropic_model_passed_through(sdk, claude) -> None:
-    counted = await sdk.messages.count_tokens(
+async def test_the_anthropic_sdk_counts_with_an_anthropic_model_passed_through(ant, claude: Claude) -> None:
+    counted = await ant.messages.count_tokens(
         model="anthropic/claude-sonnet-4.6",
         extra_body={"meta": True},  # the gateway's own member: not passed on
         **ASK,  # type: ignore[arg-type]
     )
     assert counted.input_tokens == mock_anthropic.COUNTED_TOKENS
-    sent = claude[1].last
-    assert sent.path == "/v1/messages/count_tokens" and sent.headers["x-api-key"] == "sk-ant-upstream"
+    sent = claude.control.last
+    assert sent.path == "/v1/messages/count_tokens" and sent.headers["x-api-key"] == "sk-ant-secret"
     assert orjson.loads(sent.body) == {**ASK, "model": "claude-sonnet-4-6"}  # as asked, the model renamed
 
 
-async def test_a_gemini_model_counts_through_count_tokens(sdk, gemini) -> None:
-    counted = await sdk.messages.count_tokens(model="google/gemini-2.5-flash", **ASK)  # type: ignore[arg-type]
+async def test_a_gemini_model_counts_through_count_tokens(ant, gemini: Gemini) -> None:
+    counted = await ant.messages.count_tokens(model="google/gemini-2.5-flash", **ASK)  # type: ignore[arg-type]
     assert counted.input_tokens == mock_gemini.COUNTED_TOKENS
-    sent = gemini[1].last
+    sent = gemini.control.last
     assert sent.path == "/v1beta/models/gemini-2.5-flash:countTokens"
     generate = sent.body["generateContentRequest"]
     assert generate["model"] == "models/gemini-2.5-flash" and "generationConfig" not in generate
@@ -94,8 +56,8 @@ async def test_a_gemini_model_counts_through_count_tokens(sdk, gemini) -> None:
     assert generate["tools"][0]["functionDeclarations"][0]["name"] == "get_weather"
 
 
-async def test_an_openai_model_counts_through_responses_input_tokens(sdk, mock: Mock) -> None:
-    counted = await sdk.messages.count_tokens(model="openai/gpt-4o-mini", **ASK)  # type: ignore[arg-type]
+async def test_an_openai_model_counts_through_responses_input_tokens(ant, mock: Mock) -> None:
+    counted = await ant.messages.count_tokens(model="openai/gpt-4o-mini", **ASK)  # type: ignore[arg-type]
     assert counted.input_tokens == mock_upstream.COUNTED_TOKENS
     sent = mock.control.last
     assert sent.path == "/v1/responses/input_tokens"
@@ -182,9 +144,9 @@ async def test_a_bad_key_gets_401(gw: TestClient) -> None:
     assert r.status == 401 and (await r.json())["type"] == "error"
 
 
-async def test_a_provider_refusal_keeps_its_status_and_type(sdk, claude) -> None:
-    claude[1].mode = "status"  # 529 overloaded_error
+async def test_a_provider_refusal_keeps_its_status_and_type(ant, claude: Claude) -> None:
+    claude.control.mode = "status"  # 529 overloaded_error
     with pytest.raises(anthropic.APIStatusError) as e:
-        await sdk.messages.count_tokens(model="anthropic/claude-sonnet-4.6", **ASK)  # type: ignore[arg-type]
+        await ant.messages.count_tokens(model="anthropic/claude-sonnet-4.6", **ASK)  # type: ignore[arg-type]
     assert e.value.status_code == 529
     assert e.value.body["error"]["type"] == "overloaded_error" and "Overloaded" in e.value.body["error"]["message"]

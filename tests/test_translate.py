@@ -3,8 +3,6 @@ that validate what they receive as the real APIs do."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import anthropic
 import openai
 import orjson
@@ -13,9 +11,7 @@ from aiohttp.test_utils import TestClient
 
 from proxy.app import build_app
 from proxy.config import load_config
-from tests.conftest import DEFAULT_CONFIG, Mock, env_for
-from tests.mock_anthropic import AnthropicControl, build_anthropic_mock
-from tests.mock_gemini import GeminiControl, build_gemini_mock
+from tests.conftest import DEFAULT_CONFIG, Claude, Gemini, Mock, env_for
 
 CLAUDE = "anthropic/claude-haiku-4.5"
 GPT = "openai/gpt-4o-mini"
@@ -30,55 +26,9 @@ WEATHER_TOOL = {
 }
 
 
-@dataclass
-class Claude:
-    url: str
-    control: AnthropicControl
-
-
-@pytest.fixture
-async def claude(aiohttp_server) -> Claude:
-    control = AnthropicControl()
-    server = await aiohttp_server(build_anthropic_mock(control), host="127.0.0.1")
-    return Claude(url=str(server.make_url("")).rstrip("/"), control=control)
-
-
-@dataclass
-class Gemini:
-    url: str
-    control: GeminiControl
-
-
-@pytest.fixture
-async def gemini(aiohttp_server) -> Gemini:
-    control = GeminiControl()
-    server = await aiohttp_server(build_gemini_mock(control), host="127.0.0.1")
-    return Gemini(url=str(server.make_url("")).rstrip("/"), control=control)
-
-
-@pytest.fixture
-async def gw(aiohttp_client, mock: Mock, claude: Claude, gemini: Gemini, store_url: str) -> TestClient:
-    env = env_for(
-        mock,
-        store_url,
-        ANTHROPIC_BASE_URL=claude.url,
-        ANTHROPIC_API_KEY="sk-ant-secret",
-        GEMINI_BASE_URL=gemini.url,
-        GEMINI_API_KEY="gem-secret",
-    )
-    return await aiohttp_client(build_app(load_config(DEFAULT_CONFIG, env=env)))
-
-
 @pytest.fixture
 async def oai(gw: TestClient, key: str):
     sdk = openai.AsyncOpenAI(base_url=str(gw.make_url("/v1")), api_key=key, max_retries=0, timeout=10)
-    yield sdk
-    await sdk.close()
-
-
-@pytest.fixture
-async def ant(gw: TestClient, key: str):
-    sdk = anthropic.AsyncAnthropic(base_url=str(gw.make_url("")), api_key=key, max_retries=0, timeout=10)
     yield sdk
     await sdk.close()
 
