@@ -109,6 +109,15 @@ class Upstream:
         if self._session is not None:
             await self._session.close()
 
+    def credentials_refused(self, status: int) -> GatewayError:
+        """The client-facing error for a 401 or 403 from the provider: the client's key was fine, the gateway's
+        credentials for this provider were not."""
+        return GatewayError(
+            Code.upstream_bad_response,
+            f"The provider {self.name!r} rejected the gateway's credentials (HTTP {status}): check the api_key "
+            f"configured for it.",
+        )
+
     def failure(self, exc: BaseException, phase: str) -> GatewayError:
         """The client-facing error for a transport failure while `phase` (e.g. 'connecting')."""
         where = f"provider {self.name!r} ({self.base_url}){self.egress.via}"

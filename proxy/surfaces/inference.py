@@ -405,12 +405,7 @@ def _upstream_error(
     """An upstream error status: its JSON body passes through when the client speaks the provider's format,
     or is translated into the client's; anything else is wrapped in our envelope."""
     if resp.status in (401, 403):
-        # The client's key was fine; the gateway's credentials for this provider were not.
-        raise GatewayError(
-            Code.upstream_bad_response,
-            f"The provider {upstream.name!r} rejected the gateway's credentials (HTTP {resp.status}): "
-            f"check the api_key configured for it.",
-        )
+        raise upstream.credentials_refused(resp.status)
     meta.status = resp.status
     if not exchange.native and "json" in resp.content_type:
         translated = exchange.error(resp.status, data)

@@ -32,6 +32,7 @@ from proxy.surfaces.body import read_body
 from proxy.translators import gemini, messages
 from proxy.translators.neutral import ChatRequest, ContentPart, Message
 from proxy.translators.openai import GATEWAY_FIELDS
+from proxy.upstream import Upstream
 
 SURFACE: Final = SURFACES["anthropic.count_tokens"]
 COUNTING_KINDS: Final = ("anthropic", "gemini", "openai")  # provider kinds with a token-counting endpoint
@@ -94,7 +95,7 @@ async def _count(request: web.Request, gw: Gateway, meta: RequestMeta) -> web.Re
         raise upstream.failure(e, "counting tokens") from None
     meta.upstream_ended(resp.status)
     if resp.status >= 400:
-        raise _refused(target.provider, resp.status, data)
+        raise _refused(upstream, resp.status, data)
     meta.status = 200
     answer = orjson.dumps({"input_tokens": _read(kind, target.provider, data)})
     return web.Response(body=answer, headers={"Content-Type": "application/json", "x-request-id": meta.request_id})
@@ -126,14 +127,10 @@ def _request(kind: str, body: bytes, fields: dict[str, Any], upstream_model: str
     if kind == "gemini":
         generate = orjson.loads(gemini.PROVIDER.build_request(neutral, upstream_model, False, drop).body)
         generate.pop("generationConfig", None)  # how to answer, not what is read
-        path = gemini.model_path(upstream_model, False).replace(":generateContent", ":countTokens")
-        return path, orjson.dumps({"generateContentRequest": {"model": _gemini_name(upstream_model), **generate}})
+        path = gemini.model_path(upstream_model, False, "countTokens")
+        name = "/".join(gemini.resource(upstream_model))
+        return path, orjson.dumps({"generateContentRequest": {"model": name, **generate}})
     return "/responses/input_tokens", orjson.dumps(responses_input(neutral, upstream_model))
-
-
-def _gemini_name(upstream_model: str) -> str:
-    collection, sep, _ = upstream_model.partition("/")
-    return upstream_model if sep and collection in ("models", "tunedModels") else f"models/{upstream_model}"
 
 
 def responses_input(request: ChatRequest, upstream_model: str) -> dict[str, Any]:
@@ -203,14 +200,11 @@ def _read(kind: str, provider: str, data: bytes) -> int:
     return count
 
 
-def _refused(provider: str, status: int, data: bytes) -> GatewayError:
+def _refused(upstream: Upstream, status: int, data: bytes) -> GatewayError:
     """A provider's error answer to a count, with its status and message."""
     if status in (401, 403):
-        return GatewayError(
-            Code.upstream_bad_response,
-            f"The provider {provider!r} rejected the gateway's credentials (HTTP {status}): check the api_key "
-            f"configured for it.",
-        )
+        return upstream.credentials_refused(status)
+    provider = upstream.name
     try:
         error = orjson.loads(data).get("error")
     except (orjson.JSONDecodeError, AttributeError):

@@ -116,13 +116,19 @@ def auth_headers(api_key: str) -> dict[str, str]:
 # requests
 
 
-def model_path(upstream_model: str, stream: bool) -> str:
-    """`/v1beta/models/{model}:generateContent` (or the SSE stream), whether the model is given as `x`,
-    `models/x` or `tunedModels/x`."""
+def resource(upstream_model: str) -> tuple[str, str]:
+    """(collection, name) of a model given as `x`, `models/x` or `tunedModels/x`."""
     collection, sep, name = upstream_model.partition("/")
     if not sep or collection not in ("models", "tunedModels"):
-        collection, name = "models", upstream_model
-    method = ":streamGenerateContent?alt=sse" if stream else ":generateContent"
+        return "models", upstream_model
+    return collection, name
+
+
+def model_path(upstream_model: str, stream: bool, method: str = "") -> str:
+    """`/v1beta/models/{model}:generateContent` (or the SSE stream, or another `method` such as `countTokens`),
+    whether the model is given as `x`, `models/x` or `tunedModels/x`."""
+    collection, name = resource(upstream_model)
+    method = f":{method}" if method else ":streamGenerateContent?alt=sse" if stream else ":generateContent"
     return f"/v1beta/{collection}/{urllib.parse.quote(name, safe='')}{method}"
 
 

@@ -20,7 +20,6 @@ an answer at all (502).
 from __future__ import annotations
 
 import time
-import urllib.parse
 from typing import Final, final
 
 import msgspec
@@ -129,8 +128,7 @@ def translate(
         if ratio is not None:
             parameters["aspectRatio"] = ratio
         payload: dict[str, object] = {"instances": [{"prompt": request.prompt}], "parameters": parameters}
-        name = urllib.parse.quote(upstream_model.removeprefix("models/"), safe="")
-        path = f"/v1beta/models/{name}:predict"
+        path = gemini.model_path(upstream_model, False, "predict")
     else:
         config: dict[str, object] = {"responseModalities": ["IMAGE"]}
         if n > 1:
