@@ -36,9 +36,7 @@ class Usage(msgspec.Struct, omit_defaults=True):
 
     def units(self) -> bool:
         """Whether any media unit was metered."""
-        return bool(
-            self.images or self.characters or self.audio_seconds or self.pages or self.searches or self.video_seconds
-        )
+        return any(getattr(self, name) for name in MEDIA_UNITS)
 
 
 MEDIA_UNITS: Final = ("images", "characters", "audio_seconds", "pages", "searches", "video_seconds")
@@ -64,6 +62,10 @@ def new_request_id() -> str:
     """`req_` and 24 hex digits: milliseconds since the epoch, a random tag per process, a counter. Ids sort by
     time (the store's index grows at its end instead of at random places) and cost no system call."""
     return f"req_{time.time_ns() // 1_000_000:011x}{_tag}{next(_serial) & 0xFFFFF:05x}"
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
 
 
 @final
@@ -189,25 +191,21 @@ class RequestMeta:
         return out / duration
 
     def timings(self, now: float) -> dict:
-        """The timing figures (and attempts), as meta and the generation record show them: the figures of the
-        methods above, computed inline (every request's record pays for this)."""
+        """The timing figures (and attempts), as meta and the generation record show them."""
         latency = now - self.t_start
-        started, ended, first = self.t_upstream_start, self.t_upstream_end, self.t_first_token
-        provider = ended - started if started and ended else None
-        generation = ended - first if first and ended else provider
-        out = self.usage.output_tokens if self.usage else 0
-        tpot = (ended - first) / (out - 1) if first and ended and out > 1 else None
+        provider = self.provider_latency()
+        ttft, generation, tpot, throughput = self.ttft(), self.generation(), self.tpot(), self.throughput()
         return {
-            "latency_ms": round(latency * 1000.0, 3),
-            "provider_latency_ms": None if provider is None else round(provider * 1000.0, 3),
-            "ttft_ms": round((first - self.t_start) * 1000.0, 3) if first else None,
-            "generation_ms": None if generation is None else round(generation * 1000.0, 3),
-            "tpot_ms": None if tpot is None else round(tpot * 1000.0, 3),
-            "throughput_tps": round(out / provider, 3) if provider and out else None,
-            "output_speed_tps": round(1.0 / tpot, 3) if tpot else None,
-            "gateway_overhead_ms": None if provider is None else round(max(latency - provider, 0.0) * 1000.0, 3),
+            "latency_ms": _ms(latency),
+            "provider_latency_ms": None if provider is None else _ms(provider),
+            "ttft_ms": None if ttft is None else _ms(ttft),
+            "generation_ms": None if generation is None else _ms(generation),
+            "tpot_ms": None if tpot is None else _ms(tpot),
+            "throughput_tps": None if throughput is None else round(throughput, 3),
+            "output_speed_tps": None if not tpot else round(1.0 / tpot, 3),
+            "gateway_overhead_ms": None if provider is None else _ms(max(latency - provider, 0.0)),
             "attempts": [
-                {"provider": name, "status": status, "duration_ms": round((end - start) * 1000.0, 3)}
+                {"provider": name, "status": status, "duration_ms": _ms(end - start)}
                 for name, status, start, end in self.attempts
             ],
         }
