@@ -54,6 +54,7 @@ TARGETS = (
     "gateway",
     "gateway-percore",
     "gateway-noacct",
+    "gateway-thread",
     "gateway-messages",
     "gateway-pg",
     "gateway-pg-x3",
@@ -152,12 +153,14 @@ class Launcher:
         return Target("bare", _chat_url(port), UPSTREAM_KEY, "gpt-4o-mini", pid=pid)
 
     def _gateway_env(self, name: str, store: str, accounting: bool = True) -> dict[str, str]:
+        writer = "thread" if name == "gateway-thread" else "process"
         return {
             **os.environ,
             "OPENAI_BASE_URL": f"http://127.0.0.1:{self.mock_port}/v1",
             "OPENAI_API_KEY": UPSTREAM_KEY,
             "GATEWAY_STORE": store,
             "GATEWAY_ACCOUNTING": "true" if accounting else "false",
+            "GATEWAY_ACCOUNTING_WRITER": writer,
             "GATEWAY_PID_FILE": str(self.workdir / (name + ".pid")),
         }
 
@@ -170,6 +173,7 @@ class Launcher:
 
     def gateway(self, name: str, accounting: bool, workers: int, store: str = "") -> Target:
         """The gateway; `gateway-noacct` is the same with accounting (records and debits) switched off;
+        `gateway-thread` writes its records to the store from a thread of the worker instead of a child process;
         `gateway-messages` is the gateway measured on `/v1/messages`, every answer translated; `store` (default:
         a new SQLite file) is `gateway-pg`'s PostgreSQL database."""
         env = self._gateway_env(name, store or f"sqlite:///{self.workdir / (name + '.db')}", accounting)

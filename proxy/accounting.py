@@ -17,20 +17,31 @@ import contextlib
 import logging
 import time
 from collections import deque
-from typing import final
-
-import orjson
+from collections.abc import Sequence
+from typing import Protocol, final
 
 from proxy.credit import KeyBudgets, WalletCache
-from proxy.journal import ROTATE_BYTES, Journal, encode
-from proxy.meta import MEDIA_UNITS, RequestMeta, Usage
-from proxy.store.base import ROW_COST, ROW_KEY, ROW_TEAM, Generation, Store, StoreError
+from proxy.journal import ROTATE_BYTES, Journal
+from proxy.meta import RequestMeta, Usage
+from proxy.records import generation, line
+from proxy.store.base import Generation, StoreError
 
 log = logging.getLogger("proxy.accounting")
 
 MAX_BATCH = 500
 LINGER_S = 0.05  # how long a record may wait for others to share its transaction
 ADOPT_EVERY_S = 30.0  # how often the writer looks for journals left by dead workers
+
+
+class Writes(Protocol):
+    """What the accountant needs of the store: `Store.record` and `Store.sync`. The store itself (its writes in a
+    thread of this worker, or on its event loop) or a `proxy.recorder.Recorder` (in a child process)."""
+
+    async def record(self, lines: Sequence[bytes]) -> int: ...
+    async def sync(self) -> None: ...
+
+
+_Entry = tuple[str, str, str, int, bytes]  # a submitted record: request id, team, key, cost, journal line
 
 
 def estimate(meta: RequestMeta) -> None:
@@ -42,53 +53,6 @@ def estimate(meta: RequestMeta) -> None:
     prompt = meta.request_bytes // 4
     meta.usage = Usage(input_tokens=prompt, output_tokens=output, total_tokens=prompt + output)
     meta.usage_source = "estimated"
-
-
-_USAGE = (
-    '{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d,"cached_tokens":%d,"cache_write_tokens":%d,'
-    '"reasoning_tokens":%d}'
-)
-
-
-def row(meta: RequestMeta, created_ms: int) -> tuple:
-    """The generation record of a finished request, as a row in the store's column order."""
-    usage = meta.usage
-    if usage is None:
-        usage_json = "{}"
-    else:
-        usage_json = _USAGE % (
-            usage.input_tokens,
-            usage.output_tokens,
-            usage.total_tokens,
-            usage.cached_input_tokens,
-            usage.cache_write_tokens,
-            usage.reasoning_tokens,
-        )
-        if usage.units():  # media units, each only when metered: token-only records stay as they were
-            metered = {name: value for name in MEDIA_UNITS if (value := getattr(usage, name))}
-            usage_json = usage_json[:-1] + "," + orjson.dumps(metered).decode()[1:]
-    return (
-        meta.request_id,
-        created_ms,
-        meta.team_id,
-        meta.key_id,
-        meta.surface,
-        meta.model,
-        meta.provider,
-        meta.upstream_model,
-        meta.native_id.replace("\0", ""),  # from the provider; PostgreSQL text cannot hold NUL
-        meta.stream,
-        meta.status,
-        200 <= meta.status < 300 and not meta.error_code,
-        meta.error_code,
-        meta.error_message.replace("\0", ""),
-        usage_json,
-        meta.usage_source if usage else "none",
-        meta.cost_nanos or 0,
-        meta.currency,
-        meta.pricing_json.decode(),
-        orjson.dumps(meta.timings(meta.t_end)).decode(),
-    )
 
 
 @final
@@ -110,7 +74,7 @@ class Accountant:
 
     def __init__(
         self,
-        store: Store,
+        store: Writes,
         wallets: WalletCache,
         budgets: KeyBudgets,
         journal: Journal,
@@ -123,8 +87,8 @@ class Accountant:
         self.journal = journal
         self.max_queue = max_queue
         self.fsync_s = fsync_s  # 0: the journal is never fsynced
-        self.unwritten: dict[str, tuple] = {}  # request id → its row, until the store has it
-        self._queue: deque[tuple[tuple, bytes]] = deque()  # (row, journal line), in the journal's order
+        self.unwritten: dict[str, _Entry] = {}  # request id → its record, until the store has it
+        self._queue: deque[_Entry] = deque()  # in the journal's order
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -160,17 +124,18 @@ class Accountant:
             self.wallets.debit(meta.team_id, cost)
             if meta.key_limited:
                 self.budgets.add(meta.key_id, cost)
-        line, values = encode(row(meta, int(time.time() * 1000)))
-        self.journal.append(line)
-        self.unwritten[meta.request_id] = values
-        self._queue.append((values, line))
+        data = line(meta, int(time.time() * 1000))
+        self.journal.append(data)
+        entry = (meta.request_id, meta.team_id, meta.key_id, cost, data)
+        self.unwritten[meta.request_id] = entry
+        self._queue.append(entry)
         self._idle.clear()
         self._wake.set()
 
     def lookup(self, team_id: str, request_id: str) -> Generation | None:
         """A record not yet in the store (by request id)."""
-        values = self.unwritten.get(request_id)
-        return Generation.from_row(values) if values is not None and values[ROW_TEAM] == team_id else None
+        entry = self.unwritten.get(request_id)
+        return generation(entry[4]) if entry is not None and entry[1] == team_id else None
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -203,11 +168,11 @@ class Accountant:
                 self._writing = False
             await self._settle()
 
-    async def _write(self, batch: list[tuple[tuple, bytes]]) -> None:
+    async def _write(self, batch: list[_Entry]) -> None:
         delay = 0.1
         while True:
             try:
-                await self.store.record([line for _, line in batch], [values for values, _ in batch])
+                await self.store.record([entry[4] for entry in batch])
                 break
             except StoreError as e:  # keep the batch: nothing is dropped, it is tried again
                 log.error("writing %d usage records failed (%s); retrying in %.1f s", len(batch), e, delay)
@@ -215,14 +180,13 @@ class Accountant:
                 log.exception("writing %d usage records failed; retrying in %.1f s", len(batch), delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
-        for values, _ in batch:
-            self.unwritten.pop(values[0], None)
-            cost = values[ROW_COST]
+        for request_id, team_id, key_id, cost, _ in batch:
+            self.unwritten.pop(request_id, None)
             if not cost:
                 continue
-            self.wallets.written(values[ROW_TEAM], cost)
-            if values[ROW_KEY] in self.budgets.pending:  # counted for a limited key
-                self.budgets.written(values[ROW_KEY], cost)
+            self.wallets.written(team_id, cost)
+            if key_id in self.budgets.pending:  # counted for a limited key
+                self.budgets.written(key_id, cost)
 
     async def _settle(self) -> None:
         """After a batch: start a new journal segment when the active one is big, and delete the retired

@@ -18,7 +18,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy import access
 from proxy.access import AccessLog
-from proxy.accounting import Accountant
+from proxy.accounting import Accountant, Writes
 from proxy.auth import KeyCache
 from proxy.config import ConfigError, GatewayConfig, load_config
 from proxy.credit import KeyBudgets, WalletCache
@@ -26,8 +26,10 @@ from proxy.edge import Edge, EdgeSite, raise_fd_limit
 from proxy.gateway import GATEWAY, Gateway
 from proxy.journal import Journal, folder_for
 from proxy.metrics import Metrics
+from proxy.recorder import Recorder
 from proxy.routing import RouteTable
 from proxy.store import open_store
+from proxy.store.sqlite_usage import in_memory
 from proxy.surfaces import ops
 from proxy.surfaces.batches import HANDLERS as BATCH_HANDLERS
 from proxy.surfaces.catalogue import HANDLERS as CATALOGUE_HANDLERS
@@ -89,11 +91,16 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     gw.keys = KeyCache(gw.store, config.auth.cache_ttl_s, config.auth.stale_s)
     gw.wallets = WalletCache(gw.store, config.auth.cache_ttl_s, config.auth.min_balance_nanos, config.auth.stale_s)
     gw.budgets = KeyBudgets(gw.store, config.auth.cache_ttl_s, config.auth.stale_s)
+    recorder: Recorder | None = None
     if config.accounting.enabled:
         accounting = config.accounting
         journal = Journal(folder_for(accounting.journal_dir, config.store.url))
+        writes: Writes = gw.store
+        if accounting.writer == "process" and not in_memory(config.store.url):
+            recorder = writes = Recorder(config.store.url)
+            await recorder.start()  # a child process that cannot open the store fails the start
         gw.accountant = Accountant(
-            gw.store, gw.wallets, gw.budgets, journal, accounting.max_backlog, accounting.journal_fsync_s
+            writes, gw.wallets, gw.budgets, journal, accounting.max_backlog, accounting.journal_fsync_s
         )
         await gw.accountant.start()  # replays what dead workers left in the journal, before serving
     gw.upstreams = {name: Upstream(name, provider) for name, provider in config.providers.items()}
@@ -102,6 +109,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     finally:  # after the server has drained: every request that ran has been submitted
         if gw.accountant is not None:
             await gw.accountant.close(timeout=max(config.server.drain_timeout_s, 10.0))
+        if recorder is not None:
+            await recorder.close()
         for upstream in (*gw.upstreams.values(), *gw.retired):
             await upstream.close()
         await gw.store.close()

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from datetime import date
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Final, NoReturn
+from typing import Any, Final, Literal, NoReturn
 
 import msgspec
 import yaml
@@ -122,6 +122,9 @@ class AccountingConfig(_Base):
     # Each worker appends its records here (a subfolder per store) before answering: a crash loses none.
     journal_dir: str = "./data/journal"
     journal_fsync_s: float = 1.0  # a thread fdatasyncs the journal this often (the power-loss window); 0: never
+    # Who writes records to the store: a child process of each worker ("process"), or a thread of the worker
+    # ("thread": one process fewer, ~55 µs more CPU a request). An in-memory SQLite store always uses a thread.
+    writer: Literal["process", "thread"] = "process"
 
 
 class Timeouts(_Base):

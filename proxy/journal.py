@@ -8,8 +8,8 @@ appends to a segment of its own, opened `O_APPEND` and held under `flock(LOCK_EX
 writes there. The kernel drops the lock when the process dies, however it dies, so a segment whose lock
 can be taken was left by a dead worker: it is adopted (its lines applied to the store, then deleted).
 
-A line is one record: its row in `GENERATION_COLUMNS` order as a JSON array (`encode_row`), ending in a
-newline, written with one `os.write` and no fsync (`sync`, every `accounting.journal_fsync_s`, runs in a
+A line is one record (`proxy.records.line`: a JSON array), ending in a newline, written with one `os.write`
+and no fsync (`sync`, every `accounting.journal_fsync_s`, runs in a
 thread). A torn last line (the process died in the write) lacks its newline and is skipped.
 
 Rotation: once the active segment holds ROTATE_BYTES, appends go to a new one. The old one is deleted when
@@ -33,18 +33,14 @@ from typing import final
 import msgspec
 import orjson
 
-from proxy.store.base import Generation, redact_url
-from proxy.store.sqlite import sqlite_path
+from proxy.records import check
+from proxy.store.base import redact_url
+from proxy.store.sqlite_usage import sqlite_path
 
 log = logging.getLogger("proxy.accounting")
 
 ROTATE_BYTES = 4 << 20
 SUFFIX = ".jnl"  # a segment; one being created is named `.new` until it is locked
-
-# A row as `encode_row` writes it: the JSON members (usage, pricing lines, timings) as strings of JSON.
-_ROW = msgspec.json.Decoder(
-    tuple[tuple(str if f.type is msgspec.Raw else f.type for f in msgspec.structs.fields(Generation))]  # type: ignore[misc]
-)
 
 
 class JournalError(Exception):
@@ -52,18 +48,9 @@ class JournalError(Exception):
 
 
 def encode_row(values: tuple) -> bytes:
-    """A generation row as one journal line (a JSON array and a newline): what `Store.record` takes."""
-    return encode(values)[0]
-
-
-def encode(values: tuple) -> tuple[bytes, tuple]:
-    """`encode_row`, and the row the line holds: `values` itself, or a copy with each string that is not valid
-    Unicode (a lone surrogate) repaired, which is what a replay would read."""
-    try:
-        return orjson.dumps(values, option=orjson.OPT_APPEND_NEWLINE), values
-    except orjson.JSONEncodeError:
-        clean = tuple(v.encode("utf-8", "replace").decode() if isinstance(v, str) else v for v in values)
-        return orjson.dumps(clean, option=orjson.OPT_APPEND_NEWLINE), clean
+    """A generation row, in `GENERATION_COLUMNS` order, as one journal line (a JSON array and a newline): a
+    line `Store.record` takes as it is."""
+    return orjson.dumps(values, option=orjson.OPT_APPEND_NEWLINE)
 
 
 def folder_for(root: str, store_url: str) -> Path:
@@ -83,7 +70,7 @@ def folder_for(root: str, store_url: str) -> Path:
 
 def parse(data: bytes) -> tuple[list[bytes], int]:
     """A segment's well-formed lines, and how many were skipped: a torn last line (no newline: the writer
-    died in the write) and any line that is not a row (the rest of an earlier torn write)."""
+    died in the write) and any line that is not a record (the rest of an earlier torn write)."""
     lines = data.split(b"\n")
     skipped = 1 if lines.pop() else 0  # after the last newline: empty unless the last write was torn
     good = []
@@ -91,7 +78,7 @@ def parse(data: bytes) -> tuple[list[bytes], int]:
         if not line:
             continue  # the newline that ends a torn write
         try:
-            _ROW.decode(line)
+            check(line)
         except msgspec.DecodeError:
             skipped += 1
             continue

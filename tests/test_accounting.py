@@ -14,6 +14,7 @@ from proxy.app import build_app
 from proxy.config import NANOS_PER_USD, load_config
 from proxy.gateway import GATEWAY
 from proxy.journal import encode_row
+from proxy.recorder import Recorder
 from proxy.store import open_store
 from proxy.store.base import StoreError
 from tests.conftest import DEFAULT_CONFIG, ROOT, auth, env_for
@@ -131,18 +132,30 @@ async def test_a_replayed_batch_is_charged_once(gateway, key, mock, store_url):
     assert await count_generations(store_url) == 1
 
 
+class Hooked:
+    """The accountant's writes (the store, or the writer process), with `record` through `hook(real, lines)`."""
+
+    def __init__(self, real, hook):
+        self.real, self.hook = real, hook
+
+    async def record(self, lines):
+        return await self.hook(self.real, lines)
+
+    async def sync(self):
+        await self.real.sync()
+
+
 async def test_a_failing_store_loses_nothing(gateway, key, mock, store_url, monkeypatch):
     gw = gateway.server.app[GATEWAY]
-    real = gw.store.record
     failures = []
 
-    async def flaky(records, values=None):
+    async def flaky(real, lines):
         if len(failures) < 2:  # an outage, then a fault of the gateway's own: the writer outlives both
-            failures.append(len(records))
+            failures.append(len(lines))
             raise StoreError("disk on fire") if len(failures) == 1 else RuntimeError("a bug")
-        return await real(records, values)
+        return await real.record(lines)
 
-    monkeypatch.setattr(gw.store, "record", flaky)
+    monkeypatch.setattr(gw.accountant, "store", Hooked(gw.accountant.store, flaky))
     before = await balance(store_url, "acme")
     for _ in range(5):
         assert (await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(key))).status == 200
@@ -155,15 +168,14 @@ async def test_a_lagging_store_refuses_new_requests_and_the_refusals_do_not_queu
     gateway, key, mock, store_url, monkeypatch
 ):
     gw = gateway.server.app[GATEWAY]
-    real = gw.store.record
     store_back, writing = asyncio.Event(), asyncio.Event()
 
-    async def stalled(records, values=None):
+    async def stalled(real, lines):
         writing.set()
         await store_back.wait()
-        return await real(records, values)
+        return await real.record(lines)
 
-    monkeypatch.setattr(gw.store, "record", stalled)
+    monkeypatch.setattr(gw.accountant, "store", Hooked(gw.accountant.store, stalled))
     monkeypatch.setattr(gw.accountant, "max_queue", 2)
     before = await balance(store_url, "acme")
     assert (await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(key))).status == 200
@@ -180,6 +192,22 @@ async def test_a_lagging_store_refuses_new_requests_and_the_refusals_do_not_queu
     assert await count_generations(store_url) == 3
     assert await balance(store_url, "acme") == before - 3 * COST
     assert (await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(key))).status == 200
+
+
+@pytest.mark.parametrize("writer", ["process", "thread"])
+async def test_records_are_written_by_the_configured_writer(aiohttp_client, mock, store_url, make_key, writer):
+    env = env_for(mock, store_url, GATEWAY_ACCOUNTING_WRITER=writer)
+    client = await aiohttp_client(build_app(load_config(DEFAULT_CONFIG, env=env)))
+    key = await make_key()
+    before = await balance(store_url, "acme")
+    for _ in range(3):
+        assert (await client.post("/v1/chat/completions", json=CHAT, headers=auth(key))).status == 200
+    gw = client.server.app[GATEWAY]
+    assert isinstance(gw.accountant.store, Recorder) == (writer == "process")
+    assert (gw.accountant.store is gw.store) == (writer == "thread")
+    await asyncio.wait_for(gw.accountant.flush(), 10)
+    assert await count_generations(store_url) == 3
+    assert await balance(store_url, "acme") == before - 3 * COST
 
 
 async def test_accounting_can_be_switched_off(aiohttp_client, mock, store_url, make_key):

@@ -233,7 +233,7 @@ async def test_submit_journals_before_it_returns_and_only_once(store: Store, tmp
         acct.submit(m)  # the handler's `finally` after an early submit: a no-op
         (path,) = segments(tmp_path)
         (line,) = path.read_bytes().splitlines()
-        assert line.startswith(b'["' + m.request_id.encode() + b'",')
+        assert line.startswith(b'[1,"' + m.request_id.encode() + b'",')  # a snapshot of the request
         assert acct.lookup(team.id, m.request_id) is not None and len(acct._queue) == 1
         await acct.flush()
         assert await stored(store, team.id) == {m.request_id: 1_000}
@@ -276,7 +276,7 @@ async def test_records_of_a_crash_during_an_outage_survive_rotation(store: Store
     real = store.record
     outage = asyncio.Event()
 
-    async def down(rows, values=None):
+    async def down(lines):
         outage.set()
         raise StoreError("connection refused")
 
@@ -396,7 +396,7 @@ async def test_kill_9_under_load_loses_no_answered_record(backend: str, request,
     records, balance = await _records(url, team_id)
     assert CREDIT_NANOS - balance == sum(records.values())  # each record debited once, no debit without one
     whole = {rid: cost for rid, (streamed, cost) in answered.items() if not streamed}
-    assert len(whole) > 100 and {rid: records.get(rid) for rid in whole} == whole
+    assert len(whole) > 100 and {rid: records.get(rid) for rid in whole} == whole, text[-3000:]
     # A stream is accounted before its final event is written (proxy/surfaces/inference.py): a client that
     # saw [DONE] has a record too, billed from the usage the stream reported.
     streamed = [rid for rid, (s, _) in answered.items() if s]

@@ -12,12 +12,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
-import orjson
 import pytest
 
 from bench.pg_server import PgServer, free_port
 from proxy.config import ConfigError, load_config
 from proxy.journal import encode_row
+from proxy.recorder import Recorder
 from proxy.store import Store, StoreError, migrations, open_store, redact_url
 from proxy.store.base import (
     ACTIVE,
@@ -99,16 +99,22 @@ def generation(
     ).row()
 
 
-async def record(store: Store, rows: list[tuple], decoded: bool = False) -> int:
-    """`store.record` of rows given as tuples: as the journal's lines, and with `decoded` also as the values
-    the accountant passes beside them (the lines parsed back: JSON members as text)."""
+async def record(store: Store, rows: list[tuple], via: str = "store") -> int:
+    """`store.record` of rows given as tuples, as journal lines: called on the store itself, or (`via` "process")
+    through the accounting writer process a worker would start for this store."""
     lines = [encode_row(row) for row in rows]
-    return await store.record(lines, [tuple(orjson.loads(line)) for line in lines] if decoded else None)
+    if via == "store":
+        return await store.record(lines)
+    recorder = Recorder(store.url)
+    try:
+        return await recorder.record(lines)
+    finally:
+        await recorder.close()
 
 
-@pytest.fixture(params=[False, True], ids=["lines", "values"])
-def decoded(request) -> bool:
-    """Rows given to the store as lines only (a replay), or with their decoded values (the live writer)."""
+@pytest.fixture(params=["store", "process"])
+def via(request) -> str:
+    """Records written by the store's own connection, or by an accounting writer process."""
     return request.param
 
 
@@ -346,7 +352,7 @@ async def test_key_rename_and_limits(store: Store):
 # --- records ---------------------------------------------------------------------------------------------
 
 
-async def test_record_a_batch_debits_each_team_its_cost(store: Store, decoded: bool):
+async def test_record_a_batch_debits_each_team_its_cost(store: Store, via: str):
     acme = await funded_team(store, "acme")
     rival = await funded_team(store, "rival")
     rows = [
@@ -355,22 +361,22 @@ async def test_record_a_batch_debits_each_team_its_cost(store: Store, decoded: b
         generation("r3", rival.id, cost=7),
         generation("r4", rival.id, cost=0, usage=b"{}"),  # a failed request: recorded, not charged
     ]
-    await record(store, rows, decoded)
+    await record(store, rows, via)
     assert await store.get_balance(acme.id) == 1_000_000 - 4_650
     assert await store.get_balance(rival.id) == 1_000_000 - 7
     for row in rows:  # read back exactly as written, JSON text included
         found = await store.get_generation(row[2], row[0])
         assert found is not None and found.row() == row
-    await record(store, [], decoded)
+    await record(store, [], via)
     assert await store.get_balance(acme.id) == 1_000_000 - 4_650
 
 
-async def test_a_replayed_batch_is_recorded_and_debited_once(store: Store, decoded: bool):
+async def test_a_replayed_batch_is_recorded_and_debited_once(store: Store, via: str):
     team = await funded_team(store)
     batch = [generation("r1", team.id, cost=100), generation("r2", team.id, cost=20)]
-    assert await record(store, batch, decoded) == 2
-    assert await record(store, batch, decoded) == 0  # the writer retries a batch whose commit it never heard of
-    assert await record(store, [*batch, generation("r3", team.id, cost=3)], decoded) == 1  # and one that grew
+    assert await record(store, batch, via) == 2
+    assert await record(store, batch, via) == 0  # the writer retries a batch whose commit it never heard of
+    assert await record(store, [*batch, generation("r3", team.id, cost=3)], via) == 1  # and one that grew
     assert await store.get_balance(team.id) == 1_000_000 - 123
     assert (await store.credits(team.id)).spend_24h_nanos == 123
 
@@ -383,13 +389,13 @@ async def test_a_request_id_twice_in_one_batch_is_recorded_once_last_wins(store:
     assert (await store.credits(team.id)).spend_24h_nanos == 40
 
 
-async def test_record_keeps_any_text_exactly(store: Store, decoded: bool):
+async def test_record_keeps_any_text_exactly(store: Store, via: str):
     """Rows travel as JSON to the store, which reads them itself: every string comes back as it was."""
     team = await funded_team(store)
     row = list(generation("r1", team.id, native="id \\u0000 not a NUL"))
     row[Generation.__struct_fields__.index("error_message")] = 'quote " backslash \\ \n\t\x01\x7f ü € 😀 \\"'
     row[Generation.__struct_fields__.index("usage")] = '{"prompt_tokens": 1, "note": "a \\"quoted\\" \\u00e9"}'
-    await record(store, [tuple(row)], decoded)
+    await record(store, [tuple(row)], via)
     found = await store.get_generation(team.id, "r1")
     assert found is not None and found.row() == tuple(row)
 
@@ -406,12 +412,12 @@ async def test_two_gateways_recording_the_same_rows_at_once_debit_once(url: str)
         await two.close()
 
 
-async def test_record_takes_flags_as_integers(store: Store, decoded: bool):
+async def test_record_takes_flags_as_integers(store: Store, via: str):
     team = await funded_team(store)
     row = list(generation("r1", team.id))
     row[Generation.__struct_fields__.index("stream")] = 1
     row[Generation.__struct_fields__.index("success")] = 0
-    await record(store, [tuple(row)], decoded)
+    await record(store, [tuple(row)], via)
     found = await store.get_generation(team.id, "r1")
     assert found is not None and found.stream is True and found.success is False
 

@@ -188,11 +188,10 @@ class Store(Protocol):
     async def list_keys(self, team_id: str | None = None) -> list[KeyRecord]: ...
     async def set_key_status(self, kid: str, status: str) -> bool: ...
     async def add_credit(self, team_id: str, amount_nanos: int, note: str = "") -> int: ...
-    async def record(self, rows: Sequence[bytes], values: Sequence[tuple] | None = None) -> int:
-        """Insert generation rows (each a JSON array in GENERATION_COLUMNS order, as `proxy.journal.encode_row`
-        writes it) and debit each team by their cost, in one transaction, each row once: a row whose request
-        id is stored already is skipped. Returns how many rows were new. `values`, when given, are the same
-        rows already decoded (the accountant has them): a store that binds values need not parse the lines."""
+    async def record(self, lines: Sequence[bytes]) -> int:
+        """Insert the generation records of journal lines (`proxy.records`: a snapshot of the request or a row
+        in GENERATION_COLUMNS order) and debit each team by their cost, in one transaction, each record once: a
+        request id stored already is skipped. Returns how many records were new."""
         ...
 
     async def sync(self) -> None:

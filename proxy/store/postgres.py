@@ -16,7 +16,9 @@ import time
 from collections.abc import AsyncIterator, Sequence
 
 import asyncpg
+import orjson
 
+from proxy import records
 from proxy.store import migrations
 from proxy.store.base import (
     ACTIVE,
@@ -307,14 +309,13 @@ class PostgresStore:
             raise StoreError(f"team {team_id} has no wallet")
         return balance
 
-    async def record(self, rows: Sequence[bytes], values: Sequence[tuple] | None = None) -> int:
-        """Insert generation rows (each a JSON array in `GENERATION_COLUMNS` order: the journal's lines; the
-        server parses them, so `values` is not used) and debit each team by their cost, in one statement. A
-        row whose request id is already stored (a replay) is skipped and not charged again. Returns how many
-        rows were new."""
-        if not rows:
+    async def record(self, lines: Sequence[bytes]) -> int:
+        """Insert the generation records of journal lines (`proxy.records`) and debit each team by their cost,
+        in one statement. A record whose request id is already stored (a replay) is skipped and not charged
+        again. Returns how many records were new."""
+        if not lines:
             return 0
-        batch = b",".join(rows).decode()  # the brackets are added by the server
+        batch = orjson.dumps(records.rows(lines)).decode()[1:-1]  # rows as JSON arrays; the server adds brackets
         async with self._conn("cannot record usage") as conn:
             return await conn.fetchval(_RECORD, batch, int(time.time()))
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
-import os
 import secrets
 import sqlite3
 import time
@@ -12,17 +10,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import aiosqlite
-import orjson
 
-from proxy.store import migrations
+from proxy.store import migrations, sqlite_usage
 from proxy.store.base import (
     ACTIVE,
     GENERATION_COLUMNS,
     JOB_COLUMNS,
     KEY_COLUMNS,
     REVOKED,
-    ROW_COST,
-    ROW_TEAM,
     Credits,
     Generation,
     Job,
@@ -32,16 +27,7 @@ from proxy.store.base import (
     TopUp,
     key_from_row,
 )
-
-
-def sqlite_path(url: str) -> str:
-    """`sqlite:///./data/gateway.db` → `./data/gateway.db`; `sqlite:////abs` → `/abs`; `sqlite://:memory:`."""
-    rest = url.removeprefix("sqlite://")
-    if rest in (":memory:", "/:memory:"):
-        return ":memory:"
-    if not rest.startswith("/"):
-        raise ValueError(f"expected sqlite:///relative/path or sqlite:////absolute/path, got {url!r}")
-    return rest[1:]
+from proxy.store.sqlite_usage import sqlite_path
 
 
 class SqliteStore:
@@ -67,10 +53,8 @@ class SqliteStore:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
             self._db = await aiosqlite.connect(self.path, isolation_level=None)
-            await self._db.execute("PRAGMA journal_mode=WAL")
-            await self._db.execute("PRAGMA synchronous=NORMAL")
-            await self._db.execute("PRAGMA busy_timeout=5000")
-            await self._db.execute("PRAGMA foreign_keys=ON")
+            for pragma in sqlite_usage.PRAGMAS:
+                await self._db.execute(pragma)
             await self._migrate()
         except sqlite3.Error as e:
             await self.close()
@@ -217,20 +201,17 @@ class SqliteStore:
             raise StoreError(f"team {team_id} has no wallet")
         return row[0]
 
-    async def record(self, rows: Sequence[bytes], values: Sequence[tuple] | None = None) -> int:
-        """Insert generation rows (each a JSON array in `GENERATION_COLUMNS` order: the journal's lines, or
-        `values`, the same rows decoded, when given) and debit each team by their cost, in one transaction. A
-        row whose request id is already stored (a replay) is skipped and not charged again. Returns how many
-        rows were new."""
-        if not rows:
+    async def record(self, lines: Sequence[bytes]) -> int:
+        """Insert the generation records of journal lines (`proxy.records`) and debit each team by their cost,
+        in one transaction. A record whose request id is already stored (a replay) is skipped and not charged
+        again. Returns how many records were new."""
+        if not lines:
             return 0
-        # Lines are joined here and parsed in the connection's thread; decoded rows are bound as they are.
-        batch: bytes | Sequence[tuple] = b",".join(rows) if values is None else values
         try:
             async with self._write:
                 # The whole transaction is one call into the connection's thread (aiosqlite's `_execute`,
                 # which all its public methods use): one hand-off per batch instead of one per statement.
-                return await self.db._execute(_record, self.db._conn, batch, int(time.time()))
+                return await self.db._execute(sqlite_usage.record, self.db._conn, lines, int(time.time()))
         except sqlite3.Error as e:
             raise StoreError(f"cannot record usage: {e}") from e
 
@@ -240,7 +221,7 @@ class SqliteStore:
         if self.path == ":memory:":
             return
         try:
-            await asyncio.to_thread(_fsync, self.path + "-wal")
+            await asyncio.to_thread(sqlite_usage.fsync_wal, self.path)
         except OSError as e:
             raise StoreError(f"cannot sync the SQLite store's WAL: {e}") from e
 
@@ -372,54 +353,3 @@ class SqliteStore:
                 return cur.rowcount > 0
         except sqlite3.Error as e:
             raise StoreError(f"cannot change a job: {e}") from e
-
-
-_ROW_MARKS = "(" + ", ".join("?" * len(Generation.__struct_fields__)) + ")"
-_MAX_ROWS_PER_INSERT = 256  # x 20 columns stays far below SQLite's 32,766 bound parameters
-_STORED = "SELECT request_id FROM generations WHERE request_id IN (SELECT value FROM json_each(?))"
-_DEBIT = "UPDATE wallets SET balance_nanos = balance_nanos - ?, updated_at = ? WHERE team_id = ?"
-
-
-@functools.cache
-def _insert(rows: int) -> str:
-    return f"INSERT INTO generations ({GENERATION_COLUMNS}) VALUES " + ", ".join([_ROW_MARKS] * rows)
-
-
-def _record(db: sqlite3.Connection, batch: bytes | Sequence[tuple], now: int) -> int:
-    """`SqliteStore.record`'s transaction, run in the connection's thread. Journal lines (joined with commas) are
-    parsed here (orjson); rows from the accountant come decoded. They are bound as parameters of multi-row
-    INSERTs of power-of-two sizes whose texts repeat from batch to batch, so SQLite prepares each once.
-    (Letting SQLite read the JSON itself, `json_each` and a `->>` per column, holds the GIL less but costs
-    three times the CPU per row: it parses each row's JSON once per column.) A request id twice in the batch:
-    the last row counts. Returns the rows inserted."""
-    decoded = orjson.loads(b"[" + batch + b"]") if isinstance(batch, bytes) else batch
-    rows = {row[0]: row for row in decoded}
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        stored = {r[0] for r in db.execute(_STORED, (orjson.dumps(list(rows)),))}
-        fresh = [row for request_id, row in rows.items() if request_id not in stored]
-        done = 0
-        while done < len(fresh):
-            size = min(1 << ((len(fresh) - done).bit_length() - 1), _MAX_ROWS_PER_INSERT)
-            db.execute(_insert(size), [value for row in fresh[done : done + size] for value in row])
-            done += size
-        debits: dict[str, int] = {}
-        for row in fresh:
-            debits[row[ROW_TEAM]] = debits.get(row[ROW_TEAM], 0) + row[ROW_COST]
-        db.executemany(_DEBIT, [(cost, now, team) for team, cost in debits.items() if cost])
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    return len(fresh)
-
-
-def _fsync(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return  # no WAL: every commit is in the database file, synced when it was checkpointed
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -1,0 +1,199 @@
+"""A finished request's generation record: the journal line the serving thread writes, and the store's row.
+
+The serving thread does the least it can (it is the gateway's bottleneck): `line` is the request's raw
+figures (clock readings, token counts, the pricing lines already made for the answer) as one JSON array,
+one `orjson.dumps`. Whoever writes to the store turns lines into rows (`rows`): the usage and timings JSON,
+the success flag, text PostgreSQL can hold. With `accounting.writer: process` that is the writer process.
+
+A line starts with SNAPSHOT (1). A line that starts with a request id is a row already (in
+`GENERATION_COLUMNS` order: a journal left by an older gateway, or written by a test) and is taken as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import msgspec
+import orjson
+
+from proxy.meta import MEDIA_UNITS, RequestMeta, Usage
+from proxy.store.base import Generation
+
+SNAPSHOT = 1
+
+# A snapshot line, checked member by member when a journal is replayed.
+SnapshotLine = tuple[
+    int,  # SNAPSHOT
+    str,  # request id
+    int,  # created at, unix milliseconds
+    str,  # team id
+    str,  # key id
+    str,  # surface
+    str,  # model
+    str,  # provider
+    str,  # upstream model
+    str,  # the provider's response id
+    bool,  # streamed
+    int,  # status
+    str,  # error code
+    str,  # error message
+    list[float] | None,  # `Usage`'s fields, in order
+    str,  # usage source
+    int,  # cost, nanos
+    str,  # currency
+    list,  # pricing lines
+    float,  # t_start
+    float,  # t_upstream_start
+    float,  # t_first_token
+    float,  # t_upstream_end
+    float,  # t_end
+    list[tuple[str, int, float, float]],  # attempts: provider, status, start, end
+]
+# A row line: the JSON members (usage, pricing lines, timings) as strings of JSON.
+RowLine = tuple[tuple(str if f.type is msgspec.Raw else f.type for f in msgspec.structs.fields(Generation))]  # type: ignore[misc]
+_SNAPSHOT = msgspec.json.Decoder(SnapshotLine)
+_ROW = msgspec.json.Decoder(RowLine)
+
+
+def line(meta: RequestMeta, created_ms: int) -> bytes:
+    """The journal line of a finished request (a JSON array and a newline)."""
+    usage = meta.usage
+    snapshot = (
+        SNAPSHOT,
+        meta.request_id,
+        created_ms,
+        meta.team_id,
+        meta.key_id,
+        meta.surface,
+        meta.model,
+        meta.provider,
+        meta.upstream_model,
+        meta.native_id,
+        meta.stream,
+        meta.status,
+        meta.error_code,
+        meta.error_message,
+        None if usage is None else msgspec.structs.astuple(usage),
+        meta.usage_source,
+        meta.cost_nanos or 0,
+        meta.currency,
+        orjson.Fragment(meta.pricing_json),
+        meta.t_start,
+        meta.t_upstream_start,
+        meta.t_first_token,
+        meta.t_upstream_end,
+        meta.t_end,
+        meta.attempts,
+    )
+    try:
+        return orjson.dumps(snapshot, option=orjson.OPT_APPEND_NEWLINE)
+    except orjson.JSONEncodeError:  # a string that is not valid Unicode (a lone surrogate): repaired
+        return orjson.dumps(tuple(_repaired(v) for v in snapshot), option=orjson.OPT_APPEND_NEWLINE)
+
+
+def _repaired(value: object) -> object:
+    return value.encode("utf-8", "replace").decode() if isinstance(value, str) else value
+
+
+def check(data: bytes) -> None:
+    """Raise `msgspec.DecodeError` unless `data` is one record (a snapshot or a row, without its newline)."""
+    (_SNAPSHOT if data.startswith(b"[1,") else _ROW).decode(data)
+
+
+def rows(lines: Sequence[bytes]) -> list[tuple]:
+    """The store rows of journal lines, in `GENERATION_COLUMNS` order."""
+    return [_row(item) for item in orjson.loads(b"[" + b",".join(lines) + b"]")]
+
+
+def generation(data: bytes) -> Generation:
+    """One journal line as a Generation."""
+    return Generation.from_row(_row(orjson.loads(data)))
+
+
+def _row(item: list) -> tuple:
+    if item[0] != SNAPSHOT:
+        return tuple(item)
+    (
+        _,
+        request_id,
+        created_ms,
+        team_id,
+        key_id,
+        surface,
+        model,
+        provider,
+        upstream_model,
+        native_id,
+        stream,
+        status,
+        error_code,
+        error_message,
+        usage,
+        usage_source,
+        cost,
+        currency,
+        pricing,
+        t_start,
+        t_upstream_start,
+        t_first_token,
+        t_upstream_end,
+        t_end,
+        attempts,
+    ) = item
+    meta = RequestMeta(request_id, surface, t_start)
+    meta.team_id, meta.key_id, meta.model, meta.provider = team_id, key_id, model, provider
+    meta.upstream_model, meta.native_id, meta.stream, meta.status = upstream_model, native_id, stream, status
+    meta.error_code, meta.error_message, meta.usage_source = error_code, error_message, usage_source
+    meta.usage = None if usage is None else Usage(*usage)
+    meta.cost_nanos, meta.currency, meta.pricing_json = cost, currency, orjson.dumps(pricing)
+    meta.t_upstream_start, meta.t_first_token, meta.t_upstream_end = t_upstream_start, t_first_token, t_upstream_end
+    meta.t_end = t_end
+    meta.attempts = [tuple(attempt) for attempt in attempts]
+    return row(meta, created_ms)
+
+
+_USAGE = (
+    '{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d,"cached_tokens":%d,"cache_write_tokens":%d,'
+    '"reasoning_tokens":%d}'
+)
+
+
+def row(meta: RequestMeta, created_ms: int) -> tuple:
+    """The generation record of a finished request, as a row in the store's column order."""
+    usage = meta.usage
+    if usage is None:
+        usage_json = "{}"
+    else:
+        usage_json = _USAGE % (
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.total_tokens,
+            usage.cached_input_tokens,
+            usage.cache_write_tokens,
+            usage.reasoning_tokens,
+        )
+        if usage.units():  # media units, each only when metered: token-only records stay as they were
+            metered = {name: value for name in MEDIA_UNITS if (value := getattr(usage, name))}
+            usage_json = usage_json[:-1] + "," + orjson.dumps(metered).decode()[1:]
+    return (
+        meta.request_id,
+        created_ms,
+        meta.team_id,
+        meta.key_id,
+        meta.surface,
+        meta.model,
+        meta.provider,
+        meta.upstream_model,
+        meta.native_id.replace("\0", ""),  # from the provider; PostgreSQL text cannot hold NUL
+        meta.stream,
+        meta.status,
+        200 <= meta.status < 300 and not meta.error_code,
+        meta.error_code,
+        meta.error_message.replace("\0", ""),
+        usage_json,
+        meta.usage_source if usage else "none",
+        meta.cost_nanos or 0,
+        meta.currency,
+        meta.pricing_json.decode(),
+        orjson.dumps(meta.timings(meta.t_end)).decode(),
+    )

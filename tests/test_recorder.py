@@ -1,0 +1,131 @@
+"""The accounting writer process (`proxy.recorder` in the worker, `proxy.usage_writer` in the child)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from proxy.journal import encode_row
+from proxy.recorder import Recorder
+from proxy.store import open_store
+from proxy.store.base import StoreError
+from tests.test_store import funded_team, generation
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        return f.read().rpartition(")")[2].split()[0] != "Z"  # a zombie has exited
+
+
+async def _gone(pid: int, within_s: float = 10.0) -> bool:
+    async with asyncio.timeout(within_s):
+        while _alive(pid):
+            await asyncio.sleep(0.02)
+    return True
+
+
+@pytest.fixture
+async def sqlite_url(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path}/gateway.db"
+    store = await open_store(url)  # created and migrated, as a worker does before it starts its writer
+    await store.close()
+    return url
+
+
+async def test_lines_with_and_without_their_newline_are_each_one_record(sqlite_url: str):
+    store = await open_store(sqlite_url)
+    recorder = Recorder(sqlite_url)
+    try:
+        team = await funded_team(store)
+        live = [encode_row(generation(f"live{i}", team.id, cost=10)) for i in range(3)]  # as the accountant sends
+        replayed = [encode_row(generation(f"old{i}", team.id, cost=1)).rstrip(b"\n") for i in range(2)]  # as parsed
+        assert await recorder.record(live + replayed) == 5
+        assert await recorder.record(live) == 0  # already stored: skipped, not charged again
+        assert await store.get_balance(team.id) == 1_000_000 - 32
+        await recorder.sync()
+    finally:
+        await recorder.close()
+        await store.close()
+
+
+async def test_a_writer_that_died_is_replaced(sqlite_url: str):
+    store = await open_store(sqlite_url)
+    recorder = Recorder(sqlite_url)
+    try:
+        team = await funded_team(store)
+        await recorder.start()
+        first = recorder._proc
+        assert first is not None
+        first.kill()
+        await first.wait()  # known dead before the next call: a new one takes it, the caller sees nothing
+        assert await recorder.record([encode_row(generation("r1", team.id))]) == 1
+        second = recorder._proc
+        assert second is not None and second.pid != first.pid
+
+        os.kill(second.pid, signal.SIGKILL)  # dies during the call: the call fails, the accountant retries
+        line = encode_row(generation("r2", team.id))
+        with pytest.raises(StoreError, match="accounting writer process failed"):
+            await recorder.record([line])
+        assert await recorder.record([line]) == 1
+        assert recorder._proc is not None and recorder._proc.pid not in (first.pid, second.pid)
+    finally:
+        await recorder.close()
+        await store.close()
+
+
+async def test_close_stops_the_writer(sqlite_url: str):
+    recorder = Recorder(sqlite_url)
+    await recorder.start()
+    assert recorder._proc is not None
+    pid = recorder._proc.pid
+    await recorder.close()
+    assert not _alive(pid)
+    await recorder.close()  # twice: nothing to do
+
+
+async def test_a_store_the_writer_cannot_open_fails_the_start(tmp_path: Path):
+    recorder = Recorder(f"sqlite:///{tmp_path}/no/such/folder/gateway.db")
+    with pytest.raises(StoreError, match="cannot open the store"):
+        await recorder.start()
+    assert recorder._proc is None
+
+
+async def test_the_writer_exits_when_its_worker_is_killed(sqlite_url: str, tmp_path: Path):
+    """A worker killed with SIGKILL leaves no writer behind: its input closes and it exits."""
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import asyncio, os, sys\n"
+        "from proxy.recorder import Recorder\n"
+        "async def main():\n"
+        f"    recorder = Recorder({sqlite_url!r})\n"
+        "    await recorder.start()\n"
+        "    print(recorder._proc.pid, flush=True)\n"
+        "    await asyncio.sleep(60)\n"
+        "asyncio.run(main())\n"
+    )
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(script),
+        stdout=asyncio.subprocess.PIPE,
+        cwd=Path(__file__).parent.parent,
+    )
+    try:
+        assert worker.stdout is not None
+        child = int(await asyncio.wait_for(worker.stdout.readline(), 20))
+        assert _alive(child)
+        worker.send_signal(signal.SIGKILL)
+        await worker.wait()
+        assert await _gone(child)
+    finally:
+        if worker.returncode is None:
+            worker.kill()
+            await worker.wait()
