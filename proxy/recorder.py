@@ -1,15 +1,17 @@
 """The accounting writer process: a worker's usage records written to the store by a child process.
 
-Measured on a 2-core VM (chat at 32 connections, one worker, SQLite): with the store's writes in a thread of
-the worker, the worker's serving thread spent ~40 µs more per request than with those writes elsewhere, on
-top of the thread's own ~17 µs; the thread and the serving thread share one GIL and one process. A child
-process takes the same writes for ~10 µs a record, and the serving thread gets its time back.
+Why a process: on a 2-core VM (chat at 32 connections, one worker, SQLite), with the store's writes in a
+thread of the worker, the worker's serving thread spent ~40 µs more per request than with the same writes
+in another process, on top of the thread's own CPU: the two share one GIL. In `python -m bench` (c=32,
+4 rounds) the gateway answered 6,222 requests/s at 166 CPU µs each with the child, 5,789 at 180 with the
+thread (`gateway-thread`). The child costs ~21 µs a record (making the row ~8 µs, SQLite's insert ~7 µs)
+and ~17 MB.
 
 `Recorder` stands in for the store in `Accountant`: `record(lines)` and `sync()`, the only two calls the
 accountant makes, go to the child over its standard input and come back on its standard output. The child
-(`python -m proxy.recorder`) opens the store itself (its URL is the first message, never an argument: `ps`
-would show a password) and applies each batch in one transaction, as the worker would. A batch the child
-took but never acknowledged (it died) is sent again to a new child: the store skips records it has.
+(`python -m proxy.usage_writer`) opens the store itself (its URL is the first message, never an argument:
+`ps` would show a password) and applies each batch in one transaction, as the worker would. A batch the
+child took but never acknowledged (it died) is sent again to a new child: the store skips records it has.
 
 The child's side, and the frames both sides exchange, are in `proxy.usage_writer`.
 """
@@ -72,6 +74,9 @@ class Recorder:
             except (RecorderError, OSError, asyncio.IncompleteReadError) as e:
                 await self._kill()
                 raise StoreError(f"the accounting writer process failed: {e or type(e).__name__}") from e
+            except asyncio.CancelledError:  # mid-exchange: its answer would be read as the next call's
+                self._abandon()
+                raise
 
     async def _started(self) -> asyncio.subprocess.Process:
         proc = self._proc
@@ -93,6 +98,13 @@ class Recorder:
             await self._kill()
             raise
         return proc
+
+    def _abandon(self) -> None:
+        """Kill the child without waiting (a cancelled caller cannot wait): asyncio reaps it."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
 
     async def _kill(self) -> None:
         proc, self._proc = self._proc, None

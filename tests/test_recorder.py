@@ -82,6 +82,26 @@ async def test_a_writer_that_died_is_replaced(sqlite_url: str):
         await store.close()
 
 
+async def test_a_call_cancelled_mid_exchange_leaves_no_answer_behind(sqlite_url: str):
+    """The accountant's writer task cancelled while the child works: that child's late answer must not be read
+    as the next call's, so it is killed and the next call gets a new one."""
+    store = await open_store(sqlite_url)
+    recorder = Recorder(sqlite_url)
+    try:
+        team = await funded_team(store)
+        await recorder.start()
+        stuck = recorder._proc
+        assert stuck is not None
+        os.kill(stuck.pid, signal.SIGSTOP)  # it cannot answer
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(recorder.record([encode_row(generation("r1", team.id))]), 0.5)
+        assert await _gone(stuck.pid)
+        assert await recorder.record([encode_row(generation("r2", team.id))]) == 1
+    finally:
+        await recorder.close()
+        await store.close()
+
+
 async def test_close_stops_the_writer(sqlite_url: str):
     recorder = Recorder(sqlite_url)
     await recorder.start()
