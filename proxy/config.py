@@ -127,6 +127,26 @@ class AccountingConfig(_Base):
     writer: Literal["process", "thread"] = "process"
 
 
+class SubjectLimits(_Base):
+    """Rate limits of each key, or of each team (all its keys together); 0: no limit. Per worker process."""
+
+    rpm: int = 0  # requests a minute
+    tpm: int = 0  # tokens a minute (input + output): reserved at admission from an estimate, settled at the end
+    concurrency: int = 0  # requests in flight at once
+
+
+class RateLimitsConfig(_Base):
+    key: SubjectLimits = msgspec.field(default_factory=SubjectLimits)
+    team: SubjectLimits = msgspec.field(default_factory=SubjectLimits)
+    # A request's token estimate: its prompt (a token per 4 bytes of body) + its max_tokens (max_completion_tokens,
+    # max_output_tokens) or, when it names none, this.
+    default_output_tokens: int = 1024
+
+    @property
+    def enabled(self) -> bool:
+        return any(getattr(s, f) for s in (self.key, self.team) for f in ("rpm", "tpm", "concurrency"))
+
+
 class Timeouts(_Base):
     connect_s: float = 10.0  # TCP (and TLS) connection
     first_byte_s: float = 300.0  # request sent → response headers (a whole answer, when not streamed)
@@ -297,6 +317,7 @@ class GatewayConfig(_Base):
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     pricing: PricingConfig = msgspec.field(default_factory=PricingConfig)
     accounting: AccountingConfig = msgspec.field(default_factory=AccountingConfig)
+    rate_limits: RateLimitsConfig = msgspec.field(default_factory=RateLimitsConfig)
     providers: dict[str, ProviderConfig] = {}
     models: dict[str, ModelConfig] = {}
     routes: list[RouteConfig] = []  # none in the file: default_routes(models)
@@ -531,6 +552,12 @@ def check(config: GatewayConfig, fail: Any) -> None:
         fail(["accounting", "max_backlog"], "expected at least 1")
     if not config.accounting.journal_dir:
         fail(["accounting", "journal_dir"], "expected a directory (relative to the working directory, or absolute)")
+    for subject in ("key", "team"):
+        for name in ("rpm", "tpm", "concurrency"):
+            if getattr(getattr(config.rate_limits, subject), name) < 0:
+                fail(["rate_limits", subject, name], "expected a whole number >= 0 (0: no limit)")
+    if config.rate_limits.default_output_tokens < 1:
+        fail(["rate_limits", "default_output_tokens"], "expected a whole number of tokens >= 1")
     if config.accounting.journal_fsync_s < 0:
         fail(["accounting", "journal_fsync_s"], "expected a duration >= 0 seconds (0: never fsync)")
     if config.auth.cache_ttl_s < 0:

@@ -43,6 +43,7 @@ class Code(enum.Enum):
     request_timeout = (408, "invalid_request_error")
     payload_too_large = (413, "invalid_request_error")
     too_many_streams = (429, "rate_limit_error")
+    rate_limited = (429, "rate_limit_error")  # a key's or team's requests, tokens or concurrency a minute
     internal_error = (500, "api_error")
     upstream_unreachable = (502, "upstream_error")
     upstream_bad_response = (502, "upstream_error")
@@ -54,7 +55,7 @@ class Code(enum.Enum):
 class GatewayError(Exception):
     """An error the gateway answers with its envelope."""
 
-    __slots__ = ("code", "message", "param", "status", "type")
+    __slots__ = ("code", "headers", "message", "param", "status", "type")
 
     def __init__(
         self, code: Code, message: str, *, param: str | None = None, status: int | None = None, type: str = ""
@@ -65,6 +66,7 @@ class GatewayError(Exception):
         self.param = param
         self.status = status or code.status
         self.type = type or code.type  # a provider's own error type, when it sent one
+        self.headers: dict[str, str] = {}  # sent with the error (a 429's Retry-After)
 
 
 # Dialects: how an error is shaped for the client that asked.
@@ -95,7 +97,9 @@ def error_body(err: GatewayError, request_id: str | None, dialect: str = OPENAI)
 
 def render(err: GatewayError, request_id: str | None, dialect: str = OPENAI) -> web.Response:
     """`err` as an HTTP response carrying the envelope and the request id."""
-    headers = {"x-request-id": request_id} if request_id else None
+    headers = {"x-request-id": request_id} if request_id else {}
+    if err.headers:
+        headers.update(err.headers)
     return web.Response(
         status=err.status,
         body=orjson.dumps(error_body(err, request_id, dialect)),

@@ -17,6 +17,7 @@ from proxy.auth import KeyCache
 from proxy.config import GatewayConfig, Target
 from proxy.credit import KeyBudgets, WalletCache
 from proxy.errors import Code, GatewayError
+from proxy.limits import RateLimiter
 from proxy.metrics import Metrics
 from proxy.pricing import Pricing
 from proxy.resilience import OPEN, STATE_NAMES, Health, HealthBoard
@@ -27,7 +28,7 @@ from proxy.upstream import Upstream
 log = logging.getLogger("proxy.health")
 
 # Sections a reload cannot apply to a running server (listening socket, store, caches, route table).
-_RESTART_ONLY = ("server", "store", "auth", "metrics", "accounting")
+_RESTART_ONLY = ("server", "store", "auth", "metrics", "accounting", "rate_limits")
 
 
 @final
@@ -41,6 +42,7 @@ class Gateway:
         "draining",
         "health",
         "keys",
+        "limiter",
         "metrics",
         "pricing",
         "retired",
@@ -64,6 +66,7 @@ class Gateway:
         self.accountant: Accountant | None = None
         self.access: AccessLog | None = None
         self.budgets: KeyBudgets | None = None
+        self.limiter = RateLimiter(config.rate_limits) if config.rate_limits.enabled else None
         self.health = HealthBoard({name: p.breaker for name, p in config.providers.items()}, self._breaker_changed)
         self.streams: dict[str, int] = {}  # open streams per API key id, for server.max_streams_per_key
         self.retired: set[Upstream] = set()  # replaced by a reload, closed when their last request ends

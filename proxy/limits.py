@@ -10,32 +10,49 @@ Tokens are reserved at admission from an estimate and `settle`d when the real us
 back by what was over-reserved (never below now) or on by what was under-reserved.
 
 `LocalLimits` holds the TATs of one process (a worker); a shared store (Redis) will hold the same number per
-key with the same arithmetic. Nothing here runs unless a limit is configured.
+key with the same arithmetic. `RateLimiter` applies the configured limits (`rate_limits` in YAML) of each key
+and each team to a request: requests and tokens a minute, and requests in flight. Nothing here runs unless a
+limit is configured.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Final, final
+from typing import TYPE_CHECKING, Final, final
+
+import msgspec
+
+from proxy.errors import Code, GatewayError
+
+if TYPE_CHECKING:
+    from proxy.config import RateLimitsConfig, SubjectLimits
+    from proxy.store.base import KeyRecord
 
 PRUNE_EVERY: Final = 4096  # admissions between sweeps of keys whose buckets are empty again
 
 
-@dataclass(frozen=True, slots=True)
+@final
 class Limit:
     """`rate` units a minute, at most `burst` at once (default: the minute's worth)."""
 
-    rate: int
-    burst: int = 0
+    __slots__ = ("burst", "capacity", "interval", "rate", "rate_text")
 
-    @property
-    def interval(self) -> float:
-        return 60.0 / self.rate
+    def __init__(self, rate: int, burst: int = 0):
+        self.rate = rate
+        self.rate_text = str(rate)  # for x-ratelimit-limit-*
+        self.burst = burst
+        self.interval = 60.0 / rate  # seconds a unit
+        self.capacity = burst or rate
 
-    @property
-    def capacity(self) -> int:
-        return self.burst or self.rate
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Limit) and (self.rate, self.burst) == (other.rate, other.burst)
+
+    def __hash__(self) -> int:
+        return hash((self.rate, self.burst))
+
+    def __repr__(self) -> str:
+        return f"Limit(rate={self.rate}, burst={self.burst})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,17 +78,28 @@ class LocalLimits:
 
     def take(self, key: str, limit: Limit, now: float, cost: int = 1) -> Decision:
         """Take `cost` units of `limit` for `key` at `now` (monotonic seconds), if they fit; else nothing."""
+        tat = self.reserve(key, limit, now, cost)
+        if tat < 0:  # refused: -tat is the wait
+            held = max(self._tat.get(key, now), now)
+            return Decision(False, limit.rate, _remaining(held, now, limit), held - now, -tat)
+        return Decision(True, limit.rate, _remaining(tat, now, limit), tat - now, 0.0)
+
+    def reserve(self, key: str, limit: Limit, now: float, cost: int) -> float:
+        """`take` without the figures: the key's new TAT when the units fit, else minus the wait until they
+        would (the admission path's form: no object made)."""
         self._admissions += 1
         if self._admissions % PRUNE_EVERY == 0:
             self._prune(now)
         interval = limit.interval
-        tat = max(self._tat.get(key, now), now)
+        tat = self._tat.get(key, now)
+        if tat < now:
+            tat = now
         new_tat = tat + cost * interval
         allow_at = new_tat - limit.capacity * interval  # the earliest moment the bucket has room for `cost`
         if allow_at > now + 1e-9:
-            return Decision(False, limit.rate, _remaining(tat, now, limit), tat - now, allow_at - now)
+            return now - allow_at
         self._tat[key] = new_tat
-        return Decision(True, limit.rate, _remaining(new_tat, now, limit), new_tat - now, 0.0)
+        return new_tat
 
     def settle(self, key: str, limit: Limit, now: float, reserved: int, used: int) -> None:
         """The request took `used` units where `reserved` were taken at admission: give back or take the rest."""
@@ -85,4 +113,194 @@ class LocalLimits:
 
 def _remaining(tat: float, now: float, limit: Limit) -> int:
     """Units that fit now when the bucket's TAT is `tat`."""
-    return max(math.floor(limit.capacity - (tat - now) / limit.interval + 1e-9), 0)
+    room = int(limit.capacity - (tat - now) / limit.interval + 1e-9)  # whole units (room is never below -1e-9)
+    return room if room > 0 else 0
+
+
+class _Budget(msgspec.Struct):
+    """The members of a request (any surface) that bound its output tokens."""
+
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    max_output_tokens: int | None = None
+
+
+_budget = msgspec.json.Decoder(_Budget)
+
+
+def estimate_tokens(body: bytes, default_output: int) -> int:
+    """A request's tokens before it runs: its prompt (a token per four bytes of body) and its output bound."""
+    try:
+        budget = _budget.decode(body)
+        output = budget.max_completion_tokens or budget.max_tokens or budget.max_output_tokens or default_output
+    except msgspec.DecodeError:  # not ours to judge here: the request's own checks answer it
+        output = default_output
+    return len(body) // 4 + max(output, 0)
+
+
+@final
+class Admission:
+    """What a request holds from the limiter until it ends, and the `x-ratelimit-*` headers of its answer."""
+
+    __slots__ = ("headers", "slots", "tokens")
+
+    def __init__(self, headers: dict[str, str], tokens: list, slots: list[tuple[dict[str, int], str]]):
+        self.headers = headers
+        self.tokens = tokens  # (buckets, subject, limit, tokens reserved) of each tokens-a-minute limit
+        self.slots = slots  # (counters, subject) of each concurrency limit it holds one request of
+
+
+@final
+class _Rule:
+    """The limits of one kind of subject (each key, or each team), with their buckets and counters."""
+
+    __slots__ = ("concurrency", "in_flight", "per_key", "rpm", "rpm_buckets", "tpm", "tpm_buckets")
+
+    def __init__(self, kind: str, limits: SubjectLimits):
+        self.per_key = kind == "key"  # else per team
+        self.rpm = Limit(limits.rpm) if limits.rpm else None
+        self.tpm = Limit(limits.tpm) if limits.tpm else None
+        self.concurrency = limits.concurrency
+        self.rpm_buckets = LocalLimits()
+        self.tpm_buckets = LocalLimits()
+        self.in_flight: dict[str, int] = {}
+
+    def who(self, key: KeyRecord) -> str:
+        return f"key {key.kid}" if self.per_key else f"team {key.team_name}"
+
+
+_Taken = tuple[LocalLimits, str, Limit, int]  # buckets, subject, limit, units
+
+
+@final
+class RateLimiter:
+    """The configured limits of every key and every team, in this process."""
+
+    __slots__ = ("_rules", "default_output", "tokens_limited")
+
+    def __init__(self, config: RateLimitsConfig):
+        self._rules = [
+            _Rule(kind, limits)
+            for kind, limits in (("key", config.key), ("team", config.team))
+            if limits.rpm or limits.tpm or limits.concurrency
+        ]
+        self.default_output = config.default_output_tokens
+        self.tokens_limited = any(rule.tpm for rule in self._rules)
+
+    def admit(self, key: KeyRecord, body: bytes | None, now: float) -> Admission:
+        """Take one request (and its estimated tokens) from each limit of `key` and its team, or none of them:
+        GatewayError 429 `rate_limited` naming the limit, with the headers to send (`error.headers`). `body`:
+        the JSON request whose tokens are estimated (None: an upload, whose tokens are counted at the end)."""
+        tokens = estimate_tokens(body, self.default_output) if self.tokens_limited and body is not None else 0
+        taken: list[_Taken] = []
+        reserved: list[_Taken] = []  # the tokens-a-minute ones, settled at the end
+        held: list[tuple[dict[str, int], str]] = []
+        requests: tuple[float, Limit] | None = None  # the tightest bucket of each kind: its TAT, its limit
+        budget: tuple[float, Limit] | None = None
+        requests_room = budget_room = 0.0  # what they have left
+        try:
+            for rule in self._rules:
+                subject = key.kid if rule.per_key else key.team_id
+                limit = rule.rpm
+                if limit is not None:
+                    buckets = rule.rpm_buckets
+                    tat = buckets.reserve(subject, limit, now, 1)
+                    if tat < 0:
+                        raise _refused(buckets, subject, limit, now, -tat, rule.who(key), "requests")
+                    taken.append((buckets, subject, limit, 1))
+                    room = limit.capacity - (tat - now) / limit.interval
+                    if requests is None or room < requests_room:
+                        requests, requests_room = (tat, limit), room
+                limit = rule.tpm
+                if limit is not None:
+                    if tokens > limit.capacity:
+                        raise _refusal(
+                            f"This request's estimated {tokens} tokens (its prompt, and its max_tokens or "
+                            f"{self.default_output} when it names none) exceed the {limit.rate} tokens a "
+                            f"minute of {rule.who(key)}: lower max_tokens or shorten the prompt.",
+                            {"x-should-retry": "false"},  # waiting would not help: the SDKs do not retry
+                        )
+                    buckets = rule.tpm_buckets
+                    tat = buckets.reserve(subject, limit, now, tokens)
+                    if tat < 0:
+                        raise _refused(buckets, subject, limit, now, -tat, rule.who(key), "tokens")
+                    taken.append((buckets, subject, limit, tokens))
+                    reserved.append(taken[-1])
+                    room = limit.capacity - (tat - now) / limit.interval
+                    if budget is None or room < budget_room:
+                        budget, budget_room = (tat, limit), room
+                if rule.concurrency:
+                    count = rule.in_flight.get(subject, 0)
+                    if count >= rule.concurrency:
+                        raise _refusal(
+                            f"Rate limit reached for {rule.who(key)}: at most {rule.concurrency} requests in "
+                            "flight at once. Retry when one of them ends.",
+                            {"retry-after": "1", "retry-after-ms": "1000"},
+                        )
+                    rule.in_flight[subject] = count + 1
+                    held.append((rule.in_flight, subject))
+        except GatewayError as e:
+            for buckets, subject, limit, units in taken:  # none of them, then
+                buckets.settle(subject, limit, now, units, 0)
+            _free(held)
+            e.headers = {**_headers(requests, budget, now), **e.headers}
+            raise
+        return Admission(_headers(requests, budget, now), reserved, held)
+
+    def settle(self, admission: Admission, used_tokens: int, now: float) -> None:
+        """The request ended having used `used_tokens`: reconcile its token reservations, free its slots."""
+        for buckets, subject, limit, reserved in admission.tokens:
+            buckets.settle(subject, limit, now, reserved, used_tokens)
+        _free(admission.slots)
+
+
+def _refused(
+    buckets: LocalLimits, subject: str, limit: Limit, now: float, wait: float, who: str, unit: str
+) -> GatewayError:
+    """The 429 of a bucket without room: when to retry, and the headers of the bucket as it is."""
+    tat = max(buckets.reserve(subject, limit, now, 0), now)  # its TAT (taking nothing)
+    headers = _headers((tat, limit), None, now) if unit == "requests" else _headers(None, (tat, limit), now)
+    headers["retry-after"] = str(max(math.ceil(wait), 1))
+    headers["retry-after-ms"] = str(max(math.ceil(wait * 1000), 1))
+    return _refusal(f"Rate limit reached for {who}: {limit.rate} {unit} a minute. Retry in {wait:.2f} s.", headers)
+
+
+def _free(held: list[tuple[dict[str, int], str]]) -> None:
+    for counters, subject in held:
+        left = counters[subject] - 1
+        if left:
+            counters[subject] = left
+        else:
+            del counters[subject]
+
+
+def _refusal(message: str, headers: dict[str, str]) -> GatewayError:
+    error = GatewayError(Code.rate_limited, message)
+    error.headers = headers
+    return error
+
+
+def _headers(requests: tuple[float, Limit] | None, tokens: tuple[float, Limit] | None, now: float) -> dict[str, str]:
+    """OpenAI's `x-ratelimit-*` headers, for the tightest bucket (its TAT, its limit) of each kind."""
+    out = {}
+    if requests is not None:
+        tat, limit = requests
+        out["x-ratelimit-limit-requests"] = limit.rate_text
+        out["x-ratelimit-remaining-requests"] = str(_remaining(tat, now, limit))
+        out["x-ratelimit-reset-requests"] = duration(tat - now)
+    if tokens is not None:
+        tat, limit = tokens
+        out["x-ratelimit-limit-tokens"] = limit.rate_text
+        out["x-ratelimit-remaining-tokens"] = str(_remaining(tat, now, limit))
+        out["x-ratelimit-reset-tokens"] = duration(tat - now)
+    return out
+
+
+def duration(seconds: float) -> str:
+    """A wait as OpenAI writes it in `x-ratelimit-reset-*`: `120ms`, `1.5s`, `6m0s`."""
+    if seconds < 1:
+        return f"{int(seconds * 1000 + 0.5)}ms" if seconds > 0 else "0ms"
+    if seconds < 60:
+        return f"{round(seconds, 3):g}s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes}m{rest}s"

@@ -15,6 +15,7 @@ import msgspec
 import orjson
 
 if TYPE_CHECKING:
+    from proxy.limits import Admission
     from proxy.pricing import Tariff
 
 
@@ -81,6 +82,7 @@ class RequestMeta:
         "finished",
         "key_id",
         "key_limited",
+        "limits",
         "model",
         "native_id",
         "pricing_json",
@@ -136,6 +138,7 @@ class RequestMeta:
         self.error_code = ""
         self.error_message = ""
         self.t_end = 0.0
+        self.limits: Admission | None = None  # what it holds of the rate limits, and their headers
         self.accounted = False  # handed to the accountant (its record is journaled): a second submit is a no-op
 
     def price(self, tariff: Tariff | None) -> bytes:

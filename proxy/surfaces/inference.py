@@ -106,6 +106,10 @@ def inference_handler(surface: Surface, default_model: str, metrics: Metrics, se
             in_flight.dec()
             _account(gw, meta)  # first: it prices an abandoned stream, which metrics then count
             gw.metrics.record(meta, meta.t_end)
+            if meta.limits is not None:  # after `_account`: an abandoned stream's usage is estimated there
+                usage = meta.usage
+                used = (usage.input_tokens + usage.output_tokens) if usage is not None else 0
+                gw.limiter.settle(meta.limits, used, time.monotonic())  # type: ignore[union-attr]
 
     return handle
 
@@ -124,7 +128,7 @@ async def _serve(
         raise GatewayError(Code.invalid_request, "Missing required field `model`.", param="model")
     model_id, model = gw.routes.resolve(name, surface)
     meta.model = model_id
-    await admit(gw, key, model_id)
+    await admit(gw, key, model_id, meta, body)
 
     prefs = decode_prefs(view.provider)
     targets = order_targets(model_id, model, prefs, gw.sort_key) if prefs or model.weighted else model.targets
@@ -141,9 +145,12 @@ async def _serve(
     return await _try_targets(request, gw, surface, body, view, model_id, model, targets, meta, wants_meta, echo)
 
 
-async def admit(gw: Gateway, key: KeyRecord, model_id: str) -> None:
+async def admit(
+    gw: Gateway, key: KeyRecord, model_id: str, meta: RequestMeta | None = None, body: bytes | None = None
+) -> None:
     """May this key's request for `model_id` go upstream: the model allowed, credit and budget left, room in
-    the record queue. GatewayError (403, 402, 503) when not."""
+    the record queue, and (with `meta`: a request of `inference_handler`, which settles it at the end) room in
+    the key's and team's rate limits. GatewayError (403, 402, 503, 429) when not."""
     if key.allowed_models and model_id not in key.allowed_models:
         raise GatewayError(
             Code.forbidden,
@@ -154,6 +161,8 @@ async def admit(gw: Gateway, key: KeyRecord, model_id: str) -> None:
     await gw.budgets.check(key)  # type: ignore[union-attr]
     if gw.accountant is not None and gw.accountant.backlogged:
         raise GatewayError(Code.unavailable, "Usage records are waiting for the store; retry shortly.")
+    if gw.limiter is not None and meta is not None:
+        meta.limits = gw.limiter.admit(key, body, time.monotonic())
 
 
 async def _try_targets(

@@ -61,7 +61,7 @@ async def _serve_upload(
             raise GatewayError(Code.invalid_request, "Missing required form field `model`.", param="model")
         model_id, model = gw.routes.resolve(name, surface)
         meta.model = model_id
-        await admit(gw, key, model_id)
+        await admit(gw, key, model_id, meta)
         targets = order_targets(model_id, model, None, gw.sort_key) if model.weighted else model.targets
         targets = gw.routes.usable(model_id, targets, key.team_name)
         return await _send(request, gw, surface, upload, model_id, targets, meta)
