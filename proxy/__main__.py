@@ -38,6 +38,16 @@ def _usd(text: str) -> int:
     return int(amount * NANOS_PER_USD)
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number such as 60, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 (no limit) or more, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stats-gateway", description="A lean, self-hosted AI gateway.")
     log_help = "DEBUG, INFO, WARNING or ERROR (default: $GATEWAY_LOG_LEVEL or INFO)"
@@ -82,6 +92,11 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--models", default="", help="comma-separated model ids this key may use (default: all)")
     create.add_argument("--daily-limit", type=_usd, metavar="USD", help="most this key may spend per UTC day")
     create.add_argument("--monthly-limit", type=_usd, metavar="USD", help="most this key may spend per UTC month")
+    create.add_argument("--rpm", type=_count, help="requests a minute this key may make (0: none; default: config)")
+    create.add_argument("--tpm", type=_count, help="tokens a minute this key may use (0: none; default: config)")
+    create.add_argument(
+        "--concurrency", type=_count, help="requests this key may have in flight (0: none; default: config)"
+    )
     listing = with_config(keys.add_parser("list", help="list keys (never their secrets)"))
     listing.add_argument("--team")
     revoke = with_config(keys.add_parser("revoke", help="revoke a key by its id"))
@@ -272,6 +287,8 @@ async def _keys_create(store: Any, args: argparse.Namespace, config: GatewayConf
         await store.set_key_limits(
             kid, allowed_models=models, daily_nanos=args.daily_limit, monthly_nanos=args.monthly_limit
         )
+    if args.rpm is not None or args.tpm is not None or args.concurrency is not None:
+        await store.set_key_rate_limits(kid, rpm=args.rpm, tpm=args.tpm, concurrency=args.concurrency)
     balance = team.balance_nanos
     if args.credit:
         balance = await store.add_credit(team.id, args.credit, note=f"keys create {kid}")

@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy import access
-from proxy.access import META, AccessLog
+from proxy.access import AccessLog
 from proxy.accounting import Accountant, Writes
 from proxy.auth import KeyCache
 from proxy.config import ConfigError, GatewayConfig, load_config
@@ -57,8 +57,6 @@ def build_app(config: GatewayConfig) -> web.Application:
     app[GATEWAY] = gw
     app.cleanup_ctx.append(_resources)
     app.on_shutdown.append(_drain)
-    if gw.limiter is not None:  # no limits: no work per answer
-        app.on_response_prepare.append(_rate_limit_headers)
 
     known: dict[str, set[str]] = {}
     platform = {
@@ -118,14 +116,6 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await gw.store.close()
         if gw.access is not None:
             await asyncio.to_thread(gw.access.close)
-
-
-async def _rate_limit_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """Every answer of a rate-limited request carries OpenAI's `x-ratelimit-*` headers (a refusal has its own)."""
-    meta = request.get(META)
-    if meta is not None and meta.limits is not None:
-        for name, value in meta.limits.headers.items():
-            response.headers.setdefault(name, value)
 
 
 async def _drain(app: web.Application) -> None:

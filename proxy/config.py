@@ -142,10 +142,6 @@ class RateLimitsConfig(_Base):
     # max_output_tokens) or, when it names none, this.
     default_output_tokens: int = 1024
 
-    @property
-    def enabled(self) -> bool:
-        return any(getattr(s, f) for s in (self.key, self.team) for f in ("rpm", "tpm", "concurrency"))
-
 
 class Timeouts(_Base):
     connect_s: float = 10.0  # TCP (and TLS) connection

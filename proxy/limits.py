@@ -176,22 +176,34 @@ _Taken = tuple[LocalLimits, str, Limit, int]  # buckets, subject, limit, units
 class RateLimiter:
     """The configured limits of every key and every team, in this process."""
 
-    __slots__ = ("_rules", "default_output", "tokens_limited")
+    __slots__ = ("_key_rule", "_limits", "_rules", "active", "default_output", "tokens_limited")
 
     def __init__(self, config: RateLimitsConfig):
-        self._rules = [
-            _Rule(kind, limits)
-            for kind, limits in (("key", config.key), ("team", config.team))
-            if limits.rpm or limits.tpm or limits.concurrency
-        ]
+        self._key_rule = _Rule("key", config.key)  # there even without defaults: a key may have its own limits
+        self._rules = [self._key_rule] + ([_Rule("team", config.team)] if _any(config.team) else [])
+        self.active = _any(config.key) or _any(config.team)  # else only keys with limits of their own are limited
         self.default_output = config.default_output_tokens
         self.tokens_limited = any(rule.tpm for rule in self._rules)
+        self._limits: dict[int, Limit] = {}  # a key's own rates, one Limit each
+
+    def _own(self, rate: int | None, default: Limit | None) -> Limit | None:
+        """A key's own rate (None: the default; 0: no limit) as a Limit."""
+        if rate is None:
+            return default
+        if not rate:
+            return None
+        limit = self._limits.get(rate)
+        if limit is None:
+            limit = self._limits[rate] = Limit(rate)
+        return limit
 
     def admit(self, key: KeyRecord, body: bytes | None, now: float) -> Admission:
         """Take one request (and its estimated tokens) from each limit of `key` and its team, or none of them:
         GatewayError 429 `rate_limited` naming the limit, with the headers to send (`error.headers`). `body`:
         the JSON request whose tokens are estimated (None: an upload, whose tokens are counted at the end)."""
-        tokens = estimate_tokens(body, self.default_output) if self.tokens_limited and body is not None else 0
+        tpm_own = key.tpm_limit
+        estimated = self.tokens_limited if tpm_own is None else tpm_own > 0
+        tokens = estimate_tokens(body, self.default_output) if estimated and body is not None else 0
         taken: list[_Taken] = []
         reserved: list[_Taken] = []  # the tokens-a-minute ones, settled at the end
         held: list[tuple[dict[str, int], str]] = []
@@ -200,8 +212,18 @@ class RateLimiter:
         requests_room = budget_room = 0.0  # what they have left
         try:
             for rule in self._rules:
-                subject = key.kid if rule.per_key else key.team_id
-                limit = rule.rpm
+                if rule.per_key:
+                    subject = key.kid
+                    if key.rate_limited:
+                        rpm = self._own(key.rpm_limit, rule.rpm)
+                        tpm = self._own(key.tpm_limit, rule.tpm)
+                        concurrency = rule.concurrency if key.concurrency_limit is None else key.concurrency_limit
+                    else:
+                        rpm, tpm, concurrency = rule.rpm, rule.tpm, rule.concurrency
+                else:
+                    subject = key.team_id
+                    rpm, tpm, concurrency = rule.rpm, rule.tpm, rule.concurrency
+                limit = rpm
                 if limit is not None:
                     buckets = rule.rpm_buckets
                     tat = buckets.reserve(subject, limit, now, 1)
@@ -211,7 +233,7 @@ class RateLimiter:
                     room = limit.capacity - (tat - now) / limit.interval
                     if requests is None or room < requests_room:
                         requests, requests_room = (tat, limit), room
-                limit = rule.tpm
+                limit = tpm
                 if limit is not None:
                     if tokens > limit.capacity:
                         raise _refusal(
@@ -229,11 +251,11 @@ class RateLimiter:
                     room = limit.capacity - (tat - now) / limit.interval
                     if budget is None or room < budget_room:
                         budget, budget_room = (tat, limit), room
-                if rule.concurrency:
+                if concurrency:
                     count = rule.in_flight.get(subject, 0)
-                    if count >= rule.concurrency:
+                    if count >= concurrency:
                         raise _refusal(
-                            f"Rate limit reached for {rule.who(key)}: at most {rule.concurrency} requests in "
+                            f"Rate limit reached for {rule.who(key)}: at most {concurrency} requests in "
                             "flight at once. Retry when one of them ends.",
                             {"retry-after": "1", "retry-after-ms": "1000"},
                         )
@@ -252,6 +274,10 @@ class RateLimiter:
         for buckets, subject, limit, reserved in admission.tokens:
             buckets.settle(subject, limit, now, reserved, used_tokens)
         _free(admission.slots)
+
+
+def _any(limits: SubjectLimits) -> bool:
+    return bool(limits.rpm or limits.tpm or limits.concurrency)
 
 
 def _refused(

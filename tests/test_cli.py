@@ -13,6 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from proxy.store import open_store
 from tests.conftest import DEFAULT_CONFIG, ROOT, auth, env_for
 
 KEY_RE = re.compile(r"^aistats_v1_sk_[0-9a-f]{12}_[A-Za-z0-9_-]{40,}$")
@@ -59,6 +60,18 @@ def test_keys_create_list_revoke_and_credits(env, tmp_path: Path):
 def test_bad_credit_amount_is_a_usage_error(env):
     result = cli(env, "keys", "create", "--team", "x", "--credit", "lots", check=False)
     assert result.returncode == 2 and "expected an amount in USD" in result.stderr
+
+
+async def test_keys_create_with_rate_limits(env, store_url):
+    key = cli(env, "keys", "create", "--team", "acme", "--rpm", "30", "--concurrency", "0").stdout.splitlines()[-1]
+    store = await open_store(store_url)
+    try:
+        record = await store.get_key(key.split("_")[3])
+    finally:
+        await store.close()
+    assert record is not None and (record.rpm_limit, record.tpm_limit, record.concurrency_limit) == (30, None, 0)
+    refused = cli(env, "keys", "create", "--team", "acme", "--tpm", "-3", check=False)
+    assert refused.returncode == 2 and "expected 0 (no limit) or more" in refused.stderr
 
 
 def test_check_config_summary_and_errors(env, tmp_path: Path):

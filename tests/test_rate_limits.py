@@ -29,8 +29,8 @@ async def limited(aiohttp_client, mock, store_url: str, yaml_limits: str, tmp_pa
     return await aiohttp_client(build_app(load_config(config, env=env_for(mock, store_url))))
 
 
-async def test_no_limit_configured_means_no_limiter_and_no_headers(gateway, key):
-    assert gateway.server.app[GATEWAY].limiter is None
+async def test_no_limit_configured_means_no_limiter_work_and_no_headers(gateway, key):
+    assert not gateway.server.app[GATEWAY].limiter.active
     r = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(key))
     assert r.status == 200 and not [h for h in r.headers if h.lower().startswith("x-ratelimit")]
 
@@ -129,6 +129,45 @@ async def test_the_openai_sdk_waits_and_retries_by_itself(aiohttp_client, mock, 
     waited = time.monotonic() - started
     assert answer.http_response.status_code == 200 and answer.parse().choices
     assert 0.2 <= waited < 5  # it was refused, waited the half second Retry-After-Ms named, and got through
+
+
+async def test_a_keys_own_limits_through_the_keys_api(aiohttp_client, mock, store_url, make_key, tmp_path):
+    gw = await limited(aiohttp_client, mock, store_url, "rate_limits:\n  key: {rpm: 1}\n", tmp_path)
+    admin = await make_key(management=True)
+    made = await gw.post("/v1/keys", json={"name": "batch job", "rpm_limit": 2}, headers=auth(admin))
+    assert made.status == 200, await made.text()
+    created = await made.json()
+    assert created["data"]["rpm_limit"] == 2 and created["data"]["tpm_limit"] is None
+    own = created["key"]
+    for _ in range(2):  # its own 2 a minute, not the default 1
+        r = await gw.post("/v1/chat/completions", json=CHAT, headers=auth(own))
+        assert r.status == 200 and r.headers["x-ratelimit-limit-requests"] == "2"
+    assert (await gw.post("/v1/chat/completions", json=CHAT, headers=auth(own))).status == 429
+    kid = created["data"]["id"]
+    cleared = await gw.patch(f"/v1/keys/{kid}", json={"rpm_limit": 0}, headers=auth(admin))  # 0: none at all
+    assert cleared.status == 200 and (await cleared.json())["data"]["rpm_limit"] == 0
+    for _ in range(3):
+        r = await gw.post("/v1/chat/completions", json=CHAT, headers=auth(own))
+        assert r.status == 200 and "x-ratelimit-limit-requests" not in r.headers
+    bad = await gw.patch(f"/v1/keys/{kid}", json={"tpm_limit": -1}, headers=auth(admin))
+    refusal = await bad.json()
+    assert bad.status == 400 and refusal["error"] == "invalid_request" and "`tpm_limit` must be" in refusal["message"]
+    back = await gw.patch(f"/v1/keys/{kid}", json={"rpm_limit": None, "name": "renamed"}, headers=auth(admin))
+    assert (await back.json())["data"]["rpm_limit"] is None  # the default again
+
+
+async def test_a_key_may_be_limited_where_the_config_limits_nothing(aiohttp_client, mock, store_url, make_key):
+    client = await aiohttp_client(build_app(load_config(DEFAULT_CONFIG, env=env_for(mock, store_url))))
+    admin = await make_key(management=True)
+    made = await (
+        await client.post("/v1/keys", json={"concurrency_limit": 1, "tpm_limit": 500}, headers=auth(admin))
+    ).json()
+    r = await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 100}, headers=auth(made["key"]))
+    assert r.status == 200 and r.headers["x-ratelimit-limit-tokens"] == "500"
+    assert (
+        "x-ratelimit-limit-tokens"
+        not in (await client.post("/v1/chat/completions", json=CHAT, headers=auth(admin))).headers
+    )
 
 
 def test_estimate_reads_any_surfaces_output_bound():

@@ -347,6 +347,15 @@ async def test_key_rename_and_limits(store: Store):
     key = await store.get_key("k1")
     assert key is not None and not key.limited and key.allowed_models == ()
     assert not await store.set_key_limits("nope", allowed_models=(), daily_nanos=None, monthly_nanos=None)
+    assert not key.rate_limited
+    assert await store.set_key_rate_limits("k1", rpm=60, tpm=None, concurrency=0)
+    key = await store.get_key("k1")
+    assert (
+        key is not None and key.rate_limited and (key.rpm_limit, key.tpm_limit, key.concurrency_limit) == (60, None, 0)
+    )
+    assert await store.set_key_rate_limits("k1", rpm=None, tpm=None, concurrency=None)
+    assert not (await store.get_key("k1")).rate_limited  # type: ignore[union-attr]
+    assert not await store.set_key_rate_limits("nope", rpm=1, tpm=1, concurrency=1)
 
 
 # --- records ---------------------------------------------------------------------------------------------

@@ -32,6 +32,15 @@ class KeyRecord(msgspec.Struct, frozen=True):
     allowed_models: tuple[str, ...] = ()  # empty: every model
     daily_limit_cost_nanos: int | None = None
     monthly_limit_cost_nanos: int | None = None
+    # Rate limits of this key (None: the config's `rate_limits.key`; 0: none for this key).
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
+    concurrency_limit: int | None = None
+
+    @property
+    def rate_limited(self) -> bool:
+        """The key has rate limits of its own."""
+        return self.rpm_limit is not None or self.tpm_limit is not None or self.concurrency_limit is not None
 
     @property
     def limited(self) -> bool:
@@ -45,13 +54,14 @@ class KeyRecord(msgspec.Struct, frozen=True):
 # The columns `key_from_row` reads, from `api_keys k JOIN teams t`.
 KEY_COLUMNS = """
     k.kid, k.team_id, t.name, k.secret_hash, k.scopes, k.status, k.name, k.created_at,
-    k.allowed_models, k.daily_limit_cost_nanos, k.monthly_limit_cost_nanos
+    k.allowed_models, k.daily_limit_cost_nanos, k.monthly_limit_cost_nanos, k.rpm_limit, k.tpm_limit,
+    k.concurrency_limit
 """
 
 
 def key_from_row(row: Sequence) -> KeyRecord:
     """A KeyRecord from a row of `KEY_COLUMNS` (either backend's row type)."""
-    kid, team_id, team_name, secret_hash, scopes, status, name, created_at, models, daily, monthly = row
+    kid, team_id, team_name, secret_hash, scopes, status, name, created_at, models, daily, monthly, *rates = row
     return KeyRecord(
         kid=kid,
         team_id=team_id,
@@ -64,6 +74,9 @@ def key_from_row(row: Sequence) -> KeyRecord:
         allowed_models=tuple(m for m in models.split(",") if m),
         daily_limit_cost_nanos=daily,
         monthly_limit_cost_nanos=monthly,
+        rpm_limit=rates[0],
+        tpm_limit=rates[1],
+        concurrency_limit=rates[2],
     )
 
 
@@ -207,6 +220,9 @@ class Store(Protocol):
     async def rename_key(self, kid: str, name: str) -> bool: ...
     async def set_key_limits(
         self, kid: str, *, allowed_models: tuple[str, ...], daily_nanos: int | None, monthly_nanos: int | None
+    ) -> bool: ...
+    async def set_key_rate_limits(
+        self, kid: str, *, rpm: int | None, tpm: int | None, concurrency: int | None
     ) -> bool: ...
     async def key_spend(self, kid: str, since_ms: int) -> int: ...
     async def activity(

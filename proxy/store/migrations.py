@@ -92,6 +92,12 @@ SQLITE: list[str] = [
     );
     CREATE INDEX jobs_team_kind_time ON jobs(team_id, kind, created_at);
     """,
+    # 5: per-key rate limits (NULL: the `rate_limits.key` default of the config; 0: none for this key)
+    """
+    ALTER TABLE api_keys ADD COLUMN rpm_limit INTEGER;
+    ALTER TABLE api_keys ADD COLUMN tpm_limit INTEGER;
+    ALTER TABLE api_keys ADD COLUMN concurrency_limit INTEGER;
+    """,
 ]
 
 # The same steps for PostgreSQL (so a version number means the same schema on both): nanos and
@@ -184,5 +190,11 @@ POSTGRES: list[str] = [
         data         JSON NOT NULL
     );
     CREATE INDEX jobs_team_kind_time ON jobs(team_id, kind, created_at);
+    """,
+    # 5: per-key rate limits (NULL: the `rate_limits.key` default of the config; 0: none for this key)
+    """
+    ALTER TABLE api_keys ADD COLUMN rpm_limit BIGINT;
+    ALTER TABLE api_keys ADD COLUMN tpm_limit BIGINT;
+    ALTER TABLE api_keys ADD COLUMN concurrency_limit BIGINT;
     """,
 ]

@@ -364,6 +364,17 @@ class PostgresStore:
             )
         return _count(done) > 0
 
+    async def set_key_rate_limits(self, kid: str, *, rpm: int | None, tpm: int | None, concurrency: int | None) -> bool:
+        async with self._conn("cannot set a key's rate limits") as conn:
+            done = await conn.execute(
+                "UPDATE api_keys SET rpm_limit = $1, tpm_limit = $2, concurrency_limit = $3 WHERE kid = $4",
+                rpm,
+                tpm,
+                concurrency,
+                kid,
+            )
+        return _count(done) > 0
+
     async def key_spend(self, kid: str, since_ms: int) -> int:
         async with self._conn("cannot read a key's spend") as conn:
             return await conn.fetchval(

@@ -262,6 +262,14 @@ class SqliteStore:
             )
         return cur.rowcount > 0
 
+    async def set_key_rate_limits(self, kid: str, *, rpm: int | None, tpm: int | None, concurrency: int | None) -> bool:
+        async with self._write:
+            cur = await self.db.execute(
+                "UPDATE api_keys SET rpm_limit = ?, tpm_limit = ?, concurrency_limit = ? WHERE kid = ?",
+                (rpm, tpm, concurrency, kid),
+            )
+        return cur.rowcount > 0
+
     async def key_spend(self, kid: str, since_ms: int) -> int:
         try:
             async with self.db.execute(

@@ -86,9 +86,14 @@ def inference_handler(surface: Surface, default_model: str, metrics: Metrics, se
         request[META] = meta  # for the access log
         in_flight.inc()
         try:
-            return await serve(request, gw, surface, default_model, meta)
+            response = await serve(request, gw, surface, default_model, meta)
+            if meta.limits is not None and not response.prepared:  # a stream sent them with its head
+                response.headers.update(meta.limits.headers)
+            return response
         except GatewayError as e:
             meta.status, meta.error_code, meta.error_message = e.status, e.code.name, e.message
+            if meta.limits is not None:  # admitted, then failed: the limits it counted against still show
+                e.headers = {**meta.limits.headers, **e.headers}
             return render(e, meta.request_id, surface.dialect)
         except asyncio.CancelledError:
             if not meta.finished:
@@ -109,7 +114,7 @@ def inference_handler(surface: Surface, default_model: str, metrics: Metrics, se
             if meta.limits is not None:  # after `_account`: an abandoned stream's usage is estimated there
                 usage = meta.usage
                 used = (usage.input_tokens + usage.output_tokens) if usage is not None else 0
-                gw.limiter.settle(meta.limits, used, time.monotonic())  # type: ignore[union-attr]
+                gw.limiter.settle(meta.limits, used, time.monotonic())
 
     return handle
 
@@ -161,7 +166,7 @@ async def admit(
     await gw.budgets.check(key)  # type: ignore[union-attr]
     if gw.accountant is not None and gw.accountant.backlogged:
         raise GatewayError(Code.unavailable, "Usage records are waiting for the store; retry shortly.")
-    if gw.limiter is not None and meta is not None:
+    if meta is not None and (gw.limiter.active or key.rate_limited):
         meta.limits = gw.limiter.admit(key, body, time.monotonic())
 
 
@@ -464,6 +469,8 @@ async def _relay(
     echo: Echo | None,
 ) -> web.StreamResponse:
     out = web.StreamResponse(status=200, headers={**SSE_HEADERS, "x-request-id": meta.request_id})
+    if meta.limits is not None:
+        out.headers.update(meta.limits.headers)
     if meta.dropped_params:
         out.headers[DROPPED_HEADER] = ",".join(meta.dropped_params)
     content = resp
@@ -545,6 +552,8 @@ async def _relay_bytes(
     if resp.content_type == "text/event-stream":  # e.g. speech with stream_format=sse
         headers.update(SSE_HEADERS)
     headers["x-request-id"] = meta.request_id
+    if meta.limits is not None:
+        headers.update(meta.limits.headers)
     content = resp
     try:
         chunk = await content.readany()

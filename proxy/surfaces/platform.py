@@ -145,6 +145,9 @@ def _key_record(key: KeyRecord) -> dict:
         "allowed_models": list(key.allowed_models),
         "daily_limit_cost_nanos": key.daily_limit_cost_nanos,
         "monthly_limit_cost_nanos": key.monthly_limit_cost_nanos,
+        "rpm_limit": key.rpm_limit,
+        "tpm_limit": key.tpm_limit,
+        "concurrency_limit": key.concurrency_limit,
     }
 
 
@@ -275,6 +278,10 @@ class _Limits(msgspec.Struct, forbid_unknown_fields=True):
     allowed_models: list[str] | msgspec.UnsetType | None = msgspec.UNSET
     daily_limit_cost_nanos: int | msgspec.UnsetType | None = msgspec.UNSET
     monthly_limit_cost_nanos: int | msgspec.UnsetType | None = msgspec.UNSET
+    # rate limits (null: the config's `rate_limits.key` default; 0: none for this key)
+    rpm_limit: int | msgspec.UnsetType | None = msgspec.UNSET
+    tpm_limit: int | msgspec.UnsetType | None = msgspec.UNSET
+    concurrency_limit: int | msgspec.UnsetType | None = msgspec.UNSET
 
     def touched(self) -> bool:
         return any(getattr(self, f) is not msgspec.UNSET for f in _Limits.__struct_fields__)
@@ -285,7 +292,8 @@ class _NewKey(_Limits, forbid_unknown_fields=True):
     management: bool = False
 
 
-_Resolved = tuple[tuple[str, ...], int | None, int | None]
+_Resolved = tuple[tuple[str, ...], int | None, int | None, tuple[int | None, int | None, int | None]]
+_RATES = ("rpm_limit", "tpm_limit", "concurrency_limit")
 _MAX_NAME = 200
 
 
@@ -301,8 +309,8 @@ def _check_name(name: str) -> str:
 
 
 def _check_limits(gw: Gateway, limits: _Limits, target: KeyRecord | None = None) -> _Resolved:
-    """(allowed models, daily, monthly) once `limits` apply to `target` (a new key when None); checked
-    before anything is written, so that a refused request changes nothing."""
+    """(allowed models, daily, monthly, (rpm, tpm, concurrency)) once `limits` apply to `target` (a new key when
+    None); checked before anything is written, so that a refused request changes nothing."""
 
     def pick(value: object, current: object) -> object:
         return current if value is msgspec.UNSET else value
@@ -320,14 +328,23 @@ def _check_limits(gw: Gateway, limits: _Limits, target: KeyRecord | None = None)
             raise GatewayError(Code.invalid_request, f"`{name}` must be >= 0 or null.", param=name)
         if value is not None and value > _INT64_MAX:  # type: ignore[operator]
             raise GatewayError(Code.invalid_request, f"`{name}` must be at most {_INT64_MAX}.", param=name)
-    return tuple(models), daily, monthly  # type: ignore[return-value]
+    rates = tuple(pick(getattr(limits, name), getattr(target, name) if target else None) for name in _RATES)
+    for name, value in zip(_RATES, rates, strict=True):
+        if value is not None and not 0 <= value <= _INT64_MAX:  # type: ignore[operator]
+            raise GatewayError(
+                Code.invalid_request,
+                f"`{name}` must be a whole number from 0 (no limit) to {_INT64_MAX}, or null (the gateway's default).",
+                param=name,
+            )
+    return tuple(models), daily, monthly, rates  # type: ignore[return-value]
 
 
 async def _apply_limits(gw: Gateway, kid: str, resolved: _Resolved) -> None:
-    models, daily, monthly = resolved
+    models, daily, monthly, (rpm, tpm, concurrency) = resolved
     await gw.store.set_key_limits(  # type: ignore[union-attr]
         kid, allowed_models=models, daily_nanos=daily, monthly_nanos=monthly
     )
+    await gw.store.set_key_rate_limits(kid, rpm=rpm, tpm=tpm, concurrency=concurrency)  # type: ignore[union-attr]
 
 
 async def _keys_create(request: web.Request, gw: Gateway, key: KeyRecord) -> dict:
