@@ -102,10 +102,17 @@ class AuthConfig(_Base):
     cache_ttl_s: float = 5.0  # keys, balances and spend are read from the store again after this
     stale_s: float = 300.0  # while the store cannot be read, cached values are served until this old; 0: never
     min_balance_usd: Decimal = Decimal("1.00")
+    # A request in flight holds its worst-case cost (prompt and max_tokens at the model's highest prices), at
+    # most this much, against its team's wallet, until its real cost is debited; 0: no holds.
+    max_hold_usd: Decimal = Decimal("1.00")
 
     @property
     def min_balance_nanos(self) -> int:
         return int(self.min_balance_usd * NANOS_PER_USD)
+
+    @property
+    def max_hold_nanos(self) -> int:
+        return int(self.max_hold_usd * NANOS_PER_USD)
 
 
 class MetaConfig(_Base):
@@ -552,6 +559,8 @@ def check(config: GatewayConfig, fail: Any) -> None:
         for name in ("rpm", "tpm", "concurrency"):
             if getattr(getattr(config.rate_limits, subject), name) < 0:
                 fail(["rate_limits", subject, name], "expected a whole number >= 0 (0: no limit)")
+    if config.auth.max_hold_usd < 0:
+        fail(["auth", "max_hold_usd"], "expected an amount in USD >= 0 (0: no holds)")
     if config.rate_limits.default_output_tokens < 1:
         fail(["rate_limits", "default_output_tokens"], "expected a whole number of tokens >= 1")
     if config.accounting.journal_fsync_s < 0:

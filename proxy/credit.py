@@ -26,12 +26,13 @@ def usd(nanos: int) -> str:
 
 @final
 class WalletCache:
-    __slots__ = ("_cache", "min_balance_nanos", "pending", "store")
+    __slots__ = ("_cache", "holds", "min_balance_nanos", "pending", "store")
 
     def __init__(self, store: Store, ttl: float, min_balance_nanos: int, stale_s: float = 0.0):
         self.store = store
         self.min_balance_nanos = min_balance_nanos
         self.pending: dict[str, int] = {}  # team → debits not yet in the store (kept by the accountant)
+        self.holds: dict[str, int] = {}  # team → worst-case costs of its requests in flight in this process
         self._cache: TTLCache[str, int] = TTLCache(self._fetch, ttl, stale_s=stale_s, name="team balance")
 
     async def balance(self, team_id: str) -> int:
@@ -45,17 +46,33 @@ class WalletCache:
         except StoreError as e:
             raise GatewayError(Code.unavailable, "The wallet store is unavailable; retry shortly.") from e
 
-    async def check(self, team_id: str, team_name: str) -> int:
-        """The team's balance, or `GatewayError(insufficient_credits)` when it is under the minimum."""
+    async def check(self, team_id: str, team_name: str, hold: int = 0) -> int:
+        """The team's balance, or `GatewayError(insufficient_credits)` when it is under the minimum once the
+        holds of its requests in flight, and `hold` (this request's), are taken off; then `hold` is held
+        until `release`."""
         balance = await self.balance(team_id)
-        if balance < self.min_balance_nanos:
+        held = self.holds.get(team_id, 0)
+        if balance - held - hold < self.min_balance_nanos:
+            if balance < self.min_balance_nanos:
+                raise GatewayError(
+                    Code.insufficient_credits,
+                    f"Team {team_name!r} has {usd(balance)} of credit; each request needs at least "
+                    f"{usd(self.min_balance_nanos)}. Add credit with `stats-gateway credits add --team "
+                    f"{team_name} --usd AMOUNT`.",
+                )
             raise GatewayError(
                 Code.insufficient_credits,
-                f"Team {team_name!r} has {usd(balance)} of credit; each request needs at least "
-                f"{usd(self.min_balance_nanos)}. Add credit with `stats-gateway credits add --team "
-                f"{team_name} --usd AMOUNT`.",
+                f"Team {team_name!r} has {usd(balance)} of credit, of which {usd(held)} is held by its requests "
+                f"in flight; this one may cost up to {usd(hold)} and each request must leave at least "
+                f"{usd(self.min_balance_nanos)}. Retry when some finish, lower max_tokens, or add credit.",
             )
+        if hold:
+            self.holds[team_id] = held + hold
         return balance
+
+    def release(self, team_id: str, hold: int) -> None:
+        """A request's hold ends (its real cost is debited, or it never ran)."""
+        _settle(self.holds, team_id, hold)
 
     def adjust(self, team_id: str, delta_nanos: int) -> None:
         """Apply a debit or top-up to the cached balance at once."""

@@ -21,8 +21,6 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, final
 
-import msgspec
-
 from proxy.errors import Code, GatewayError
 
 if TYPE_CHECKING:
@@ -117,25 +115,10 @@ def _remaining(tat: float, now: float, limit: Limit) -> int:
     return room if room > 0 else 0
 
 
-class _Budget(msgspec.Struct):
-    """The members of a request (any surface) that bound its output tokens."""
-
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    max_output_tokens: int | None = None
-
-
-_budget = msgspec.json.Decoder(_Budget)
-
-
-def estimate_tokens(body: bytes, default_output: int) -> int:
-    """A request's tokens before it runs: its prompt (a token per four bytes of body) and its output bound."""
-    try:
-        budget = _budget.decode(body)
-        output = budget.max_completion_tokens or budget.max_tokens or budget.max_output_tokens or default_output
-    except msgspec.DecodeError:  # not ours to judge here: the request's own checks answer it
-        output = default_output
-    return len(body) // 4 + max(output, 0)
+def estimate(body_bytes: int, bound: int | None, default_output: int) -> tuple[int, int]:
+    """(prompt tokens, output tokens) of a request before it runs: a token per four bytes of its body, and its
+    output bound (`max_tokens` and the like) or `default_output` when it names none."""
+    return body_bytes // 4, default_output if bound is None else bound
 
 
 @final
@@ -176,14 +159,13 @@ _Taken = tuple[LocalLimits, str, Limit, int]  # buckets, subject, limit, units
 class RateLimiter:
     """The configured limits of every key and every team, in this process."""
 
-    __slots__ = ("_key_rule", "_limits", "_rules", "active", "default_output", "tokens_limited")
+    __slots__ = ("_key_rule", "_limits", "_rules", "active", "default_output")
 
     def __init__(self, config: RateLimitsConfig):
         self._key_rule = _Rule("key", config.key)  # there even without defaults: a key may have its own limits
         self._rules = [self._key_rule] + ([_Rule("team", config.team)] if _any(config.team) else [])
         self.active = _any(config.key) or _any(config.team)  # else only keys with limits of their own are limited
         self.default_output = config.default_output_tokens
-        self.tokens_limited = any(rule.tpm for rule in self._rules)
         self._limits: dict[int, Limit] = {}  # a key's own rates, one Limit each
 
     def _own(self, rate: int | None, default: Limit | None) -> Limit | None:
@@ -197,13 +179,10 @@ class RateLimiter:
             limit = self._limits[rate] = Limit(rate)
         return limit
 
-    def admit(self, key: KeyRecord, body: bytes | None, now: float) -> Admission:
-        """Take one request (and its estimated tokens) from each limit of `key` and its team, or none of them:
-        GatewayError 429 `rate_limited` naming the limit, with the headers to send (`error.headers`). `body`:
-        the JSON request whose tokens are estimated (None: an upload, whose tokens are counted at the end)."""
-        tpm_own = key.tpm_limit
-        estimated = self.tokens_limited if tpm_own is None else tpm_own > 0
-        tokens = estimate_tokens(body, self.default_output) if estimated and body is not None else 0
+    def admit(self, key: KeyRecord, tokens: int, now: float) -> Admission:
+        """Take one request (and `tokens`, its estimate: 0 for an upload, whose tokens are counted at the end)
+        from each limit of `key` and its team, or none of them: GatewayError 429 `rate_limited` naming the
+        limit, with the headers to send (`error.headers`)."""
         taken: list[_Taken] = []
         reserved: list[_Taken] = []  # the tokens-a-minute ones, settled at the end
         held: list[tuple[dict[str, int], str]] = []

@@ -80,6 +80,7 @@ class RequestMeta:
         "error_code",
         "error_message",
         "finished",
+        "hold",
         "key_id",
         "key_limited",
         "limits",
@@ -138,6 +139,7 @@ class RequestMeta:
         self.error_code = ""
         self.error_message = ""
         self.t_end = 0.0
+        self.hold = 0  # nano-dollars of its team's wallet it holds while it runs (its worst-case cost)
         self.limits: Admission | None = None  # what it holds of the rate limits, and their headers
         self.accounted = False  # handed to the accountant (its record is journaled): a second submit is a no-op
 

@@ -143,12 +143,19 @@ class Pricing:
         self.batch_discount = file.batch_discount if file else Decimal("0.5")
         self._tariffs: dict[tuple[str, str], Tariff] = {}
         self._defaults: dict[str, Tariff] = {}
+        self._worst: dict[str, tuple[int, int, int]] = {}
         if file is None:
             return
         for model_id, prices in file.models.items():
             self._defaults[model_id] = Tariff.of(prices, file.currency, file.effective)
             for provider, sheet in prices.targets.items():
                 self._tariffs[(model_id, provider)] = Tariff.of(sheet, file.currency, file.effective)
+            tariffs = [self._defaults[model_id], *(self._tariffs[(model_id, p)] for p in prices.targets)]
+            self._worst[model_id] = (
+                max(t.input for t in tariffs),
+                max(max(t.output, t.reasoning or 0) for t in tariffs),
+                max(t.per_request for t in tariffs),
+            )
 
     def tariff(self, model_id: str, provider: str) -> Tariff | None:
         """The prices for `model_id` served by `provider`; None when the model is not priced."""
@@ -158,6 +165,11 @@ class Pricing:
         """The prices of a batch job's requests: the model's, times `batch_discount`."""
         tariff = self.tariff(model_id, provider)
         return None if tariff is None else tariff.scaled(self.batch_discount)
+
+    def worst(self, model_id: str) -> tuple[int, int, int] | None:
+        """The highest (input, output, per request) prices of `model_id` at any of its providers; None when
+        the model is not priced. For a request's worst-case cost before a provider is chosen."""
+        return self._worst.get(model_id)
 
     def priced(self, model_id: str) -> bool:
         return model_id in self._defaults

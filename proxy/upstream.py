@@ -137,4 +137,3 @@ class Upstream:
             return GatewayError(Code.upstream_bad_response, message)
         detail = str(exc) or type(exc).__name__
         return GatewayError(Code.upstream_unreachable, f"Could not reach the {where} while {phase}: {detail}")
-

@@ -15,8 +15,9 @@ from aiohttp.test_utils import TestClient
 from proxy.app import build_app
 from proxy.config import ConfigError, SubjectLimits, load_config
 from proxy.gateway import GATEWAY
-from proxy.limits import RateLimiter, duration, estimate_tokens
+from proxy.limits import RateLimiter, duration, estimate
 from proxy.store.base import KeyRecord
+from proxy.translators.openai import decode_request
 from tests.conftest import DEFAULT_CONFIG, auth, env_for
 
 CHAT = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
@@ -170,12 +171,20 @@ async def test_a_key_may_be_limited_where_the_config_limits_nothing(aiohttp_clie
     )
 
 
-def test_estimate_reads_any_surfaces_output_bound():
-    assert estimate_tokens(b'{"max_tokens": 100}', 1024) == 100 + 19 // 4
-    assert estimate_tokens(b'{"max_completion_tokens": 7, "max_tokens": 100}', 1024) == 7 + 47 // 4
-    assert estimate_tokens(b'{"max_output_tokens": 9}', 1024) == 9 + 24 // 4
-    assert estimate_tokens(b'{"messages": []}', 1024) == 1024 + 16 // 4
-    assert estimate_tokens(b'{"max_tokens": "lots"}', 50) == 50 + 22 // 4  # its own checks answer that
+@pytest.mark.parametrize(
+    ("body", "bound"),
+    [
+        (b'{"max_tokens": 100}', 100),
+        (b'{"max_completion_tokens": 7, "max_tokens": 100}', 7),
+        (b'{"max_output_tokens": 9}', 9),
+        (b'{"messages": []}', None),
+        (b'{"max_tokens": "lots"}', None),  # not a number: the provider's to refuse, as before
+        (b'{"max_tokens": null, "max_output_tokens": 12}', 12),
+    ],
+)
+def test_the_output_bound_of_any_surface(body: bytes, bound: int | None):
+    assert decode_request(body).output_bound() == bound
+    assert estimate(len(body), bound, 1024) == (len(body) // 4, 1024 if bound is None else bound)
 
 
 def test_an_admission_with_every_limit_stays_in_microseconds():
@@ -190,11 +199,11 @@ def test_an_admission_with_every_limit_stays_in_microseconds():
     )
     limiter = RateLimiter(config)
     keys = [KeyRecord(f"k{i}", f"team_{i % 5}", "acme", b"", ("inference",), "active", "", 0) for i in range(50)]
-    body = orjson.dumps({**CHAT, "max_tokens": 256})
+    tokens = len(orjson.dumps({**CHAT, "max_tokens": 256})) // 4 + 256
     n = 20_000
     started = time.perf_counter()
     for i in range(n):
-        limiter.settle(limiter.admit(keys[i % 50], body, started), 40, started)
+        limiter.settle(limiter.admit(keys[i % 50], tokens, started), 40, started)
     per_request = (time.perf_counter() - started) / n
     assert per_request < 15e-6, f"{per_request * 1e6:.2f} µs"
 

@@ -28,6 +28,7 @@ from proxy.config import ModelConfig, Target
 from proxy.debug import Echo, wanted
 from proxy.errors import Code, GatewayError, render
 from proxy.gateway import GATEWAY, Gateway
+from proxy.limits import estimate
 from proxy.meta import RequestMeta, new_request_id
 from proxy.metrics import Metrics
 from proxy.resilience import (
@@ -111,6 +112,8 @@ def inference_handler(surface: Surface, default_model: str, metrics: Metrics, se
             in_flight.dec()
             _account(gw, meta)  # first: it prices an abandoned stream, which metrics then count
             gw.metrics.record(meta, meta.t_end)
+            if meta.hold:  # after `_account`: its real cost is debited now
+                gw.wallets.release(meta.team_id, meta.hold)  # type: ignore[union-attr]
             if meta.limits is not None:  # after `_account`: an abandoned stream's usage is estimated there
                 usage = meta.usage
                 used = (usage.input_tokens + usage.output_tokens) if usage is not None else 0
@@ -133,7 +136,8 @@ async def _serve(
         raise GatewayError(Code.invalid_request, "Missing required field `model`.", param="model")
     model_id, model = gw.routes.resolve(name, surface)
     meta.model = model_id
-    await admit(gw, key, model_id, meta, body)
+    tokens = estimate(len(body), view.output_bound(), gw.config.rate_limits.default_output_tokens)
+    await admit(gw, key, model_id, meta, tokens)
 
     prefs = decode_prefs(view.provider)
     targets = order_targets(model_id, model, prefs, gw.sort_key) if prefs or model.weighted else model.targets
@@ -151,23 +155,43 @@ async def _serve(
 
 
 async def admit(
-    gw: Gateway, key: KeyRecord, model_id: str, meta: RequestMeta | None = None, body: bytes | None = None
+    gw: Gateway, key: KeyRecord, model_id: str, meta: RequestMeta | None = None, tokens: tuple[int, int] = (0, 0)
 ) -> None:
-    """May this key's request for `model_id` go upstream: the model allowed, credit and budget left, room in
-    the record queue, and (with `meta`: a request of `inference_handler`, which settles it at the end) room in
-    the key's and team's rate limits. GatewayError (403, 402, 503, 429) when not."""
+    """May this key's request for `model_id` go upstream: the model allowed, credit (with the request's
+    worst-case cost held, from `tokens`: its estimated prompt and output) and budget left, room in the record
+    queue, and (with `meta`: a request of `inference_handler`, which releases and settles these at the end)
+    room in the key's and team's rate limits. GatewayError (403, 402, 503, 429) when not."""
     if key.allowed_models and model_id not in key.allowed_models:
         raise GatewayError(
             Code.forbidden,
             f"This key may not use {model_id!r} (it may use: {', '.join(key.allowed_models)}).",
             param="model",
         )
-    await gw.wallets.check(key.team_id, key.team_name)  # type: ignore[union-attr]
-    await gw.budgets.check(key)  # type: ignore[union-attr]
-    if gw.accountant is not None and gw.accountant.backlogged:
-        raise GatewayError(Code.unavailable, "Usage records are waiting for the store; retry shortly.")
-    if meta is not None and (gw.limiter.active or key.rate_limited):
-        meta.limits = gw.limiter.admit(key, body, time.monotonic())
+    hold = _hold(gw, model_id, tokens) if meta is not None and tokens[1] else 0
+    await gw.wallets.check(key.team_id, key.team_name, hold)  # type: ignore[union-attr]
+    try:
+        await gw.budgets.check(key)  # type: ignore[union-attr]
+        if gw.accountant is not None and gw.accountant.backlogged:
+            raise GatewayError(Code.unavailable, "Usage records are waiting for the store; retry shortly.")
+        if meta is not None and (gw.limiter.active or key.rate_limited):
+            meta.limits = gw.limiter.admit(key, tokens[0] + tokens[1], time.monotonic())
+    except BaseException:
+        gw.wallets.release(key.team_id, hold)  # type: ignore[union-attr]
+        raise
+    if meta is not None:
+        meta.hold = hold
+
+
+def _hold(gw: Gateway, model_id: str, tokens: tuple[int, int]) -> int:
+    """A request's worst-case cost (its prompt and output bound at the model's highest prices), capped by
+    `auth.max_hold_usd`: held against its team's wallet while it runs. 0 for an unpriced model."""
+    cap = gw.config.auth.max_hold_nanos
+    prices = gw.pricing.worst(model_id) if cap else None
+    if prices is None:
+        return 0
+    prompt, output = tokens
+    worst = (prompt * prices[0] + output * prices[1]) // 1_000_000 + prices[2]
+    return worst if worst < cap else cap
 
 
 async def _try_targets(

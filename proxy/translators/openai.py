@@ -44,6 +44,11 @@ class RequestView(msgspec.Struct):
     stream_options: _StreamOptions | None = None
     messages: Raw | UnsetType = UNSET
     input: Raw | UnsetType = UNSET
+    # the output bound of any surface (Chat, Responses, Messages), for credit holds and token limits; kept raw:
+    # a wrong type is the provider's to refuse, as before
+    max_tokens: Raw | UnsetType = UNSET
+    max_completion_tokens: Raw | UnsetType = UNSET
+    max_output_tokens: Raw | UnsetType = UNSET
     # gateway-only
     meta: bool | UnsetType | None = UNSET
     usage: bool | UnsetType | None = UNSET
@@ -52,6 +57,15 @@ class RequestView(msgspec.Struct):
     debug: Raw | UnsetType = UNSET
     echo_upstream_request: Raw | UnsetType = UNSET
     session_id: Raw | UnsetType = UNSET
+
+    def output_bound(self) -> int | None:
+        """The request's `max_completion_tokens`, `max_tokens` or `max_output_tokens`, when one is a number."""
+        for raw in (self.max_completion_tokens, self.max_tokens, self.max_output_tokens):
+            if raw is not UNSET:
+                text = bytes(raw)
+                if text.isdigit():
+                    return int(text)
+        return None
 
     def has_gateway_fields(self) -> bool:
         return any(getattr(self, name) is not UNSET for name in GATEWAY_FIELDS)
