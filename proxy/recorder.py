@@ -5,7 +5,7 @@ thread of the worker, the worker's serving thread spent ~40 µs more per request
 in another process, on top of the thread's own CPU: the two share one GIL. In `python -m bench` (c=32,
 4 rounds) the gateway answered 6,222 requests/s at 166 CPU µs each with the child, 5,789 at 180 with the
 thread (`gateway-thread`). The child costs ~21 µs a record (making the row ~8 µs, SQLite's insert ~7 µs)
-and ~17 MB.
+and about 25 MB resident (17 MB of it the interpreter and modules).
 
 `Recorder` stands in for the store in `Accountant`: `record(lines)` and `sync()`, the only two calls the
 accountant makes, go to the child over its standard input and come back on its standard output. The child
