@@ -18,7 +18,9 @@ from proxy.gateway import GATEWAY
 from proxy.limits import RateLimiter, duration, estimate
 from proxy.store.base import KeyRecord
 from proxy.translators.openai import decode_request
-from tests.conftest import DEFAULT_CONFIG, auth, env_for
+from tests.conftest import DEFAULT_CONFIG, Mock, auth, env_for
+from tests.mock_videos import VideoControl, build_video_mock
+from tests.test_videos import video_config
 
 CHAT = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -169,6 +171,23 @@ async def test_a_key_may_be_limited_where_the_config_limits_nothing(aiohttp_clie
         "x-ratelimit-limit-tokens"
         not in (await client.post("/v1/chat/completions", json=CHAT, headers=auth(admin))).headers
     )
+
+
+async def test_video_creations_count_against_the_keys_requests(
+    aiohttp_client, aiohttp_server, store_url, make_key, tmp_path
+):
+    server = await aiohttp_server(build_video_mock(VideoControl()), host="127.0.0.1")
+    mock = Mock(url=str(server.make_url("/v1")), control=None)  # type: ignore[arg-type]
+    config = video_config(tmp_path)
+    config.write_text(config.read_text() + "\nrate_limits:\n  key: {rpm: 1, concurrency: 1}\n")
+    gw = await aiohttp_client(build_app(load_config(config, env=env_for(mock, store_url))))
+    key = await make_key()
+    body = {"model": "openai/sora-2", "prompt": "a cat", "seconds": "4"}
+    assert (await gw.post("/v1/videos", json=body, headers=auth(key))).status == 200
+    refused = await gw.post("/v1/videos", json=body, headers=auth(key))
+    assert refused.status == 429 and refused.headers["x-ratelimit-limit-requests"] == "1"
+    assert "1 requests a minute" in (await refused.json())["error"]["message"]
+    assert gw.server.app[GATEWAY].limiter._key_rule.in_flight == {}  # the creation's slot ended with it
 
 
 @pytest.mark.parametrize(

@@ -100,11 +100,11 @@ async def create(request: web.Request, gw: Gateway, key: KeyRecord, request_id: 
             f"The file {file.id!r} was not uploaded with purpose `batch`: its lines were not checked.",
             param="input_file_id",
         )
-    await admit(gw, key, file.model_id)
     upstream = upstream_of(gw, file)
     meta = RequestMeta(request_id, SURFACE, time.perf_counter())
     meta.team_id, meta.key_id, meta.model, meta.provider = key.team_id, key.kid, file.model_id, upstream.name
     try:
+        await admit(gw, key, file.model_id, meta)  # its rate limits too: `account` settles them
         return await _start(gw, key, file, upstream, body, meta, request_id)
     except GatewayError as e:
         meta.status, meta.error_code, meta.error_message = e.status, e.code.name, e.message

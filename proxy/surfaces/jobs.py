@@ -94,7 +94,7 @@ async def job_model(gw: Gateway, key: KeyRecord, meta: RequestMeta, name: str, s
         raise GatewayError(Code.invalid_request, "Missing required field `model`.", param="model")
     model_id, model = gw.routes.resolve(name, SURFACES[surface])
     meta.model = model_id
-    await admit(gw, key, model_id)
+    await admit(gw, key, model_id, meta)  # its rate limits too: `account` settles them
     return model_id, model
 
 
@@ -274,6 +274,8 @@ def account(gw: Gateway, meta: RequestMeta) -> None:
     if gw.accountant is not None:
         gw.accountant.submit(meta)
     gw.metrics.record(meta, meta.t_end)
+    if meta.limits is not None:  # a creation counted against the rate limits: it uses no tokens
+        gw.limiter.settle(meta.limits, 0, time.monotonic())
 
 
 async def listing(request: web.Request, gw: Gateway, team_id: str, kind: str, request_id: str) -> web.Response:
