@@ -66,7 +66,7 @@ class Gateway:
         self.accountant: Accountant | None = None
         self.access: AccessLog | None = None
         self.budgets: KeyBudgets | None = None
-        self.limiter = RateLimiter(config.rate_limits)  # `limiter.active`: the config sets limits
+        self.limiter = RateLimiter(config.rate_limits, metrics.rate_limited)  # `.active`: the config sets limits
         self.health = HealthBoard({name: p.breaker for name, p in config.providers.items()}, self._breaker_changed)
         self.streams: dict[str, int] = {}  # open streams per API key id, for server.max_streams_per_key
         self.retired: set[Upstream] = set()  # replaced by a reload, closed when their last request ends

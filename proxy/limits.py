@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, final
+from typing import TYPE_CHECKING, Any, Final, final
 
 from proxy.errors import Code, GatewayError
 
@@ -159,9 +159,10 @@ _Taken = tuple[LocalLimits, str, Limit, int]  # buckets, subject, limit, units
 class RateLimiter:
     """The configured limits of every key and every team, in this process."""
 
-    __slots__ = ("_key_rule", "_limits", "_rules", "active", "default_output")
+    __slots__ = ("_key_rule", "_limits", "_refusals", "_rules", "active", "default_output")
 
-    def __init__(self, config: RateLimitsConfig):
+    def __init__(self, config: RateLimitsConfig, refusals: Any = None):
+        self._refusals = refusals  # a labelled counter (`gateway_rate_limited`): subject, limit
         self._key_rule = _Rule("key", config.key)  # there even without defaults: a key may have its own limits
         self._rules = [self._key_rule] + ([_Rule("team", config.team)] if _any(config.team) else [])
         self.active = _any(config.key) or _any(config.team)  # else only keys with limits of their own are limited
@@ -207,6 +208,7 @@ class RateLimiter:
                     buckets = rule.rpm_buckets
                     tat = buckets.reserve(subject, limit, now, 1)
                     if tat < 0:
+                        self._refused(rule, "requests")
                         raise _refused(buckets, subject, limit, now, -tat, rule.who(key), "requests")
                     taken.append((buckets, subject, limit, 1))
                     room = limit.capacity - (tat - now) / limit.interval
@@ -215,6 +217,7 @@ class RateLimiter:
                 limit = tpm
                 if limit is not None:
                     if tokens > limit.capacity:
+                        self._refused(rule, "tokens")
                         raise _refusal(
                             f"This request's estimated {tokens} tokens (its prompt, and its max_tokens or "
                             f"{self.default_output} when it names none) exceed the {limit.rate} tokens a "
@@ -224,6 +227,7 @@ class RateLimiter:
                     buckets = rule.tpm_buckets
                     tat = buckets.reserve(subject, limit, now, tokens)
                     if tat < 0:
+                        self._refused(rule, "tokens")
                         raise _refused(buckets, subject, limit, now, -tat, rule.who(key), "tokens")
                     taken.append((buckets, subject, limit, tokens))
                     reserved.append(taken[-1])
@@ -233,6 +237,7 @@ class RateLimiter:
                 if concurrency:
                     count = rule.in_flight.get(subject, 0)
                     if count >= concurrency:
+                        self._refused(rule, "concurrency")
                         raise _refusal(
                             f"Rate limit reached for {rule.who(key)}: at most {concurrency} requests in "
                             "flight at once. Retry when one of them ends.",
@@ -247,6 +252,10 @@ class RateLimiter:
             e.headers = {**_headers(requests, budget, now), **e.headers}
             raise
         return Admission(_headers(requests, budget, now), reserved, held)
+
+    def _refused(self, rule: _Rule, limit: str) -> None:
+        if self._refusals is not None:
+            self._refusals.labels("key" if rule.per_key else "team", limit).inc()
 
     def settle(self, admission: Admission, used_tokens: int, now: float) -> None:
         """The request ended having used `used_tokens`: reconcile its token reservations, free its slots."""

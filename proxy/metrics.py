@@ -133,6 +133,7 @@ class Metrics:
         "in_flight",
         "multiprocess",
         "overhead",
+        "rate_limited",
         "registry",
         "requests",
         "spend",
@@ -237,6 +238,12 @@ class Metrics:
             "Circuit breaker per target: 0 closed, 1 open, 2 half-open (the worst over workers).",
             ("provider", "upstream_model"),
             mode="livemax",
+        )
+        self.rate_limited = make(
+            "counter",
+            "gateway_rate_limited",
+            "Requests refused by a rate limit, by subject (key, team) and limit (requests, tokens, concurrency).",
+            ("subject", "limit"),
         )
         if lean:
             self.registry.register(_LeanCollector(lean))

@@ -57,6 +57,8 @@ async def test_requests_a_minute_per_key(aiohttp_client, mock, store_url, make_k
     assert 14_000 <= int(refused.headers["retry-after-ms"]) <= 20_000
     assert refused.headers["x-ratelimit-remaining-requests"] == "0"
     assert refused.headers["x-request-id"]
+    metrics = await (await gw.get("/metrics")).text()
+    assert 'gateway_rate_limited_total{limit="requests",subject="key"} 1.0' in metrics
     # another key of the same team is not held back by the first one's limit
     assert (await gw.post("/v1/chat/completions", json=CHAT, headers=auth(other))).status == 200
 
