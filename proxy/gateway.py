@@ -43,6 +43,7 @@ class Gateway:
         "health",
         "keys",
         "limiter",
+        "max_hold_nanos",
         "metrics",
         "pricing",
         "retired",
@@ -66,6 +67,7 @@ class Gateway:
         self.accountant: Accountant | None = None
         self.access: AccessLog | None = None
         self.budgets: KeyBudgets | None = None
+        self.max_hold_nanos = config.auth.max_hold_nanos  # `auth` takes effect at a restart, as the limiter
         self.limiter = RateLimiter(config.rate_limits, metrics.rate_limited)  # `.active`: the config sets limits
         self.health = HealthBoard({name: p.breaker for name, p in config.providers.items()}, self._breaker_changed)
         self.streams: dict[str, int] = {}  # open streams per API key id, for server.max_streams_per_key

@@ -49,7 +49,6 @@ def _answer(kind: bytes, body: bytes) -> None:
 
 
 def _serve_sqlite(url: str) -> None:
-    import sqlite3
     import time
 
     from proxy.store import sqlite_usage
@@ -67,7 +66,9 @@ def _serve_sqlite(url: str) -> None:
                 _answer(b"K", COUNT.pack(0))
             else:
                 _answer(b"E", f"unknown operation {op!r}".encode())
-        except (sqlite3.Error, OSError) as e:
+        except BrokenPipeError:
+            break  # the worker is gone: what was committed stays, the rest is in its journal
+        except Exception as e:  # the store's (locked, disk full) or a fault of ours: the worker retries the batch
             _answer(b"E", f"cannot record usage: {e}".encode())
     db.close()
 
@@ -93,8 +94,12 @@ def _serve_postgres(url: str) -> None:
                         _answer(b"K", COUNT.pack(0))
                     else:
                         _answer(b"E", f"unknown operation {op!r}".encode())
+                except BrokenPipeError:
+                    break
                 except StoreError as e:
                     _answer(b"E", str(e).encode())
+                except Exception as e:  # a fault of ours: the worker retries the batch
+                    _answer(b"E", f"cannot record usage: {e}".encode())
         finally:
             await store.close()
 

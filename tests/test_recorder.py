@@ -102,6 +102,23 @@ async def test_a_call_cancelled_mid_exchange_leaves_no_answer_behind(sqlite_url:
         await store.close()
 
 
+async def test_a_batch_the_writer_cannot_take_is_refused_and_the_writer_goes_on(sqlite_url: str):
+    store = await open_store(sqlite_url)
+    recorder = Recorder(sqlite_url)
+    try:
+        team = await funded_team(store)
+        await recorder.start()
+        assert recorder._proc is not None
+        pid = recorder._proc.pid
+        with pytest.raises(StoreError, match="cannot record usage"):
+            await recorder.record([b'[1,"not a whole record"]'])  # the accountant keeps it and retries
+        assert await recorder.record([encode_row(generation("r1", team.id))]) == 1
+        assert recorder._proc.pid == pid  # the same child: a refused batch is not a crash
+    finally:
+        await recorder.close()
+        await store.close()
+
+
 async def test_close_stops_the_writer(sqlite_url: str):
     recorder = Recorder(sqlite_url)
     await recorder.start()

@@ -136,7 +136,7 @@ async def _serve(
         raise GatewayError(Code.invalid_request, "Missing required field `model`.", param="model")
     model_id, model = gw.routes.resolve(name, surface)
     meta.model = model_id
-    tokens = estimate(len(body), view.output_bound(), gw.config.rate_limits.default_output_tokens)
+    tokens = estimate(len(body), view.output_bound(), gw.limiter.default_output)
     await admit(gw, key, model_id, meta, tokens)
 
     prefs = decode_prefs(view.provider)
@@ -185,7 +185,7 @@ async def admit(
 def _hold(gw: Gateway, model_id: str, tokens: tuple[int, int]) -> int:
     """A request's worst-case cost (its prompt and output bound at the model's highest prices), capped by
     `auth.max_hold_usd`: held against its team's wallet while it runs. 0 for an unpriced model."""
-    cap = gw.config.auth.max_hold_nanos
+    cap = gw.max_hold_nanos
     prices = gw.pricing.worst(model_id) if cap else None
     if prices is None:
         return 0
