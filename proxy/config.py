@@ -142,9 +142,17 @@ class SubjectLimits(_Base):
     concurrency: int = 0  # requests in flight at once
 
 
+class ModelLimits(_Base):
+    """Rate limits of each key, and of each team, on one model: in addition to their limits on all models."""
+
+    key: SubjectLimits = msgspec.field(default_factory=SubjectLimits)
+    team: SubjectLimits = msgspec.field(default_factory=SubjectLimits)
+
+
 class RateLimitsConfig(_Base):
     key: SubjectLimits = msgspec.field(default_factory=SubjectLimits)
     team: SubjectLimits = msgspec.field(default_factory=SubjectLimits)
+    models: dict[str, ModelLimits] = {}  # model id → its own limits per key and per team
     # A request's token estimate: its prompt (a token per 4 bytes of body) + its max_tokens (max_completion_tokens,
     # max_output_tokens) or, when it names none, this.
     default_output_tokens: int = 1024
@@ -555,10 +563,16 @@ def check(config: GatewayConfig, fail: Any) -> None:
         fail(["accounting", "max_backlog"], "expected at least 1")
     if not config.accounting.journal_dir:
         fail(["accounting", "journal_dir"], "expected a directory (relative to the working directory, or absolute)")
-    for subject in ("key", "team"):
-        for name in ("rpm", "tpm", "concurrency"):
-            if getattr(getattr(config.rate_limits, subject), name) < 0:
-                fail(["rate_limits", subject, name], "expected a whole number >= 0 (0: no limit)")
+    scopes: list[tuple[list[Segment], ModelLimits | RateLimitsConfig]] = [(["rate_limits"], config.rate_limits)]
+    for model_id, limits in config.rate_limits.models.items():
+        if model_id not in config.models:
+            fail(["rate_limits", "models", model_id], f"unknown model (expected one of: {', '.join(config.models)})")
+        scopes.append((["rate_limits", "models", model_id], limits))
+    for where, scope in scopes:
+        for subject in ("key", "team"):
+            for name in ("rpm", "tpm", "concurrency"):
+                if getattr(getattr(scope, subject), name) < 0:
+                    fail([*where, subject, name], "expected a whole number >= 0 (0: no limit)")
     if config.auth.max_hold_usd < 0:
         fail(["auth", "max_hold_usd"], "expected an amount in USD >= 0 (0: no holds)")
     if config.rate_limits.default_output_tokens < 1:

@@ -137,10 +137,11 @@ class Admission:
 class _Rule:
     """The limits of one kind of subject (each key, or each team), with their buckets and counters."""
 
-    __slots__ = ("concurrency", "in_flight", "per_key", "rpm", "rpm_buckets", "tpm", "tpm_buckets")
+    __slots__ = ("concurrency", "in_flight", "model", "per_key", "rpm", "rpm_buckets", "tpm", "tpm_buckets")
 
-    def __init__(self, kind: str, limits: SubjectLimits):
+    def __init__(self, kind: str, limits: SubjectLimits, model: str = ""):
         self.per_key = kind == "key"  # else per team
+        self.model = model  # "": all models
         self.rpm = Limit(limits.rpm) if limits.rpm else None
         self.tpm = Limit(limits.tpm) if limits.tpm else None
         self.concurrency = limits.concurrency
@@ -149,7 +150,8 @@ class _Rule:
         self.in_flight: dict[str, int] = {}
 
     def who(self, key: KeyRecord) -> str:
-        return f"key {key.kid}" if self.per_key else f"team {key.team_name}"
+        who = f"key {key.kid}" if self.per_key else f"team {key.team_name}"
+        return f"{who} on {self.model}" if self.model else who
 
 
 _Taken = tuple[LocalLimits, str, Limit, int]  # buckets, subject, limit, units
@@ -159,13 +161,23 @@ _Taken = tuple[LocalLimits, str, Limit, int]  # buckets, subject, limit, units
 class RateLimiter:
     """The configured limits of every key and every team, in this process."""
 
-    __slots__ = ("_key_rule", "_limits", "_refusals", "_rules", "active", "default_output")
+    __slots__ = ("_key_rule", "_limits", "_model_rules", "_refusals", "_rules", "active", "default_output")
 
     def __init__(self, config: RateLimitsConfig, refusals: Any = None):
         self._refusals = refusals  # a labelled counter (`gateway_rate_limited`): subject, limit
         self._key_rule = _Rule("key", config.key)  # there even without defaults: a key may have its own limits
         self._rules = [self._key_rule] + ([_Rule("team", config.team)] if _any(config.team) else [])
-        self.active = _any(config.key) or _any(config.team)  # else only keys with limits of their own are limited
+        self._model_rules = {  # model id → the key's and team's limits on it, after those on all models
+            model: self._rules
+            + [
+                _Rule(kind, subject, model)
+                for kind, subject in (("key", limits.key), ("team", limits.team))
+                if _any(subject)
+            ]
+            for model, limits in config.models.items()
+            if _any(limits.key) or _any(limits.team)
+        }
+        self.active = _any(config.key) or _any(config.team) or bool(self._model_rules)  # else only keys with their own
         self.default_output = config.default_output_tokens
         self._limits: dict[int, Limit] = {}  # a key's own rates, one Limit each
 
@@ -180,10 +192,10 @@ class RateLimiter:
             limit = self._limits[rate] = Limit(rate)
         return limit
 
-    def admit(self, key: KeyRecord, tokens: int, now: float) -> Admission:
+    def admit(self, key: KeyRecord, tokens: int, now: float, model: str = "") -> Admission:
         """Take one request (and `tokens`, its estimate: 0 for an upload, whose tokens are counted at the end)
-        from each limit of `key` and its team, or none of them: GatewayError 429 `rate_limited` naming the
-        limit, with the headers to send (`error.headers`)."""
+        from each limit of `key` and its team, on all models and on `model`, or none of them: GatewayError 429
+        `rate_limited` naming the limit, with the headers to send (`error.headers`)."""
         taken: list[_Taken] = []
         reserved: list[_Taken] = []  # the tokens-a-minute ones, settled at the end
         held: list[tuple[dict[str, int], str]] = []
@@ -191,10 +203,10 @@ class RateLimiter:
         budget: tuple[float, Limit] | None = None
         requests_room = budget_room = 0.0  # what they have left
         try:
-            for rule in self._rules:
+            for rule in self._model_rules.get(model, self._rules):
                 if rule.per_key:
                     subject = key.kid
-                    if key.rate_limited:
+                    if key.rate_limited and not rule.model:  # a key's own limits replace those on all models
                         rpm = self._own(key.rpm_limit, rule.rpm)
                         tpm = self._own(key.tpm_limit, rule.tpm)
                         concurrency = rule.concurrency if key.concurrency_limit is None else key.concurrency_limit

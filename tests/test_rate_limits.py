@@ -87,6 +87,29 @@ async def test_the_team_limit_holds_all_its_keys_together(aiohttp_client, mock, 
     assert (await gw.post("/v1/chat/completions", json=CHAT, headers=auth(outsider))).status == 200
 
 
+async def test_limits_on_one_model_add_to_those_on_all(aiohttp_client, mock, store_url, make_key, tmp_path):
+    limits = "rate_limits:\n  key: {rpm: 5}\n  models:\n    openai/gpt-4o-mini:\n      key: {rpm: 1}\n"
+    gw = await limited(aiohttp_client, mock, store_url, limits, tmp_path)
+    key = await make_key()
+    first = await gw.post("/v1/chat/completions", json=CHAT, headers=auth(key))
+    assert first.status == 200 and first.headers["x-ratelimit-limit-requests"] == "1"  # the tightest shows
+    refused = await gw.post("/v1/chat/completions", json=CHAT, headers=auth(key))
+    assert refused.status == 429
+    assert "for key " in (message := (await refused.json())["error"]["message"])
+    assert "on openai/gpt-4o-mini: 1 requests a minute" in message
+    other = await gw.post("/v1/chat/completions", json={**CHAT, "model": "openai/gpt-4o"}, headers=auth(key))
+    assert other.status == 200 and other.headers["x-ratelimit-remaining-requests"] == "3"  # 5, less the two
+
+
+def test_limits_on_an_unknown_model_are_a_config_error(tmp_path):
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        DEFAULT_CONFIG.read_text() + "\nrate_limits:\n  models:\n    openai/gpt-5-turbo:\n      key: {rpm: 1}\n"
+    )
+    with pytest.raises(ConfigError, match=r"gateway\.yaml:\d+: \$\.rate_limits\.models\['openai/gpt-5-turbo'\]: unknown model \(expected one of: openai/"):
+        load_config(config, env={})
+
+
 async def test_tokens_a_minute_reserve_the_estimate_and_settle_the_real_use(
     aiohttp_client, mock, store_url, make_key, tmp_path
 ):

@@ -174,7 +174,7 @@ async def admit(
         if gw.accountant is not None and gw.accountant.backlogged:
             raise GatewayError(Code.unavailable, "Usage records are waiting for the store; retry shortly.")
         if meta is not None and (gw.limiter.active or key.rate_limited):
-            meta.limits = gw.limiter.admit(key, tokens[0] + tokens[1], time.monotonic())
+            meta.limits = gw.limiter.admit(key, tokens[0] + tokens[1], time.monotonic(), model_id)
     except BaseException:
         gw.wallets.release(key.team_id, hold)  # type: ignore[union-attr]
         raise
