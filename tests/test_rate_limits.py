@@ -106,7 +106,8 @@ def test_limits_on_an_unknown_model_are_a_config_error(tmp_path):
     config.write_text(
         DEFAULT_CONFIG.read_text() + "\nrate_limits:\n  models:\n    openai/gpt-5-turbo:\n      key: {rpm: 1}\n"
     )
-    with pytest.raises(ConfigError, match=r"gateway\.yaml:\d+: \$\.rate_limits\.models\['openai/gpt-5-turbo'\]: unknown model \(expected one of: openai/"):
+    where = r"gateway\.yaml:\d+: \$\.rate_limits\.models\['openai/gpt-5-turbo'\]"
+    with pytest.raises(ConfigError, match=where + r": unknown model \(expected one of: openai/"):
         load_config(config, env={})
 
 
