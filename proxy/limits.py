@@ -43,12 +43,6 @@ class Limit:
         self.interval = 60.0 / rate  # seconds a unit
         self.capacity = burst or rate
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Limit) and (self.rate, self.burst) == (other.rate, other.burst)
-
-    def __hash__(self) -> int:
-        return hash((self.rate, self.burst))
-
     def __repr__(self) -> str:
         return f"Limit(rate={self.rate}, burst={self.burst})"
 
@@ -66,7 +60,7 @@ class Decision:
 
 @final
 class LocalLimits:
-    """The TATs of one process's keys (a key names a limit's subject: `key:<kid>:rpm`, `team:<id>:tpm`, …)."""
+    """The TATs of one process's buckets of one limit, each named by its subject (a key id, a team id)."""
 
     __slots__ = ("_admissions", "_tat")
 
@@ -78,7 +72,7 @@ class LocalLimits:
         """Take `cost` units of `limit` for `key` at `now` (monotonic seconds), if they fit; else nothing."""
         tat = self.reserve(key, limit, now, cost)
         if tat < 0:  # refused: -tat is the wait
-            held = max(self._tat.get(key, now), now)
+            held = self.tat(key, now)
             return Decision(False, limit.rate, _remaining(held, now, limit), held - now, -tat)
         return Decision(True, limit.rate, _remaining(tat, now, limit), tat - now, 0.0)
 
@@ -98,6 +92,11 @@ class LocalLimits:
             return now - allow_at
         self._tat[key] = new_tat
         return new_tat
+
+    def tat(self, key: str, now: float) -> float:
+        """The key's TAT as it is (`now` when its bucket is full)."""
+        tat = self._tat.get(key, now)
+        return tat if tat > now else now
 
     def settle(self, key: str, limit: Limit, now: float, reserved: int, used: int) -> None:
         """The request took `used` units where `reserved` were taken at admission: give back or take the rest."""
@@ -220,7 +219,7 @@ class RateLimiter:
                     buckets = rule.rpm_buckets
                     tat = buckets.reserve(subject, limit, now, 1)
                     if tat < 0:
-                        self._refused(rule, "requests")
+                        self._count_refusal(rule, "requests")
                         raise _refused(buckets, subject, limit, now, -tat, rule.who(key), "requests")
                     taken.append((buckets, subject, limit, 1))
                     room = limit.capacity - (tat - now) / limit.interval
@@ -229,7 +228,7 @@ class RateLimiter:
                 limit = tpm
                 if limit is not None:
                     if tokens > limit.capacity:
-                        self._refused(rule, "tokens")
+                        self._count_refusal(rule, "tokens")
                         raise _refusal(
                             f"This request's estimated {tokens} tokens (its prompt, and its max_tokens or "
                             f"{self.default_output} when it names none) exceed the {limit.rate} tokens a "
@@ -239,7 +238,7 @@ class RateLimiter:
                     buckets = rule.tpm_buckets
                     tat = buckets.reserve(subject, limit, now, tokens)
                     if tat < 0:
-                        self._refused(rule, "tokens")
+                        self._count_refusal(rule, "tokens")
                         raise _refused(buckets, subject, limit, now, -tat, rule.who(key), "tokens")
                     taken.append((buckets, subject, limit, tokens))
                     reserved.append(taken[-1])
@@ -249,7 +248,7 @@ class RateLimiter:
                 if concurrency:
                     count = rule.in_flight.get(subject, 0)
                     if count >= concurrency:
-                        self._refused(rule, "concurrency")
+                        self._count_refusal(rule, "concurrency")
                         raise _refusal(
                             f"Rate limit reached for {rule.who(key)}: at most {concurrency} requests in "
                             "flight at once. Retry when one of them ends.",
@@ -265,7 +264,7 @@ class RateLimiter:
             raise
         return Admission(_headers(requests, budget, now), reserved, held)
 
-    def _refused(self, rule: _Rule, limit: str) -> None:
+    def _count_refusal(self, rule: _Rule, limit: str) -> None:
         if self._refusals is not None:
             self._refusals.labels("key" if rule.per_key else "team", limit).inc()
 
@@ -284,7 +283,7 @@ def _refused(
     buckets: LocalLimits, subject: str, limit: Limit, now: float, wait: float, who: str, unit: str
 ) -> GatewayError:
     """The 429 of a bucket without room: when to retry, and the headers of the bucket as it is."""
-    tat = max(buckets.reserve(subject, limit, now, 0), now)  # its TAT (taking nothing)
+    tat = buckets.tat(subject, now)
     headers = _headers((tat, limit), None, now) if unit == "requests" else _headers(None, (tat, limit), now)
     headers["retry-after"] = str(max(math.ceil(wait), 1))
     headers["retry-after-ms"] = str(max(math.ceil(wait * 1000), 1))

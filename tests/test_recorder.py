@@ -6,13 +6,14 @@ import asyncio
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from proxy.journal import encode_row
 from proxy.recorder import Recorder
-from proxy.store import open_store
+from proxy.store import Store, open_store
 from proxy.store.base import StoreError
 from tests.test_store import funded_team, generation
 
@@ -41,82 +42,70 @@ async def sqlite_url(tmp_path: Path) -> str:
     return url
 
 
-async def test_lines_with_and_without_their_newline_are_each_one_record(sqlite_url: str):
+@pytest.fixture
+async def writer(sqlite_url: str) -> AsyncIterator[tuple[Store, Recorder, str]]:
+    """The store, a recorder on it (not started) and a funded team's id; both closed at the end."""
     store = await open_store(sqlite_url)
     recorder = Recorder(sqlite_url)
     try:
-        team = await funded_team(store)
-        live = [encode_row(generation(f"live{i}", team.id, cost=10)) for i in range(3)]  # as the accountant sends
-        replayed = [encode_row(generation(f"old{i}", team.id, cost=1)).rstrip(b"\n") for i in range(2)]  # as parsed
-        assert await recorder.record(live + replayed) == 5
-        assert await recorder.record(live) == 0  # already stored: skipped, not charged again
-        assert await store.get_balance(team.id) == 1_000_000 - 32
-        await recorder.sync()
+        yield store, recorder, (await funded_team(store)).id
     finally:
         await recorder.close()
         await store.close()
 
 
-async def test_a_writer_that_died_is_replaced(sqlite_url: str):
-    store = await open_store(sqlite_url)
-    recorder = Recorder(sqlite_url)
-    try:
-        team = await funded_team(store)
-        await recorder.start()
-        first = recorder._proc
-        assert first is not None
-        first.kill()
-        await first.wait()  # known dead before the next call: a new one takes it, the caller sees nothing
-        assert await recorder.record([encode_row(generation("r1", team.id))]) == 1
-        second = recorder._proc
-        assert second is not None and second.pid != first.pid
-
-        os.kill(second.pid, signal.SIGKILL)  # dies during the call: the call fails, the accountant retries
-        line = encode_row(generation("r2", team.id))
-        with pytest.raises(StoreError, match="accounting writer process failed"):
-            await recorder.record([line])
-        assert await recorder.record([line]) == 1
-        assert recorder._proc is not None and recorder._proc.pid not in (first.pid, second.pid)
-    finally:
-        await recorder.close()
-        await store.close()
+async def test_lines_with_and_without_their_newline_are_each_one_record(writer: tuple[Store, Recorder, str]):
+    store, recorder, team_id = writer
+    live = [encode_row(generation(f"live{i}", team_id, cost=10)) for i in range(3)]  # as the accountant sends
+    replayed = [encode_row(generation(f"old{i}", team_id, cost=1)).rstrip(b"\n") for i in range(2)]  # as parsed
+    assert await recorder.record(live + replayed) == 5
+    assert await recorder.record(live) == 0  # already stored: skipped, not charged again
+    assert await store.get_balance(team_id) == 1_000_000 - 32
+    await recorder.sync()
 
 
-async def test_a_call_cancelled_mid_exchange_leaves_no_answer_behind(sqlite_url: str):
+async def test_a_writer_that_died_is_replaced(writer: tuple[Store, Recorder, str]):
+    _, recorder, team_id = writer
+    await recorder.start()
+    first = recorder._proc
+    assert first is not None
+    first.kill()
+    await first.wait()  # known dead before the next call: a new one takes it, the caller sees nothing
+    assert await recorder.record([encode_row(generation("r1", team_id))]) == 1
+    second = recorder._proc
+    assert second is not None and second.pid != first.pid
+
+    os.kill(second.pid, signal.SIGKILL)  # dies during the call: the call fails, the accountant retries
+    line = encode_row(generation("r2", team_id))
+    with pytest.raises(StoreError, match="accounting writer process failed"):
+        await recorder.record([line])
+    assert await recorder.record([line]) == 1
+    assert recorder._proc is not None and recorder._proc.pid not in (first.pid, second.pid)
+
+
+async def test_a_call_cancelled_mid_exchange_leaves_no_answer_behind(writer: tuple[Store, Recorder, str]):
     """The accountant's writer task cancelled while the child works: that child's late answer must not be read
     as the next call's, so it is killed and the next call gets a new one."""
-    store = await open_store(sqlite_url)
-    recorder = Recorder(sqlite_url)
-    try:
-        team = await funded_team(store)
-        await recorder.start()
-        stuck = recorder._proc
-        assert stuck is not None
-        os.kill(stuck.pid, signal.SIGSTOP)  # it cannot answer
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(recorder.record([encode_row(generation("r1", team.id))]), 0.5)
-        assert await _gone(stuck.pid)
-        assert await recorder.record([encode_row(generation("r2", team.id))]) == 1
-    finally:
-        await recorder.close()
-        await store.close()
+    _, recorder, team_id = writer
+    await recorder.start()
+    stuck = recorder._proc
+    assert stuck is not None
+    os.kill(stuck.pid, signal.SIGSTOP)  # it cannot answer
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(recorder.record([encode_row(generation("r1", team_id))]), 0.5)
+    assert await _gone(stuck.pid)
+    assert await recorder.record([encode_row(generation("r2", team_id))]) == 1
 
 
-async def test_a_batch_the_writer_cannot_take_is_refused_and_the_writer_goes_on(sqlite_url: str):
-    store = await open_store(sqlite_url)
-    recorder = Recorder(sqlite_url)
-    try:
-        team = await funded_team(store)
-        await recorder.start()
-        assert recorder._proc is not None
-        pid = recorder._proc.pid
-        with pytest.raises(StoreError, match="cannot record usage"):
-            await recorder.record([b'[1,"not a whole record"]'])  # the accountant keeps it and retries
-        assert await recorder.record([encode_row(generation("r1", team.id))]) == 1
-        assert recorder._proc.pid == pid  # the same child: a refused batch is not a crash
-    finally:
-        await recorder.close()
-        await store.close()
+async def test_a_batch_the_writer_cannot_take_is_refused_and_the_writer_goes_on(writer: tuple[Store, Recorder, str]):
+    _, recorder, team_id = writer
+    await recorder.start()
+    assert recorder._proc is not None
+    pid = recorder._proc.pid
+    with pytest.raises(StoreError, match="cannot record usage"):
+        await recorder.record([b'[1,"not a whole record"]'])  # the accountant keeps it and retries
+    assert await recorder.record([encode_row(generation("r1", team_id))]) == 1
+    assert recorder._proc.pid == pid  # the same child: a refused batch is not a crash
 
 
 async def test_close_stops_the_writer(sqlite_url: str):
