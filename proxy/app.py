@@ -91,6 +91,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     gw.keys = KeyCache(gw.store, config.auth.cache_ttl_s, config.auth.stale_s)
     gw.wallets = WalletCache(gw.store, config.auth.cache_ttl_s, config.auth.min_balance_nanos, config.auth.stale_s)
     gw.budgets = KeyBudgets(gw.store, config.auth.cache_ttl_s, config.auth.stale_s)
+    if config.rate_limits.url:
+        from proxy.shared_limits import SharedLimits
+
+        gw.limiter.shared = gw.wallets.shared = SharedLimits(config.rate_limits, gw.limiter, gw.metrics.redis_errors)
     recorder: Recorder | None = None
     if config.accounting.enabled:
         accounting = config.accounting
@@ -113,6 +117,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             await recorder.close()
         for upstream in (*gw.upstreams.values(), *gw.retired):
             await upstream.close()
+        if gw.limiter.shared is not None:
+            await gw.limiter.shared.close()
         await gw.store.close()
         if gw.access is not None:
             await asyncio.to_thread(gw.access.close)

@@ -135,7 +135,8 @@ class AccountingConfig(_Base):
 
 
 class SubjectLimits(_Base):
-    """Rate limits of each key, or of each team (all its keys together); 0: no limit. Per worker process."""
+    """Rate limits of each key, or of each team (all its keys together); 0: no limit. Per worker process, or
+    across every worker and instance with `rate_limits.url`."""
 
     rpm: int = 0  # requests a minute
     tpm: int = 0  # tokens a minute (input + output): reserved at admission from an estimate, settled at the end
@@ -156,6 +157,14 @@ class RateLimitsConfig(_Base):
     # A request's token estimate: its prompt (a token per 4 bytes of body) + its max_tokens (max_completion_tokens,
     # max_output_tokens) or, when it names none, this.
     default_output_tokens: int = 1024
+    # redis://host:port/db (rediss:// for TLS): limits and credit holds shared by every worker and instance on it.
+    # "": each worker process keeps its own.
+    url: str = ""
+    timeout_ms: int = 500  # a Redis call slower than this (waiting for a connection, or for the answer) fails
+    # Redis down or slow: "local" (each worker applies the limits and holds on its own until Redis answers),
+    # "open" (no rate limits, holds per worker), "closed" (503 until Redis answers).
+    on_redis_error: Literal["local", "open", "closed"] = "local"
+    key_prefix: str = "stats-gateway:"  # the Redis keys' prefix, to share one Redis with other applications
 
 
 class Timeouts(_Base):
@@ -575,6 +584,16 @@ def check(config: GatewayConfig, fail: Any) -> None:
                     fail([*where, subject, name], "expected a whole number >= 0 (0: no limit)")
     if config.auth.max_hold_usd < 0:
         fail(["auth", "max_hold_usd"], "expected an amount in USD >= 0 (0: no holds)")
+    if config.rate_limits.url and not config.rate_limits.url.startswith(("redis://", "rediss://", "unix://")):
+        from proxy.store.base import redact_url
+
+        fail(
+            ["rate_limits", "url"],
+            f"expected a redis://[:password@]host:port/db URL (or rediss://, unix://), got "
+            f"{redact_url(config.rate_limits.url)!r}",
+        )
+    if config.rate_limits.timeout_ms < 1:
+        fail(["rate_limits", "timeout_ms"], "expected a duration >= 1 ms")
     if config.rate_limits.default_output_tokens < 1:
         fail(["rate_limits", "default_output_tokens"], "expected a whole number of tokens >= 1")
     if config.accounting.journal_fsync_s < 0:

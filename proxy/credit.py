@@ -8,12 +8,15 @@ requests see it without waiting for the store.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import final
+from typing import TYPE_CHECKING, final
 
 from proxy.cache import Missing, TTLCache
 from proxy.config import NANOS_PER_USD
 from proxy.errors import Code, GatewayError
 from proxy.store.base import KeyRecord, Store, StoreError
+
+if TYPE_CHECKING:
+    from proxy.shared_limits import SharedLimits
 
 
 def usd(nanos: int) -> str:
@@ -26,10 +29,11 @@ def usd(nanos: int) -> str:
 
 @final
 class WalletCache:
-    __slots__ = ("_cache", "holds", "min_balance_nanos", "pending", "store")
+    __slots__ = ("_cache", "holds", "min_balance_nanos", "pending", "shared", "store")
 
     def __init__(self, store: Store, ttl: float, min_balance_nanos: int, stale_s: float = 0.0):
         self.store = store
+        self.shared: SharedLimits | None = None  # holds in Redis (rate_limits.url), else in this process
         self.min_balance_nanos = min_balance_nanos
         self.pending: dict[str, int] = {}  # team → debits not yet in the store (kept by the accountant)
         self.holds: dict[str, int] = {}  # team → worst-case costs of its requests in flight in this process
@@ -46,33 +50,35 @@ class WalletCache:
         except StoreError as e:
             raise GatewayError(Code.unavailable, "The wallet store is unavailable; retry shortly.") from e
 
-    async def check(self, team_id: str, team_name: str, hold: int = 0) -> int:
-        """The team's balance, or `GatewayError(insufficient_credits)` when it is under the minimum once the
-        holds of its requests in flight, and `hold` (this request's), are taken off; then `hold` is held
-        until `release`."""
+    async def funded(self, team_id: str, team_name: str) -> int:
+        """The team's balance; GatewayError(insufficient_credits) when it is under the minimum."""
         balance = await self.balance(team_id)
-        held = self.holds.get(team_id, 0)
-        if balance - held - hold < self.min_balance_nanos:
-            if balance < self.min_balance_nanos:
-                raise GatewayError(
-                    Code.insufficient_credits,
-                    f"Team {team_name!r} has {usd(balance)} of credit; each request needs at least "
-                    f"{usd(self.min_balance_nanos)}. Add credit with `stats-gateway credits add --team "
-                    f"{team_name} --usd AMOUNT`.",
-                )
+        if balance < self.min_balance_nanos:
             raise GatewayError(
                 Code.insufficient_credits,
-                f"Team {team_name!r} has {usd(balance)} of credit, of which {usd(held)} is held by its requests "
-                f"in flight; this one may cost up to {usd(hold)} and each request must leave at least "
-                f"{usd(self.min_balance_nanos)}. Retry when some finish, lower max_tokens, or add credit.",
+                f"Team {team_name!r} has {usd(balance)} of credit; each request needs at least "
+                f"{usd(self.min_balance_nanos)}. Add credit with `stats-gateway credits add --team "
+                f"{team_name} --usd AMOUNT`.",
             )
-        if hold:
-            self.holds[team_id] = held + hold
         return balance
 
-    def release(self, team_id: str, hold: int) -> None:
-        """A request's hold ends (its real cost is debited, or it never ran)."""
-        _settle(self.holds, team_id, hold)
+    async def check(self, team_id: str, team_name: str, hold: int = 0) -> None:
+        """GatewayError(insufficient_credits) when the team's balance is under the minimum once the holds of
+        its requests in flight in this process, and `hold` (this request's), are taken off; else `hold` is
+        held until `release`. (With Redis, SharedLimits.admit holds across instances instead.)"""
+        balance = await self.funded(team_id, team_name)
+        held = self.holds.get(team_id, 0)
+        if balance - held - hold < self.min_balance_nanos:
+            raise held_up(team_name, balance, held, hold, self.min_balance_nanos)
+        if hold:
+            self.holds[team_id] = held + hold
+
+    def release(self, team_id: str, hold: int, member: str = "") -> None:
+        """A request's hold ends (its real cost is debited, or it never ran); `member`: it is in Redis."""
+        if member and self.shared is not None:
+            self.shared.release(team_id, member)
+        elif hold:
+            _settle(self.holds, team_id, hold)
 
     def adjust(self, team_id: str, delta_nanos: int) -> None:
         """Apply a debit or top-up to the cached balance at once."""
@@ -85,6 +91,16 @@ class WalletCache:
 
     def written(self, team_id: str, cost: int) -> None:
         _settle(self.pending, team_id, cost)
+
+
+def held_up(team_name: str, balance: int, held: int, hold: int, minimum: int) -> GatewayError:
+    """The 402 of a request whose worst-case cost does not fit beside what the team's requests in flight hold."""
+    return GatewayError(
+        Code.insufficient_credits,
+        f"Team {team_name!r} has {usd(balance)} of credit, of which {usd(held)} is held by its requests in flight; "
+        f"this one may cost up to {usd(hold)} and each request must leave at least {usd(minimum)}. Retry when "
+        "some finish, lower max_tokens, or add credit.",
+    )
 
 
 def _settle(pending: dict[str, int], key: str, cost: int) -> None:

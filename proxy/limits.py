@@ -25,6 +25,7 @@ from proxy.errors import Code, GatewayError
 
 if TYPE_CHECKING:
     from proxy.config import RateLimitsConfig, SubjectLimits
+    from proxy.shared_limits import SharedLimits
     from proxy.store.base import KeyRecord
 
 PRUNE_EVERY: Final = 4096  # admissions between sweeps of keys whose buckets are empty again
@@ -124,16 +125,21 @@ def estimate(body_bytes: int, bound: int | None, default_output: int) -> tuple[i
 class Admission:
     """What a request holds from the limiter until it ends, and the `x-ratelimit-*` headers of its answer."""
 
-    __slots__ = ("headers", "slots", "tokens")
+    __slots__ = ("headers", "member", "shared", "slots", "tokens")
 
-    def __init__(self, headers: dict[str, str], tokens: list, slots: list[tuple[dict[str, int], str]]):
+    def __init__(self, headers: dict[str, str], tokens: list, slots: list, shared: Any = None):
         self.headers = headers
-        self.tokens = tokens  # (buckets, subject, limit, tokens reserved) of each tokens-a-minute limit
-        self.slots = slots  # (counters, subject) of each concurrency limit it holds one request of
+        # In this process: (buckets, subject, limit, tokens reserved) of each tokens-a-minute limit, and
+        # (counters, subject) of each concurrency limit it holds one request of. In Redis (`shared`: the
+        # SharedLimits that settles it): (Redis key, limit, tokens reserved), and the Redis keys of the slots.
+        self.tokens = tokens
+        self.slots = slots
+        self.shared = shared
+        self.member = ""  # in Redis: the request's id, its slots' member
 
 
 @final
-class _Rule:
+class Rule:
     """The limits of one kind of subject (each key, or each team), with their buckets and counters."""
 
     __slots__ = ("concurrency", "in_flight", "model", "per_key", "rpm", "rpm_buckets", "tpm", "tpm_buckets")
@@ -160,16 +166,25 @@ _Taken = tuple[LocalLimits, str, Limit, int]  # buckets, subject, limit, units
 class RateLimiter:
     """The configured limits of every key and every team, in this process."""
 
-    __slots__ = ("_key_rule", "_limits", "_model_rules", "_refusals", "_rules", "active", "default_output")
+    __slots__ = (
+        "_key_rule",
+        "_limits",
+        "_model_rules",
+        "_refusals",
+        "_rules",
+        "active",
+        "default_output",
+        "shared",
+    )
 
     def __init__(self, config: RateLimitsConfig, refusals: Any = None):
         self._refusals = refusals  # a labelled counter (`gateway_rate_limited`): subject, limit
-        self._key_rule = _Rule("key", config.key)  # there even without defaults: a key may have its own limits
-        self._rules = [self._key_rule] + ([_Rule("team", config.team)] if _any(config.team) else [])
+        self._key_rule = Rule("key", config.key)  # there even without defaults: a key may have its own limits
+        self._rules = [self._key_rule] + ([Rule("team", config.team)] if _any(config.team) else [])
         self._model_rules = {  # model id → the key's and team's limits on it, after those on all models
             model: self._rules
             + [
-                _Rule(kind, subject, model)
+                Rule(kind, subject, model)
                 for kind, subject in (("key", limits.key), ("team", limits.team))
                 if _any(subject)
             ]
@@ -179,6 +194,7 @@ class RateLimiter:
         self.active = _any(config.key) or _any(config.team) or bool(self._model_rules)  # else only keys with their own
         self.default_output = config.default_output_tokens
         self._limits: dict[int, Limit] = {}  # a key's own rates, one Limit each
+        self.shared: SharedLimits | None = None  # the buckets in Redis (rate_limits.url), set at start-up
 
     def _own(self, rate: int | None, default: Limit | None) -> Limit | None:
         """A key's own rate (None: the default; 0: no limit) as a Limit."""
@@ -202,25 +218,14 @@ class RateLimiter:
         budget: tuple[float, Limit] | None = None
         requests_room = budget_room = 0.0  # what they have left
         try:
-            for rule in self._model_rules.get(model, self._rules):
-                if rule.per_key:
-                    subject = key.kid
-                    if key.rate_limited and not rule.model:  # a key's own limits replace those on all models
-                        rpm = self._own(key.rpm_limit, rule.rpm)
-                        tpm = self._own(key.tpm_limit, rule.tpm)
-                        concurrency = rule.concurrency if key.concurrency_limit is None else key.concurrency_limit
-                    else:
-                        rpm, tpm, concurrency = rule.rpm, rule.tpm, rule.concurrency
-                else:
-                    subject = key.team_id
-                    rpm, tpm, concurrency = rule.rpm, rule.tpm, rule.concurrency
+            for rule in self.rules(model):
+                subject, rpm, tpm, concurrency = self.terms(rule, key)
                 limit = rpm
                 if limit is not None:
                     buckets = rule.rpm_buckets
                     tat = buckets.reserve(subject, limit, now, 1)
                     if tat < 0:
-                        self._count_refusal(rule, "requests")
-                        raise _refused(buckets, subject, limit, now, -tat, rule.who(key), "requests")
+                        raise self.refused(rule, key, limit, buckets.tat(subject, now) - now, -tat, "requests")
                     taken.append((buckets, subject, limit, 1))
                     room = limit.capacity - (tat - now) / limit.interval
                     if requests is None or room < requests_room:
@@ -228,18 +233,11 @@ class RateLimiter:
                 limit = tpm
                 if limit is not None:
                     if tokens > limit.capacity:
-                        self._count_refusal(rule, "tokens")
-                        raise _refusal(
-                            f"This request's estimated {tokens} tokens (its prompt, and its max_tokens or "
-                            f"{self.default_output} when it names none) exceed the {limit.rate} tokens a "
-                            f"minute of {rule.who(key)}: lower max_tokens or shorten the prompt.",
-                            {"x-should-retry": "false"},  # waiting would not help: the SDKs do not retry
-                        )
+                        raise self.too_big(rule, key, limit, tokens)
                     buckets = rule.tpm_buckets
                     tat = buckets.reserve(subject, limit, now, tokens)
                     if tat < 0:
-                        self._count_refusal(rule, "tokens")
-                        raise _refused(buckets, subject, limit, now, -tat, rule.who(key), "tokens")
+                        raise self.refused(rule, key, limit, buckets.tat(subject, now) - now, -tat, "tokens")
                     taken.append((buckets, subject, limit, tokens))
                     reserved.append(taken[-1])
                     room = limit.capacity - (tat - now) / limit.interval
@@ -248,28 +246,71 @@ class RateLimiter:
                 if concurrency:
                     count = rule.in_flight.get(subject, 0)
                     if count >= concurrency:
-                        self._count_refusal(rule, "concurrency")
-                        raise _refusal(
-                            f"Rate limit reached for {rule.who(key)}: at most {concurrency} requests in "
-                            "flight at once. Retry when one of them ends.",
-                            {"retry-after": "1", "retry-after-ms": "1000"},
-                        )
+                        raise self.busy(rule, key, concurrency)
                     rule.in_flight[subject] = count + 1
                     held.append((rule.in_flight, subject))
         except GatewayError as e:
             for buckets, subject, limit, units in taken:  # none of them, then
                 buckets.settle(subject, limit, now, units, 0)
             _free(held)
-            e.headers = {**_headers(requests, budget, now), **e.headers}
+            e.headers = {**headers(requests, budget, now), **e.headers}
             raise
-        return Admission(_headers(requests, budget, now), reserved, held)
+        return Admission(headers(requests, budget, now), reserved, held)
 
-    def _count_refusal(self, rule: _Rule, limit: str) -> None:
+    def rules(self, model: str) -> list[Rule]:
+        """The rules a request for `model` is under: those on all models, then those on it."""
+        return self._model_rules.get(model, self._rules)
+
+    def terms(self, rule: Rule, key: KeyRecord) -> tuple[str, Limit | None, Limit | None, int]:
+        """What `rule` means for `key`: the subject it counts (the key's id, or its team's), its requests and
+        tokens a minute, and its concurrency (0: none). A key's own limits replace those on all models."""
+        if not rule.per_key:
+            return key.team_id, rule.rpm, rule.tpm, rule.concurrency
+        if key.rate_limited and not rule.model:
+            concurrency = rule.concurrency if key.concurrency_limit is None else key.concurrency_limit
+            return key.kid, self._own(key.rpm_limit, rule.rpm), self._own(key.tpm_limit, rule.tpm), concurrency
+        return key.kid, rule.rpm, rule.tpm, rule.concurrency
+
+    def too_big(self, rule: Rule, key: KeyRecord, limit: Limit, tokens: int) -> GatewayError:
+        """The 429 of a request whose estimate is over a tokens-a-minute limit's burst: it would never fit."""
+        self._count_refusal(rule, "tokens")
+        return _refusal(
+            f"This request's estimated {tokens} tokens (its prompt, and its max_tokens or {self.default_output} "
+            f"when it names none) exceed the {limit.rate} tokens a minute of {rule.who(key)}: lower max_tokens or "
+            "shorten the prompt.",
+            {"x-should-retry": "false"},  # waiting would not help: the SDKs do not retry
+        )
+
+    def busy(self, rule: Rule, key: KeyRecord, concurrency: int) -> GatewayError:
+        """The 429 of a concurrency limit with every slot taken."""
+        self._count_refusal(rule, "concurrency")
+        return _refusal(
+            f"Rate limit reached for {rule.who(key)}: at most {concurrency} requests in flight at once. Retry when "
+            "one of them ends.",
+            {"retry-after": "1", "retry-after-ms": "1000"},
+        )
+
+    def refused(self, rule: Rule, key: KeyRecord, limit: Limit, held: float, wait: float, unit: str) -> GatewayError:
+        """The 429 of a bucket without room (`held`: its TAT - now; `wait`: until the request would fit), with
+        when to retry and the headers of the bucket as it is."""
+        self._count_refusal(rule, unit)
+        bucket = (held, limit)
+        out = headers(bucket, None, 0.0) if unit == "requests" else headers(None, bucket, 0.0)
+        out["retry-after"] = str(max(math.ceil(wait), 1))
+        out["retry-after-ms"] = str(max(math.ceil(wait * 1000), 1))
+        return _refusal(
+            f"Rate limit reached for {rule.who(key)}: {limit.rate} {unit} a minute. Retry in {wait:.2f} s.", out
+        )
+
+    def _count_refusal(self, rule: Rule, limit: str) -> None:
         if self._refusals is not None:
             self._refusals.labels("key" if rule.per_key else "team", limit).inc()
 
     def settle(self, admission: Admission, used_tokens: int, now: float) -> None:
         """The request ended having used `used_tokens`: reconcile its token reservations, free its slots."""
+        if admission.shared is not None:
+            admission.shared.settle(admission, used_tokens)
+            return
         for buckets, subject, limit, reserved in admission.tokens:
             buckets.settle(subject, limit, now, reserved, used_tokens)
         _free(admission.slots)
@@ -277,17 +318,6 @@ class RateLimiter:
 
 def _any(limits: SubjectLimits) -> bool:
     return bool(limits.rpm or limits.tpm or limits.concurrency)
-
-
-def _refused(
-    buckets: LocalLimits, subject: str, limit: Limit, now: float, wait: float, who: str, unit: str
-) -> GatewayError:
-    """The 429 of a bucket without room: when to retry, and the headers of the bucket as it is."""
-    tat = buckets.tat(subject, now)
-    headers = _headers((tat, limit), None, now) if unit == "requests" else _headers(None, (tat, limit), now)
-    headers["retry-after"] = str(max(math.ceil(wait), 1))
-    headers["retry-after-ms"] = str(max(math.ceil(wait * 1000), 1))
-    return _refusal(f"Rate limit reached for {who}: {limit.rate} {unit} a minute. Retry in {wait:.2f} s.", headers)
 
 
 def _free(held: list[tuple[dict[str, int], str]]) -> None:
@@ -305,7 +335,7 @@ def _refusal(message: str, headers: dict[str, str]) -> GatewayError:
     return error
 
 
-def _headers(requests: tuple[float, Limit] | None, tokens: tuple[float, Limit] | None, now: float) -> dict[str, str]:
+def headers(requests: tuple[float, Limit] | None, tokens: tuple[float, Limit] | None, now: float) -> dict[str, str]:
     """OpenAI's `x-ratelimit-*` headers, for the tightest bucket (its TAT, its limit) of each kind."""
     out = {}
     if requests is not None:

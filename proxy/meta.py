@@ -81,6 +81,7 @@ class RequestMeta:
         "error_message",
         "finished",
         "hold",
+        "hold_shared",
         "key_id",
         "key_limited",
         "limits",
@@ -140,6 +141,7 @@ class RequestMeta:
         self.error_message = ""
         self.t_end = 0.0
         self.hold = 0  # nano-dollars of its team's wallet it holds while it runs (its worst-case cost)
+        self.hold_shared = False  # the hold is in Redis (rate_limits.url), else in this process
         self.limits: Admission | None = None  # what it holds of the rate limits, and their headers
         self.accounted = False  # handed to the accountant (its record is journaled): a second submit is a no-op
 

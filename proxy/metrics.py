@@ -134,6 +134,7 @@ class Metrics:
         "multiprocess",
         "overhead",
         "rate_limited",
+        "redis_errors",
         "registry",
         "requests",
         "spend",
@@ -244,6 +245,13 @@ class Metrics:
             "gateway_rate_limited",
             "Requests refused by a rate limit, by subject (key, team) and limit (requests, tokens, concurrency).",
             ("subject", "limit"),
+        )
+        self.redis_errors = make(
+            "counter",
+            "gateway_redis_errors",
+            "Redis calls that failed or timed out, by use (limits: rate limits and credit holds); the gateway "
+            "went on as `rate_limits.on_redis_error` says.",
+            ("use",),
         )
         if lean:
             self.registry.register(_LeanCollector(lean))

@@ -21,6 +21,7 @@ from proxy.store.base import SCOPE_INFERENCE, SCOPE_MANAGEMENT
 from tests.mock_anthropic import AnthropicControl, build_anthropic_mock
 from tests.mock_gemini import GeminiControl, build_gemini_mock
 from tests.mock_upstream import MockControl, build_mock
+from tests.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "config" / "gateway.yaml"
@@ -132,6 +133,26 @@ def pg_server() -> Iterator[PgServer]:
 def pg_url(pg_server: PgServer) -> str:
     """A new, empty database on the session's server: `postgresql://postgres:PASSWORD@127.0.0.1:PORT/test_N`."""
     return pg_server.create_database()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A Redis for the session (skipped without `redis-server`, except in CI); a test may stop it."""
+    server = RedisServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session's Redis, running (started again if a test stopped it). Tests keep their keys apart with a
+    `rate_limits.key_prefix` of their own."""
+    if redis_server.process is None:
+        redis_server.start()
+    return redis_server.url
 
 
 # ---------------------------------------------------------------------------------------------------------

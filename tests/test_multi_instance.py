@@ -177,3 +177,82 @@ async def test_postgres_down_mid_load_loses_and_doubles_nothing(mock, pg_server:
 def _ensure_running(server: PgServer) -> None:
     if not (server.data / "postmaster.pid").exists():
         server.start()
+
+
+def _redis_config(tmp_path: Path, redis_url: str, limits: str) -> Path:
+    """The default config (prices beside it) with `rate_limits` on `redis_url` plus `limits` (YAML lines)."""
+    config = _config(tmp_path, 5)
+    prefix = f"multi{tmp_path.name}:"
+    config.write_text(config.read_text() + f"\nrate_limits:\n  url: {redis_url}\n  key_prefix: '{prefix}'\n" + limits)
+    return config
+
+
+async def _three(env: dict[str, str], tmp_path: Path, config: Path) -> tuple[list, list[str]]:
+    dirs = [tmp_path / f"gw{i}" for i in range(3)]
+    for d in dirs:
+        d.mkdir()
+    started = await asyncio.gather(*(_start(env, d, "--config", str(config)) for d in dirs), return_exceptions=True)
+    procs = [s[0] for s in started if not isinstance(s, BaseException)]
+    assert len(procs) == 3, [s for s in started if isinstance(s, BaseException)]
+    return procs, [url for _, url, _ in started]  # type: ignore[misc]
+
+
+async def test_three_gateways_on_one_redis_hold_a_keys_rate_limit(mock, pg_url: str, redis_url: str, tmp_path: Path):
+    _, key = await _team_key(pg_url)
+    rpm = 100
+    config = _redis_config(tmp_path, redis_url, f"  key: {{rpm: {rpm}}}\n")
+    procs, urls = await _three(env_for(mock, pg_url), tmp_path, config)
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            for url in urls:
+                await _wait_ready(session, url)
+            started = asyncio.get_running_loop().time()
+            answers = await asyncio.gather(*(_chat(session, urls[i % 3], key) for i in range(600)))
+            elapsed = asyncio.get_running_loop().time() - started
+        assert await _terminate(procs) == [0, 0, 0]
+    finally:
+        await _terminate(procs)
+    statuses = [status for status, _, _ in answers]
+    assert set(statuses) == {200, 429}
+    # The burst (a minute's worth), plus what the minute refills while the 600 are served: GCRA's bound.
+    tolerance = int(elapsed * rpm / 60) + 1
+    assert rpm <= statuses.count(200) <= rpm + tolerance, (statuses.count(200), elapsed)
+
+
+async def test_three_gateways_on_one_redis_hold_one_wallet(mock, pg_url: str, redis_url: str, tmp_path: Path):
+    team_id, key = await _team_key(pg_url)
+    store = await open_store(pg_url)
+    try:  # $1.50 of credit: $0.50 above the default $1.00 minimum
+        await store.add_credit(team_id, 1_500_000_000 - CREDIT_NANOS)
+    finally:
+        await store.close()
+    procs, urls = await _three(env_for(mock, pg_url), tmp_path, _redis_config(tmp_path, redis_url, ""))
+    # gpt-4o-mini's output costs $0.60 per million tokens: a max_tokens with a worst case of ~$0.10
+    body = {**CHAT, "stream": True, "max_tokens": 167_000}
+    mock.control.gate_after = 1  # the streams stay open after their first event until the gate opens
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            for url in urls:
+                await _wait_ready(session, url)
+
+            heads: list[int] = []
+
+            async def stream(url: str) -> tuple[int, bytes]:
+                async with session.post(url + "/v1/chat/completions", json=body, headers=auth(key)) as r:
+                    if r.status == 200:
+                        await r.content.readline()  # admitted, and its stream open
+                    heads.append(r.status)
+                    if len(heads) == 50:  # every request admitted or refused: the streams may end
+                        mock.control.gate.set()
+                    return r.status, await r.read()
+
+            async with asyncio.timeout(30):
+                answers = await asyncio.gather(*(stream(urls[i % 3]) for i in range(50)))
+        assert await _terminate(procs) == [0, 0, 0]
+    finally:
+        await _terminate(procs)
+    statuses = sorted(status for status, _ in answers)
+    admitted_at_most = 4  # ~$0.10 each (and the prompt) in $0.50: 4 fit, not 5
+    assert statuses.count(200) == admitted_at_most and statuses.count(402) == 50 - admitted_at_most, statuses
+    _, balance = await _records(pg_url, team_id)
+    assert balance >= 1_000_000_000 - admitted_at_most * COST_NANOS  # the wallet did not go below the minimum

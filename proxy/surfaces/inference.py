@@ -41,6 +41,7 @@ from proxy.resilience import (
     retry_delay,
 )
 from proxy.routing import Surface
+from proxy.shared_limits import DOWN
 from proxy.sse import SSEError
 from proxy.store.base import KeyRecord
 from proxy.surfaces.body import read_body
@@ -113,7 +114,9 @@ def inference_handler(surface: Surface, default_model: str, metrics: Metrics, se
             _account(gw, meta)  # first: it prices an abandoned stream, which metrics then count
             gw.metrics.record(meta, meta.t_end)
             if meta.hold:  # after `_account`: its real cost is debited now
-                gw.wallets.release(meta.team_id, meta.hold)  # type: ignore[union-attr]
+                gw.wallets.release(  # type: ignore[union-attr]
+                    meta.team_id, meta.hold, meta.request_id if meta.hold_shared else ""
+                )
             if meta.limits is not None:  # after `_account`: an abandoned stream's usage is estimated there
                 usage = meta.usage
                 used = (usage.input_tokens + usage.output_tokens) if usage is not None else 0
@@ -168,18 +171,34 @@ async def admit(
             param="model",
         )
     hold = _hold(gw, model_id, tokens) if meta is not None and tokens[1] else 0
+    limited = meta is not None and (gw.limiter.active or key.rate_limited)
+    shared = gw.limiter.shared
+    if shared is not None and meta is not None and (hold or limited):
+        balance = await gw.wallets.funded(key.team_id, key.team_name)  # type: ignore[union-attr]
+        await _gates(gw, key)
+        wallet = (balance, gw.wallets.min_balance_nanos)  # type: ignore[union-attr]
+        admission = await shared.admit(key, tokens[0] + tokens[1], model_id, meta.request_id, limited, hold, wallet)
+        if admission is not DOWN:
+            meta.limits, meta.hold, meta.hold_shared = admission, hold, bool(hold)
+            return
+        limited = limited and shared.on_error == "local"  # Redis is down: this worker's own limits, or none
     await gw.wallets.check(key.team_id, key.team_name, hold)  # type: ignore[union-attr]
     try:
-        await gw.budgets.check(key)  # type: ignore[union-attr]
-        if gw.accountant is not None and gw.accountant.backlogged:
-            raise GatewayError(Code.unavailable, "Usage records are waiting for the store; retry shortly.")
-        if meta is not None and (gw.limiter.active or key.rate_limited):
+        await _gates(gw, key)
+        if limited and meta is not None:
             meta.limits = gw.limiter.admit(key, tokens[0] + tokens[1], time.monotonic(), model_id)
     except BaseException:
         gw.wallets.release(key.team_id, hold)  # type: ignore[union-attr]
         raise
     if meta is not None:
         meta.hold = hold
+
+
+async def _gates(gw: Gateway, key: KeyRecord) -> None:
+    """The key's cost limits, and room in the record queue."""
+    await gw.budgets.check(key)  # type: ignore[union-attr]
+    if gw.accountant is not None and gw.accountant.backlogged:
+        raise GatewayError(Code.unavailable, "Usage records are waiting for the store; retry shortly.")
 
 
 def _hold(gw: Gateway, model_id: str, tokens: tuple[int, int]) -> int:
