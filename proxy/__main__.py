@@ -97,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--concurrency", type=_count, help="requests this key may have in flight (0: none; default: config)"
     )
+    create.add_argument(
+        "--guardrails", default="", help="comma-separated guardrail policies (of guardrails.policies) for this key"
+    )
     listing = with_config(keys.add_parser("list", help="list keys (never their secrets)"))
     listing.add_argument("--team")
     revoke = with_config(keys.add_parser("revoke", help="revoke a key by its id"))
@@ -272,6 +275,12 @@ async def _keys_create(store: Any, args: argparse.Namespace, config: GatewayConf
     from proxy.credit import usd
     from proxy.store.base import SCOPE_INFERENCE, SCOPE_MANAGEMENT
 
+    guardrails = tuple(dict.fromkeys(g.strip() for g in args.guardrails.split(",") if g.strip()))
+    unknown = [g for g in guardrails if g not in config.guardrails.policies]
+    if unknown:
+        known = ", ".join(config.guardrails.policies) or f"none defined in {config.source}"
+        print(f"unknown policies in --guardrails: {', '.join(unknown)} (guardrails.policies: {known})", file=sys.stderr)
+        return 2
     team = await store.ensure_team(args.team)
     kid, key = generate_key()
     parts = split_key(key)
@@ -289,6 +298,8 @@ async def _keys_create(store: Any, args: argparse.Namespace, config: GatewayConf
         )
     if args.rpm is not None or args.tpm is not None or args.concurrency is not None:
         await store.set_key_rate_limits(kid, rpm=args.rpm, tpm=args.tpm, concurrency=args.concurrency)
+    if guardrails:
+        await store.set_key_guardrails(kid, guardrails=guardrails)
     balance = team.balance_nanos
     if args.credit:
         balance = await store.add_credit(team.id, args.credit, note=f"keys create {kid}")

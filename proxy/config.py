@@ -12,7 +12,7 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import date
 from decimal import Decimal
 from pathlib import Path
@@ -165,6 +165,32 @@ class RateLimitsConfig(_Base):
     # "open" (no rate limits, holds per worker), "closed" (503 until Redis answers).
     on_redis_error: Literal["local", "open", "closed"] = "local"
     key_prefix: str = "stats-gateway:"  # the Redis keys' prefix, to share one Redis with other applications
+
+
+class GuardrailPolicy(_Base):
+    """One guardrail: a check, where it runs and what a match does. See docs/guardrails.md."""
+
+    check: Literal["pii", "secrets", "regex", "prompt_tokens", "max_tokens", "models", "webhook"]
+    stage: Literal["request", "response", "both"] = "request"  # what it checks (`on` would be YAML's true)
+    # block: 400 guardrail_blocked; redact: matches replaced by [KIND] (pii, secrets, regex); log: recorded
+    # only; clamp: max_tokens lowered to `max` (max_tokens)
+    action: Literal["block", "redact", "log", "clamp"] = "block"
+    kinds: list[str] = []  # pii, secrets: only these kinds (EMAIL, CARD, …); []: all the check's kinds
+    patterns: dict[str, str] = {}  # regex: name → regular expression (a match's placeholder: [NAME])
+    max: int = 0  # prompt_tokens: the most tokens a prompt may have; max_tokens: the ceiling
+    allow: list[str] = []  # models: the model ids allowed ([]: any not denied)
+    deny: list[str] = []  # models: the model ids refused
+    url: str = ""  # webhook: where the texts are POSTed
+    headers: dict[str, str] = {}  # webhook: sent with each call (an Authorization header, …)
+    timeout_ms: int = 1000  # webhook: the longest wait for its verdict
+    on_error: Literal["open", "closed"] = "open"  # webhook down, slow or garbled: let through, or refuse (503)
+
+
+class GuardrailsConfig(_Base):
+    policies: dict[str, GuardrailPolicy] = {}  # name → policy
+    default: list[str] = []  # policy names applied to every request
+    teams: dict[str, list[str]] = {}  # team name → policy names applied to its requests, in addition
+    max_scan_bytes: int = 1_048_576  # a streamed answer's text kept for its response policies (log only)
 
 
 class Timeouts(_Base):
@@ -338,6 +364,7 @@ class GatewayConfig(_Base):
     pricing: PricingConfig = msgspec.field(default_factory=PricingConfig)
     accounting: AccountingConfig = msgspec.field(default_factory=AccountingConfig)
     rate_limits: RateLimitsConfig = msgspec.field(default_factory=RateLimitsConfig)
+    guardrails: GuardrailsConfig = msgspec.field(default_factory=GuardrailsConfig)
     providers: dict[str, ProviderConfig] = {}
     models: dict[str, ModelConfig] = {}
     routes: list[RouteConfig] = []  # none in the file: default_routes(models)
@@ -596,6 +623,7 @@ def check(config: GatewayConfig, fail: Any) -> None:
         fail(["rate_limits", "timeout_ms"], "expected a duration >= 1 ms")
     if config.rate_limits.default_output_tokens < 1:
         fail(["rate_limits", "default_output_tokens"], "expected a whole number of tokens >= 1")
+    _check_guardrails(config.guardrails, config.models, fail)
     if config.accounting.journal_fsync_s < 0:
         fail(["accounting", "journal_fsync_s"], "expected a duration >= 0 seconds (0: never fsync)")
     if config.auth.cache_ttl_s < 0:
@@ -714,3 +742,59 @@ def fail_at(config: GatewayConfig, segments: list[Segment], message: str) -> Non
         except (OSError, yaml.YAMLError):
             root = None
     raise ConfigError(config.source or "<config>", format_path(segments), message, _line_of(root, segments))
+
+
+def _check_guardrails(guardrails: GuardrailsConfig, models: Mapping[str, Any], fail: Fail) -> None:
+    """Each policy's settings make sense for its check; every policy a list names exists."""
+    from proxy.guardrails.detect import KINDS, Detector
+
+    actions = {
+        "pii": ("block", "redact", "log"),
+        "secrets": ("block", "redact", "log"),
+        "regex": ("block", "redact", "log"),
+        "prompt_tokens": ("block", "log"),
+        "max_tokens": ("clamp", "block"),
+        "models": ("block",),
+        "webhook": ("block", "log"),
+    }
+    for name, policy in guardrails.policies.items():
+        where: list[Segment] = ["guardrails", "policies", name]
+        check = policy.check
+        if policy.action not in actions[check]:
+            fail([*where, "action"], f"expected one of {', '.join(actions[check])} for a {check} check")
+        if policy.stage != "request" and check in ("prompt_tokens", "max_tokens", "models"):
+            fail([*where, "stage"], f"a {check} check runs on requests only: expected `request`")
+        if check in ("pii", "secrets"):
+            for i, kind in enumerate(policy.kinds):
+                if kind not in KINDS[check]:
+                    fail([*where, "kinds", i], f"expected one of {', '.join(KINDS[check])}, got {kind!r}")
+        elif check == "regex":
+            if not policy.patterns:
+                fail([*where, "patterns"], "expected at least one `name: regular expression`")
+            try:
+                Detector((), policy.patterns)
+            except ValueError as e:
+                fail([*where, "patterns"], str(e))
+        elif check in ("prompt_tokens", "max_tokens") and policy.max < 1:
+            fail([*where, "max"], "expected a whole number of tokens >= 1")
+        elif check == "models":
+            if not policy.allow and not policy.deny:
+                fail(where, "expected `allow` or `deny`: a list of model ids")
+            for field in ("allow", "deny"):
+                for i, model in enumerate(getattr(policy, field)):
+                    if model not in models:
+                        fail([*where, field, i], f"unknown model {model!r} (expected one of: {', '.join(models)})")
+        elif check == "webhook":
+            if not policy.url.startswith(("http://", "https://")):
+                fail([*where, "url"], "expected an http:// or https:// URL")
+            if policy.timeout_ms < 1:
+                fail([*where, "timeout_ms"], "expected a duration >= 1 ms")
+    known = set(guardrails.policies)
+    lists: list[tuple[list[Segment], list[str]]] = [(["guardrails", "default"], guardrails.default)]
+    lists += [(["guardrails", "teams", team], names) for team, names in guardrails.teams.items()]
+    for where, names in lists:
+        for i, name in enumerate(names):
+            if name not in known:
+                fail([*where, i], f"unknown policy {name!r} (expected one of: {', '.join(known) or 'none defined'})")
+    if guardrails.max_scan_bytes < 0:
+        fail(["guardrails", "max_scan_bytes"], "expected a size in bytes >= 0")

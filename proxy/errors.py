@@ -32,6 +32,7 @@ class Code(enum.Enum):
     model_not_supported = (400, "invalid_request_error")
     ambiguous_model = (400, "invalid_request_error")
     content_policy_violation = (400, "invalid_request_error")  # the provider refused to make it (OpenAI's code)
+    guardrail_blocked = (400, "invalid_request_error")  # a guardrail policy of the gateway refused it
     invalid_api_key = (401, "authentication_error")
     insufficient_credits = (402, "insufficient_credits")
     key_budget_exceeded = (402, "insufficient_credits")

@@ -17,6 +17,7 @@ from proxy.auth import KeyCache
 from proxy.config import GatewayConfig, Target
 from proxy.credit import KeyBudgets, WalletCache
 from proxy.errors import Code, GatewayError
+from proxy.guardrails.policy import Guardrails
 from proxy.limits import RateLimiter
 from proxy.metrics import Metrics
 from proxy.pricing import Pricing
@@ -40,6 +41,7 @@ class Gateway:
         "budgets",
         "config",
         "draining",
+        "guardrails",
         "health",
         "keys",
         "limiter",
@@ -69,6 +71,7 @@ class Gateway:
         self.budgets: KeyBudgets | None = None
         self.max_hold_nanos = config.auth.max_hold_nanos  # `auth` takes effect at a restart, as the limiter
         self.limiter = RateLimiter(config.rate_limits, metrics.rate_limited)  # `.active`: the config sets limits
+        self.guardrails = self._guardrails(config)
         self.health = HealthBoard({name: p.breaker for name, p in config.providers.items()}, self._breaker_changed)
         self.streams: dict[str, int] = {}  # open streams per API key id, for server.max_streams_per_key
         self.retired: set[Upstream] = set()  # replaced by a reload, closed when their last request ends
@@ -95,9 +98,18 @@ class Gateway:
         self.config = config
         self.routes = routes
         self.pricing = Pricing(config.prices)
+        if config.guardrails != old.guardrails:  # requests in flight keep the policies they started with
+            self.guardrails = self._guardrails(config, self.guardrails)
         self.upstreams = upstreams
         self.health.configure({name: p.breaker for name, p in config.providers.items()})
         return later
+
+    def _guardrails(self, config: GatewayConfig, old: Guardrails | None = None) -> Guardrails:
+        metrics = self.metrics
+        guardrails = Guardrails(config.guardrails, metrics.guardrail_matches, metrics.guardrail_errors)
+        if old is not None:
+            guardrails.session = old.session  # the webhooks' connections, kept across reloads
+        return guardrails
 
     def retire(self, upstream: Upstream) -> None:
         """Close a replaced upstream's connections once no request uses them."""

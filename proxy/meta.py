@@ -15,6 +15,7 @@ import msgspec
 import orjson
 
 if TYPE_CHECKING:
+    from proxy.guardrails.policy import Guarded
     from proxy.limits import Admission
     from proxy.pricing import Tariff
 
@@ -80,6 +81,8 @@ class RequestMeta:
         "error_code",
         "error_message",
         "finished",
+        "guarded",
+        "guardrails",
         "hold",
         "hold_shared",
         "key_id",
@@ -144,6 +147,10 @@ class RequestMeta:
         self.hold_shared = False  # the hold is in Redis (rate_limits.url), else in this process
         self.limits: Admission | None = None  # what it holds of the rate limits, and their headers
         self.accounted = False  # handed to the accountant (its record is journaled): a second submit is a no-op
+        # What its guardrail policies did: [{"policy", "stage", "action", "kinds": {KIND: count}}] (never the
+        # matched text); None: no policy applied or matched
+        self.guardrails: list[dict] | None = None
+        self.guarded: Guarded | None = None  # its guardrail policies, for its answer (none: no guardrail work)
 
     def price(self, tariff: Tariff | None) -> bytes:
         """Cost this request's usage; the `cost_nanos`, `currency`, `pricing_lines` members (b"" if unpriced)."""
@@ -218,7 +225,8 @@ class RequestMeta:
         }
 
     def as_dict(self, now: float | None = None) -> dict:
-        """The `meta` object of a response (`dropped_params` only when a parameter was left out)."""
+        """The `meta` object of a response (`dropped_params` only when a parameter was left out, `guardrails`
+        only when a policy acted)."""
         out = {
             "request_id": self.request_id,
             "provider": self.provider,
@@ -231,4 +239,6 @@ class RequestMeta:
         }
         if self.dropped_params:
             out["dropped_params"] = list(self.dropped_params)
+        if self.guardrails:
+            out["guardrails"] = self.guardrails
         return out

@@ -130,6 +130,8 @@ class Metrics:
         "_counts",
         "breaker_state",
         "duration",
+        "guardrail_errors",
+        "guardrail_matches",
         "in_flight",
         "multiprocess",
         "overhead",
@@ -245,6 +247,19 @@ class Metrics:
             "gateway_rate_limited",
             "Requests refused by a rate limit, by subject (key, team) and limit (requests, tokens, concurrency).",
             ("subject", "limit"),
+        )
+        self.guardrail_matches = make(
+            "counter",
+            "gateway_guardrail_matches",
+            "Guardrail policies that matched, by policy, stage (request, response) and action (block, redact, log, "
+            "clamp).",
+            ("policy", "stage", "action"),
+        )
+        self.guardrail_errors = make(
+            "counter",
+            "gateway_guardrail_errors",
+            "Guardrail webhooks that failed (down, slow, a bad answer), by policy; `on_error` said what followed.",
+            ("policy",),
         )
         self.redis_errors = make(
             "counter",

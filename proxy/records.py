@@ -7,11 +7,14 @@ the success flag, text PostgreSQL can hold. With `accounting.writer: process` th
 
 A line starts with SNAPSHOT (1). A line that starts with a request id is a row already (in
 `GENERATION_COLUMNS` order: a journal left by an older gateway, or written by a test) and is taken as it is.
+Lines a gateway of before guardrails left (one member shorter: no guardrails at the end) replay as records
+whose guardrails did nothing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import get_args
 
 import msgspec
 import orjson
@@ -21,8 +24,8 @@ from proxy.store.base import Generation
 
 SNAPSHOT = 1
 
-# A snapshot line, checked member by member when a journal is replayed.
-SnapshotLine = tuple[
+# A snapshot line as gateways before guardrails wrote it (V1); checked member by member when a journal is replayed.
+SnapshotLineV1 = tuple[
     int,  # SNAPSHOT
     str,  # request id
     int,  # created at, unix milliseconds
@@ -49,10 +52,16 @@ SnapshotLine = tuple[
     float,  # t_end
     list[tuple[str, int, float, float]],  # attempts: provider, status, start, end
 ]
-# A row line: the JSON members (usage, pricing lines, timings) as strings of JSON.
-RowLine = tuple[tuple(str if f.type is msgspec.Raw else f.type for f in msgspec.structs.fields(Generation))]  # type: ignore[misc]
-_SNAPSHOT = msgspec.json.Decoder(SnapshotLine)
-_ROW = msgspec.json.Decoder(RowLine)
+# The snapshot line since guardrails: V1's members, then what the request's guardrails did (None: nothing).
+SnapshotLine = tuple[(*get_args(SnapshotLineV1), list[dict] | None)]  # type: ignore[misc]
+# A row line: the JSON members (usage, pricing lines, timings) as strings of JSON; V1 lacks the last column.
+_ROW_TYPES = tuple(str if f.type is msgspec.Raw else f.type for f in msgspec.structs.fields(Generation))
+RowLine = tuple[_ROW_TYPES]  # type: ignore[misc]
+RowLineV1 = tuple[_ROW_TYPES[:-1]]  # type: ignore[misc]
+_V1_ROW_LENGTH = len(_ROW_TYPES) - 1
+# The newest shape first: a line is tried as each in turn.
+_SNAPSHOTS = (msgspec.json.Decoder(SnapshotLine), msgspec.json.Decoder(SnapshotLineV1))
+_ROWS = (msgspec.json.Decoder(RowLine), msgspec.json.Decoder(RowLineV1))
 
 
 def line(meta: RequestMeta, created_ms: int) -> bytes:
@@ -84,6 +93,7 @@ def line(meta: RequestMeta, created_ms: int) -> bytes:
         meta.t_upstream_end,
         meta.t_end,
         meta.attempts,
+        meta.guardrails,
     )
     try:
         return orjson.dumps(snapshot, option=orjson.OPT_APPEND_NEWLINE)
@@ -96,8 +106,13 @@ def _repaired(value: object) -> object:
 
 
 def check(data: bytes) -> None:
-    """Raise `msgspec.DecodeError` unless `data` is one record (a snapshot or a row, without its newline)."""
-    (_SNAPSHOT if data.startswith(b"[1,") else _ROW).decode(data)
+    """Raise `msgspec.DecodeError` unless `data` is one record (a snapshot or a row, without its newline), of
+    this gateway or of one before guardrails."""
+    newest, v1 = _SNAPSHOTS if data.startswith(b"[1,") else _ROWS
+    try:
+        newest.decode(data)
+    except msgspec.DecodeError:
+        v1.decode(data)
 
 
 def rows(lines: Sequence[bytes]) -> list[tuple]:
@@ -112,7 +127,7 @@ def generation(data: bytes) -> Generation:
 
 def _row(item: list) -> tuple:
     if item[0] != SNAPSHOT:
-        return tuple(item)
+        return (*item, "") if len(item) == _V1_ROW_LENGTH else tuple(item)
     (
         _,
         request_id,
@@ -139,6 +154,7 @@ def _row(item: list) -> tuple:
         t_upstream_end,
         t_end,
         attempts,
+        *later,  # since V1: guardrails
     ) = item
     meta = RequestMeta(request_id, surface, t_start)
     meta.team_id, meta.key_id, meta.model, meta.provider = team_id, key_id, model, provider
@@ -149,6 +165,7 @@ def _row(item: list) -> tuple:
     meta.t_upstream_start, meta.t_first_token, meta.t_upstream_end = t_upstream_start, t_first_token, t_upstream_end
     meta.t_end = t_end
     meta.attempts = [tuple(attempt) for attempt in attempts]
+    meta.guardrails = later[0] if later else None
     return row(meta, created_ms)
 
 
@@ -196,4 +213,5 @@ def row(meta: RequestMeta, created_ms: int) -> tuple:
         meta.currency,
         meta.pricing_json.decode(),
         orjson.dumps(meta.timings(meta.t_end)).decode(),
+        orjson.dumps(meta.guardrails).decode() if meta.guardrails else "",
     )

@@ -21,6 +21,7 @@ async def test_key_describes_the_caller_without_its_secret(gateway, key):
     kid = key.split("_")[3]
     assert data["id"] == kid and data["prefix"] == f"aistats_v1_sk_{kid}" and data["team_name"] == "acme"
     assert data["status"] == "active" and data["scopes"] == ["inference"]
+    assert data["allowed_models"] == [] and data["rpm_limit"] is None and data["guardrails"] == []
     assert key.split("_", 4)[4] not in await r.text()
     assert (await gateway.get("/v1/key")).status == 401
 

@@ -44,7 +44,9 @@ def test_every_config_key_has_a_row_and_every_row_is_a_key() -> None:
     documented = {
         name
         for name in ROW_NAMES
-        if re.match(r"(server|store|auth|meta|metrics|accounting|rate_limits|pricing|providers|models)\.", name)
+        if re.match(
+            r"(server|store|auth|meta|metrics|accounting|rate_limits|guardrails|pricing|providers|models)\.", name
+        )
     }
     keys = set()
     for field in msgspec.structs.fields(GatewayConfig):

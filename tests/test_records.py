@@ -10,8 +10,10 @@ from proxy import records
 from proxy.journal import encode_row
 from proxy.meta import RequestMeta, Usage
 from proxy.pricing import NANOS_PER_USD
+from proxy.store.base import Generation
 
 CREATED_MS = 1_796_400_000_123
+GUARDED = {"policy": "pii", "stage": "request", "action": "redact", "kinds": {"EMAIL": 2}}
 
 
 def finished(**members) -> RequestMeta:
@@ -36,6 +38,8 @@ CASES = {
     "estimated": finished(usage_source="estimated", t_first_token=0.0),
     "NUL bytes from a provider": finished(native_id="id\0x", error_message="a\0b"),
     "big cost": finished(cost_nanos=12 * NANOS_PER_USD),
+    "guardrails acted": finished(guardrails=[GUARDED]),
+    "guardrails ran, nothing found": finished(guardrails=[]),
 }
 
 
@@ -71,9 +75,51 @@ def test_the_timings_of_the_row_are_the_answers_meta_timings():
     assert timings["ttft_ms"] == pytest.approx(50.2) and [a["status"] for a in timings["attempts"]] == [503, 200]
 
 
+def test_the_guardrails_of_the_row_are_json_or_empty():
+    (acted, quiet, empty) = records.rows(
+        [
+            records.line(finished(request_id=f"req_{i}", guardrails=g), CREATED_MS)
+            for i, g in enumerate(([GUARDED], None, []))
+        ]
+    )
+    assert orjson.loads(acted[-1]) == [GUARDED] and quiet[-1] == "" and empty[-1] == ""
+    assert len(acted) == len(Generation.__struct_fields__)
+
+
+def _v1(line: bytes) -> bytes:
+    """A line as a gateway of before guardrails wrote it: one member shorter."""
+    return orjson.dumps(orjson.loads(line)[:-1])
+
+
+def test_a_v1_snapshot_line_still_becomes_a_row():
+    meta = finished()
+    old = _v1(records.line(meta, CREATED_MS))
+    msgspec.json.decode(old, type=records.SnapshotLineV1)
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.json.decode(old, type=records.SnapshotLine)
+    records.check(old)
+    (row,) = records.rows([old])
+    assert row == records.row(meta, CREATED_MS) and row[-1] == ""
+    assert records.generation(old).row() == row
+
+
+def test_a_v1_row_line_still_becomes_a_row():
+    row = records.row(finished(guardrails=[GUARDED]), CREATED_MS)
+    old = _v1(encode_row(row))
+    records.check(old)
+    assert records.rows([old]) == [(*row[:-1], "")]
+
+
 @pytest.mark.parametrize(
     "data",
-    [b'[1,"req",1]', b'["req"]', b"{}", b'[1,"r",1,"t","k","s","m","p","u","n",false,200,"","",null,"none",0,"USD",[]'],
+    [
+        b'[1,"req",1]',
+        b'["req"]',
+        b"{}",
+        b'[1,"r",1,"t","k","s","m","p","u","n",false,200,"","",null,"none",0,"USD",[]',
+        b'[1,"r",1,"t","k","s","m","p","u","n",false,200,"","",null,"none",0,"USD",[],0,0,0,0,0,[],"pii"]',
+        b'[1,"r",1,"t","k","s","m","p","u","n",false,200,"","",null,"none",0,"USD",[],0,0,0,0,0,[],null,null]',
+    ],
 )
 def test_check_refuses_what_is_not_a_record(data: bytes):
     with pytest.raises(msgspec.DecodeError):

@@ -12,11 +12,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
+import orjson
 import pytest
 
 from bench.pg_server import PgServer, free_port
+from proxy import records
 from proxy.config import ConfigError, load_config
 from proxy.journal import encode_row
+from proxy.meta import RequestMeta
 from proxy.recorder import Recorder
 from proxy.store import Store, StoreError, migrations, open_store, redact_url
 from proxy.store.base import (
@@ -73,6 +76,7 @@ def generation(
     native: str = "",
     usage: bytes = b'{"prompt_tokens":11,"completion_tokens":5,"reasoning_tokens":2}',
     stream: bool = False,
+    guardrails: str = "",
 ) -> tuple:
     """A generation row as the accountant builds it."""
     return Generation(
@@ -96,13 +100,18 @@ def generation(
         currency="USD",
         pricing_lines=msgspec.Raw(b'[{"kind": "input", "nanos": 1}]'),
         timings=msgspec.Raw(b'{"total_ms": 12.5}'),
+        guardrails=guardrails,
     ).row()
 
 
 async def record(store: Store, rows: list[tuple], via: str = "store") -> int:
     """`store.record` of rows given as tuples, as journal lines: called on the store itself, or (`via` "process")
     through the accounting writer process a worker would start for this store."""
-    lines = [encode_row(row) for row in rows]
+    return await record_lines(store, [encode_row(row) for row in rows], via)
+
+
+async def record_lines(store: Store, lines: list[bytes], via: str = "store") -> int:
+    """`store.record` of journal lines, by the store itself or by an accounting writer process (`via`)."""
     if via == "store":
         return await store.record(lines)
     recorder = Recorder(store.url)
@@ -307,6 +316,7 @@ async def test_keys_create_get_and_list(store: Store):
     assert (key.kid, key.team_id, key.team_name, key.secret_hash, key.name) == ("a1", acme.id, "acme", HASH, "ci")
     assert key.scopes == (SCOPE_INFERENCE, SCOPE_MANAGEMENT) and key.management and key.status == ACTIVE
     assert key.allowed_models == () and not key.limited and isinstance(key.created_at, int)
+    assert key.guardrails == ()
     assert await store.get_key("a1") == key
     assert await store.get_key("nope") is None
     await store.create_key(team_id=rival.id, kid="b1", secret_hash=b"x" * 32, name="", scopes=(SCOPE_INFERENCE,))
@@ -356,6 +366,53 @@ async def test_key_rename_and_limits(store: Store):
     assert await store.set_key_rate_limits("k1", rpm=None, tpm=None, concurrency=None)
     assert not (await store.get_key("k1")).rate_limited  # type: ignore[union-attr]
     assert not await store.set_key_rate_limits("nope", rpm=1, tpm=1, concurrency=1)
+
+
+async def test_key_guardrails(store: Store):
+    team = await store.ensure_team("acme")
+    await store.create_key(team_id=team.id, kid="k1", secret_hash=HASH, name="", scopes=(SCOPE_INFERENCE,))
+    assert await store.set_key_guardrails("k1", guardrails=("pii", "secrets"))
+    assert (await store.get_key("k1")).guardrails == ("pii", "secrets")  # type: ignore[union-attr]
+    assert [k.guardrails for k in await store.list_keys(team.id)] == [("pii", "secrets")]
+    assert await store.set_key_rate_limits("k1", rpm=5, tpm=None, concurrency=None)  # other settings keep them
+    assert (await store.get_key("k1")).guardrails == ("pii", "secrets")  # type: ignore[union-attr]
+    assert await store.set_key_guardrails("k1", guardrails=())
+    assert (await store.get_key("k1")).guardrails == ()  # type: ignore[union-attr]
+    assert not await store.set_key_guardrails("nope", guardrails=("pii",))
+
+
+async def test_a_store_of_schema_5_gains_the_guardrails_columns(url: str, monkeypatch: pytest.MonkeyPatch):
+    """Keys and records written before migration 6 read back with no guardrails; new ones keep theirs."""
+    monkeypatch.setattr(migrations, "SQLITE", migrations.SQLITE[:5])
+    monkeypatch.setattr(migrations, "POSTGRES", migrations.POSTGRES[:5])
+    store = await open_store(url)
+    try:
+        assert await store.schema_version() == 5
+        team = await funded_team(store)
+        old = generation("r_old", team.id)[:-1]
+        columns = Generation.__struct_fields__[:-1]
+        key_sql = "INSERT INTO api_keys (kid, team_id, secret_hash, scopes, created_at) VALUES ({})"
+        generation_sql = f"INSERT INTO generations ({', '.join(columns)}) VALUES ({{}})"
+        if isinstance(store, PostgresStore):
+            async with store.pool.acquire() as conn:
+                await conn.execute(key_sql.format("$1, $2, $3, $4, $5"), "k1", team.id, HASH, SCOPE_INFERENCE, 0)
+                await conn.execute(generation_sql.format(", ".join(f"${i + 1}" for i in range(len(old)))), *old)
+        else:
+            await store.db.execute(key_sql.format("?, ?, ?, ?, ?"), ("k1", team.id, HASH, SCOPE_INFERENCE, 0))  # type: ignore[attr-defined]
+            await store.db.execute(generation_sql.format(", ".join("?" * len(old))), old)  # type: ignore[attr-defined]
+    finally:
+        await store.close()
+    monkeypatch.undo()
+    store = await open_store(url)
+    try:
+        assert await store.schema_version() == len(migrations.SQLITE) == 6
+        assert (await store.get_key("k1")).guardrails == ()  # type: ignore[union-attr]
+        found = await store.get_generation(team.id, "r_old")
+        assert found is not None and found.guardrails == "" and found.row() == (*old, "")
+        assert await store.set_key_guardrails("k1", guardrails=("pii",))
+        assert (await store.get_key("k1")).guardrails == ("pii",)  # type: ignore[union-attr]
+    finally:
+        await store.close()
 
 
 # --- records ---------------------------------------------------------------------------------------------
@@ -419,6 +476,29 @@ async def test_two_gateways_recording_the_same_rows_at_once_debit_once(url: str)
     finally:
         await one.close()
         await two.close()
+
+
+async def test_record_keeps_what_guardrails_did(store: Store, via: str):
+    """A snapshot line with guardrails, one without, and lines of a gateway of before guardrails (a snapshot
+    and a row, each one member shorter), through either writer."""
+    team = await funded_team(store)
+    found = [{"policy": "pii", "stage": "request", "action": "redact", "kinds": {"EMAIL": 2, "PHONE": 1}}]
+    meta = RequestMeta("r_guarded", "chat.completions", 1000.0)
+    meta.team_id, meta.key_id, meta.status, meta.t_end, meta.guardrails = team.id, "k1", 200, 1000.5, found
+    lines = [records.line(meta, int(time.time() * 1000))]
+    meta.request_id, meta.guardrails = "r_plain", None
+    lines.append(records.line(meta, int(time.time() * 1000)))
+    meta.request_id = "r_v1_snapshot"
+    lines.append(orjson.dumps(orjson.loads(records.line(meta, int(time.time() * 1000)))[:-1]))
+    lines.append(orjson.dumps(generation("r_v1_row", team.id)[:-1]))
+    lines.append(encode_row(generation("r_row", team.id, guardrails=orjson.dumps(found).decode())))
+    assert await record_lines(store, lines, via) == 5
+    for request_id, expected in [("r_guarded", found), ("r_row", found)]:
+        stored = await store.get_generation(team.id, request_id)
+        assert stored is not None and orjson.loads(stored.guardrails) == expected
+    for request_id in ("r_plain", "r_v1_snapshot", "r_v1_row"):
+        stored = await store.get_generation(team.id, request_id)
+        assert stored is not None and stored.guardrails == "", request_id
 
 
 async def test_record_takes_flags_as_integers(store: Store, via: str):

@@ -36,6 +36,7 @@ class KeyRecord(msgspec.Struct, frozen=True):
     rpm_limit: int | None = None
     tpm_limit: int | None = None
     concurrency_limit: int | None = None
+    guardrails: tuple[str, ...] = ()  # names of `guardrails.policies` applied to its requests (and the config's)
 
     @property
     def rate_limited(self) -> bool:
@@ -55,13 +56,14 @@ class KeyRecord(msgspec.Struct, frozen=True):
 KEY_COLUMNS = """
     k.kid, k.team_id, t.name, k.secret_hash, k.scopes, k.status, k.name, k.created_at,
     k.allowed_models, k.daily_limit_cost_nanos, k.monthly_limit_cost_nanos, k.rpm_limit, k.tpm_limit,
-    k.concurrency_limit
+    k.concurrency_limit, k.guardrails
 """
 
 
 def key_from_row(row: Sequence) -> KeyRecord:
     """A KeyRecord from a row of `KEY_COLUMNS` (either backend's row type)."""
-    kid, team_id, team_name, secret_hash, scopes, status, name, created_at, models, daily, monthly, *rates = row
+    kid, team_id, team_name, secret_hash, scopes, status, name, created_at, *limits = row
+    models, daily, monthly, rpm, tpm, concurrency, guardrails = limits
     return KeyRecord(
         kid=kid,
         team_id=team_id,
@@ -74,9 +76,10 @@ def key_from_row(row: Sequence) -> KeyRecord:
         allowed_models=tuple(m for m in models.split(",") if m),
         daily_limit_cost_nanos=daily,
         monthly_limit_cost_nanos=monthly,
-        rpm_limit=rates[0],
-        tpm_limit=rates[1],
-        concurrency_limit=rates[2],
+        rpm_limit=rpm,
+        tpm_limit=tpm,
+        concurrency_limit=concurrency,
+        guardrails=tuple(g for g in guardrails.split(",") if g),
     )
 
 
@@ -110,6 +113,9 @@ class Generation(msgspec.Struct, frozen=True):
     currency: str
     pricing_lines: msgspec.Raw
     timings: msgspec.Raw
+    # What the request's guardrail policies did: a JSON list of {policy, stage, action, kinds}, "" when none.
+    # Text, not Raw: "" is not JSON (and the column is TEXT on both backends).
+    guardrails: str = ""
 
     @classmethod
     def from_row(cls, values: tuple) -> Generation:
@@ -224,6 +230,10 @@ class Store(Protocol):
     async def set_key_rate_limits(
         self, kid: str, *, rpm: int | None, tpm: int | None, concurrency: int | None
     ) -> bool: ...
+    async def set_key_guardrails(self, kid: str, *, guardrails: tuple[str, ...]) -> bool:
+        """The key's own guardrail policies (names of `guardrails.policies`; empty: none of its own)."""
+        ...
+
     async def key_spend(self, kid: str, since_ms: int) -> int: ...
     async def activity(
         self, team_id: str, *, since_ms: int, until_ms: int, model: str, key_id: str, limit: int, offset: int

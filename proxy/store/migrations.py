@@ -98,6 +98,12 @@ SQLITE: list[str] = [
     ALTER TABLE api_keys ADD COLUMN tpm_limit INTEGER;
     ALTER TABLE api_keys ADD COLUMN concurrency_limit INTEGER;
     """,
+    # 6: guardrails: a key's own policies (comma-separated names, '': none); what a request's policies did
+    # (a JSON list, '': nothing)
+    """
+    ALTER TABLE api_keys ADD COLUMN guardrails TEXT NOT NULL DEFAULT '';
+    ALTER TABLE generations ADD COLUMN guardrails TEXT NOT NULL DEFAULT '';
+    """,
 ]
 
 # The same steps for PostgreSQL (so a version number means the same schema on both): nanos and
@@ -196,5 +202,11 @@ POSTGRES: list[str] = [
     ALTER TABLE api_keys ADD COLUMN rpm_limit BIGINT;
     ALTER TABLE api_keys ADD COLUMN tpm_limit BIGINT;
     ALTER TABLE api_keys ADD COLUMN concurrency_limit BIGINT;
+    """,
+    # 6: guardrails: a key's own policies (comma-separated names, '': none); what a request's policies did
+    # (JSON text, '': nothing; TEXT, not `json`, since '' is not JSON)
+    """
+    ALTER TABLE api_keys ADD COLUMN guardrails TEXT NOT NULL DEFAULT '';
+    ALTER TABLE generations ADD COLUMN guardrails TEXT NOT NULL DEFAULT '';
     """,
 ]

@@ -70,6 +70,7 @@ _GENERATION_TYPES = {
     "currency": "text",
     "pricing_lines": "json",
     "timings": "json",
+    "guardrails": "text",
 }
 assert tuple(_GENERATION_TYPES) == Generation.__struct_fields__, "a generation column without its Postgres type"
 _BATCH_COLUMNS = ", ".join(
@@ -373,6 +374,11 @@ class PostgresStore:
                 concurrency,
                 kid,
             )
+        return _count(done) > 0
+
+    async def set_key_guardrails(self, kid: str, *, guardrails: tuple[str, ...]) -> bool:
+        async with self._conn("cannot set a key's guardrails") as conn:
+            done = await conn.execute("UPDATE api_keys SET guardrails = $1 WHERE kid = $2", ",".join(guardrails), kid)
         return _count(done) > 0
 
     async def key_spend(self, kid: str, since_ms: int) -> int:

@@ -270,6 +270,11 @@ class SqliteStore:
             )
         return cur.rowcount > 0
 
+    async def set_key_guardrails(self, kid: str, *, guardrails: tuple[str, ...]) -> bool:
+        async with self._write:
+            cur = await self.db.execute("UPDATE api_keys SET guardrails = ? WHERE kid = ?", (",".join(guardrails), kid))
+        return cur.rowcount > 0
+
     async def key_spend(self, kid: str, since_ms: int) -> int:
         try:
             async with self.db.execute(

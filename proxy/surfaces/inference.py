@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import final
+from typing import Any, final
 
 import msgspec
 import orjson
@@ -28,6 +28,7 @@ from proxy.config import ModelConfig, Target
 from proxy.debug import Echo, wanted
 from proxy.errors import Code, GatewayError, render
 from proxy.gateway import GATEWAY, Gateway
+from proxy.guardrails.policy import Guarded, Guardrails, Policy
 from proxy.limits import estimate
 from proxy.meta import RequestMeta, new_request_id
 from proxy.metrics import Metrics
@@ -139,6 +140,9 @@ async def _serve(
         raise GatewayError(Code.invalid_request, "Missing required field `model`.", param="model")
     model_id, model = gw.routes.resolve(name, surface)
     meta.model = model_id
+    policies = gw.guardrails.of(key)
+    if policies:
+        body, view = await _guard(gw.guardrails, policies, surface, body, view, model_id, key, meta)
     tokens = estimate(len(body), view.output_bound(), gw.limiter.default_output)
     await admit(gw, key, model_id, meta, tokens)
 
@@ -155,6 +159,24 @@ async def _serve(
                 request, gw, surface, body, view, model_id, model, targets, meta, wants_meta, echo
             )
     return await _try_targets(request, gw, surface, body, view, model_id, model, targets, meta, wants_meta, echo)
+
+
+async def _guard(
+    guardrails: Guardrails,
+    policies: tuple[Policy, ...],
+    surface: Surface,
+    body: bytes,
+    view: RequestView,
+    model_id: str,
+    key: KeyRecord,
+    meta: RequestMeta,
+) -> tuple[bytes, RequestView]:
+    """The request policies of the key (GatewayError when one blocks); the body and view to go on with."""
+    found: list[dict[str, Any]] = []
+    meta.guardrails = found  # what matched is recorded, a block's too
+    meta.guarded = Guarded(guardrails, policies, (key.team_name, key.kid), view.stream is True)
+    checked = await guardrails.check_request(policies, surface.name, body, view.output_bound(), model_id, key, found)
+    return (body, view) if checked is body else (checked, decode_request(checked))
 
 
 async def admit(
@@ -442,6 +464,10 @@ async def _respond(
         if e.code is Code.content_policy_violation:
             raise  # unless the provider refused what was asked (an image blocked for safety): final
         raise Retry(GatewayError(e.code, f"The provider {upstream.name!r}: {e.message}")) from None
+    guarded = meta.guarded
+    redactions = None
+    if guarded is not None and guarded.answers and resp.status < 300:  # before `meta` is rendered: it tells
+        redactions = await guarded.check_answer(data, meta)
     cost = meta.price(meta.tariff)
     members = [cost] if cost and meta.surface != "anthropic.messages" else []  # Messages stay Anthropic-shaped
     if echo is not None:
@@ -449,6 +475,8 @@ async def _respond(
     if wants_meta:
         members.append(b'"meta":' + _encode(meta.as_dict()))
     data = exchange.render(data, meta.usage, b",".join(members))
+    if redactions:
+        data = guarded.redact(data, redactions)  # type: ignore[union-attr]
     meta.status = resp.status
     headers = {"Content-Type": "application/json", "x-request-id": meta.request_id}
     if meta.dropped_params:
@@ -528,6 +556,9 @@ async def _relay(
         raise Retry(GatewayError(Code.upstream_bad_response, f"The provider {upstream.name!r} sent an empty stream."))
     await out.prepare(request)
     meta.status = 200
+    guarded = meta.guarded
+    scan = guarded.scan if guarded is not None else None  # what the response policies see at the end
+    scan_limit = guarded.scan_limit if guarded is not None else 0
     try:
         while True:
             if echo is not None:
@@ -537,6 +568,8 @@ async def _relay(
                 meta.t_first_token = time.perf_counter()
             if data:
                 await out.write(data)
+                if scan is not None and len(scan) < scan_limit:
+                    scan += data
             if state.done:
                 break
             chunk = await content.readany()
@@ -574,6 +607,8 @@ async def _relay(
     if meta.surface == "anthropic.messages":
         cost = b""  # Messages stay Anthropic-shaped: cost is in meta when asked
     echoed = echo.members(resp.status, resp.headers, None, upstream.config.api_key) if echo is not None else b""
+    if scan:  # what the response policies find in the text the client has had: for the record and meta
+        guarded.check_stream(meta)  # type: ignore[union-attr]
     closing = state.finish(_encode(meta.as_dict()) if state.wants_meta else None, cost, echoed)
     _settle(request, meta, state)
     await _write_quietly(out, closing)

@@ -62,6 +62,7 @@ def _record(g: Generation) -> dict:
         "cost_nanos": g.cost_nanos,
         "currency": g.currency,
         "pricing_lines": orjson.loads(bytes(g.pricing_lines)),
+        "guardrails": orjson.loads(g.guardrails) if g.guardrails else [],
     }
 
 
@@ -148,6 +149,7 @@ def _key_record(key: KeyRecord) -> dict:
         "rpm_limit": key.rpm_limit,
         "tpm_limit": key.tpm_limit,
         "concurrency_limit": key.concurrency_limit,
+        "guardrails": list(key.guardrails),
     }
 
 
@@ -282,6 +284,7 @@ class _Limits(msgspec.Struct, forbid_unknown_fields=True):
     rpm_limit: int | msgspec.UnsetType | None = msgspec.UNSET
     tpm_limit: int | msgspec.UnsetType | None = msgspec.UNSET
     concurrency_limit: int | msgspec.UnsetType | None = msgspec.UNSET
+    guardrails: list[str] | msgspec.UnsetType | None = msgspec.UNSET  # names of `guardrails.policies`
 
     def touched(self) -> bool:
         return any(getattr(self, f) is not msgspec.UNSET for f in _Limits.__struct_fields__)
@@ -292,7 +295,8 @@ class _NewKey(_Limits, forbid_unknown_fields=True):
     management: bool = False
 
 
-_Resolved = tuple[tuple[str, ...], int | None, int | None, tuple[int | None, int | None, int | None]]
+# (allowed models, daily, monthly, (rpm, tpm, concurrency), guardrails)
+_Resolved = tuple[tuple[str, ...], int | None, int | None, tuple[int | None, int | None, int | None], tuple[str, ...]]
 _RATES = ("rpm_limit", "tpm_limit", "concurrency_limit")
 _MAX_NAME = 200
 
@@ -309,8 +313,8 @@ def _check_name(name: str) -> str:
 
 
 def _check_limits(gw: Gateway, limits: _Limits, target: KeyRecord | None = None) -> _Resolved:
-    """(allowed models, daily, monthly, (rpm, tpm, concurrency)) once `limits` apply to `target` (a new key when
-    None); checked before anything is written, so that a refused request changes nothing."""
+    """(allowed models, daily, monthly, (rpm, tpm, concurrency), guardrails) once `limits` apply to `target` (a
+    new key when None); checked before anything is written, so that a refused request changes nothing."""
 
     def pick(value: object, current: object) -> object:
         return current if value is msgspec.UNSET else value
@@ -336,15 +340,28 @@ def _check_limits(gw: Gateway, limits: _Limits, target: KeyRecord | None = None)
                 f"`{name}` must be a whole number from 0 (no limit) to {_INT64_MAX}, or null (the gateway's default).",
                 param=name,
             )
-    return tuple(models), daily, monthly, rates  # type: ignore[return-value]
+    guardrails = pick(limits.guardrails, list(target.guardrails) if target else []) or []
+    policies = gw.config.guardrails.policies
+    # Only the names sent are checked: a policy the config has since dropped does not block other changes.
+    unknown = [g for g in limits.guardrails or () if g not in policies]  # type: ignore[union-attr]
+    if unknown:
+        raise GatewayError(
+            Code.invalid_request,
+            f"Unknown policies in guardrails: {', '.join(unknown)} "
+            f"(the gateway's: {', '.join(policies) or 'none defined'}).",
+            param="guardrails",
+        )
+    # each policy once, in the order given
+    return tuple(models), daily, monthly, rates, tuple(dict.fromkeys(guardrails))  # type: ignore[return-value]
 
 
 async def _apply_limits(gw: Gateway, kid: str, resolved: _Resolved) -> None:
-    models, daily, monthly, (rpm, tpm, concurrency) = resolved
+    models, daily, monthly, (rpm, tpm, concurrency), guardrails = resolved
     await gw.store.set_key_limits(  # type: ignore[union-attr]
         kid, allowed_models=models, daily_nanos=daily, monthly_nanos=monthly
     )
     await gw.store.set_key_rate_limits(kid, rpm=rpm, tpm=tpm, concurrency=concurrency)  # type: ignore[union-attr]
+    await gw.store.set_key_guardrails(kid, guardrails=guardrails)  # type: ignore[union-attr]
 
 
 async def _keys_create(request: web.Request, gw: Gateway, key: KeyRecord) -> dict:

@@ -1,0 +1,1 @@
+"""Guardrails: content checks applied to requests and responses by policy."""
