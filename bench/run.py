@@ -55,6 +55,7 @@ TARGETS = (
     "gateway-percore",
     "gateway-noacct",
     "gateway-thread",
+    "gateway-cache-hit",
     "gateway-messages",
     "gateway-pg",
     "gateway-pg-x3",
@@ -174,10 +175,11 @@ class Launcher:
     def gateway(self, name: str, accounting: bool, workers: int, store: str = "") -> Target:
         """The gateway; `gateway-noacct` is the same with accounting (records and debits) switched off;
         `gateway-thread` writes its records to the store from a thread of the worker instead of a child process;
-        `gateway-messages` is the gateway measured on `/v1/messages`, every answer translated; `store` (default:
+        `gateway-messages` is the gateway measured on `/v1/messages`, every answer translated; `gateway-cache-hit`
+        has the response cache on for its key, so that every request but the first is a hit; `store` (default:
         a new SQLite file) is `gateway-pg`'s PostgreSQL database."""
         env = self._gateway_env(name, store or f"sqlite:///{self.workdir / (name + '.db')}", accounting)
-        key = create_key(env)
+        key = create_key(env, ["--cache", "on"] if name == "gateway-cache-hit" else [])
         port = free_port()
         child = self._start_gateway(name, env, port, workers)
         if name == "gateway-messages":  # the Anthropic Messages surface, translated to the mock's Chat API
@@ -204,9 +206,9 @@ class Launcher:
         return Target(name, _chat_url(port), key, "openai/gpt-4o-mini", pid=pids[0])
 
 
-def create_key(env: dict[str, str]) -> str:
+def create_key(env: dict[str, str], options: list[str] | None = None) -> str:
     argv = [sys.executable, "-m", "proxy", "keys", "create", "--config", GATEWAY_CONFIG]
-    argv += ["--team", "bench", "--credit", "1000"]
+    argv += ["--team", "bench", "--credit", "1000", *(options or [])]
     done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False)
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
@@ -317,6 +319,8 @@ def measure_all(measure: Measurer, targets: list[Target], rounds: int, steps: li
             for target in order:
                 if load.kind == "ramp" and target.surface != "chat":
                     continue  # the mock is held open by Chat Completions members another surface would refuse
+                if load.kind == "ramp" and target.name == "gateway-cache-hit":
+                    continue  # identical streams held open: all but the first wait for its answer (single-flight)
                 result = measure(load, target)
                 samples.append(report.Sample(round_no + 1, target.name, load.name, result))
                 print(

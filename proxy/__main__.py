@@ -100,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--guardrails", default="", help="comma-separated guardrail policies (of guardrails.policies) for this key"
     )
+    create.add_argument(
+        "--cache", choices=("on", "off"), help="the response cache for this key's requests (default: config)"
+    )
     listing = with_config(keys.add_parser("list", help="list keys (never their secrets)"))
     listing.add_argument("--team")
     revoke = with_config(keys.add_parser("revoke", help="revoke a key by its id"))
@@ -300,6 +303,8 @@ async def _keys_create(store: Any, args: argparse.Namespace, config: GatewayConf
         await store.set_key_rate_limits(kid, rpm=args.rpm, tpm=args.tpm, concurrency=args.concurrency)
     if guardrails:
         await store.set_key_guardrails(kid, guardrails=guardrails)
+    if args.cache is not None:
+        await store.set_key_cache(kid, cache=args.cache == "on")
     balance = team.balance_nanos
     if args.credit:
         balance = await store.add_credit(team.id, args.credit, note=f"keys create {kid}")

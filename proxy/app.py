@@ -120,6 +120,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         if gw.limiter.shared is not None:
             await gw.limiter.shared.close()
         await gw.guardrails.close()
+        await gw.cache.close()
         await gw.store.close()
         if gw.access is not None:
             await asyncio.to_thread(gw.access.close)

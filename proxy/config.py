@@ -193,6 +193,25 @@ class GuardrailsConfig(_Base):
     max_scan_bytes: int = 1_048_576  # a streamed answer's text kept for its response policies (log only)
 
 
+class CacheConfig(_Base):
+    """The response cache: exact-match answers of chat, responses, messages and embeddings. See docs/cache.md."""
+
+    enabled: bool = False  # for every team and key, unless `teams` or a key's own setting says otherwise
+    teams: dict[str, bool] = {}  # team name → on or off
+    ttl_s: float = 3600.0  # an entry's life, unless a request asks for less (`x-gateway-cache-ttl`)
+    max_ttl_s: float = 86400.0  # the longest a request may ask for
+    scope: Literal["team", "global"] = "team"  # global: teams share entries (one answer for the same request)
+    max_bytes: int = 67_108_864  # the in-process cache of each worker, bounded in bytes (least recently used out)
+    max_entry_bytes: int = 1_048_576  # answers bigger than this are not kept
+    wait_s: float = 30.0  # identical requests wait this long for the first one in flight, then go on their own
+    hit_price_ratio: Decimal = Decimal(0)  # a hit costs this fraction of what the answer cost (0: free)
+    # redis://host:port/db: one cache for every worker and instance (the in-process one stays in front of it)
+    url: str = ""
+    timeout_ms: int = 100  # a Redis call slower than this is a miss (a WARNING, a metric), never a failure
+    compress_above: int = 1024  # entries larger than this are stored in Redis compressed (zlib)
+    key_prefix: str = "stats-gateway:cache:"
+
+
 class Timeouts(_Base):
     connect_s: float = 10.0  # TCP (and TLS) connection
     first_byte_s: float = 300.0  # request sent → response headers (a whole answer, when not streamed)
@@ -365,6 +384,7 @@ class GatewayConfig(_Base):
     accounting: AccountingConfig = msgspec.field(default_factory=AccountingConfig)
     rate_limits: RateLimitsConfig = msgspec.field(default_factory=RateLimitsConfig)
     guardrails: GuardrailsConfig = msgspec.field(default_factory=GuardrailsConfig)
+    cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
     providers: dict[str, ProviderConfig] = {}
     models: dict[str, ModelConfig] = {}
     routes: list[RouteConfig] = []  # none in the file: default_routes(models)
@@ -624,6 +644,7 @@ def check(config: GatewayConfig, fail: Any) -> None:
     if config.rate_limits.default_output_tokens < 1:
         fail(["rate_limits", "default_output_tokens"], "expected a whole number of tokens >= 1")
     _check_guardrails(config.guardrails, config.models, fail)
+    _check_cache(config.cache, fail)
     if config.accounting.journal_fsync_s < 0:
         fail(["accounting", "journal_fsync_s"], "expected a duration >= 0 seconds (0: never fsync)")
     if config.auth.cache_ttl_s < 0:
@@ -798,3 +819,22 @@ def _check_guardrails(guardrails: GuardrailsConfig, models: Mapping[str, Any], f
                 fail([*where, i], f"unknown policy {name!r} (expected one of: {', '.join(known) or 'none defined'})")
     if guardrails.max_scan_bytes < 0:
         fail(["guardrails", "max_scan_bytes"], "expected a size in bytes >= 0")
+
+
+def _check_cache(cache: CacheConfig, fail: Fail) -> None:
+    if cache.ttl_s <= 0:
+        fail(["cache", "ttl_s"], "expected a duration > 0 seconds")
+    if cache.max_ttl_s < cache.ttl_s:
+        fail(["cache", "max_ttl_s"], f"expected a duration >= ttl_s ({cache.ttl_s:g} s)")
+    if cache.max_bytes < 0 or cache.max_entry_bytes < 1:
+        fail(["cache", "max_bytes" if cache.max_bytes < 0 else "max_entry_bytes"], "expected a size in bytes >= 1")
+    if cache.wait_s < 0:
+        fail(["cache", "wait_s"], "expected a duration >= 0 seconds (0: never wait)")
+    if not 0 <= cache.hit_price_ratio <= 1:
+        fail(["cache", "hit_price_ratio"], f"expected a fraction 0 <= x <= 1, got {cache.hit_price_ratio}")
+    if cache.url and not cache.url.startswith(("redis://", "rediss://", "unix://")):
+        from proxy.store.base import redact_url
+
+        fail(["cache", "url"], f"expected a redis://[:password@]host:port/db URL, got {redact_url(cache.url)!r}")
+    if cache.timeout_ms < 1:
+        fail(["cache", "timeout_ms"], "expected a duration >= 1 ms")

@@ -22,6 +22,7 @@ from proxy.limits import RateLimiter
 from proxy.metrics import Metrics
 from proxy.pricing import Pricing
 from proxy.resilience import OPEN, STATE_NAMES, Health, HealthBoard
+from proxy.response_cache import ResponseCache
 from proxy.routing import RouteTable
 from proxy.store.base import Store
 from proxy.upstream import Upstream
@@ -39,6 +40,7 @@ class Gateway:
         "access",
         "accountant",
         "budgets",
+        "cache",
         "config",
         "draining",
         "guardrails",
@@ -72,6 +74,7 @@ class Gateway:
         self.max_hold_nanos = config.auth.max_hold_nanos  # `auth` takes effect at a restart, as the limiter
         self.limiter = RateLimiter(config.rate_limits, metrics.rate_limited)  # `.active`: the config sets limits
         self.guardrails = self._guardrails(config)
+        self.cache = ResponseCache(config.cache, metrics.cache_requests, metrics.cache_saved, metrics.cache_errors)
         self.health = HealthBoard({name: p.breaker for name, p in config.providers.items()}, self._breaker_changed)
         self.streams: dict[str, int] = {}  # open streams per API key id, for server.max_streams_per_key
         self.retired: set[Upstream] = set()  # replaced by a reload, closed when their last request ends

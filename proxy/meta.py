@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from proxy.guardrails.policy import Guarded
     from proxy.limits import Admission
     from proxy.pricing import Tariff
+    from proxy.response_cache import Lookup
 
 
 class Usage(msgspec.Struct, omit_defaults=True):
@@ -75,6 +76,8 @@ class RequestMeta:
     __slots__ = (
         "accounted",
         "attempts",
+        "cache",
+        "cache_status",
         "cost_nanos",
         "currency",
         "dropped_params",
@@ -95,6 +98,7 @@ class RequestMeta:
         "provider",
         "request_bytes",
         "request_id",
+        "saved_nanos",
         "status",
         "stream",
         "streamed_events",
@@ -151,6 +155,11 @@ class RequestMeta:
         # matched text); None: no policy applied or matched
         self.guardrails: list[dict] | None = None
         self.guarded: Guarded | None = None  # its guardrail policies, for its answer (none: no guardrail work)
+        self.cache: Lookup | None = None  # its dealings with the response cache (None: the cache is off for it)
+        # What the response cache did: '' (not involved), 'hit', 'miss' or 'bypass'; on a hit, the nanos the
+        # answer would have cost (its own `cost_nanos` is then 0 or a fraction)
+        self.cache_status = ""
+        self.saved_nanos = 0
 
     def price(self, tariff: Tariff | None) -> bytes:
         """Cost this request's usage; the `cost_nanos`, `currency`, `pricing_lines` members (b"" if unpriced)."""
@@ -241,4 +250,6 @@ class RequestMeta:
             out["dropped_params"] = list(self.dropped_params)
         if self.guardrails:
             out["guardrails"] = self.guardrails
+        if self.cache is not None:
+            out["cache"] = self.cache.as_dict()
         return out

@@ -129,6 +129,9 @@ class Metrics:
         "_children",
         "_counts",
         "breaker_state",
+        "cache_errors",
+        "cache_requests",
+        "cache_saved",
         "duration",
         "guardrail_errors",
         "guardrail_matches",
@@ -260,6 +263,25 @@ class Metrics:
             "gateway_guardrail_errors",
             "Guardrail webhooks that failed (down, slow, a bad answer), by policy; `on_error` said what followed.",
             ("policy",),
+        )
+        self.cache_requests = make(
+            "counter",
+            "gateway_cache_requests",
+            "Requests the response cache was on for, by result (hit, miss, bypass).",
+            ("result",),
+        )
+        self.cache_saved = make(
+            "counter",
+            "gateway_cache_saved_usd",
+            "What the answers served from the response cache would have cost, less what hits were charged (USD), by "
+            "surface.",
+            ("surface",),
+        )
+        self.cache_errors = make(
+            "counter",
+            "gateway_cache_errors",
+            "Calls to the response cache's Redis that failed or timed out, by operation (get: a miss; set: not kept).",
+            ("op",),
         )
         self.redis_errors = make(
             "counter",

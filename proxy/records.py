@@ -7,14 +7,14 @@ the success flag, text PostgreSQL can hold. With `accounting.writer: process` th
 
 A line starts with SNAPSHOT (1). A line that starts with a request id is a row already (in
 `GENERATION_COLUMNS` order: a journal left by an older gateway, or written by a test) and is taken as it is.
-Lines a gateway of before guardrails left (one member shorter: no guardrails at the end) replay as records
-whose guardrails did nothing.
+Each gateway version that added to the record appended members at the end of both kinds of line: a line an
+older gateway left (of the versions in `SNAPSHOT_LINES`, or a row as long as one in `ROW_LENGTHS`) replays
+with the members it lacks at their defaults (its guardrails did nothing, the response cache was not involved).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import get_args
 
 import msgspec
 import orjson
@@ -24,8 +24,8 @@ from proxy.store.base import Generation
 
 SNAPSHOT = 1
 
-# A snapshot line as gateways before guardrails wrote it (V1); checked member by member when a journal is replayed.
-SnapshotLineV1 = tuple[
+# A snapshot line as the first gateways wrote it (V1), member by member.
+_V1_MEMBERS = (
     int,  # SNAPSHOT
     str,  # request id
     int,  # created at, unix milliseconds
@@ -51,17 +51,28 @@ SnapshotLineV1 = tuple[
     float,  # t_upstream_end
     float,  # t_end
     list[tuple[str, int, float, float]],  # attempts: provider, status, start, end
-]
-# The snapshot line since guardrails: V1's members, then what the request's guardrails did (None: nothing).
-SnapshotLine = tuple[(*get_args(SnapshotLineV1), list[dict] | None)]  # type: ignore[misc]
-# A row line: the JSON members (usage, pricing lines, timings) as strings of JSON; V1 lacks the last column.
-_ROW_TYPES = tuple(str if f.type is msgspec.Raw else f.type for f in msgspec.structs.fields(Generation))
-RowLine = tuple[_ROW_TYPES]  # type: ignore[misc]
-RowLineV1 = tuple[_ROW_TYPES[:-1]]  # type: ignore[misc]
-_V1_ROW_LENGTH = len(_ROW_TYPES) - 1
-# The newest shape first: a line is tried as each in turn.
-_SNAPSHOTS = (msgspec.json.Decoder(SnapshotLine), msgspec.json.Decoder(SnapshotLineV1))
-_ROWS = (msgspec.json.Decoder(RowLine), msgspec.json.Decoder(RowLineV1))
+)
+# The members later gateways appended, each with what a line written before it stands for.
+_LATER_MEMBERS = (
+    (list[dict] | None, None),  # V2: what the request's guardrails did (None: nothing)
+    (str, ""),  # V3: what the response cache did: '' (not involved), hit, miss or bypass
+    (int, 0),  # V3: on a hit, the nanos the answer would have cost
+)
+_MEMBERS = (*_V1_MEMBERS, *(kind for kind, _ in _LATER_MEMBERS))
+_MISSING = tuple(default for _, default in _LATER_MEMBERS)
+# Each version's snapshot line, checked member by member when a journal is replayed; newest first (V3 ends
+# with the cache's members, V2 with guardrails, V1 with attempts).
+SNAPSHOT_LINES = tuple(tuple[_MEMBERS[:n]] for n in (len(_MEMBERS), len(_V1_MEMBERS) + 1, len(_V1_MEMBERS)))
+SnapshotLine, SnapshotLineV2, SnapshotLineV1 = SNAPSHOT_LINES
+# A row line: the JSON members (usage, pricing lines, timings) as strings of JSON. Each version's rows end at a
+# column (newest first: V3, V2, V1); the columns an older row lacks take `Generation`'s defaults.
+_FIELDS = msgspec.structs.fields(Generation)
+_ROW_TYPES = tuple(str if f.type is msgspec.Raw else f.type for f in _FIELDS)
+_ROW_DEFAULTS = tuple(f.default for f in _FIELDS)
+ROW_LENGTHS = tuple(Generation.__struct_fields__.index(end) + 1 for end in ("saved_nanos", "guardrails", "timings"))
+# A line is tried as each shape in turn, newest first.
+_SNAPSHOTS = tuple(msgspec.json.Decoder(shape) for shape in SNAPSHOT_LINES)
+_ROWS = tuple(msgspec.json.Decoder(tuple[_ROW_TYPES[:length]]) for length in ROW_LENGTHS)  # type: ignore[misc]
 
 
 def line(meta: RequestMeta, created_ms: int) -> bytes:
@@ -94,6 +105,8 @@ def line(meta: RequestMeta, created_ms: int) -> bytes:
         meta.t_end,
         meta.attempts,
         meta.guardrails,
+        meta.cache_status,
+        meta.saved_nanos,
     )
     try:
         return orjson.dumps(snapshot, option=orjson.OPT_APPEND_NEWLINE)
@@ -107,12 +120,15 @@ def _repaired(value: object) -> object:
 
 def check(data: bytes) -> None:
     """Raise `msgspec.DecodeError` unless `data` is one record (a snapshot or a row, without its newline), of
-    this gateway or of one before guardrails."""
-    newest, v1 = _SNAPSHOTS if data.startswith(b"[1,") else _ROWS
-    try:
-        newest.decode(data)
-    except msgspec.DecodeError:
-        v1.decode(data)
+    this gateway or of an older one (the error is the oldest shape's)."""
+    *newer, oldest = _SNAPSHOTS if data.startswith(b"[1,") else _ROWS
+    for decoder in newer:
+        try:
+            decoder.decode(data)
+            return
+        except msgspec.DecodeError:
+            pass
+    oldest.decode(data)
 
 
 def rows(lines: Sequence[bytes]) -> list[tuple]:
@@ -127,7 +143,9 @@ def generation(data: bytes) -> Generation:
 
 def _row(item: list) -> tuple:
     if item[0] != SNAPSHOT:
-        return (*item, "") if len(item) == _V1_ROW_LENGTH else tuple(item)
+        return (*item, *_ROW_DEFAULTS[len(item) :])  # an older gateway's row: the columns it lacks at their defaults
+    if len(item) < len(_MEMBERS):  # an older gateway's snapshot: the members it lacks at their defaults
+        item = [*item, *_MISSING[len(item) - len(_V1_MEMBERS) :]]
     (
         _,
         request_id,
@@ -154,7 +172,9 @@ def _row(item: list) -> tuple:
         t_upstream_end,
         t_end,
         attempts,
-        *later,  # since V1: guardrails
+        guardrails,
+        cache_status,
+        saved_nanos,
     ) = item
     meta = RequestMeta(request_id, surface, t_start)
     meta.team_id, meta.key_id, meta.model, meta.provider = team_id, key_id, model, provider
@@ -165,7 +185,7 @@ def _row(item: list) -> tuple:
     meta.t_upstream_start, meta.t_first_token, meta.t_upstream_end = t_upstream_start, t_first_token, t_upstream_end
     meta.t_end = t_end
     meta.attempts = [tuple(attempt) for attempt in attempts]
-    meta.guardrails = later[0] if later else None
+    meta.guardrails, meta.cache_status, meta.saved_nanos = guardrails, cache_status, saved_nanos
     return row(meta, created_ms)
 
 
@@ -214,4 +234,6 @@ def row(meta: RequestMeta, created_ms: int) -> tuple:
         meta.pricing_json.decode(),
         orjson.dumps(meta.timings(meta.t_end)).decode(),
         orjson.dumps(meta.guardrails).decode() if meta.guardrails else "",
+        meta.cache_status,
+        meta.saved_nanos,
     )

@@ -17,7 +17,7 @@ from proxy.app import build_app
 from proxy.auth import generate_key, hash_secret, split_key
 from proxy.config import NANOS_PER_USD, GatewayConfig, load_config
 from proxy.store import open_store
-from proxy.store.base import SCOPE_INFERENCE, SCOPE_MANAGEMENT
+from proxy.store.base import SCOPE_INFERENCE, SCOPE_MANAGEMENT, KeyRecord
 from tests.mock_anthropic import AnthropicControl, build_anthropic_mock
 from tests.mock_gemini import GeminiControl, build_gemini_mock
 from tests.mock_upstream import MockControl, build_mock
@@ -106,6 +106,17 @@ async def gateway(aiohttp_client, config: GatewayConfig) -> TestClient:
 @pytest.fixture
 async def key(make_key: MakeKey) -> str:
     return await make_key()
+
+
+async def stored_key(store_url: str, kid: str) -> KeyRecord:
+    """The key's record as the store has it now."""
+    store = await open_store(store_url)
+    try:
+        record = await store.get_key(kid)
+    finally:
+        await store.close()
+    assert record is not None
+    return record
 
 
 def auth(key: str) -> dict[str, str]:

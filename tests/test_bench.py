@@ -31,7 +31,7 @@ def test_bench_quick_run_measures_all_targets(tmp_path):
     rows = json.loads(next(iter(new)).read_text())["rows"]
     payload = json.loads(next(iter(new)).read_text())
     measured = {(row["target"], row["load"].split(" ")[0]) for row in rows if row["requests_per_s"] > 0}
-    expected = ["direct", "bare", "gateway", "gateway-percore", "gateway-messages"]
+    expected = ["direct", "bare", "gateway", "gateway-percore", "gateway-messages", "gateway-cache-hit"]
     nginx = shutil.which("nginx") or os.path.exists("/usr/sbin/nginx")
     if nginx:
         expected.append("nginx")
@@ -45,7 +45,7 @@ def test_bench_quick_run_measures_all_targets(tmp_path):
         assert "gateway-pg-x3" in payload["skipped"]
     for target in expected:
         assert {(target, "chat"), (target, "stream"), (target, "open")} <= measured, rows
-        assert (target, "ramp") in measured or target == "gateway-messages", rows
+        assert (target, "ramp") in measured or target in ("gateway-messages", "gateway-cache-hit"), rows
     for peer in ("litellm", "portkey"):
         assert "not installed: python -m bench --install-peers" in payload["skipped"][peer]
     gateway_ramp = next(r for r in rows if r["target"] == "gateway" and r["load"].startswith("ramp"))

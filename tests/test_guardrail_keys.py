@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 import orjson
 import pytest
@@ -13,7 +14,7 @@ from proxy.app import build_app
 from proxy.config import load_config
 from proxy.meta import RequestMeta, Usage
 from proxy.store import open_store
-from tests.conftest import DEFAULT_CONFIG, Mock, auth, env_for
+from tests.conftest import DEFAULT_CONFIG, Mock, auth, env_for, stored_key
 from tests.test_cli import cli
 
 GUARDRAILS = """
@@ -43,13 +44,7 @@ async def guarded(aiohttp_client, mock: Mock, store_url: str, config_path: Path)
 
 
 async def _stored(store_url: str, kid: str) -> tuple[str, ...]:
-    store = await open_store(store_url)
-    try:
-        record = await store.get_key(kid)
-    finally:
-        await store.close()
-    assert record is not None
-    return record.guardrails
+    return (await stored_key(store_url, kid)).guardrails
 
 
 # --- a key's policies ------------------------------------------------------------------------------------
@@ -172,11 +167,12 @@ async def test_a_snapshot_line_of_before_guardrails_still_becomes_a_row(store_ur
         team = await store.ensure_team("acme")
         meta = _finished(team.id, "req_old", None)
         new = records.line(meta, CREATED_MS)
-        old = orjson.dumps(orjson.loads(new)[:-1])  # a V1 line: the same members, without guardrails
+        v1 = len(get_args(records.SnapshotLineV1))
+        old = orjson.dumps(orjson.loads(new)[:v1])  # a V1 line: the same members, without guardrails (nor cache)
         records.check(old)
-        assert orjson.loads(old)[-1] == [] and len(orjson.loads(old)) == len(orjson.loads(new)) - 1  # attempts last
+        assert orjson.loads(old)[-1] == [] and len(orjson.loads(old)) == v1  # attempts last
         (row,) = records.rows([old])
-        assert row == records.row(meta, CREATED_MS) and row[-1] == ""
+        assert row == records.row(meta, CREATED_MS) and row[-3:] == ("", "", 0)  # guardrails, cache status, saved
         assert await store.record([old]) == 1
         found = await store.get_generation(team.id, "req_old")
     finally:

@@ -22,6 +22,7 @@ async def test_key_describes_the_caller_without_its_secret(gateway, key):
     assert data["id"] == kid and data["prefix"] == f"aistats_v1_sk_{kid}" and data["team_name"] == "acme"
     assert data["status"] == "active" and data["scopes"] == ["inference"]
     assert data["allowed_models"] == [] and data["rpm_limit"] is None and data["guardrails"] == []
+    assert data["cache"] is None  # the config's default for its team
     assert key.split("_", 4)[4] not in await r.text()
     assert (await gateway.get("/v1/key")).status == 401
 
@@ -141,6 +142,7 @@ async def test_activity_rows_per_day_and_model(gateway, key, make_key, mock):
         chat["usage_nanos"] == 3 * 4_650 and chat["provider_name"] == "openai" and chat["endpoint_id"] == "openai.chat"
     )
     assert rows["openai/text-embedding-3-small"]["usage_nanos"] == 60
+    assert (chat["cache_hits"], chat["saved_nanos"], chat["saved_usd"]) == (0, 0, "$0.00")  # the cache is off
     only = await (await gateway.get("/v1/activity", params={"model": "openai/gpt-4o-mini"}, headers=auth(admin))).json()
     assert [r["model"] for r in only["activity"]] == ["openai/gpt-4o-mini"]
     page = await (await gateway.get("/v1/activity", params={"limit": 1, "offset": 1}, headers=auth(admin))).json()

@@ -45,7 +45,7 @@ def test_every_config_key_has_a_row_and_every_row_is_a_key() -> None:
         name
         for name in ROW_NAMES
         if re.match(
-            r"(server|store|auth|meta|metrics|accounting|rate_limits|guardrails|pricing|providers|models)\.", name
+            r"(server|store|auth|meta|metrics|accounting|rate_limits|guardrails|cache|pricing|providers|models)\.", name
         )
     }
     keys = set()

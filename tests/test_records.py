@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import msgspec
 import orjson
 import pytest
@@ -40,6 +42,8 @@ CASES = {
     "big cost": finished(cost_nanos=12 * NANOS_PER_USD),
     "guardrails acted": finished(guardrails=[GUARDED]),
     "guardrails ran, nothing found": finished(guardrails=[]),
+    "a cache hit": finished(cache_status="hit", saved_nanos=4650, cost_nanos=0),
+    "a cache miss": finished(cache_status="miss"),
 }
 
 
@@ -82,32 +86,62 @@ def test_the_guardrails_of_the_row_are_json_or_empty():
             for i, g in enumerate(([GUARDED], None, []))
         ]
     )
-    assert orjson.loads(acted[-1]) == [GUARDED] and quiet[-1] == "" and empty[-1] == ""
+    column = Generation.__struct_fields__.index("guardrails")
+    assert orjson.loads(acted[column]) == [GUARDED] and quiet[column] == "" and empty[column] == ""
     assert len(acted) == len(Generation.__struct_fields__)
 
 
-def _v1(line: bytes) -> bytes:
-    """A line as a gateway of before guardrails wrote it: one member shorter."""
-    return orjson.dumps(orjson.loads(line)[:-1])
+def _cut(line: bytes, length: int) -> bytes:
+    """A line as an older gateway wrote it: its first `length` members."""
+    return orjson.dumps(orjson.loads(line)[:length])
 
 
-def test_a_v1_snapshot_line_still_becomes_a_row():
-    meta = finished()
-    old = _v1(records.line(meta, CREATED_MS))
-    msgspec.json.decode(old, type=records.SnapshotLineV1)
-    with pytest.raises(msgspec.ValidationError):
-        msgspec.json.decode(old, type=records.SnapshotLine)
+OLDER = {"V2 (guardrails)": records.SnapshotLineV2, "V1": records.SnapshotLineV1}
+
+
+@pytest.mark.parametrize("shape", OLDER.values(), ids=OLDER.keys())
+def test_an_older_snapshot_line_still_becomes_a_row(shape: type):
+    meta = finished(guardrails=[GUARDED] if shape is records.SnapshotLineV2 else None)
+    old = _cut(records.line(meta, CREATED_MS), len(get_args(shape)))
+    msgspec.json.decode(old, type=shape)
+    for newer in records.SNAPSHOT_LINES[: records.SNAPSHOT_LINES.index(shape)]:
+        with pytest.raises(msgspec.ValidationError):
+            msgspec.json.decode(old, type=newer)
     records.check(old)
     (row,) = records.rows([old])
-    assert row == records.row(meta, CREATED_MS) and row[-1] == ""
+    assert row == records.row(meta, CREATED_MS) and row[-2:] == ("", 0)  # the cache was not involved
     assert records.generation(old).row() == row
 
 
-def test_a_v1_row_line_still_becomes_a_row():
-    row = records.row(finished(guardrails=[GUARDED]), CREATED_MS)
-    old = _v1(encode_row(row))
+def test_the_snapshot_shapes_grow_at_their_end():
+    *newer, oldest = (get_args(shape) for shape in records.SNAPSHOT_LINES)
+    assert all(members[: len(oldest)] == oldest for members in newer)
+    assert [len(members) for members in (*newer, oldest)] == [28, 26, 25]
+
+
+@pytest.mark.parametrize("length", records.ROW_LENGTHS[1:], ids=["V2 (guardrails)", "V1"])
+def test_an_older_row_line_still_becomes_a_row(length: int):
+    row = records.row(finished(guardrails=[GUARDED], cache_status="hit", saved_nanos=7), CREATED_MS)
+    old = _cut(encode_row(row), length)
     records.check(old)
-    assert records.rows([old]) == [(*row[:-1], "")]
+    defaults = tuple(f.default for f in msgspec.structs.fields(Generation))[length:]
+    assert defaults in (("", "", 0), ("", 0))
+    assert records.rows([old]) == [(*row[:length], *defaults)]
+    assert records.generation(old).row() == (*row[:length], *defaults)
+
+
+def test_the_cache_members_of_the_row():
+    (hit, plain) = records.rows(
+        [
+            records.line(
+                finished(request_id="req_hit", cache_status="hit", saved_nanos=4650, cost_nanos=0), CREATED_MS
+            ),
+            records.line(finished(request_id="req_plain"), CREATED_MS),
+        ]
+    )
+    assert hit[-2:] == ("hit", 4650) and hit[16] == 0 and plain[-2:] == ("", 0)
+    generation = records.generation(records.line(finished(cache_status="bypass"), CREATED_MS))
+    assert (generation.cache_status, generation.saved_nanos) == ("bypass", 0)
 
 
 @pytest.mark.parametrize(
@@ -119,6 +153,11 @@ def test_a_v1_row_line_still_becomes_a_row():
         b'[1,"r",1,"t","k","s","m","p","u","n",false,200,"","",null,"none",0,"USD",[]',
         b'[1,"r",1,"t","k","s","m","p","u","n",false,200,"","",null,"none",0,"USD",[],0,0,0,0,0,[],"pii"]',
         b'[1,"r",1,"t","k","s","m","p","u","n",false,200,"","",null,"none",0,"USD",[],0,0,0,0,0,[],null,null]',
+        b'[1,"r",1,"t","k","s","m","p","u","n",false,200,"","",null,"none",0,"USD",[],0,0,0,0,0,[],null,"hit"]',
+        b'[1,"r",1,"t","k","s","m","p","u","n",false,200,"","",null,"none",0,"USD",[],0,0,0,0,0,[],null,null,0]',
+        b'[1,"r",1,"t","k","s","m","p","u","n",false,200,"","",null,"none",0,"USD",[],0,0,0,0,0,[],null,"hit",1.5]',
+        b'[1,"r",1,"t","k","s","m","p","u","n",false,200,"","",null,"none",0,"USD",[],0,0,0,0,0,[],null,"",0,0]',
+        b'["r",1,"t","k","e","m","p","u","n",false,200,true,"","","{}","none",0,"USD","[]","{}","",""]',
     ],
 )
 def test_check_refuses_what_is_not_a_record(data: bytes):

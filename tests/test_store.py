@@ -7,9 +7,10 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import get_args
 
 import msgspec
 import orjson
@@ -77,6 +78,8 @@ def generation(
     usage: bytes = b'{"prompt_tokens":11,"completion_tokens":5,"reasoning_tokens":2}',
     stream: bool = False,
     guardrails: str = "",
+    cache_status: str = "",
+    saved: int = 0,
 ) -> tuple:
     """A generation row as the accountant builds it."""
     return Generation(
@@ -101,6 +104,8 @@ def generation(
         pricing_lines=msgspec.Raw(b'[{"kind": "input", "nanos": 1}]'),
         timings=msgspec.Raw(b'{"total_ms": 12.5}'),
         guardrails=guardrails,
+        cache_status=cache_status,
+        saved_nanos=saved,
     ).row()
 
 
@@ -381,36 +386,101 @@ async def test_key_guardrails(store: Store):
     assert not await store.set_key_guardrails("nope", guardrails=("pii",))
 
 
+async def test_key_cache(store: Store):
+    team = await store.ensure_team("acme")
+    key = await store.create_key(team_id=team.id, kid="k1", secret_hash=HASH, name="", scopes=(SCOPE_INFERENCE,))
+    assert key.cache is None  # the config's default for its team
+    for cache in (True, False, None, False):
+        assert await store.set_key_cache("k1", cache=cache)
+        found = await store.get_key("k1")
+        assert found is not None and found.cache is cache
+    assert [k.cache for k in await store.list_keys(team.id)] == [False]
+    assert await store.set_key_guardrails("k1", guardrails=("pii",))  # other settings keep it
+    assert await store.set_key_rate_limits("k1", rpm=5, tpm=None, concurrency=None)
+    assert (await store.get_key("k1")).cache is False  # type: ignore[union-attr]
+    assert not await store.set_key_cache("nope", cache=True)
+
+
+# The generation columns of each schema: 5 (and before) and 6 rows are the V1 and V2 row lines' prefixes.
+COLUMNS_OF_SCHEMA = {5: records.ROW_LENGTHS[2], 6: records.ROW_LENGTHS[1], 7: records.ROW_LENGTHS[0]}
+
+
+async def _open_at(url: str, version: int, monkeypatch: pytest.MonkeyPatch) -> Store:
+    """A store migrated only up to `version`, as a gateway of then left it."""
+    with monkeypatch.context() as m:
+        m.setattr(migrations, "SQLITE", migrations.SQLITE[:version])
+        m.setattr(migrations, "POSTGRES", migrations.POSTGRES[:version])
+        store = await open_store(url)
+    assert await store.schema_version() == version
+    return store
+
+
+async def _insert(store: Store, table: str, columns: Sequence[str], values: Sequence) -> None:
+    """A row written in plain SQL (by an older gateway), on either backend."""
+    sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({{}})"
+    if isinstance(store, PostgresStore):
+        async with store.pool.acquire() as conn:
+            await conn.execute(sql.format(", ".join(f"${i + 1}" for i in range(len(values)))), *values)
+    else:
+        await store.db.execute(sql.format(", ".join("?" * len(values))), tuple(values))  # type: ignore[attr-defined]
+
+
+async def _old_key_and_record(store: Store, version: int) -> tuple[Team, tuple]:
+    """A key and a generation record of a store at schema `version`; the record's row as it was written."""
+    team = await funded_team(store)
+    key_columns = ("kid", "team_id", "secret_hash", "scopes", "created_at")
+    await _insert(store, "api_keys", key_columns, ("k1", team.id, HASH, SCOPE_INFERENCE, 0))
+    columns = COLUMNS_OF_SCHEMA[version]
+    old = generation("r_old", team.id, guardrails='[{"policy": "pii"}]')[:columns]
+    await _insert(store, "generations", Generation.__struct_fields__[:columns], old)
+    return team, old
+
+
 async def test_a_store_of_schema_5_gains_the_guardrails_columns(url: str, monkeypatch: pytest.MonkeyPatch):
     """Keys and records written before migration 6 read back with no guardrails; new ones keep theirs."""
-    monkeypatch.setattr(migrations, "SQLITE", migrations.SQLITE[:5])
-    monkeypatch.setattr(migrations, "POSTGRES", migrations.POSTGRES[:5])
-    store = await open_store(url)
+    store = await _open_at(url, 5, monkeypatch)
     try:
-        assert await store.schema_version() == 5
-        team = await funded_team(store)
-        old = generation("r_old", team.id)[:-1]
-        columns = Generation.__struct_fields__[:-1]
-        key_sql = "INSERT INTO api_keys (kid, team_id, secret_hash, scopes, created_at) VALUES ({})"
-        generation_sql = f"INSERT INTO generations ({', '.join(columns)}) VALUES ({{}})"
-        if isinstance(store, PostgresStore):
-            async with store.pool.acquire() as conn:
-                await conn.execute(key_sql.format("$1, $2, $3, $4, $5"), "k1", team.id, HASH, SCOPE_INFERENCE, 0)
-                await conn.execute(generation_sql.format(", ".join(f"${i + 1}" for i in range(len(old)))), *old)
-        else:
-            await store.db.execute(key_sql.format("?, ?, ?, ?, ?"), ("k1", team.id, HASH, SCOPE_INFERENCE, 0))  # type: ignore[attr-defined]
-            await store.db.execute(generation_sql.format(", ".join("?" * len(old))), old)  # type: ignore[attr-defined]
+        team, old = await _old_key_and_record(store, 5)
     finally:
         await store.close()
-    monkeypatch.undo()
     store = await open_store(url)
     try:
-        assert await store.schema_version() == len(migrations.SQLITE) == 6
+        assert await store.schema_version() == len(migrations.SQLITE) == 7
         assert (await store.get_key("k1")).guardrails == ()  # type: ignore[union-attr]
         found = await store.get_generation(team.id, "r_old")
-        assert found is not None and found.guardrails == "" and found.row() == (*old, "")
+        assert found is not None and found.guardrails == "" and found.row() == (*old, "", "", 0)
         assert await store.set_key_guardrails("k1", guardrails=("pii",))
         assert (await store.get_key("k1")).guardrails == ("pii",)  # type: ignore[union-attr]
+    finally:
+        await store.close()
+
+
+async def test_a_store_of_schema_6_gains_the_cache_columns(url: str, monkeypatch: pytest.MonkeyPatch):
+    """Keys written before migration 7 take the config's default; records read back as not involving the
+    cache, and count in the activity report as no hits; new ones keep theirs."""
+    store = await _open_at(url, 6, monkeypatch)
+    try:
+        team, old = await _old_key_and_record(store, 6)
+        assert await store.set_key_guardrails("k1", guardrails=("pii",))
+    finally:
+        await store.close()
+    store = await open_store(url)
+    try:
+        assert await store.schema_version() == len(migrations.POSTGRES) == 7
+        key = await store.get_key("k1")
+        assert key is not None and key.cache is None and key.guardrails == ("pii",)
+        found = await store.get_generation(team.id, "r_old")
+        assert found is not None and (found.cache_status, found.saved_nanos) == ("", 0)
+        assert found.row() == (*old, "", 0) and found.guardrails == '[{"policy": "pii"}]'
+        assert await store.set_key_cache("k1", cache=True)
+        assert (await store.get_key("k1")).cache is True  # type: ignore[union-attr]
+        created = old[Generation.__struct_fields__.index("created_at")]
+        await record(store, [generation("r_hit", team.id, cost=0, created_ms=created, cache_status="hit", saved=90)])
+        hit = await store.get_generation(team.id, "r_hit")
+        assert hit is not None and (hit.cache_status, hit.saved_nanos) == ("hit", 90)
+        window = {"since_ms": created - DAY_MS, "until_ms": created + DAY_MS, "limit": 10, "offset": 0}
+        _, rows = await store.activity(team.id, model="", key_id="", **window)
+        assert [row[-2:] for row in rows] == [(1, 90)] and rows[0][5] == 2
     finally:
         await store.close()
 
@@ -489,8 +559,9 @@ async def test_record_keeps_what_guardrails_did(store: Store, via: str):
     meta.request_id, meta.guardrails = "r_plain", None
     lines.append(records.line(meta, int(time.time() * 1000)))
     meta.request_id = "r_v1_snapshot"
-    lines.append(orjson.dumps(orjson.loads(records.line(meta, int(time.time() * 1000)))[:-1]))
-    lines.append(orjson.dumps(generation("r_v1_row", team.id)[:-1]))
+    v1 = len(get_args(records.SnapshotLineV1))
+    lines.append(orjson.dumps(orjson.loads(records.line(meta, int(time.time() * 1000)))[:v1]))
+    lines.append(orjson.dumps(generation("r_v1_row", team.id)[: records.ROW_LENGTHS[-1]]))
     lines.append(encode_row(generation("r_row", team.id, guardrails=orjson.dumps(found).decode())))
     assert await record_lines(store, lines, via) == 5
     for request_id, expected in [("r_guarded", found), ("r_row", found)]:
@@ -499,6 +570,43 @@ async def test_record_keeps_what_guardrails_did(store: Store, via: str):
     for request_id in ("r_plain", "r_v1_snapshot", "r_v1_row"):
         stored = await store.get_generation(team.id, request_id)
         assert stored is not None and stored.guardrails == "", request_id
+
+
+async def test_record_keeps_what_the_cache_did(store: Store, via: str):
+    """Snapshot lines with and without the cache's members, and lines of each older gateway version (snapshots
+    and rows), through either writer: an older line reads back as not involving the cache."""
+    team = await funded_team(store)
+    now = int(time.time() * 1000)
+    meta = RequestMeta("r_hit", "chat.completions", 1000.0)
+    meta.team_id, meta.key_id, meta.status, meta.t_end = team.id, "k1", 200, 1000.5
+    meta.cost_nanos, meta.cache_status, meta.saved_nanos = 10, "hit", 4_640
+    lines = [records.line(meta, now)]
+    meta.request_id, meta.cost_nanos, meta.cache_status, meta.saved_nanos = "r_plain", 4_650, "", 0
+    lines.append(records.line(meta, now))
+    meta.guardrails = [{"policy": "pii", "stage": "request", "action": "log", "kinds": {"EMAIL": 1}}]
+    for shape in records.SNAPSHOT_LINES[1:]:
+        meta.request_id = f"r_snapshot_{len(get_args(shape))}"
+        lines.append(orjson.dumps(orjson.loads(records.line(meta, now))[: len(get_args(shape))]))
+    row = generation("r_row", team.id, guardrails='[{"policy": "pii"}]', cache_status="miss", saved=0)
+    lines.append(encode_row(row))
+    for length in records.ROW_LENGTHS[1:]:
+        lines.append(orjson.dumps((f"r_row_{length}", *row[1:length])))
+    assert await record_lines(store, lines, via) == 7
+    expected = {
+        "r_hit": ("hit", 4_640),
+        "r_plain": ("", 0),
+        "r_snapshot_26": ("", 0),
+        "r_snapshot_25": ("", 0),
+        "r_row": ("miss", 0),
+        "r_row_21": ("", 0),
+        "r_row_20": ("", 0),
+    }
+    for request_id, cache in expected.items():
+        stored = await store.get_generation(team.id, request_id)
+        assert stored is not None and (stored.cache_status, stored.saved_nanos) == cache, request_id
+    assert (await store.get_generation(team.id, "r_snapshot_26")).guardrails != ""  # type: ignore[union-attr]
+    assert (await store.get_generation(team.id, "r_row_21")).guardrails == '[{"policy": "pii"}]'  # type: ignore[union-attr]
+    assert await store.get_balance(team.id) == 1_000_000 - 10 - 3 * 4_650 - 3 * 100  # a hit costs its own cost
 
 
 async def test_record_takes_flags_as_integers(store: Store, via: str):
@@ -573,17 +681,44 @@ async def test_activity_groups_by_day_model_provider_endpoint_and_pages(store: S
     window = {"since_ms": day_a, "until_ms": day_b + DAY_MS, "limit": 100, "offset": 0}
     total, rows = await store.activity(team.id, model="", key_id="", **window)
     assert total == 4
-    assert rows == [
-        ("2025-03-03", "m/b", "groq", "chat.completions", 1, 1, 10, 5, 1),
-        ("2025-03-02", "M/z", "openai", "chat.completions", 9, 1, 10, 5, 1),
-        ("2025-03-02", "m/a", "openai", "messages", 7, 1, None, None, None),
-        ("2025-03-02", "m/b", "openai", "chat.completions", 150, 2, 11, 5, 1),
+    assert rows == [  # ..., cost, requests, prompt, completion and reasoning tokens, cache hits, saved nanos
+        ("2025-03-03", "m/b", "groq", "chat.completions", 1, 1, 10, 5, 1, 0, 0),
+        ("2025-03-02", "M/z", "openai", "chat.completions", 9, 1, 10, 5, 1, 0, 0),
+        ("2025-03-02", "m/a", "openai", "messages", 7, 1, None, None, None, 0, 0),
+        ("2025-03-02", "m/b", "openai", "chat.completions", 150, 2, 11, 5, 1, 0, 0),
     ]
     assert await store.activity(team.id, model="", key_id="", **{**window, "limit": 2, "offset": 1}) == (4, rows[1:3])
     assert await store.activity(team.id, model="", key_id="", **{**window, "offset": 10}) == (4, [])
     assert await store.activity(team.id, model="m/b", key_id="", **window) == (2, [rows[0], rows[3]])
     assert await store.activity(team.id, model="", key_id="k2", **window) == (1, [rows[2]])
     assert await store.activity("team_nope", model="", key_id="", **window) == (0, [])
+
+
+async def test_activity_counts_cache_hits_and_what_they_saved(store: Store, via: str):
+    team = await funded_team(store)
+    day = ms("2025-03-02T00:00")
+    await record(
+        store,
+        [
+            generation("r1", team.id, created_ms=day + 1, cost=0, cache_status="hit", saved=4_650),
+            generation("r2", team.id, created_ms=day + 2, cost=465, cache_status="hit", saved=4_185),
+            generation("r3", team.id, created_ms=day + 3, cost=4_650, cache_status="miss"),
+            generation("r4", team.id, created_ms=day + 4, cost=4_650, cache_status="bypass"),
+            generation("r5", team.id, created_ms=day + 5, cost=4_650),  # the cache was not involved
+            generation("r6", team.id, created_ms=day + 6, cost=0, model="m/a", cache_status="hit", saved=2**40),
+            generation("r7", team.id, created_ms=day + DAY_MS, cost=0, cache_status="hit", saved=1),  # the next day
+        ],
+        via,
+    )
+    window = {"since_ms": day, "until_ms": day + DAY_MS, "limit": 100, "offset": 0}
+    total, rows = await store.activity(team.id, model="", key_id="", **window)
+    assert total == 2
+    assert [(row[1], row[4], row[5], row[-2], row[-1]) for row in rows] == [
+        ("m/a", 0, 1, 1, 2**40),  # model, cost, requests, cache hits, saved nanos
+        ("openai/gpt-4o-mini", 465 + 3 * 4_650, 5, 2, 4_650 + 4_185),
+    ]
+    assert all(isinstance(value, int) for row in rows for value in row[-2:])
+    assert await store.get_balance(team.id) == 1_000_000 - 465 - 3 * 4_650  # a hit is charged its cost, not saved
 
 
 # --- a gateway on Postgres ------------------------------------------------------------------------------

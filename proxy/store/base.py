@@ -37,6 +37,7 @@ class KeyRecord(msgspec.Struct, frozen=True):
     tpm_limit: int | None = None
     concurrency_limit: int | None = None
     guardrails: tuple[str, ...] = ()  # names of `guardrails.policies` applied to its requests (and the config's)
+    cache: bool | None = None  # the response cache for its requests: on, off, or (None) the config's for its team
 
     @property
     def rate_limited(self) -> bool:
@@ -56,14 +57,14 @@ class KeyRecord(msgspec.Struct, frozen=True):
 KEY_COLUMNS = """
     k.kid, k.team_id, t.name, k.secret_hash, k.scopes, k.status, k.name, k.created_at,
     k.allowed_models, k.daily_limit_cost_nanos, k.monthly_limit_cost_nanos, k.rpm_limit, k.tpm_limit,
-    k.concurrency_limit, k.guardrails
+    k.concurrency_limit, k.guardrails, k.cache
 """
 
 
 def key_from_row(row: Sequence) -> KeyRecord:
     """A KeyRecord from a row of `KEY_COLUMNS` (either backend's row type)."""
     kid, team_id, team_name, secret_hash, scopes, status, name, created_at, *limits = row
-    models, daily, monthly, rpm, tpm, concurrency, guardrails = limits
+    models, daily, monthly, rpm, tpm, concurrency, guardrails, cache = limits
     return KeyRecord(
         kid=kid,
         team_id=team_id,
@@ -80,6 +81,7 @@ def key_from_row(row: Sequence) -> KeyRecord:
         tpm_limit=tpm,
         concurrency_limit=concurrency,
         guardrails=tuple(g for g in guardrails.split(",") if g),
+        cache=None if cache is None else bool(cache),  # SQLite's 0/1, PostgreSQL's boolean
     )
 
 
@@ -116,6 +118,8 @@ class Generation(msgspec.Struct, frozen=True):
     # What the request's guardrail policies did: a JSON list of {policy, stage, action, kinds}, "" when none.
     # Text, not Raw: "" is not JSON (and the column is TEXT on both backends).
     guardrails: str = ""
+    cache_status: str = ""  # what the response cache did: '' (not involved), hit, miss or bypass
+    saved_nanos: int = 0  # on a hit, what the answer would have cost (its `cost_nanos` is then 0 or a fraction)
 
     @classmethod
     def from_row(cls, values: tuple) -> Generation:
@@ -234,11 +238,17 @@ class Store(Protocol):
         """The key's own guardrail policies (names of `guardrails.policies`; empty: none of its own)."""
         ...
 
+    async def set_key_cache(self, kid: str, *, cache: bool | None) -> bool:
+        """Whether the response cache serves the key's requests (None: the config's default for its team)."""
+        ...
+
     async def key_spend(self, kid: str, since_ms: int) -> int: ...
     async def activity(
         self, team_id: str, *, since_ms: int, until_ms: int, model: str, key_id: str, limit: int, offset: int
     ) -> tuple[int, list[tuple]]:
-        """(total rows, the page): per UTC day, model, provider and endpoint, newest day first."""
+        """(total rows, the page): per UTC day, model, provider and endpoint, newest day first. A row is (day,
+        model, provider, endpoint, cost nanos, requests, prompt, completion and reasoning tokens, cache hits,
+        saved nanos); a token sum is None when no record of the row reported it."""
         ...
 
     async def create_job(self, job: Job) -> None: ...

@@ -104,6 +104,13 @@ SQLITE: list[str] = [
     ALTER TABLE api_keys ADD COLUMN guardrails TEXT NOT NULL DEFAULT '';
     ALTER TABLE generations ADD COLUMN guardrails TEXT NOT NULL DEFAULT '';
     """,
+    # 7: the response cache: a key's setting (NULL: the config's default for its team; 1: on; 0: off); what the
+    # cache did for a request ('': not involved, hit, miss, bypass) and, on a hit, what its answer would have cost
+    """
+    ALTER TABLE api_keys ADD COLUMN cache INTEGER;
+    ALTER TABLE generations ADD COLUMN cache_status TEXT NOT NULL DEFAULT '';
+    ALTER TABLE generations ADD COLUMN saved_nanos INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 # The same steps for PostgreSQL (so a version number means the same schema on both): nanos and
@@ -208,5 +215,13 @@ POSTGRES: list[str] = [
     """
     ALTER TABLE api_keys ADD COLUMN guardrails TEXT NOT NULL DEFAULT '';
     ALTER TABLE generations ADD COLUMN guardrails TEXT NOT NULL DEFAULT '';
+    """,
+    # 7: the response cache: a key's setting (NULL: the config's default for its team; true: on; false: off);
+    # what the cache did for a request ('': not involved, hit, miss, bypass) and, on a hit, what its answer
+    # would have cost
+    """
+    ALTER TABLE api_keys ADD COLUMN cache BOOLEAN;
+    ALTER TABLE generations ADD COLUMN cache_status TEXT NOT NULL DEFAULT '';
+    ALTER TABLE generations ADD COLUMN saved_nanos BIGINT NOT NULL DEFAULT 0;
     """,
 ]

@@ -71,6 +71,8 @@ _GENERATION_TYPES = {
     "pricing_lines": "json",
     "timings": "json",
     "guardrails": "text",
+    "cache_status": "text",
+    "saved_nanos": "bigint",
 }
 assert tuple(_GENERATION_TYPES) == Generation.__struct_fields__, "a generation column without its Postgres type"
 _BATCH_COLUMNS = ", ".join(
@@ -381,6 +383,11 @@ class PostgresStore:
             done = await conn.execute("UPDATE api_keys SET guardrails = $1 WHERE kid = $2", ",".join(guardrails), kid)
         return _count(done) > 0
 
+    async def set_key_cache(self, kid: str, *, cache: bool | None) -> bool:
+        async with self._conn("cannot set a key's cache setting") as conn:
+            done = await conn.execute("UPDATE api_keys SET cache = $1 WHERE kid = $2", cache, kid)
+        return _count(done) > 0
+
     async def key_spend(self, kid: str, since_ms: int) -> int:
         async with self._conn("cannot read a key's spend") as conn:
             return await conn.fetchval(
@@ -404,7 +411,8 @@ class PostgresStore:
             "SELECT to_char(to_timestamp(created_at / 1000) AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day, "
             "model_id, provider, endpoint, SUM(cost_nanos)::bigint, COUNT(*), "
             "SUM((usage ->> 'prompt_tokens')::bigint)::bigint, SUM((usage ->> 'completion_tokens')::bigint)::bigint, "
-            "SUM((usage ->> 'reasoning_tokens')::bigint)::bigint "
+            "SUM((usage ->> 'reasoning_tokens')::bigint)::bigint, "
+            "COUNT(*) FILTER (WHERE cache_status = 'hit'), SUM(saved_nanos)::bigint "
             f"FROM generations WHERE {where} GROUP BY day, model_id, provider, endpoint"
         )
         page = len(args)

@@ -275,6 +275,11 @@ class SqliteStore:
             cur = await self.db.execute("UPDATE api_keys SET guardrails = ? WHERE kid = ?", (",".join(guardrails), kid))
         return cur.rowcount > 0
 
+    async def set_key_cache(self, kid: str, *, cache: bool | None) -> bool:
+        async with self._write:
+            cur = await self.db.execute("UPDATE api_keys SET cache = ? WHERE kid = ?", (cache, kid))
+        return cur.rowcount > 0
+
     async def key_spend(self, kid: str, since_ms: int) -> int:
         try:
             async with self.db.execute(
@@ -300,7 +305,8 @@ class SqliteStore:
         grouped = (
             "SELECT date(created_at / 1000, 'unixepoch') AS day, model_id, provider, endpoint, "
             "SUM(cost_nanos), COUNT(*), SUM(json_extract(usage, '$.prompt_tokens')), "
-            "SUM(json_extract(usage, '$.completion_tokens')), SUM(json_extract(usage, '$.reasoning_tokens')) "
+            "SUM(json_extract(usage, '$.completion_tokens')), SUM(json_extract(usage, '$.reasoning_tokens')), "
+            "COUNT(*) FILTER (WHERE cache_status = 'hit'), SUM(saved_nanos) "
             f"FROM generations WHERE {where} GROUP BY day, model_id, provider, endpoint"
         )
         try:

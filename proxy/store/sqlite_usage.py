@@ -47,7 +47,7 @@ def connect(path: str) -> sqlite3.Connection:
 
 
 _ROW_MARKS = "(" + ", ".join("?" * len(Generation.__struct_fields__)) + ")"
-_MAX_ROWS_PER_INSERT = 256  # x 21 columns stays far below SQLite's 32,766 bound parameters
+_MAX_ROWS_PER_INSERT = 256  # x 23 columns stays far below SQLite's 32,766 bound parameters
 _STORED = "SELECT request_id FROM generations WHERE request_id IN (SELECT value FROM json_each(?))"
 _DEBIT = "UPDATE wallets SET balance_nanos = balance_nanos - ?, updated_at = ? WHERE team_id = ?"
 

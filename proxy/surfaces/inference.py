@@ -41,11 +41,13 @@ from proxy.resilience import (
     retry_after,
     retry_delay,
 )
+from proxy.response_cache import SURFACES as CACHED_SURFACES
 from proxy.routing import Surface
 from proxy.shared_limits import DOWN
 from proxy.sse import SSEError
 from proxy.store.base import KeyRecord
 from proxy.surfaces.body import read_body
+from proxy.surfaces.cached import answer_hit, entry_of
 from proxy.translators.exchange import Exchange, Relay, plan
 from proxy.translators.openai import RequestView, decode_request
 from proxy.upstream import Upstream
@@ -90,8 +92,11 @@ def inference_handler(surface: Surface, default_model: str, metrics: Metrics, se
         in_flight.inc()
         try:
             response = await serve(request, gw, surface, default_model, meta)
-            if meta.limits is not None and not response.prepared:  # a stream sent them with its head
-                response.headers.update(meta.limits.headers)
+            if not response.prepared:  # a stream sent these with its head
+                if meta.limits is not None:
+                    response.headers.update(meta.limits.headers)
+                if meta.cache is not None:
+                    response.headers.setdefault("x-cache", meta.cache.status)
             return response
         except GatewayError as e:
             meta.status, meta.error_code, meta.error_message = e.status, e.code.name, e.message
@@ -112,6 +117,10 @@ def inference_handler(surface: Surface, default_model: str, metrics: Metrics, se
             )
         finally:
             in_flight.dec()
+            if meta.cache is not None:
+                meta.cache.owner.end(
+                    meta.cache, surface.name, meta.saved_nanos
+                )  # waiters of a failed answer go on their own
             _account(gw, meta)  # first: it prices an abandoned stream, which metrics then count
             gw.metrics.record(meta, meta.t_end)
             if meta.hold:  # after `_account`: its real cost is debited now
@@ -143,15 +152,19 @@ async def _serve(
     policies = gw.guardrails.of(key)
     if policies:
         body, view = await _guard(gw.guardrails, policies, surface, body, view, model_id, key, meta)
+    stream = surface.streaming and view.stream
+    meta.stream = stream
+    wants_meta = view.meta if isinstance(view.meta, bool) else gw.config.meta.always
+    if surface.name in CACHED_SURFACES:
+        hit = await _from_cache(request, gw, surface, body, view, key, meta, stream, wants_meta)
+        if hit is not None:
+            return hit
     tokens = estimate(len(body), view.output_bound(), gw.limiter.default_output)
     await admit(gw, key, model_id, meta, tokens)
 
     prefs = decode_prefs(view.provider)
     targets = order_targets(model_id, model, prefs, gw.sort_key) if prefs or model.weighted else model.targets
     targets = gw.routes.usable(model_id, targets, key.team_name)
-    stream = surface.streaming and view.stream
-    meta.stream = stream
-    wants_meta = view.meta if isinstance(view.meta, bool) else gw.config.meta.always
     echo = wanted(view.echo_upstream_request, view.debug)
     if stream and gw.config.server.max_streams_per_key:
         with gw.stream_slot(key.kid):
@@ -159,6 +172,42 @@ async def _serve(
                 request, gw, surface, body, view, model_id, model, targets, meta, wants_meta, echo
             )
     return await _try_targets(request, gw, surface, body, view, model_id, model, targets, meta, wants_meta, echo)
+
+
+async def _from_cache(
+    request: web.Request,
+    gw: Gateway,
+    surface: Surface,
+    body: bytes,
+    view: RequestView,
+    key: KeyRecord,
+    meta: RequestMeta,
+    stream: bool,
+    wants_meta: bool,
+) -> web.Response | None:
+    """The cache's answer when it has one for this request (and the cache is on for it); else None, having
+    noted in `meta.cache` what the request's answer is to the cache (kept or not, others waiting for it)."""
+    cache = gw.cache
+    lookup = cache.lookup(request.headers, key, surface.name, meta.model, body)
+    if lookup is None:
+        return None
+    if meta.guarded is not None and meta.guarded.answers:  # answers must go through response policies
+        lookup = cache.bypass()
+    meta.cache, meta.cache_status = lookup, lookup.status.lower()
+    if not lookup.read:
+        return None
+    entry = await cache.get(lookup)
+    if entry is None and lookup.store:
+        entry = await cache.join(lookup)  # an identical request in flight: its answer
+    if entry is None:
+        return None
+    await gw.wallets.funded(key.team_id, key.team_name)  # type: ignore[union-attr]
+    wants_usage = bool(view.usage) or bool(view.stream_options and view.stream_options.include_usage)
+    hit = answer_hit(gw, entry, meta, stream, wants_usage, wants_meta, body)
+    if hit is None:  # an entry that cannot be read after all: the provider answers, and replaces it
+        lookup.status = "MISS"
+        meta.cache_status = "miss"
+    return hit
 
 
 async def _guard(
@@ -474,7 +523,12 @@ async def _respond(
         members.append(echo.members(resp.status, resp.headers, data, upstream.config.api_key))
     if wants_meta:
         members.append(b'"meta":' + _encode(meta.as_dict()))
+    upstream_data = data
     data = exchange.render(data, meta.usage, b",".join(members))
+    lookup = meta.cache
+    if lookup is not None and lookup.store and resp.status < 300:
+        answer = exchange.parsed or upstream_data  # neutral when translated, else the provider's own JSON
+        lookup.owner.finish(lookup, entry_of(lookup.owner, lookup, meta, answer, False))
     if redactions:
         data = guarded.redact(data, redactions)  # type: ignore[union-attr]
     meta.status = resp.status
@@ -542,6 +596,8 @@ async def _relay(
     out = web.StreamResponse(status=200, headers={**SSE_HEADERS, "x-request-id": meta.request_id})
     if meta.limits is not None:
         out.headers.update(meta.limits.headers)
+    if meta.cache is not None:
+        out.headers["x-cache"] = meta.cache.status
     if meta.dropped_params:
         out.headers[DROPPED_HEADER] = ",".join(meta.dropped_params)
     content = resp
@@ -559,6 +615,9 @@ async def _relay(
     guarded = meta.guarded
     scan = guarded.scan if guarded is not None else None  # what the response policies see at the end
     scan_limit = guarded.scan_limit if guarded is not None else 0
+    lookup = meta.cache
+    keep = bytearray() if lookup is not None and lookup.store else None  # the stream, for the cache
+    keep_limit = lookup.owner.config.max_entry_bytes * 4 if lookup is not None else 0  # events outweigh JSON
     try:
         while True:
             if echo is not None:
@@ -570,6 +629,11 @@ async def _relay(
                 await out.write(data)
                 if scan is not None and len(scan) < scan_limit:
                     scan += data
+                if keep is not None:
+                    if len(keep) < keep_limit:
+                        keep += data
+                    else:
+                        keep = None  # too big to keep: not cached
             if state.done:
                 break
             chunk = await content.readany()
@@ -615,6 +679,9 @@ async def _relay(
     with contextlib.suppress(ConnectionError):
         await out.write_eof()  # the client's stream is complete before the upstream's is drained
         meta.finished = True
+    if keep and meta.finished and lookup is not None:  # the whole stream, as the client got it
+        keep += closing
+        lookup.owner.finish(lookup, entry_of(lookup.owner, lookup, meta, bytes(keep), True))
     await _drain(resp)
     return out
 

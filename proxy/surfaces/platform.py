@@ -63,6 +63,8 @@ def _record(g: Generation) -> dict:
         "currency": g.currency,
         "pricing_lines": orjson.loads(bytes(g.pricing_lines)),
         "guardrails": orjson.loads(g.guardrails) if g.guardrails else [],
+        "cache_status": g.cache_status,
+        "saved_nanos": g.saved_nanos,
     }
 
 
@@ -150,6 +152,7 @@ def _key_record(key: KeyRecord) -> dict:
         "tpm_limit": key.tpm_limit,
         "concurrency_limit": key.concurrency_limit,
         "guardrails": list(key.guardrails),
+        "cache": key.cache,
     }
 
 
@@ -285,6 +288,9 @@ class _Limits(msgspec.Struct, forbid_unknown_fields=True):
     tpm_limit: int | msgspec.UnsetType | None = msgspec.UNSET
     concurrency_limit: int | msgspec.UnsetType | None = msgspec.UNSET
     guardrails: list[str] | msgspec.UnsetType | None = msgspec.UNSET  # names of `guardrails.policies`
+    # the response cache: true, false, or null (the config's default for its team); any JSON value is taken
+    # here, so that `_check_limits` can refuse a wrong one naming `cache`
+    cache: object = msgspec.UNSET
 
     def touched(self) -> bool:
         return any(getattr(self, f) is not msgspec.UNSET for f in _Limits.__struct_fields__)
@@ -295,8 +301,10 @@ class _NewKey(_Limits, forbid_unknown_fields=True):
     management: bool = False
 
 
-# (allowed models, daily, monthly, (rpm, tpm, concurrency), guardrails)
-_Resolved = tuple[tuple[str, ...], int | None, int | None, tuple[int | None, int | None, int | None], tuple[str, ...]]
+# (allowed models, daily, monthly, (rpm, tpm, concurrency), guardrails, cache)
+_Resolved = tuple[
+    tuple[str, ...], int | None, int | None, tuple[int | None, int | None, int | None], tuple[str, ...], bool | None
+]
 _RATES = ("rpm_limit", "tpm_limit", "concurrency_limit")
 _MAX_NAME = 200
 
@@ -313,8 +321,9 @@ def _check_name(name: str) -> str:
 
 
 def _check_limits(gw: Gateway, limits: _Limits, target: KeyRecord | None = None) -> _Resolved:
-    """(allowed models, daily, monthly, (rpm, tpm, concurrency), guardrails) once `limits` apply to `target` (a
-    new key when None); checked before anything is written, so that a refused request changes nothing."""
+    """(allowed models, daily, monthly, (rpm, tpm, concurrency), guardrails, cache) once `limits` apply to
+    `target` (a new key when None); checked before anything is written, so that a refused request changes
+    nothing."""
 
     def pick(value: object, current: object) -> object:
         return current if value is msgspec.UNSET else value
@@ -351,17 +360,32 @@ def _check_limits(gw: Gateway, limits: _Limits, target: KeyRecord | None = None)
             f"(the gateway's: {', '.join(policies) or 'none defined'}).",
             param="guardrails",
         )
+    cache = pick(limits.cache, target.cache if target else None)
+    if cache is not None and not isinstance(cache, bool):
+        raise GatewayError(
+            Code.invalid_request,
+            "`cache` must be true (cache this key's answers), false (never) or null (the gateway's default for "
+            f"its team), got {_quoted(cache)}.",
+            param="cache",
+        )
     # each policy once, in the order given
-    return tuple(models), daily, monthly, rates, tuple(dict.fromkeys(guardrails))  # type: ignore[return-value]
+    return tuple(models), daily, monthly, rates, tuple(dict.fromkeys(guardrails)), cache  # type: ignore[return-value]
+
+
+def _quoted(value: object, most: int = 40) -> str:
+    """A value a client sent, as JSON, cut short for a message."""
+    text = msgspec.json.encode(value).decode()  # (orjson refuses integers beyond 64 bits)
+    return text if len(text) <= most else text[: most - 1] + "…"
 
 
 async def _apply_limits(gw: Gateway, kid: str, resolved: _Resolved) -> None:
-    models, daily, monthly, (rpm, tpm, concurrency), guardrails = resolved
+    models, daily, monthly, (rpm, tpm, concurrency), guardrails, cache = resolved
     await gw.store.set_key_limits(  # type: ignore[union-attr]
         kid, allowed_models=models, daily_nanos=daily, monthly_nanos=monthly
     )
     await gw.store.set_key_rate_limits(kid, rpm=rpm, tpm=tpm, concurrency=concurrency)  # type: ignore[union-attr]
     await gw.store.set_key_guardrails(kid, guardrails=guardrails)  # type: ignore[union-attr]
+    await gw.store.set_key_cache(kid, cache=cache)  # type: ignore[union-attr]
 
 
 async def _keys_create(request: web.Request, gw: Gateway, key: KeyRecord) -> dict:
@@ -437,8 +461,9 @@ def _day(text: str, name: str) -> int:
 
 
 async def _activity(request: web.Request, gw: Gateway, key: KeyRecord) -> dict:
-    """`GET /v1/activity` (management): daily rows per model and provider; `from`/`to` dates (UTC,
-    inclusive; default the last 30 days), `model`, `key`, `limit` (≤ 250), `offset`."""
+    """`GET /v1/activity` (management): daily rows per model and provider (with the response cache's hits and
+    what they saved); `from`/`to` dates (UTC, inclusive; default the last 30 days), `model`, `key`, `limit`
+    (≤ 250), `offset`."""
     limit, offset = page(request)
     today = datetime.now(UTC).date()
     since = _day(request.query.get("from", (today - timedelta(days=29)).isoformat()), "from")
@@ -468,8 +493,11 @@ async def _activity(request: web.Request, gw: Gateway, key: KeyRecord) -> dict:
             "prompt_tokens": prompt or 0,
             "completion_tokens": completion or 0,
             "reasoning_tokens": reasoning or 0,
+            "cache_hits": hits,
+            "saved_usd": usd(saved),
+            "saved_nanos": saved,
         }
-        for day, model, provider, endpoint, cost, requests, prompt, completion, reasoning in rows
+        for day, model, provider, endpoint, cost, requests, prompt, completion, reasoning, hits, saved in rows
     ]
     return {"limit": limit, "offset": offset, "total": total, "activity": activity}
 

@@ -273,6 +273,11 @@ class Exchange:
             return openai.inject_members(body, extra)
         return self._surface.render_response(self._parsed, usage, self.model, extra, **self._echoes())
 
+    @property
+    def parsed(self) -> ChatResponse | None:
+        """A translated whole answer in neutral form, once `read` (None for a native one)."""
+        return self._parsed
+
     def _echoes(self) -> dict[str, Any]:
         return {"echo": self._echo} if self._echo else {}  # only the Responses surface takes an echo
 
