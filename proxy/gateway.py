@@ -30,7 +30,7 @@ from proxy.upstream import Upstream
 log = logging.getLogger("proxy.health")
 
 # Sections a reload cannot apply to a running server (listening socket, store, caches, route table).
-_RESTART_ONLY = ("server", "store", "auth", "metrics", "accounting", "rate_limits")
+_RESTART_ONLY = ("server", "store", "auth", "metrics", "accounting", "rate_limits", "cache")
 
 
 @final

@@ -40,26 +40,29 @@ def answer_hit(
         stream,
     )
     tariff = gw.pricing.tariff(meta.model, entry.provider)
-    ratio = gw.config.cache.hit_price_ratio
-    # Without `meta` (which differs every time), the same entry answers the same bytes: rendered once.
-    memo_key = (surface, stream, wants_usage, id(tariff), ratio) if not wants_meta else None
+    ratio = gw.cache.config.hit_price_ratio  # `cache` takes effect at a restart
+    # Without `meta` (which differs every time), the same entry answers the same bytes: rendered once per
+    # shape, and priced again when the tariff is another (a reload's pricing).
+    memo_key = (surface, stream, wants_usage) if not wants_meta else None
     memo = entry.__dict__.setdefault("rendered", {}) if memo_key is not None and surface != "openai.responses" else None
     found = memo.get(memo_key) if memo is not None else None
+    if found is not None and found[0] is not tariff:
+        found = None
     if found is None:
         worth = tariff.cost(entry.usage)[0] if tariff is not None else entry.cost_nanos  # at today's prices
         charged = int(worth * ratio)
+        lines = [_hit_line(charged)] if charged else []
+        currency = tariff.currency if tariff is not None else "USD"
+        pricing_json = orjson.dumps(lines)
     else:
-        worth, charged, answer = found
+        _, worth, charged, lines, currency, pricing_json, answer = found
     meta.cost_nanos, meta.saved_nanos, meta.cache_status = charged, worth - charged, "hit"
-    lines = [_hit_line(charged)] if charged else []
-    meta.currency = tariff.currency if tariff is not None else "USD"
-    meta.pricing_lines, meta.pricing_json = lines, orjson.dumps(lines)
+    meta.currency, meta.pricing_lines, meta.pricing_json = currency, lines, pricing_json
     if found is None:
         members = []
         if surface != "anthropic.messages":  # Messages stay Anthropic-shaped: cost is in meta when asked
             members.append(
-                b'"cost_nanos":%d,"currency":%s,"pricing_lines":%s'
-                % (charged, orjson.dumps(meta.currency), meta.pricing_json)
+                b'"cost_nanos":%d,"currency":%s,"pricing_lines":%s' % (charged, orjson.dumps(currency), pricing_json)
             )
         if wants_meta:
             members.append(b'"meta":' + orjson.dumps(meta.as_dict()))
@@ -70,7 +73,7 @@ def answer_hit(
             echo = request_echo(body) if surface == "openai.responses" else None  # what the request set, repeated
             answer = replay(surface, neutral, entry.usage, meta.model, stream, wants_usage, extra, echo)
         if memo is not None:
-            memo[memo_key] = (worth, charged, answer)
+            memo[memo_key] = (tariff, worth, charged, lines, currency, pricing_json, answer)
     meta.status = 200
     meta.finished = True
     headers = dict(SSE_HEADERS) if stream and surface not in RAW else {"Content-Type": "application/json"}
