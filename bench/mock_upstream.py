@@ -199,6 +199,12 @@ async def embeddings(request: web.Request) -> web.Response:
     return web.Response(body=payload, content_type="application/json")
 
 
+async def traces(request: web.Request) -> web.Response:
+    """An OTLP/HTTP collector that takes every export (the `gateway-otel` target sends its spans here)."""
+    await request.read()
+    return web.Response(body=b"", content_type="application/x-protobuf")
+
+
 async def models(request: web.Request) -> web.Response:
     return web.Response(body=request.app[ENCODED].models, content_type="application/json")
 
@@ -212,6 +218,7 @@ def build_mock_app(events: int = 20, event_bytes: int = 64, gap_ms: float = 0.0)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/traces", traces)
     return app
 
 

@@ -56,6 +56,7 @@ TARGETS = (
     "gateway-noacct",
     "gateway-thread",
     "gateway-cache-hit",
+    "gateway-otel",
     "gateway-messages",
     "gateway-pg",
     "gateway-pg-x3",
@@ -163,6 +164,9 @@ class Launcher:
             "GATEWAY_ACCOUNTING": "true" if accounting else "false",
             "GATEWAY_ACCOUNTING_WRITER": writer,
             "GATEWAY_PID_FILE": str(self.workdir / (name + ".pid")),
+            # gateway-otel: every request traced (sample ratio 1), its spans sent to the mock's OTLP endpoint
+            "GATEWAY_TRACES": "true" if name == "gateway-otel" else "false",
+            "GATEWAY_TRACES_ENDPOINT": f"http://127.0.0.1:{self.mock_port}/v1/traces",
         }
 
     def _start_gateway(self, name: str, env: dict[str, str], port: int, workers: int) -> subprocess.Popen[bytes]:
@@ -176,7 +180,8 @@ class Launcher:
         """The gateway; `gateway-noacct` is the same with accounting (records and debits) switched off;
         `gateway-thread` writes its records to the store from a thread of the worker instead of a child process;
         `gateway-messages` is the gateway measured on `/v1/messages`, every answer translated; `gateway-cache-hit`
-        has the response cache on for its key, so that every request but the first is a hit; `store` (default:
+        has the response cache on for its key, so that every request but the first is a hit; `gateway-otel`
+        traces every request (OpenTelemetry, to the mock's OTLP endpoint); `store` (default:
         a new SQLite file) is `gateway-pg`'s PostgreSQL database."""
         env = self._gateway_env(name, store or f"sqlite:///{self.workdir / (name + '.db')}", accounting)
         key = create_key(env, ["--cache", "on"] if name == "gateway-cache-hit" else [])

@@ -6,7 +6,8 @@ is logged: the key appears by its public id, never its secret, and no header or 
 
 Fields: `ts` (ISO 8601, UTC), `request_id`, `team_id`, `key_id`, `endpoint`, `model`, `provider`,
 `upstream_model`, `stream`, `status`, `error` (the gateway's code, when it failed), `latency_ms`,
-`ttft_ms`, `provider_latency_ms`, `attempts`, `input_tokens`, `output_tokens`, `cost_nanos`, `currency`.
+`ttft_ms`, `provider_latency_ms`, `attempts`, `input_tokens`, `output_tokens`, `cost_nanos`, `currency`, and
+`trace_id` when the request is traced (`telemetry.traces`).
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def line(meta: RequestMeta, now: float, wall: datetime.datetime) -> bytes:
         "cost_nanos": meta.cost_nanos,
         "currency": meta.currency if meta.cost_nanos is not None else None,
     }
+    if meta.trace is not None:
+        record["trace_id"] = meta.trace.id
     return orjson.dumps(record) + b"\n"
 
 

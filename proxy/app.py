@@ -108,6 +108,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         )
         await gw.accountant.start()  # replays what dead workers left in the journal, before serving
     gw.upstreams = {name: Upstream(name, provider) for name, provider in config.providers.items()}
+    if config.telemetry.traces.enabled:
+        from proxy.telemetry import Tracer
+
+        gw.tracer = Tracer(config.telemetry.traces, gw.metrics.trace_dropped)
     try:
         yield
     finally:  # after the server has drained: every request that ran has been submitted
@@ -121,6 +125,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             await gw.limiter.shared.close()
         await gw.guardrails.close()
         await gw.cache.close()
+        if gw.tracer is not None:
+            await asyncio.to_thread(gw.tracer.close)
         await gw.store.close()
         if gw.access is not None:
             await asyncio.to_thread(gw.access.close)

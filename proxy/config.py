@@ -193,6 +193,22 @@ class GuardrailsConfig(_Base):
     max_scan_bytes: int = 1_048_576  # a streamed answer's text kept for its response policies (log only)
 
 
+class TracesConfig(_Base):
+    """OpenTelemetry traces (needs the `otel` extra). See docs/telemetry.md."""
+
+    enabled: bool = False
+    endpoint: str = ""  # OTLP/HTTP traces URL (…/v1/traces); "": OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT or the SDK's
+    headers: dict[str, str] = {}  # sent with each export (an API key); {}: OTEL_EXPORTER_OTLP_(TRACES_)HEADERS
+    sample_ratio: float = 1.0  # of traces that start here (an incoming traceparent's sampled flag decides otherwise)
+    service_name: str = "stats-gateway"  # OTEL_SERVICE_NAME wins
+    timeout_s: float = 10.0  # one export call
+    max_queue: int = 2048  # requests waiting for export; beyond, their spans are dropped (and counted)
+
+
+class TelemetryConfig(_Base):
+    traces: TracesConfig = msgspec.field(default_factory=TracesConfig)
+
+
 class CacheConfig(_Base):
     """The response cache: exact-match answers of chat, responses, messages and embeddings. See docs/cache.md."""
 
@@ -385,6 +401,7 @@ class GatewayConfig(_Base):
     rate_limits: RateLimitsConfig = msgspec.field(default_factory=RateLimitsConfig)
     guardrails: GuardrailsConfig = msgspec.field(default_factory=GuardrailsConfig)
     cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
+    telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
     providers: dict[str, ProviderConfig] = {}
     models: dict[str, ModelConfig] = {}
     routes: list[RouteConfig] = []  # none in the file: default_routes(models)
@@ -645,6 +662,13 @@ def check(config: GatewayConfig, fail: Any) -> None:
         fail(["rate_limits", "default_output_tokens"], "expected a whole number of tokens >= 1")
     _check_guardrails(config.guardrails, config.models, fail)
     _check_cache(config.cache, fail)
+    traces = config.telemetry.traces
+    if not 0 <= traces.sample_ratio <= 1:
+        fail(["telemetry", "traces", "sample_ratio"], f"expected a fraction 0 <= x <= 1, got {traces.sample_ratio}")
+    if traces.endpoint and not traces.endpoint.startswith(("http://", "https://")):
+        fail(["telemetry", "traces", "endpoint"], "expected an http:// or https:// URL (OTLP/HTTP, …/v1/traces)")
+    if traces.timeout_s <= 0 or traces.max_queue < 1:
+        fail(["telemetry", "traces", "timeout_s" if traces.timeout_s <= 0 else "max_queue"], "expected a value > 0")
     if config.accounting.journal_fsync_s < 0:
         fail(["accounting", "journal_fsync_s"], "expected a duration >= 0 seconds (0: never fsync)")
     if config.auth.cache_ttl_s < 0:

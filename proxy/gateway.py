@@ -7,7 +7,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Iterator
-from typing import final
+from typing import TYPE_CHECKING, final
 
 from aiohttp import web
 
@@ -27,10 +27,13 @@ from proxy.routing import RouteTable
 from proxy.store.base import Store
 from proxy.upstream import Upstream
 
+if TYPE_CHECKING:
+    from proxy.telemetry import Tracer
+
 log = logging.getLogger("proxy.health")
 
 # Sections a reload cannot apply to a running server (listening socket, store, caches, route table).
-_RESTART_ONLY = ("server", "store", "auth", "metrics", "accounting", "rate_limits", "cache")
+_RESTART_ONLY = ("server", "store", "auth", "metrics", "accounting", "rate_limits", "cache", "telemetry")
 
 
 @final
@@ -54,6 +57,7 @@ class Gateway:
         "routes",
         "store",
         "streams",
+        "tracer",
         "upstreams",
         "wallets",
     )
@@ -74,6 +78,7 @@ class Gateway:
         self.max_hold_nanos = config.auth.max_hold_nanos  # `auth` takes effect at a restart, as the limiter
         self.limiter = RateLimiter(config.rate_limits, metrics.rate_limited)  # `.active`: the config sets limits
         self.guardrails = self._guardrails(config)
+        self.tracer: Tracer | None = None  # telemetry.traces: made in each worker (its export thread)
         self.cache = ResponseCache(config.cache, metrics.cache_requests, metrics.cache_saved, metrics.cache_errors)
         self.health = HealthBoard({name: p.breaker for name, p in config.providers.items()}, self._breaker_changed)
         self.streams: dict[str, int] = {}  # open streams per API key id, for server.max_streams_per_key

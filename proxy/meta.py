@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from proxy.limits import Admission
     from proxy.pricing import Tariff
     from proxy.response_cache import Lookup
+    from proxy.telemetry import Trace
 
 
 class Usage(msgspec.Struct, omit_defaults=True):
@@ -110,6 +111,7 @@ class RequestMeta:
         "t_upstream_start",
         "tariff",
         "team_id",
+        "trace",
         "upstream_model",
         "usage",
         "usage_source",
@@ -155,6 +157,7 @@ class RequestMeta:
         # matched text); None: no policy applied or matched
         self.guardrails: list[dict] | None = None
         self.guarded: Guarded | None = None  # its guardrail policies, for its answer (none: no guardrail work)
+        self.trace: Trace | None = None  # its OpenTelemetry ids (None: not traced)
         self.cache: Lookup | None = None  # its dealings with the response cache (None: the cache is off for it)
         # What the response cache did: '' (not involved), 'hit', 'miss' or 'bypass'; on a hit, the nanos the
         # answer would have cost (its own `cost_nanos` is then 0 or a fraction)
@@ -252,4 +255,6 @@ class RequestMeta:
             out["guardrails"] = self.guardrails
         if self.cache is not None:
             out["cache"] = self.cache.as_dict()
+        if self.trace is not None:
+            out["trace_id"] = self.trace.id
         return out

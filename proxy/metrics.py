@@ -146,6 +146,7 @@ class Metrics:
         "throughput",
         "tokens",
         "tpot",
+        "trace_dropped",
         "ttft",
         "upstream_attempts",
         "upstream_duration",
@@ -282,6 +283,13 @@ class Metrics:
             "gateway_cache_errors",
             "Calls to the response cache's Redis that failed or timed out, by operation (get: a miss; set: not kept).",
             ("op",),
+        )
+        self.trace_dropped = make(
+            "counter",
+            "gateway_trace_spans_dropped",
+            "Traced requests whose spans were not exported, by reason (queue_full: the collector is behind; "
+            "export_failed: spans it refused or did not take).",
+            ("reason",),
         )
         self.redis_errors = make(
             "counter",

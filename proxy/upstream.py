@@ -36,6 +36,7 @@ class Upstream:
         "config",
         "egress",
         "headers",
+        "host",
         "kind",
         "name",
         "pool",
@@ -51,6 +52,7 @@ class Upstream:
         self.base_url = config.base_url.rstrip("/")
         url = URL(self.base_url)
         self.base_path = url.raw_path.rstrip("/")
+        self.host = url.host or ""  # its server.address, in traces
         t = config.timeouts
         # sock_read bounds the wait for the response headers (and each read of a job's answer).
         self.timeout = aiohttp.ClientTimeout(total=t.total_s, sock_connect=t.connect_s, sock_read=t.first_byte_s)

@@ -31,7 +31,7 @@ def test_bench_quick_run_measures_all_targets(tmp_path):
     rows = json.loads(next(iter(new)).read_text())["rows"]
     payload = json.loads(next(iter(new)).read_text())
     measured = {(row["target"], row["load"].split(" ")[0]) for row in rows if row["requests_per_s"] > 0}
-    expected = ["direct", "bare", "gateway", "gateway-percore", "gateway-messages", "gateway-cache-hit"]
+    expected = ["direct", "bare", "gateway", "gateway-percore", "gateway-messages", "gateway-cache-hit", "gateway-otel"]
     nginx = shutil.which("nginx") or os.path.exists("/usr/sbin/nginx")
     if nginx:
         expected.append("nginx")

@@ -40,13 +40,16 @@ def _keys(struct: type, prefix: str) -> list[str]:
     return keys
 
 
+SECTIONS = (
+    r"(server|store|auth|meta|metrics|accounting|rate_limits|guardrails|cache|telemetry|pricing|providers|models)\."
+)
+
+
 def test_every_config_key_has_a_row_and_every_row_is_a_key() -> None:
     documented = {
         name
         for name in ROW_NAMES
-        if re.match(
-            r"(server|store|auth|meta|metrics|accounting|rate_limits|guardrails|cache|pricing|providers|models)\.", name
-        )
+        if re.match(SECTIONS, name)
     }
     keys = set()
     for field in msgspec.structs.fields(GatewayConfig):

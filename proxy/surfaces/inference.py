@@ -89,6 +89,9 @@ def inference_handler(surface: Surface, default_model: str, metrics: Metrics, se
         gw = request.app[GATEWAY]
         meta = RequestMeta(new_request_id(), surface.name, time.perf_counter())
         request[META] = meta  # for the access log
+        if gw.tracer is not None:
+            headers = request.headers
+            meta.trace = gw.tracer.start(headers.get("traceparent"), headers.get("tracestate"))
         in_flight.inc()
         try:
             response = await serve(request, gw, surface, default_model, meta)
@@ -123,6 +126,8 @@ def inference_handler(surface: Surface, default_model: str, metrics: Metrics, se
                 )  # waiters of a failed answer go on their own
             _account(gw, meta)  # first: it prices an abandoned stream, which metrics then count
             gw.metrics.record(meta, meta.t_end)
+            if meta.trace is not None:
+                gw.tracer.end(meta, time.perf_counter(), _trace_attributes(meta))  # type: ignore[union-attr]
             if meta.hold:  # after `_account`: its real cost is debited now
                 gw.wallets.release(  # type: ignore[union-attr]
                     meta.team_id, meta.hold, meta.request_id if meta.hold_shared else ""
@@ -144,6 +149,8 @@ async def _serve(
     meta.request_bytes = len(body)
     view = decode_request(body)
     _check_required(view, surface)
+    if meta.trace is not None:
+        meta.trace.request = _request_attributes(view)
     name = view.model if view.model is not UNSET else default_model
     if not name:
         raise GatewayError(Code.invalid_request, "Missing required field `model`.", param="model")
@@ -172,6 +179,32 @@ async def _serve(
                 request, gw, surface, body, view, model_id, model, targets, meta, wants_meta, echo
             )
     return await _try_targets(request, gw, surface, body, view, model_id, model, targets, meta, wants_meta, echo)
+
+
+def _request_attributes(view: RequestView) -> dict[str, Any]:
+    """The request's gen_ai.request.* attributes (numbers the request names as numbers)."""
+    out: dict[str, Any] = {}
+    bound = view.output_bound()
+    if bound is not None:
+        out["gen_ai.request.max_tokens"] = bound
+    for name, raw in (("temperature", view.temperature), ("top_p", view.top_p)):
+        if raw is not UNSET:
+            try:
+                value = float(bytes(raw))
+            except ValueError:
+                continue
+            out[f"gen_ai.request.{name}"] = value
+    return out
+
+
+def _trace_attributes(meta: RequestMeta) -> dict[str, Any]:
+    """The gateway's own attributes of a request's server span (never a secret: the key by its id)."""
+    out: dict[str, Any] = {"gateway.team": meta.team_id, "gateway.key_id": meta.key_id}
+    if meta.cache is not None:
+        out["gateway.cache"] = meta.cache.status.lower()
+    if meta.guardrails:
+        out["gateway.guardrails"] = [f["policy"] for f in meta.guardrails]
+    return out
 
 
 async def _from_cache(
@@ -404,7 +437,10 @@ async def attempt(
     try:
         try:
             data = up.body if exchange.upload is None else exchange.upload.payload()
-            resp = await upstream.post(up.path, data, up.headers or None)
+            headers = up.headers or None
+            if meta.trace is not None:  # the attempt's own span, as its parent
+                headers = {**up.headers, **meta.trace.upstream(upstream.host)}
+            resp = await upstream.post(up.path, data, headers)
         except _TRANSPORT_ERRORS as e:
             meta.upstream_ended(0)
             if exchange.upload is not None and exchange.upload.error is not None:

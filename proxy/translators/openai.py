@@ -49,6 +49,8 @@ class RequestView(msgspec.Struct):
     max_tokens: Raw | UnsetType = UNSET
     max_completion_tokens: Raw | UnsetType = UNSET
     max_output_tokens: Raw | UnsetType = UNSET
+    temperature: Raw | UnsetType = UNSET  # for traces (gen_ai.request.*)
+    top_p: Raw | UnsetType = UNSET
     # gateway-only
     meta: bool | UnsetType | None = UNSET
     usage: bool | UnsetType | None = UNSET

@@ -1,0 +1,225 @@
+"""OpenTelemetry traces against a real OTLP/HTTP receiver (an aiohttp server on 127.0.0.1 decoding the protobuf
+with `opentelemetry-proto`): a plain, a streamed, a translated and a retried-then-fallen-back request; the
+incoming traceparent as parent and the upstream's traceparent; a collector that is down."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import pytest
+from aiohttp import web
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+from proxy.app import build_app
+from proxy.auth import split_key
+from proxy.config import GatewayConfig, ProviderConfig, Target, TelemetryConfig, TracesConfig, load_config
+from proxy.gateway import GATEWAY
+from tests.conftest import DEFAULT_CONFIG, Mock, auth, env_for
+from tests.mock_upstream import MockControl, build_mock
+
+MINI = "openai/gpt-4o-mini"
+CHAT = {"model": MINI, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50, "temperature": 0.2}
+
+
+class Receiver:
+    """An OTLP/HTTP traces endpoint that keeps every span it is sent."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[dict, Span]] = []  # (resource attributes, span)
+        self.arrived = asyncio.Event()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        message = ExportTraceServiceRequest()
+        message.ParseFromString(await request.read())
+        for resource_spans in message.resource_spans:
+            resource = _attributes(resource_spans.resource.attributes)
+            for scope_spans in resource_spans.scope_spans:
+                self.spans += [(resource, span) for span in scope_spans.spans]
+        self.arrived.set()
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    async def trace(self, trace_id: str, count: int) -> list[Span]:
+        """The spans of one trace, once `count` have arrived (bounded wait)."""
+        async with asyncio.timeout(10):
+            while True:
+                found = [s for _, s in self.spans if s.trace_id.hex() == trace_id]
+                if len(found) >= count:
+                    return found
+                self.arrived.clear()
+                await self.arrived.wait()
+
+
+def _attributes(pairs) -> dict:
+    out = {}
+    for kv in pairs:
+        value = kv.value
+        kind = value.WhichOneof("value")
+        out[kv.key] = (
+            list(v.string_value for v in value.array_value.values) if kind == "array_value" else getattr(value, kind)
+        )
+    return out
+
+
+@pytest.fixture
+async def receiver(aiohttp_server):
+    collector = Receiver()
+    app = web.Application()
+    app.router.add_post("/v1/traces", collector.handle)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    collector.url = str(server.make_url("/v1/traces"))  # type: ignore[attr-defined]
+    return collector
+
+
+def _traced(config: GatewayConfig, endpoint: str, **traces) -> GatewayConfig:
+    telemetry = TelemetryConfig(traces=TracesConfig(enabled=True, endpoint=endpoint, **traces))
+    return msgspec.structs.replace(config, telemetry=telemetry)
+
+
+async def _gateway(aiohttp_client, config: GatewayConfig):
+    client = await aiohttp_client(build_app(config))
+    return client
+
+
+def _by_kind(spans: list[Span]) -> tuple[Span, list[Span]]:
+    servers = [s for s in spans if s.kind == Span.SPAN_KIND_SERVER]
+    assert len(servers) == 1, spans
+    clients = sorted((s for s in spans if s.kind == Span.SPAN_KIND_CLIENT), key=lambda s: s.start_time_unix_nano)
+    return servers[0], clients
+
+
+async def test_a_plain_request_is_one_server_and_one_client_span(aiohttp_client, mock, store_url, key, receiver):
+    config = _traced(load_config(DEFAULT_CONFIG, env=env_for(mock, store_url)), receiver.url)
+    gw = await _gateway(aiohttp_client, config)
+    parent_trace, parent_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    headers = {**auth(key), "traceparent": f"00-{parent_trace}-{parent_span}-01", "tracestate": "vendor=x"}
+    r = await gw.post("/v1/chat/completions", json={**CHAT, "meta": True}, headers=headers)
+    assert r.status == 200
+    assert (await r.json())["meta"]["trace_id"] == parent_trace
+    upstream = mock.control.last.headers
+    assert upstream["traceparent"].startswith(f"00-{parent_trace}-") and upstream["tracestate"] == "vendor=x"
+    server, clients = _by_kind(await receiver.trace(parent_trace, 2))
+    assert server.name == f"chat {MINI}" and server.parent_span_id.hex() == parent_span
+    attributes = _attributes(server.attributes)
+    assert attributes["gen_ai.operation.name"] == "chat" and attributes["gen_ai.provider.name"] == "openai"
+    assert attributes["gen_ai.request.model"] == MINI and attributes["gen_ai.response.model"] == "gpt-4o-mini"
+    assert attributes["gen_ai.request.max_tokens"] == 50 and attributes["gen_ai.request.temperature"] == 0.2
+    assert attributes["gen_ai.usage.input_tokens"] == 11 and attributes["gen_ai.usage.output_tokens"] == 5
+    assert attributes["http.response.status_code"] == 200 and attributes["gateway.attempts"] == 1
+    kid, secret = split_key(key)  # type: ignore[misc]
+    assert attributes["gateway.cost_nanos"] > 0 and attributes["gateway.key_id"] == kid
+    assert all(secret not in str(value) for value in attributes.values())  # never the secret
+    assert "error.type" not in attributes
+    (client,) = clients
+    assert client.parent_span_id == server.span_id
+    assert upstream["traceparent"] == f"00-{parent_trace}-{client.span_id.hex()}-01"  # the attempt's own span
+    assert _attributes(client.attributes)["server.address"] == "127.0.0.1"
+    assert server.start_time_unix_nano <= client.start_time_unix_nano <= client.end_time_unix_nano
+    assert client.end_time_unix_nano <= server.end_time_unix_nano
+    resource = next(res for res, s in receiver.spans if s.span_id == server.span_id)
+    assert resource["service.name"] == "stats-gateway"
+
+
+async def test_a_stream_has_its_first_token_event(aiohttp_client, mock, store_url, key, receiver):
+    gw = await _gateway(
+        aiohttp_client, _traced(load_config(DEFAULT_CONFIG, env=env_for(mock, store_url)), receiver.url)
+    )
+    r = await gw.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=auth(key))
+    await r.read()
+    trace_id = mock.control.last.headers["traceparent"].split("-")[1]
+    server, _ = _by_kind(await receiver.trace(trace_id, 2))
+    (event,) = [e for e in server.events if e.name == "gen_ai.first_token"]
+    assert server.start_time_unix_nano < event.time_unix_nano < server.end_time_unix_nano
+
+
+async def test_a_translated_request(aiohttp_client, gw_config_with_claude, claude, key, receiver):
+    gw = await _gateway(aiohttp_client, _traced(gw_config_with_claude, receiver.url))
+    body = {"model": "anthropic/claude-sonnet-4.6", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
+    r = await gw.post("/v1/chat/completions", json=body, headers=auth(key))
+    assert r.status == 200
+    trace_id = claude.control.last.headers["traceparent"].split("-")[1]
+    server, (client,) = _by_kind(await receiver.trace(trace_id, 2))
+    assert _attributes(server.attributes)["gen_ai.provider.name"] == "anthropic"
+    assert _attributes(client.attributes)["gen_ai.provider.name"] == "anthropic"
+
+
+@pytest.fixture
+def gw_config_with_claude(mock, claude, store_url) -> GatewayConfig:
+    env = env_for(mock, store_url, ANTHROPIC_BASE_URL=claude.url, ANTHROPIC_API_KEY="sk-ant-x")
+    return load_config(DEFAULT_CONFIG, env=env)
+
+
+@pytest.fixture
+async def backup(aiohttp_server) -> Mock:
+    control = MockControl()
+    server = await aiohttp_server(build_mock(control), host="127.0.0.1")
+    return Mock(url=str(server.make_url("/v1")), control=control)
+
+
+async def test_retries_and_a_fallback_are_each_a_client_span(aiohttp_client, mock, backup, store_url, key, receiver):
+    config = load_config(DEFAULT_CONFIG, env=env_for(mock, store_url))
+    config.providers["backup"] = ProviderConfig(kind="openai-compatible", base_url=backup.url, api_key="sk-b")
+    config.models[MINI].targets.append(Target(provider="backup", model="backup-mini"))
+    config.models[MINI].backoff_s = 0.01
+    gw = await _gateway(aiohttp_client, _traced(config, receiver.url))
+    mock.control.mode, mock.control.status = "status", 503
+    r = await gw.post("/v1/chat/completions", json=CHAT, headers=auth(key))
+    assert r.status == 200
+    trace_id = backup.control.last.headers["traceparent"].split("-")[1]
+    server, clients = _by_kind(await receiver.trace(trace_id, 4))
+    assert [_attributes(c.attributes)["http.response.status_code"] for c in clients] == [503, 503, 200]
+    assert [_attributes(c.attributes)["gen_ai.provider.name"] for c in clients] == ["openai", "openai", "backup"]
+    assert [c.status.code for c in clients][:2] == [2, 2]  # STATUS_CODE_ERROR
+    assert {c.parent_span_id for c in clients} == {server.span_id}
+    assert len({c.span_id for c in clients}) == 3
+    assert _attributes(server.attributes)["gateway.attempts"] == 3
+    sent = [m.headers["traceparent"].split("-")[2] for m in mock.control.received[-2:]]
+    assert sent == [c.span_id.hex() for c in clients[:2]]  # each try carried its own span
+
+
+async def test_an_unsampled_parent_is_not_traced_and_sampling(aiohttp_client, mock, store_url, key, receiver):
+    config = _traced(load_config(DEFAULT_CONFIG, env=env_for(mock, store_url)), receiver.url, sample_ratio=0.0)
+    gw = await _gateway(aiohttp_client, config)
+    unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+    r = await gw.post(
+        "/v1/chat/completions", json={**CHAT, "meta": True}, headers={**auth(key), "traceparent": unsampled}
+    )
+    assert "trace_id" not in (await r.json())["meta"] and "traceparent" not in mock.control.last.headers
+    r = await gw.post("/v1/chat/completions", json={**CHAT, "meta": True}, headers=auth(key))  # ratio 0
+    assert "trace_id" not in (await r.json())["meta"]
+    sampled = unsampled[:-2] + "01"
+    r = await gw.post(
+        "/v1/chat/completions", json={**CHAT, "meta": True}, headers={**auth(key), "traceparent": sampled}
+    )
+    assert (await r.json())["meta"]["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"  # the caller decided
+
+
+async def test_a_collector_that_is_down_costs_no_request(aiohttp_client, mock, store_url, key):
+    config = _traced(
+        load_config(DEFAULT_CONFIG, env=env_for(mock, store_url)), "http://127.0.0.1:9/v1/traces", timeout_s=0.5
+    )
+    gw = await _gateway(aiohttp_client, config)
+    answers = [await gw.post("/v1/chat/completions", json=CHAT, headers=auth(key)) for _ in range(5)]
+    assert [a.status for a in answers] == [200] * 5
+    tracer = gw.server.app[GATEWAY].tracer
+    await asyncio.to_thread(tracer.close, 10)  # the export thread gives up on the collector
+    metrics = await (await gw.get("/metrics")).text()
+    assert 'gateway_trace_spans_dropped_total{reason="export_failed"}' in metrics
+
+
+def test_on_without_the_extra_names_the_command(monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def missing(name, *args, **kwargs):
+        if name.startswith("opentelemetry"):
+            raise ImportError(name=name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", missing)
+    from proxy.telemetry import Tracer
+
+    with pytest.raises(RuntimeError, match=r"pip install -e '\.\[otel\]'"):
+        Tracer(TracesConfig(enabled=True))
