@@ -201,8 +201,10 @@ class TracesConfig(_Base):
     headers: dict[str, str] = {}  # sent with each export (an API key); {}: OTEL_EXPORTER_OTLP_(TRACES_)HEADERS
     sample_ratio: float = 1.0  # of traces that start here (an incoming traceparent's sampled flag decides otherwise)
     service_name: str = "stats-gateway"  # OTEL_SERVICE_NAME wins
+    # OTLP/HTTP body encoding: http/json (cheap) or http/protobuf (the SDK's exporter); OTEL_EXPORTER_OTLP_PROTOCOL wins
+    protocol: Literal["http/json", "http/protobuf"] = "http/json"
     timeout_s: float = 10.0  # one export call
-    max_queue: int = 2048  # requests waiting for export; beyond, their spans are dropped (and counted)
+    max_queue: int = 8192  # requests waiting for export (taken every 250 ms); beyond, their spans are dropped
 
 
 class TelemetryConfig(_Base):

@@ -7,24 +7,29 @@ imports OpenTelemetry and a request does no tracing work.
 A request's spans are not built while it runs. At its start the gateway reads an incoming W3C `traceparent`
 (its parent; its sampled flag decides, else `sample_ratio` of trace ids) and draws the ids it will use; each
 upstream attempt gets its own span id, sent upstream in the attempt's `traceparent`. When the request has
-ended, its figures (already in its meta: clock readings, attempts, usage, cost) go to a bounded queue; a
-background thread turns them into one SERVER span (`{operation} {model}`), a CLIENT span per attempt and a
-`gen_ai.first_token` event, and exports them with the SDK's OTLP/HTTP exporter, up to 512 requests a call
-(gathered for at most a second). A full queue (a collector
-down or slow) drops the request's spans, counted in `gateway_trace_spans_dropped_total`: never a delay.
+ended, its figures (already in its meta: clock readings, attempts, usage, cost) are appended to a bounded
+buffer; every 250 ms a background thread takes them, turns them into one SERVER span (`{operation} {model}`),
+a CLIENT span per attempt and a `gen_ai.first_token` event, and exports them over OTLP/HTTP, up to 512
+requests a call: as JSON encoded here (`http/json`, the default: a few µs a span), or as protobuf through the
+SDK's exporter (`http/protobuf`: its encoder costs ~35 µs a span, in a thread that shares the GIL with
+serving). A full buffer (a collector down or slow) drops the request's spans, counted in
+`gateway_trace_spans_dropped_total`: never a delay.
 """
 
 from __future__ import annotations
 
-import contextlib
+import collections
 import logging
 import os
-import queue
 import random
 import re
 import threading
 import time
+import urllib.parse
+import urllib.request
 from typing import TYPE_CHECKING, Any, Final, final
+
+import orjson
 
 if TYPE_CHECKING:
     from proxy.config import TracesConfig
@@ -45,7 +50,7 @@ OPERATIONS: Final = {
 }
 PROVIDERS: Final = {"openai": "openai", "anthropic": "anthropic", "gemini": "gcp.gemini"}
 _BATCH: Final = 512  # requests exported in one call, at most
-_DELAY_S: Final = 1.0  # the longest a finished request's spans wait for others to go with them
+_DELAY_S: Final = 0.25  # how often the export thread takes what has finished
 
 
 @final
@@ -76,28 +81,67 @@ class Trace:
         return f"{self.trace_id:032x}"
 
 
+SERVER: Final = 2  # OTLP's SpanKind
+CLIENT: Final = 3
+_ERROR: Final = 2  # OTLP's StatusCode
+
+
+@final
+class SpanRecord:
+    """One span, as plain figures: what either encoder turns into OTLP."""
+
+    __slots__ = ("attributes", "end", "error", "events", "kind", "name", "parent_id", "span_id", "start", "trace")
+
+    def __init__(self, trace: Trace, span_id: int, parent_id: int | None, name: str, kind: int, start: int, end: int,
+                 attributes: dict[str, Any], events: list[tuple[str, int]], error: bool):  # fmt: skip
+        self.trace = trace
+        self.span_id = span_id
+        self.parent_id = parent_id
+        self.name = name
+        self.kind = kind
+        self.start = start
+        self.end = end
+        self.attributes = attributes
+        self.events = events  # (name, epoch ns)
+        self.error = error
+
+
 @final
 class Tracer:
     """Starts requests' traces and exports their spans from a background thread."""
 
-    __slots__ = ("_dropped", "_exporter", "_logged_at", "_queue", "_thread", "ratio", "resource")
+    __slots__ = ("_dropped", "_export_batch", "_logged_at", "_max", "_pending", "_stop", "_thread", "ratio", "resource")
 
     def __init__(self, config: TracesConfig, dropped: Any = None):
         try:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
             from opentelemetry.sdk.resources import Resource
         except ImportError as e:
             raise RuntimeError(
                 f"telemetry.traces is on but OpenTelemetry is not installed ({e.name}): run {INSTALL}"
             ) from None
+        # service.name and OTEL_RESOURCE_ATTRIBUTES, merged the SDK's way
         service = os.environ.get("OTEL_SERVICE_NAME") or config.service_name
         self.resource = Resource.create({"service.name": service})
-        headers = dict(config.headers) or None
-        # endpoint and headers: the config's, else the standard OTEL_EXPORTER_OTLP_* variables (the SDK reads them)
-        self._exporter = OTLPSpanExporter(endpoint=config.endpoint or None, headers=headers, timeout=config.timeout_s)
+        protocol = (
+            os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+            or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+            or config.protocol
+        ).strip()
+        if protocol == "http/protobuf":
+            self._export_batch = _ProtobufExporter(config, self.resource).export
+        elif protocol == "http/json":
+            self._export_batch = _JsonExporter(config, self.resource).export
+        else:
+            raise RuntimeError(
+                f"telemetry.traces: the OTLP protocol {protocol!r} is not supported (http/json, http/protobuf)"
+            )
         self.ratio = _sample_ratio(config.sample_ratio)
         self._dropped = dropped  # gateway_trace_spans_dropped_total
-        self._queue: queue.Queue[tuple | None] = queue.Queue(maxsize=config.max_queue)
+        # Finished requests, taken by the export thread once a `_DELAY_S`: appending never wakes it (a wake-up
+        # per request, each a handover of the GIL, would cost more than the spans).
+        self._pending: collections.deque[tuple] = collections.deque()
+        self._max = config.max_queue
+        self._stop = threading.Event()
         self._logged_at = 0.0
         self._thread = threading.Thread(target=self._export, name="otlp-export", daemon=True)
         self._thread.start()
@@ -123,9 +167,9 @@ class Tracer:
         item = (trace, meta.surface, meta.model, meta.provider, meta.upstream_model, meta.status, meta.error_code,
                 meta.t_start, meta.t_first_token, meta.t_end or now, list(meta.attempts), meta.usage, meta.cost_nanos,
                 meta.native_id, wall, attributes)  # fmt: skip
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
+        if len(self._pending) < self._max:
+            self._pending.append(item)
+        else:
             if self._dropped is not None:
                 self._dropped.labels("queue_full").inc()
             if now - self._logged_at > 60:
@@ -134,116 +178,234 @@ class Tracer:
 
     def close(self, timeout: float = 5.0) -> None:
         """Export what is queued (for at most `timeout`), then stop the thread."""
-        with contextlib.suppress(queue.Full):
-            self._queue.put(None, timeout=timeout)
+        self._stop.set()
         self._thread.join(timeout)
-        self._exporter.shutdown()
 
     # -- the export thread
 
     def _export(self) -> None:
-        from opentelemetry.sdk.trace.export import SpanExportResult
-
+        pending = self._pending
         while True:
-            item = self._queue.get()
-            batch = [item]
-            until = time.monotonic() + _DELAY_S  # gather for a moment: one export call for many requests
-            while len(batch) < _BATCH and item is not None:
+            stopping = self._stop.wait(_DELAY_S)
+            while pending:
+                batch = [pending.popleft() for _ in range(min(len(pending), _BATCH))]
+                spans = [span for entry in batch for span in _records(entry)]
                 try:
-                    item = self._queue.get(timeout=max(until - time.monotonic(), 0))
-                except queue.Empty:
-                    break
-                batch.append(item)
-            stop = None in batch
-            spans = [span for entry in batch if entry is not None for span in self._spans(entry)]
-            if spans:
-                try:
-                    result = self._exporter.export(spans)
-                except Exception:  # the exporter's own failures: counted, never raised into the gateway
-                    result = None
-                if result is not SpanExportResult.SUCCESS and self._dropped is not None:
+                    ok = self._export_batch(spans)
+                except Exception:  # an encoder's or exporter's failure: counted, never raised into the gateway
+                    log.exception("traces: exporting %d spans failed", len(spans))
+                    ok = False
+                if not ok and self._dropped is not None:
                     self._dropped.labels("export_failed").inc(len(spans))
-            if stop:
+            if stopping:
                 return
 
-    def _spans(self, entry: tuple) -> list[Any]:
+
+def _records(entry: tuple) -> list[SpanRecord]:
+    """A finished request's spans: its SERVER span and a CLIENT span per upstream attempt."""
+    (trace, surface, model, provider, upstream_model, status, error_code, t_start, t_first_token, t_end,
+     attempts, usage, cost, native_id, wall, extra) = entry  # fmt: skip
+    operation = OPERATIONS.get(surface, surface)
+    attributes: dict[str, Any] = {
+        "gen_ai.operation.name": operation,
+        "gen_ai.request.model": model,
+        "http.response.status_code": status,
+        **trace.request,
+        **extra,
+    }
+    if provider:
+        attributes["gen_ai.provider.name"] = PROVIDERS.get(provider, provider)
+    if upstream_model:
+        attributes["gen_ai.response.model"] = upstream_model
+    if native_id:
+        attributes["gen_ai.response.id"] = native_id
+    if usage is not None:
+        attributes["gen_ai.usage.input_tokens"] = usage.input_tokens
+        attributes["gen_ai.usage.output_tokens"] = usage.output_tokens
+    if cost:
+        attributes["gateway.cost_nanos"] = cost
+    attributes["gateway.attempts"] = len(attempts)
+    failed = status >= 400 or bool(error_code)
+    if failed:
+        attributes["error.type"] = error_code or str(status)
+    events = [("gen_ai.first_token", wall + int(t_first_token * 1e9))] if t_first_token else []
+    name = f"{operation} {model}" if model else operation
+    spans = [
+        SpanRecord(
+            trace,
+            trace.span_id,
+            trace.parent_id,
+            name,
+            SERVER,
+            wall + int(t_start * 1e9),
+            wall + int(t_end * 1e9),
+            attributes,
+            events,
+            failed,
+        )
+    ]
+    for (who, code, started, ended), (span_id, address) in zip(attempts, trace.attempt_ids, strict=False):
+        ok = 0 < code < 400
+        client = {
+            "gen_ai.operation.name": operation,
+            "gen_ai.provider.name": PROVIDERS.get(who, who),
+            "gen_ai.request.model": upstream_model or model,
+            "http.response.status_code": code,
+            "server.address": address,
+        }
+        if not ok:
+            client["error.type"] = str(code) if code else "unreachable"
+        spans.append(
+            SpanRecord(
+                trace,
+                span_id,
+                trace.span_id,
+                f"{operation} {upstream_model or model}",
+                CLIENT,
+                wall + int(started * 1e9),
+                wall + int((ended or started) * 1e9),
+                client,
+                [],
+                not ok,
+            )
+        )
+    return spans
+
+
+# -- encoders and exporters
+
+
+def _headers(config: TracesConfig) -> dict[str, str]:
+    """The config's headers, else OTEL_EXPORTER_OTLP_(TRACES_)HEADERS (`k=v,k2=v2`, URL-encoded)."""
+    if config.headers:
+        return dict(config.headers)
+    raw = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS") or os.environ.get("OTEL_EXPORTER_OTLP_HEADERS") or ""
+    out = {}
+    for pair in raw.split(","):
+        name, _, value = pair.partition("=")
+        if name.strip():
+            out[urllib.parse.unquote(name.strip())] = urllib.parse.unquote(value.strip())
+    return out
+
+
+def _endpoint(config: TracesConfig) -> str:
+    """The config's endpoint, else OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else OTEL_EXPORTER_OTLP_ENDPOINT/v1/traces."""
+    if config.endpoint:
+        return config.endpoint
+    if os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        return os.environ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
+    base = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "http://localhost:4318"
+    return base.rstrip("/") + "/v1/traces"
+
+
+def _value(value: Any) -> dict[str, Any]:
+    if isinstance(value, bool):
+        return {"boolValue": value}
+    if isinstance(value, int):
+        return {"intValue": str(value)}
+    if isinstance(value, float):
+        return {"doubleValue": value}
+    if isinstance(value, list | tuple):
+        return {"arrayValue": {"values": [_value(v) for v in value]}}
+    return {"stringValue": str(value)}
+
+
+@final
+class _JsonExporter:
+    """OTLP/HTTP with JSON bodies (`http/json`): encoded with orjson, a few µs a span."""
+
+    __slots__ = ("endpoint", "headers", "resource", "timeout")
+
+    def __init__(self, config: TracesConfig, resource: Any):
+        self.endpoint = _endpoint(config)
+        self.headers = {**_headers(config), "Content-Type": "application/json"}
+        self.timeout = config.timeout_s
+        self.resource = [{"key": k, "value": _value(v)} for k, v in resource.attributes.items()]
+
+    def export(self, spans: list[SpanRecord]) -> bool:
+        encoded = []
+        for span in spans:
+            trace = span.trace
+            out: dict[str, Any] = {
+                "traceId": f"{trace.trace_id:032x}",
+                "spanId": f"{span.span_id:016x}",
+                "name": span.name,
+                "kind": span.kind,
+                "startTimeUnixNano": str(span.start),
+                "endTimeUnixNano": str(span.end),
+                "attributes": [{"key": k, "value": _value(v)} for k, v in span.attributes.items()],
+            }
+            if span.parent_id:
+                out["parentSpanId"] = f"{span.parent_id:016x}"
+            if trace.state:
+                out["traceState"] = trace.state
+            if span.events:
+                out["events"] = [{"name": n, "timeUnixNano": str(t)} for n, t in span.events]
+            if span.error:
+                out["status"] = {"code": _ERROR}
+            encoded.append(out)
+        body = orjson.dumps(
+            {
+                "resourceSpans": [
+                    {
+                        "resource": {"attributes": self.resource},
+                        "scopeSpans": [{"scope": {"name": "stats-gateway"}, "spans": encoded}],
+                    }
+                ]
+            }
+        )
+        request = urllib.request.Request(self.endpoint, data=body, headers=self.headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as answer:
+                answer.read()
+                return 200 <= answer.status < 300
+        except (OSError, ValueError):  # refused, timed out, an HTTP error status, a bad URL
+            return False
+
+
+@final
+class _ProtobufExporter:
+    """OTLP/HTTP with protobuf bodies (`http/protobuf`): the SDK's exporter and encoder (slower: ~40 µs a span)."""
+
+    __slots__ = ("_exporter", "resource")
+
+    def __init__(self, config: TracesConfig, resource: Any):
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        self.resource = resource
+        self._exporter = OTLPSpanExporter(
+            endpoint=_endpoint(config), headers=_headers(config) or None, timeout=config.timeout_s
+        )
+
+    def export(self, spans: list[SpanRecord]) -> bool:
         from opentelemetry.sdk.trace import Event, ReadableSpan
+        from opentelemetry.sdk.trace.export import SpanExportResult
         from opentelemetry.sdk.util.instrumentation import InstrumentationScope
         from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
-        (trace, surface, model, provider, upstream_model, status, error_code, t_start, t_first_token, t_end,
-         attempts, usage, cost, native_id, wall, extra) = entry  # fmt: skip
-
-        def ns(t: float) -> int:
-            return wall + int(t * 1e9)
-
         flags = TraceFlags(TraceFlags.SAMPLED)
-        state = TraceState.from_header([trace.state]) if trace.state else TraceState()
-        context = SpanContext(trace.trace_id, trace.span_id, False, flags, state)
-        parent = SpanContext(trace.trace_id, trace.parent_id, True, flags, state) if trace.parent_id else None
         scope = InstrumentationScope("stats-gateway")
-        operation = OPERATIONS.get(surface, surface)
-        attributes: dict[str, Any] = {
-            "gen_ai.operation.name": operation,
-            "gen_ai.request.model": model,
-            "http.response.status_code": status,
-            **trace.request,
-            **extra,
-        }
-        if provider:
-            attributes["gen_ai.provider.name"] = PROVIDERS.get(provider, provider)
-        if upstream_model:
-            attributes["gen_ai.response.model"] = upstream_model
-        if native_id:
-            attributes["gen_ai.response.id"] = native_id
-        if usage is not None:
-            attributes["gen_ai.usage.input_tokens"] = usage.input_tokens
-            attributes["gen_ai.usage.output_tokens"] = usage.output_tokens
-        if cost:
-            attributes["gateway.cost_nanos"] = cost
-        attributes["gateway.attempts"] = len(attempts)
-        failed = status >= 400 or bool(error_code)
-        if failed:
-            attributes["error.type"] = error_code or str(status)
-        events = [Event("gen_ai.first_token", timestamp=ns(t_first_token))] if t_first_token else []
-        server = ReadableSpan(
-            f"{operation} {model}" if model else operation,
-            context=context,
-            parent=parent,
-            resource=self.resource,
-            attributes=attributes,
-            events=events,
-            kind=SpanKind.SERVER,
-            status=Status(StatusCode.ERROR if failed else StatusCode.UNSET),
-            start_time=ns(t_start),
-            end_time=ns(t_end),
-            instrumentation_scope=scope,
-        )
-        spans = [server]
-        for (name, code, started, ended), (span_id, address) in zip(attempts, trace.attempt_ids, strict=False):
-            ok = 0 < code < 400
-            spans.append(
+        readable = []
+        for span in spans:
+            trace = span.trace
+            state = TraceState.from_header([trace.state]) if trace.state else TraceState()
+            parent = SpanContext(trace.trace_id, span.parent_id, True, flags, state) if span.parent_id else None
+            readable.append(
                 ReadableSpan(
-                    f"{operation} {upstream_model or model}",
-                    context=SpanContext(trace.trace_id, span_id, False, flags, state),
-                    parent=context,
+                    span.name,
+                    context=SpanContext(trace.trace_id, span.span_id, False, flags, state),
+                    parent=parent,
                     resource=self.resource,
-                    attributes={
-                        "gen_ai.operation.name": operation,
-                        "gen_ai.provider.name": PROVIDERS.get(name, name),
-                        "gen_ai.request.model": upstream_model or model,
-                        "http.response.status_code": code,
-                        "server.address": address,
-                        **({} if ok else {"error.type": str(code) if code else "unreachable"}),
-                    },
-                    kind=SpanKind.CLIENT,
-                    status=Status(StatusCode.UNSET if ok else StatusCode.ERROR),
-                    start_time=ns(started),
-                    end_time=ns(ended or started),
+                    attributes=span.attributes,
+                    events=[Event(name, timestamp=t) for name, t in span.events],
+                    kind=SpanKind.SERVER if span.kind == SERVER else SpanKind.CLIENT,
+                    status=Status(StatusCode.ERROR if span.error else StatusCode.UNSET),
+                    start_time=span.start,
+                    end_time=span.end,
                     instrumentation_scope=scope,
                 )
             )
-        return spans
+        return self._exporter.export(readable) is SpanExportResult.SUCCESS
 
 
 def _sample_ratio(configured: float) -> float:

@@ -5,10 +5,13 @@ incoming traceparent as parent and the upstream's traceparent; a collector that 
 from __future__ import annotations
 
 import asyncio
+import base64
 
 import msgspec
+import orjson
 import pytest
 from aiohttp import web
+from google.protobuf import json_format
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
@@ -28,11 +31,24 @@ class Receiver:
 
     def __init__(self) -> None:
         self.spans: list[tuple[dict, Span]] = []  # (resource attributes, span)
+        self.content_types: list[str] = []
         self.arrived = asyncio.Event()
 
     async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.content_types.append(request.content_type)
         message = ExportTraceServiceRequest()
-        message.ParseFromString(await request.read())
+        if request.content_type == "application/json":  # OTLP/JSON: ids in hex, the rest proto3's JSON mapping
+            data = orjson.loads(body)
+            for resource_spans in data["resourceSpans"]:
+                for scope_spans in resource_spans["scopeSpans"]:
+                    for span in scope_spans["spans"]:
+                        for name in ("traceId", "spanId", "parentSpanId"):
+                            if name in span:
+                                span[name] = base64.b64encode(bytes.fromhex(span[name])).decode()
+            json_format.ParseDict(data, message)
+        else:
+            message.ParseFromString(body)
         for resource_spans in message.resource_spans:
             resource = _attributes(resource_spans.resource.attributes)
             for scope_spans in resource_spans.scope_spans:
@@ -89,8 +105,11 @@ def _by_kind(spans: list[Span]) -> tuple[Span, list[Span]]:
     return servers[0], clients
 
 
-async def test_a_plain_request_is_one_server_and_one_client_span(aiohttp_client, mock, store_url, key, receiver):
-    config = _traced(load_config(DEFAULT_CONFIG, env=env_for(mock, store_url)), receiver.url)
+@pytest.mark.parametrize("protocol", ["http/json", "http/protobuf"])
+async def test_a_plain_request_is_one_server_and_one_client_span(
+    aiohttp_client, mock, store_url, key, receiver, protocol
+):
+    config = _traced(load_config(DEFAULT_CONFIG, env=env_for(mock, store_url)), receiver.url, protocol=protocol)
     gw = await _gateway(aiohttp_client, config)
     parent_trace, parent_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
     headers = {**auth(key), "traceparent": f"00-{parent_trace}-{parent_span}-01", "tracestate": "vendor=x"}
@@ -119,6 +138,8 @@ async def test_a_plain_request_is_one_server_and_one_client_span(aiohttp_client,
     assert client.end_time_unix_nano <= server.end_time_unix_nano
     resource = next(res for res, s in receiver.spans if s.span_id == server.span_id)
     assert resource["service.name"] == "stats-gateway"
+    expected = "application/json" if protocol == "http/json" else "application/x-protobuf"
+    assert set(receiver.content_types) == {expected}
 
 
 async def test_a_stream_has_its_first_token_event(aiohttp_client, mock, store_url, key, receiver):
