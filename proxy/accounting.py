@@ -18,7 +18,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import Protocol, final
+from typing import Any, Protocol, final
 
 from proxy.credit import KeyBudgets, WalletCache
 from proxy.journal import ROTATE_BYTES, Journal
@@ -58,6 +58,7 @@ def estimate(meta: RequestMeta) -> None:
 @final
 class Accountant:
     __slots__ = (
+        "_backlog",
         "_idle",
         "_queue",
         "_task",
@@ -80,6 +81,7 @@ class Accountant:
         journal: Journal,
         max_queue: int = 100_000,
         fsync_s: float = 1.0,
+        backlog: Any = None,
     ):
         self.store = store
         self.wallets = wallets
@@ -94,6 +96,7 @@ class Accountant:
         self._idle.set()
         self._writing = False
         self._task: asyncio.Task[None] | None = None
+        self._backlog = backlog  # gateway_accounting_backlog, labelled by writer: set once a batch, never per request
 
     @property
     def backlogged(self) -> bool:
@@ -143,6 +146,8 @@ class Accountant:
         sync_at = loop.time() + self.fsync_s
         while True:
             if not self._queue:
+                if self._backlog is not None:
+                    self._backlog.set(0)
                 self._idle.set()
                 self._wake.clear()
                 due = min(adopt_at, sync_at) if self.fsync_s and self.journal.dirty else adopt_at
@@ -160,6 +165,8 @@ class Accountant:
                 continue
             if len(self._queue) < MAX_BATCH:
                 await asyncio.sleep(LINGER_S)  # let a batch gather: one transaction for many requests
+            if self._backlog is not None:
+                self._backlog.set(len(self._queue))
             batch = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_BATCH))]
             self._writing = True
             try:

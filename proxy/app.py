@@ -103,8 +103,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         if accounting.writer == "process" and not in_memory(config.store.url):
             recorder = writes = Recorder(config.store.url)
             await recorder.start()  # a child process that cannot open the store fails the start
+        backlog = gw.metrics.backlog.labels("process" if recorder is not None else "thread")
         gw.accountant = Accountant(
-            writes, gw.wallets, gw.budgets, journal, accounting.max_backlog, accounting.journal_fsync_s
+            writes, gw.wallets, gw.budgets, journal, accounting.max_backlog, accounting.journal_fsync_s, backlog
         )
         await gw.accountant.start()  # replays what dead workers left in the journal, before serving
     gw.upstreams = {name: Upstream(name, provider) for name, provider in config.providers.items()}

@@ -128,6 +128,7 @@ class Metrics:
         "_attempts",
         "_children",
         "_counts",
+        "backlog",
         "breaker_state",
         "cache_errors",
         "cache_requests",
@@ -283,6 +284,13 @@ class Metrics:
             "gateway_cache_errors",
             "Calls to the response cache's Redis that failed or timed out, by operation (get: a miss; set: not kept).",
             ("op",),
+        )
+        self.backlog = make(
+            "gauge",
+            "gateway_accounting_backlog",
+            "Usage records waiting for the store (summed over workers), by writer (process, thread); new requests "
+            "get 503 at accounting.max_backlog.",
+            ("writer",),
         )
         self.trace_dropped = make(
             "counter",
