@@ -650,14 +650,7 @@ def check(config: GatewayConfig, fail: Any) -> None:
                     fail([*where, subject, name], "expected a whole number >= 0 (0: no limit)")
     if config.auth.max_hold_usd < 0:
         fail(["auth", "max_hold_usd"], "expected an amount in USD >= 0 (0: no holds)")
-    if config.rate_limits.url and not config.rate_limits.url.startswith(("redis://", "rediss://", "unix://")):
-        from proxy.store.base import redact_url
-
-        fail(
-            ["rate_limits", "url"],
-            f"expected a redis://[:password@]host:port/db URL (or rediss://, unix://), got "
-            f"{redact_url(config.rate_limits.url)!r}",
-        )
+    _check_redis_url(config.rate_limits.url, ["rate_limits", "url"], fail)
     if config.rate_limits.timeout_ms < 1:
         fail(["rate_limits", "timeout_ms"], "expected a duration >= 1 ms")
     if config.rate_limits.default_output_tokens < 1:
@@ -858,9 +851,14 @@ def _check_cache(cache: CacheConfig, fail: Fail) -> None:
         fail(["cache", "wait_s"], "expected a duration >= 0 seconds (0: never wait)")
     if not 0 <= cache.hit_price_ratio <= 1:
         fail(["cache", "hit_price_ratio"], f"expected a fraction 0 <= x <= 1, got {cache.hit_price_ratio}")
-    if cache.url and not cache.url.startswith(("redis://", "rediss://", "unix://")):
-        from proxy.store.base import redact_url
-
-        fail(["cache", "url"], f"expected a redis://[:password@]host:port/db URL, got {redact_url(cache.url)!r}")
+    _check_redis_url(cache.url, ["cache", "url"], fail)
     if cache.timeout_ms < 1:
         fail(["cache", "timeout_ms"], "expected a duration >= 1 ms")
+
+
+def _check_redis_url(url: str, where: list[Segment], fail: Fail) -> None:
+    """A Redis URL, when one is set (its password never in the message)."""
+    if url and not url.startswith(("redis://", "rediss://", "unix://")):
+        from proxy.store.base import redact_url
+
+        fail(where, f"expected a redis://[:password@]host:port/db URL (or rediss://, unix://), got {redact_url(url)!r}")

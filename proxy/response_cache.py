@@ -32,6 +32,7 @@ import msgspec
 import orjson
 
 from proxy.meta import Usage
+from proxy.redis_link import RedisDown, RedisLink
 from proxy.translators.neutral import ChatResponse
 from proxy.translators.openai import GATEWAY_FIELDS
 
@@ -179,14 +180,11 @@ class ResponseCache:
 
     __slots__ = (
         "_digests",
-        "_down_since",
         "_flights",
         "_lru",
         "_redis",
-        "_retry_at",
         "_tasks",
         "config",
-        "errors",
         "requests",
         "saved",
     )
@@ -195,22 +193,14 @@ class ResponseCache:
         self.config = config
         self.requests = requests  # gateway_cache_requests_total{result}
         self.saved = saved  # gateway_cache_saved_usd_total
-        self.errors = errors  # gateway_cache_errors_total
         self._lru = _Lru(config.max_bytes)
         self._digests: dict[bytes, str] = {}  # sha256 of (scope, surface, model, body) → its key ("": not kept)
         self._flights: dict[str, asyncio.Future[Entry | None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._redis: Any = None
-        self._down_since = 0.0
-        self._retry_at = 0.0
-        if config.url:
-            import redis.asyncio as redis  # only with `cache.url`
-
-            timeout = config.timeout_ms / 1000
-            pool = redis.BlockingConnectionPool.from_url(
-                config.url, max_connections=16, timeout=timeout, socket_timeout=timeout, socket_connect_timeout=timeout
-            )
-            self._redis = redis.Redis(connection_pool=pool, retry=None)
+        self._redis: RedisLink | None = None
+        if config.url:  # `gateway_cache_errors_total{op}` counts its failures
+            meanwhile = "the cache is this worker's own"
+            self._redis = RedisLink(config.url, config.timeout_ms / 1000, "cache.url", meanwhile, _RETRY_S, log, errors)
 
     def on_for(self, key: KeyRecord) -> bool:
         """Whether `key`'s requests use the cache unless they say otherwise: its own setting, else its team's,
@@ -352,36 +342,18 @@ class ResponseCache:
         await self._redis_call("SET", self.config.key_prefix + key, value, "PX", ttl_ms)
 
     async def _redis_call(self, *command: Any) -> Any:
-        now = time.monotonic()
-        if self._down_since and now < self._retry_at:
-            return None
+        """The command's answer; None when Redis is down or fails (a miss, or an entry not kept)."""
+        assert self._redis is not None
         try:
-            async with asyncio.timeout(self.config.timeout_ms / 1000 * 3):
-                answer = await self._redis.execute_command(*command)
-        except Exception as e:  # down, slow, or not Redis: a miss
-            if self.errors is not None:
-                self.errors.labels(command[0].lower()).inc()
-            self._retry_at = time.monotonic() + _RETRY_S
-            if not self._down_since:
-                self._down_since = now
-                from proxy.store.base import redact_url
-
-                log.warning(
-                    "Redis at %s (cache.url) failed: %s; the cache is this worker's own until it answers",
-                    redact_url(self.config.url),
-                    f"{type(e).__name__}: {e}" if str(e) else type(e).__name__,
-                )
+            return await self._redis.call(lambda client: client.execute_command(*command), command[0].lower())
+        except RedisDown:
             return None
-        if self._down_since and now > self._down_since:
-            log.info("Redis (cache.url) answers again after %.1f s", time.monotonic() - self._down_since)
-            self._down_since = 0.0
-        return answer
 
     async def close(self) -> None:
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=1.0)
         if self._redis is not None:
-            await self._redis.aclose()
+            await self._redis.close()
 
 
 def _seconds(text: str | None) -> float | None:

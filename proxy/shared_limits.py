@@ -11,9 +11,8 @@ A request's concurrency slot and credit hold are members of a sorted set scored 
 a killed instance held is freed once its lease runs out (`LEASE_S`), without anyone having to notice.
 
 Redis down or slower than `rate_limits.timeout_ms`: `on_redis_error` says what happens (each worker's own
-limits and holds, none, or 503), with a WARNING when it starts, an INFO when Redis answers again and
-`gateway_redis_errors_total{use="limits"}` for every failed call. While down, Redis is tried again at most
-once a `RETRY_S`, so an outage costs one timeout a second, not one a request.
+limits and holds, none, or 503); `proxy.redis_link` logs the outage, counts each failed call in
+`gateway_redis_errors_total{use="limits"}` and tries Redis again at most once a `RETRY_S`.
 """
 
 from __future__ import annotations
@@ -22,11 +21,11 @@ import asyncio
 import contextlib
 import logging
 import math
-import time
 from typing import TYPE_CHECKING, Any, Final, final
 
 from proxy.errors import Code, GatewayError
 from proxy.limits import Admission, Limit, RateLimiter, headers
+from proxy.redis_link import RedisDown, RedisLink
 
 if TYPE_CHECKING:
     from proxy.config import RateLimitsConfig
@@ -36,7 +35,6 @@ log = logging.getLogger("proxy.limits")
 
 LEASE_S: Final = 1800  # a slot or hold of a request no instance released (it was killed) lapses after this
 RETRY_S: Final = 1.0
-POOL_SIZE: Final = 16  # connections to Redis per worker
 MAX_BATCH: Final = 256  # admissions in one script call  # while Redis is down, how often a request tries it again
 
 # Admissions, each taken from all its buckets, concurrency sets and its team's holds, or from none; in order,
@@ -134,10 +132,6 @@ return 0
 _US: Final = 1_000_000
 
 
-class RedisDown(Exception):
-    """Redis did not answer (or answered an error); what to do is `on_redis_error`'s."""
-
-
 DOWN: Final = object()  # `admit`'s answer when Redis is down and the caller is to go on without it
 
 
@@ -162,59 +156,38 @@ class SharedLimits:
     script call (each still all-or-nothing, in order), and so do the ends of requests. Under load that is
     one round trip for many requests; alone, a request waits for nothing but its own."""
 
-    __slots__ = (
-        "_admit",
-        "_admitting",
-        "_client",
-        "_down_since",
-        "_end",
-        "_ending",
-        "_errors",
-        "_retry_at",
-        "_tasks",
-        "_timeout",
-        "limiter",
-        "on_error",
-        "prefix",
-        "url",
-    )
+    __slots__ = ("_admit", "_admitting", "_end", "_ending", "_tasks", "limiter", "link", "on_error", "prefix")
 
     def __init__(self, config: RateLimitsConfig, limiter: RateLimiter, errors: Any = None):
-        import redis.asyncio as redis  # only with `rate_limits.url`
-
-        self.url = config.url
         self.limiter = limiter
         self.on_error = config.on_redis_error
         self.prefix = config.key_prefix
-        self._errors = errors  # `gateway_redis_errors_total`, labelled by use
-        self._timeout = config.timeout_ms / 1000
-        # A few connections, waited for: a burst queues for them rather than opening one each (hundreds of
-        # connects at once are what would make Redis slow).
-        pool = redis.BlockingConnectionPool.from_url(
+        meanwhile = {
+            "local": "each worker applies the rate limits and credit holds on its own",
+            "open": "no rate limits apply and credit holds are per worker",
+            "closed": "requests under a rate limit or a credit hold are refused (503)",
+        }[config.on_redis_error]
+        self.link = RedisLink(  # `gateway_redis_errors_total{use="limits"}` counts its failures
             config.url,
-            max_connections=POOL_SIZE,
-            timeout=self._timeout,
-            socket_timeout=self._timeout,
-            socket_connect_timeout=self._timeout,
+            config.timeout_ms / 1000,
+            "rate_limits.url",
+            f"{meanwhile} (rate_limits.on_redis_error: {config.on_redis_error})",
+            RETRY_S,
+            log,
+            errors,
         )
-        self._client = redis.Redis(
-            connection_pool=pool,
-            retry=None,  # a failed call is Redis being down: `on_redis_error` decides, at once
-        )
-        self._admit = self._client.register_script(_ADMIT)
-        self._end = self._client.register_script(_END)
+        self._admit = self.link.client.register_script(_ADMIT)
+        self._end = self.link.client.register_script(_END)
         self._admitting: list[_Request] = []  # admissions for the next batch
         self._ending: list[tuple[str, str]] = []  # (Redis key, operation) of requests' ends, for the next batch
         self._tasks: set[asyncio.Task[None]] = set()
-        self._down_since = 0.0  # monotonic time of the first failure of an outage; 0: up
-        self._retry_at = 0.0
 
     async def close(self) -> None:
         while self._tasks:  # the ends of the last requests, so that their slots and holds do not wait to lapse
-            done, _ = await asyncio.wait(self._tasks, timeout=max(self._timeout * 4, 1.0))
+            done, _ = await asyncio.wait(self._tasks, timeout=max(self.link.timeout * 4, 1.0))
             if not done:
                 break
-        await self._client.aclose()
+        await self.link.close()
 
     async def admit(
         self,
@@ -323,7 +296,7 @@ class SharedLimits:
 
     async def _batched(self, request: _Request) -> Any:
         """This admission's answer, from the batch of this turn of the event loop."""
-        if self._down_since and time.monotonic() < self._retry_at:
+        if self.link.down:
             raise RedisDown
         loop = asyncio.get_running_loop()
         future = request.future = loop.create_future()
@@ -395,40 +368,7 @@ class SharedLimits:
         task.add_done_callback(self._tasks.discard)
 
     async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        started = time.monotonic()
-        if self._down_since and started < self._retry_at:
-            raise RedisDown
-        try:
-            async with asyncio.timeout(self._timeout * 3):  # the pool's wait and the socket's, and a margin
-                answer = await script(keys=keys, args=args)
-        except Exception as e:  # connection refused, timeout, a script error: each is Redis not serving us
-            self._failed(e)
-            raise RedisDown from e
-        if self._down_since and started > self._down_since:  # not a call that was on its way before
-            now = time.monotonic()
-            log.info("Redis at %s answers again after %.1f s", _where(self.url), now - self._down_since)
-            self._down_since = 0.0
-        return answer
-
-    def _failed(self, error: Exception) -> None:
-        if self._errors is not None:
-            self._errors.labels("limits").inc()
-        now = time.monotonic()
-        self._retry_at = now + RETRY_S
-        if not self._down_since:
-            self._down_since = now
-            then = {
-                "local": "each worker applies the rate limits and credit holds on its own",
-                "open": "no rate limits apply and credit holds are per worker",
-                "closed": "requests under a rate limit or a credit hold are refused (503)",
-            }[self.on_error]
-            log.warning(
-                "Redis at %s (rate_limits.url) failed: %s; until it answers, %s (rate_limits.on_redis_error: %s)",
-                _where(self.url),
-                type(error).__name__ if not str(error) else f"{type(error).__name__}: {error}",
-                then,
-                self.on_error,
-            )
+        return await self.link.call(lambda _: script(keys=keys, args=args), "limits")
 
 
 def _closed() -> GatewayError:
@@ -437,10 +377,3 @@ def _closed() -> GatewayError:
     )
     error.headers = {"retry-after": str(math.ceil(RETRY_S))}
     return error
-
-
-def _where(url: str) -> str:
-    """The Redis URL without its password, for logs."""
-    from proxy.store.base import redact_url
-
-    return redact_url(url)

@@ -8,8 +8,10 @@ comments, `event:` lines) reaches the client untouched.
 from __future__ import annotations
 
 import re
-from typing import final
+from typing import Final, final
 
+# The head of every stream the gateway sends: no caching, and no buffering by a proxy in front (nginx).
+SSE_HEADERS: Final = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _SEPARATORS = (b"\r\n\r\n", b"\n\n", b"\r\r")
 # Bytes tested as ints: `13 in data` is a plain memchr, several times faster than `b"\r" in data`.

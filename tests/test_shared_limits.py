@@ -143,7 +143,7 @@ async def test_redis_down(aiohttp_client, mock, store_url, make_key, tmp_path, r
     assert 'gateway_redis_errors_total{use="limits"} 1.0' in metrics  # the second request did not try again
     redis_server.start()
     shared = gw.server.app[GATEWAY].limiter.shared
-    shared._retry_at = 0.0  # rather than wait RETRY_S for the next try
+    shared.link.retry_at = 0.0  # rather than wait RETRY_S for the next try
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="proxy.limits"):
         back = await _post(gw, await make_key())

@@ -251,38 +251,39 @@ class Guardrails:
         return replacements
 
     def _scan(
-        self, policy: Policy, stage: str, texts: list[str], replacements: dict[str, str], found: list[dict[str, Any]]
+        self,
+        policy: Policy,
+        stage: str,
+        texts: list[str],
+        replacements: dict[str, str],
+        found: list[dict[str, Any]],
+        action: str = "",
     ) -> None:
         """One detecting policy on `texts`: blocks (GatewayError), or adds its placeholders to `replacements`
-        (redact) and what it found to `found`."""
+        (redact) and what it found to `found`. `action`: in place of the policy's (a stream's is `log`)."""
         assert policy.detector is not None
+        action = action or policy.action
         kinds: dict[str, int] = {}
         for text in texts:
             for match in policy.detector.find(text):
                 kinds[match.kind] = kinds.get(match.kind, 0) + 1
-                if policy.action == "redact":
+                if action == "redact":
                     replacements[text[match.start : match.end]] = f"[{match.kind}]"
         if not kinds:
             return
-        if policy.action == "block":
+        if action == "block":
             what = "it contains" if stage == "request" else "its answer contains"
             raise self._block(policy, stage, found, f"{what} {_kinds(kinds)}", kinds)
-        self._count(policy, stage, policy.action)
-        found.append({"policy": policy.name, "stage": stage, "action": policy.action, "kinds": kinds})
+        self._count(policy, stage, action)
+        found.append({"policy": policy.name, "stage": stage, "action": action, "kinds": kinds})
 
     def check_stream(self, policies: Sequence[Policy], events: bytes, found: list[dict[str, Any]]) -> None:
         """What the response policies find in a finished stream's text (`events`: the SSE bytes the client
         got), added to `found` as `log` whatever the action: the events are already with the client."""
-        text = "".join(stream_texts(events))
+        texts = ["".join(stream_texts(events))]
         for policy in policies:
-            if not policy.on_response or policy.detector is None:
-                continue
-            kinds: dict[str, int] = {}
-            for match in policy.detector.find(text):
-                kinds[match.kind] = kinds.get(match.kind, 0) + 1
-            if kinds:
-                self._count(policy, "response", "log")
-                found.append({"policy": policy.name, "stage": "response", "action": "log", "kinds": kinds})
+            if policy.on_response and policy.detector is not None:
+                self._scan(policy, "response", texts, {}, found, "log")
 
     async def answer_webhooks(
         self,

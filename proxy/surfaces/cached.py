@@ -10,6 +10,7 @@ from aiohttp import web
 
 from proxy.errors import GatewayError
 from proxy.response_cache import EVENTS, JSON, NEUTRAL, RAW, Entry, Lookup, ResponseCache
+from proxy.sse import SSE_HEADERS
 from proxy.translators.neutral import ChatResponse
 from proxy.translators.openai import inject_members
 from proxy.translators.replay import answer_of, replay, stream_answer
@@ -18,8 +19,6 @@ from proxy.translators.responses import request_echo
 if TYPE_CHECKING:
     from proxy.gateway import Gateway
     from proxy.meta import RequestMeta
-
-SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def answer_hit(

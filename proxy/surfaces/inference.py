@@ -44,7 +44,7 @@ from proxy.resilience import (
 from proxy.response_cache import SURFACES as CACHED_SURFACES
 from proxy.routing import Surface
 from proxy.shared_limits import DOWN
-from proxy.sse import SSEError
+from proxy.sse import SSE_HEADERS, SSEError
 from proxy.store.base import KeyRecord
 from proxy.surfaces.body import read_body
 from proxy.surfaces.cached import answer_hit, entry_of
@@ -57,7 +57,6 @@ log = logging.getLogger("proxy.surfaces.inference")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Serve = Callable[[web.Request, Gateway, Surface, str, RequestMeta], Awaitable[web.StreamResponse]]
 
-SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DROPPED_HEADER = "x-gateway-dropped-params"  # request parameters the provider could not honour, left out
 CLIENT_CLOSED = 499  # nginx's convention: the client went away before the answer was complete
 _TRANSPORT_ERRORS = (ClientError,)  # the lean client's failures (its timeouts are TimeoutErrors too)
