@@ -113,6 +113,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         from proxy.telemetry import Tracer
 
         gw.tracer = Tracer(config.telemetry.traces, gw.metrics.trace_dropped)
+        await gw.tracer.open()
     try:
         yield
     finally:  # after the server has drained: every request that ran has been submitted
@@ -127,7 +128,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await gw.guardrails.close()
         await gw.cache.close()
         if gw.tracer is not None:
-            await asyncio.to_thread(gw.tracer.close)
+            await gw.tracer.close()
         await gw.store.close()
         if gw.access is not None:
             await asyncio.to_thread(gw.access.close)

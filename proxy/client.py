@@ -452,6 +452,7 @@ class Pool:
     __slots__ = (
         "_heads",
         "_idle",
+        "_names",
         "_sweep",
         "_waiters",
         "closed",
@@ -480,6 +481,7 @@ class Pool:
         self.loop = asyncio.get_running_loop()
         self.connect = connect
         self.headers = dict(headers)  # sent with every request, in this order (Host first)
+        self._names = {name.lower(): name for name in self.headers}
         self.limit = limit
         self.connect_s = connect_s
         self.first_byte_s = first_byte_s
@@ -502,8 +504,10 @@ class Pool:
                     self._heads.clear()
                 head = self._heads[path] = _encode_head(self.target_prefix + _quote(path), self.headers)
             return head
+        lowered = self._names
+        if not any(name.lower() in lowered for name in extra):  # added to the provider's (a traceparent)
+            return self._head(path, None) + _encode_lines(extra)
         merged = dict(self.headers)
-        lowered = {name.lower(): name for name in merged}
         for name, value in extra.items():
             old = lowered.get(name.lower())
             if old is not None:
@@ -648,12 +652,16 @@ def _quote(path: str) -> str:
 
 
 def _encode_head(target: str, headers: Mapping[str, str]) -> bytes:
-    lines = [f"POST {target} HTTP/1.1"]
+    return f"POST {target} HTTP/1.1\r\n".encode("latin-1") + _encode_lines(headers)
+
+
+def _encode_lines(headers: Mapping[str, str]) -> bytes:
+    lines = []
     for name, value in headers.items():
         if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
             raise ValueError(f"header {name!r} has a line break in its name or value")
-        lines.append(f"{name}: {value}")
-    return ("\r\n".join(lines) + "\r\n").encode("latin-1")
+        lines.append(f"{name}: {value}\r\n")
+    return "".join(lines).encode("latin-1")
 
 
 async def _send_chunked(conn: Connection, head: bytes, body: AsyncIterable[bytes]) -> None:

@@ -205,6 +205,8 @@ class TracesConfig(_Base):
     protocol: Literal["http/json", "http/protobuf"] = "http/json"
     timeout_s: float = 10.0  # one export call
     max_queue: int = 8192  # requests waiting for export (taken every 250 ms); beyond, their spans are dropped
+    capture_content: bool = False  # record prompts and answers (gen_ai.input/output.messages), after redaction
+    max_content_chars: int = 16384  # of text per content attribute; the rest is cut
 
 
 class TelemetryConfig(_Base):

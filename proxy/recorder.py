@@ -21,19 +21,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import sys
 from collections.abc import Sequence
 from typing import final
 
+from proxy.frames import COUNT, frame, receive, spawn
 from proxy.store.base import StoreError
-from proxy.usage_writer import COUNT, HEAD
 
 log = logging.getLogger("proxy.accounting")
 
 START_TIMEOUT_S = 30.0  # the child starts Python and opens the store (a PostgreSQL server may be slow)
 STOP_TIMEOUT_S = 5.0
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the child runs this same package
 
 
 class RecorderError(Exception):
@@ -82,14 +79,7 @@ class Recorder:
         proc = self._proc
         if proc is not None and proc.returncode is None:
             return proc
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "proxy.usage_writer",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (_ROOT, os.environ.get("PYTHONPATH"))))},
-        )
+        proc = await spawn("proxy.usage_writer")
         self._proc = proc
         try:
             async with asyncio.timeout(START_TIMEOUT_S):
@@ -134,10 +124,9 @@ class Recorder:
 
 async def _exchange(proc: asyncio.subprocess.Process, op: bytes, payload: bytes) -> int:
     assert proc.stdin is not None and proc.stdout is not None
-    proc.stdin.write(HEAD.pack(op, len(payload)) + payload)
+    proc.stdin.write(frame(op, payload))
     await proc.stdin.drain()
-    kind, size = HEAD.unpack(await proc.stdout.readexactly(HEAD.size))
-    body = await proc.stdout.readexactly(size)
+    kind, body = await receive(proc.stdout)
     if kind == b"K":
         return COUNT.unpack(body)[0]
     if kind == b"E":

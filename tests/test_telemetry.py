@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from pathlib import Path
 
 import msgspec
 import orjson
@@ -224,7 +225,7 @@ async def test_a_collector_that_is_down_costs_no_request(aiohttp_client, mock, s
     answers = [await gw.post("/v1/chat/completions", json=CHAT, headers=auth(key)) for _ in range(5)]
     assert [a.status for a in answers] == [200] * 5
     tracer = gw.server.app[GATEWAY].tracer
-    await asyncio.to_thread(tracer.close, 10)  # the export thread gives up on the collector
+    await tracer.close(10)  # the exporter process gives up on the collector, and says what it lost
     metrics = await (await gw.get("/metrics")).text()
     assert 'gateway_trace_spans_dropped_total{reason="export_failed"}' in metrics
 
@@ -244,3 +245,176 @@ def test_on_without_the_extra_names_the_command(monkeypatch):
 
     with pytest.raises(RuntimeError, match=r"pip install -e '\.\[otel\]'"):
         Tracer(TracesConfig(enabled=True))
+
+
+async def test_finish_reasons_whole_and_streamed(aiohttp_client, gw_config_with_claude, claude, key, receiver):
+    gw = await _gateway(aiohttp_client, _traced(gw_config_with_claude, receiver.url))
+    await gw.post("/v1/chat/completions", json=CHAT, headers=auth(key))
+    await (await gw.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=auth(key))).read()
+    body = {"model": "anthropic/claude-sonnet-4.6", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
+    await gw.post("/v1/messages", json=body, headers=auth(key))
+    found = {}
+    async with asyncio.timeout(10):
+        while len(found) < 3:
+            for _, span in receiver.spans:
+                attributes = _attributes(span.attributes)
+                if span.kind == Span.SPAN_KIND_SERVER and "gen_ai.response.finish_reasons" in attributes:
+                    stream = attributes["gen_ai.response.id"].startswith("chatcmpl") and len(span.events) > 0
+                    found[(attributes["gen_ai.request.model"], stream)] = attributes["gen_ai.response.finish_reasons"]
+            receiver.arrived.clear()
+            if len(found) < 3:
+                await receiver.arrived.wait()
+    assert found == {
+        (MINI, False): ["stop"],
+        (MINI, True): ["stop"],
+        ("anthropic/claude-sonnet-4.6", False): ["end_turn"],  # the Messages API's own words
+    }
+
+
+CONTENT_POLICY = """
+guardrails:
+  policies:
+    pii: {check: pii, action: redact}
+  default: [pii]
+"""
+
+
+def _with_policies(store_url: str, env: dict[str, str], receiver_url: str, **traces) -> GatewayConfig:
+    file = Path(store_url.removeprefix("sqlite:///")).parent / "gateway.yaml"
+    pricing = f"pricing: {{file: {DEFAULT_CONFIG.parent / 'pricing.yaml'}}}\n"
+    file.write_text(DEFAULT_CONFIG.read_text() + CONTENT_POLICY + pricing)
+    return _traced(load_config(file, env=env), receiver_url, **traces)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_captured_content_is_redacted_cut_and_in_the_conventions_shape(
+    aiohttp_client, mock, claude, store_url, key, receiver, stream
+):
+    env = env_for(mock, store_url, ANTHROPIC_BASE_URL=claude.url, ANTHROPIC_API_KEY="sk-ant-x")
+    config = _with_policies(store_url, env, receiver.url, capture_content=True, max_content_chars=60)
+    gw = await _gateway(aiohttp_client, config)
+    long = "word " * 40
+    body = {
+        "model": MINI,
+        "stream": stream,
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Mail jane.doe@example.com please"},
+            {"role": "user", "content": long},
+        ],
+    }
+    r = await gw.post("/v1/chat/completions", json=body, headers=auth(key))
+    await r.read()
+    trace_id = mock.control.last.headers["traceparent"].split("-")[1]
+    server, _ = _by_kind(await receiver.trace(trace_id, 2))
+    attributes = _attributes(server.attributes)
+    inputs = orjson.loads(attributes["gen_ai.input.messages"])
+    assert inputs[0] == {"role": "system", "parts": [{"type": "text", "content": "Be brief."}]}  # chat keeps it
+    assert inputs[1]["parts"][0]["content"] == "Mail [EMAIL] please"  # as the provider got it: redacted
+    cut = inputs[2]["parts"][0]["content"]
+    assert cut.endswith("…[truncated]") and len(cut) == 60 - len("Be brief.Mail [EMAIL] please") + len("…[truncated]")
+    outputs = orjson.loads(attributes["gen_ai.output.messages"])
+    assert outputs[0]["role"] == "assistant" and outputs[0]["finish_reason"] == "stop"
+    text = outputs[0]["parts"][0]["content"]
+    assert text == ("tok0 tok1 tok2 tok3 tok4 " if stream else "Hello there!")
+
+
+async def test_the_messages_api_system_is_the_system_instructions(
+    aiohttp_client, gw_config_with_claude, claude, key, receiver
+):
+    gw = await _gateway(aiohttp_client, _traced(gw_config_with_claude, receiver.url, capture_content=True))
+    body = {
+        "model": "anthropic/claude-sonnet-4.6",
+        "system": "You are terse.",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 20,
+    }
+    assert (await gw.post("/v1/messages", json=body, headers=auth(key))).status == 200
+    trace_id = claude.control.last.headers["traceparent"].split("-")[1]
+    server, _ = _by_kind(await receiver.trace(trace_id, 2))
+    attributes = _attributes(server.attributes)
+    assert orjson.loads(attributes["gen_ai.system_instructions"]) == [{"type": "text", "content": "You are terse."}]
+    assert orjson.loads(attributes["gen_ai.input.messages"]) == [
+        {"role": "user", "parts": [{"type": "text", "content": "hi"}]}
+    ]
+    (output,) = orjson.loads(attributes["gen_ai.output.messages"])
+    assert output["finish_reason"] == "stop" and output["parts"][0]["type"] == "text"  # the conventions' words
+
+
+async def test_content_is_not_captured_by_default(aiohttp_client, mock, store_url, key, receiver):
+    gw = await _gateway(
+        aiohttp_client, _traced(load_config(DEFAULT_CONFIG, env=env_for(mock, store_url)), receiver.url)
+    )
+    await gw.post("/v1/chat/completions", json=CHAT, headers=auth(key))
+    trace_id = mock.control.last.headers["traceparent"].split("-")[1]
+    server, _ = _by_kind(await receiver.trace(trace_id, 2))
+    assert not any(a.key.startswith(("gen_ai.input", "gen_ai.output", "gen_ai.system")) for a in server.attributes)
+
+
+async def test_a_job_creation_has_its_operation_name(
+    aiohttp_client, aiohttp_server, store_url, key, receiver, tmp_path
+):
+    from tests.mock_videos import VideoControl, build_video_mock
+    from tests.test_videos import video_config
+
+    control = VideoControl()
+    server = await aiohttp_server(build_video_mock(control), host="127.0.0.1")
+    env = env_for(Mock(url=str(server.make_url("/v1")), control=None), store_url)  # type: ignore[arg-type]
+    gw = await _gateway(aiohttp_client, _traced(load_config(video_config(tmp_path), env=env), receiver.url))
+    body = {"model": "openai/sora-2", "prompt": "a cat on a skateboard", "seconds": "8"}
+    r = await gw.post("/v1/videos", json=body, headers=auth(key))
+    assert r.status == 200, await r.text()
+    async with asyncio.timeout(10):
+        while not any(s.kind == Span.SPAN_KIND_CLIENT for _, s in receiver.spans):
+            receiver.arrived.clear()
+            await receiver.arrived.wait()
+    spans = [s for _, s in receiver.spans]
+    created, client = _by_kind(spans)
+    assert created.name == "generate_content openai/sora-2"
+    assert _attributes(created.attributes)["http.response.status_code"] == 200
+    assert client[0].parent_span_id == created.span_id
+    assert _attributes(client[0].attributes)["gen_ai.provider.name"] == "openai"
+
+
+async def test_a_media_request_has_its_operation_name(aiohttp_client, mock, store_url, key, receiver):
+    gw = await _gateway(
+        aiohttp_client, _traced(load_config(DEFAULT_CONFIG, env=env_for(mock, store_url)), receiver.url)
+    )
+    r = await gw.post("/v1/images/generations", json={"model": "gpt-image-1", "prompt": "fox"}, headers=auth(key))
+    assert r.status == 200
+    trace_id = mock.control.last.headers["traceparent"].split("-")[1]
+    server, (client,) = _by_kind(await receiver.trace(trace_id, 2))
+    assert server.name == "generate_content openai/gpt-image-1" and client.parent_span_id == server.span_id
+    attributes = _attributes(server.attributes)
+    assert attributes["gen_ai.usage.input_tokens"] == 50 and attributes["gen_ai.usage.output_tokens"] == 1056
+
+
+async def test_a_dead_exporter_process_is_replaced(aiohttp_client, mock, store_url, key, receiver):
+    gw = await _gateway(
+        aiohttp_client, _traced(load_config(DEFAULT_CONFIG, env=env_for(mock, store_url)), receiver.url)
+    )
+    tracer = gw.server.app[GATEWAY].tracer
+    first = tracer._proc
+    first.kill()
+    await first.wait()
+    await gw.post("/v1/chat/completions", json=CHAT, headers=auth(key))
+    trace_id = mock.control.last.headers["traceparent"].split("-")[1]
+    assert len(await receiver.trace(trace_id, 2)) == 2  # exported by the next process
+    assert tracer._proc is not first and tracer._proc.returncode is None
+
+
+def test_requests_beyond_the_queue_are_dropped_and_counted():
+    from prometheus_client import CollectorRegistry, Counter
+
+    from proxy.meta import RequestMeta
+    from proxy.telemetry import Tracer
+
+    dropped = Counter("dropped", "", ["reason"], registry=CollectorRegistry())
+    tracer = Tracer(TracesConfig(enabled=True, endpoint="http://127.0.0.1:9/v1/traces", max_queue=2), dropped)
+    for _ in range(3):
+        meta = RequestMeta("req", "openai.chat", 0.0)
+        meta.trace = tracer.start(None, None)
+        meta.trace.upstream("127.0.0.1")  # type: ignore[union-attr]
+        tracer.end(meta, 1.0, ())
+    assert len(tracer._lines) == 2
+    assert dropped.labels("queue_full")._value.get() == 2  # the third request's server and client spans

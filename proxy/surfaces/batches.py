@@ -42,6 +42,7 @@ from proxy.surfaces.jobs import (
     provider_error,
     raw_json,
     read_object,
+    traced,
     upstream_of,
 )
 from proxy.translators.batch import BatchUsage
@@ -103,6 +104,7 @@ async def create(request: web.Request, gw: Gateway, key: KeyRecord, request_id: 
     upstream = upstream_of(gw, file)
     meta = RequestMeta(request_id, SURFACE, time.perf_counter())
     meta.team_id, meta.key_id, meta.model, meta.provider = key.team_id, key.kid, file.model_id, upstream.name
+    traced(request, gw, meta)
     try:
         await admit(gw, key, file.model_id, meta)  # its rate limits too: `account` settles them
         return await _start(gw, key, file, upstream, body, meta, request_id)

@@ -63,6 +63,8 @@ _TRANSPORT_ERRORS = (ClientError,)  # the lean client's failures (its timeouts a
 _encode = msgspec.json.Encoder().encode
 _DRAIN_BYTES = 64 * 1024  # after [DONE], read at most this much ...
 _DRAIN_S = 1.0  # ... for at most this long, before closing the upstream connection instead
+# A traced stream's events kept for its span (finish reasons, captured content); beyond, only its last half.
+TRACED_STREAM_BYTES = 1 << 20
 
 
 def _check_required(view: object, surface: Surface) -> None:
@@ -89,8 +91,7 @@ def inference_handler(surface: Surface, default_model: str, metrics: Metrics, se
         meta = RequestMeta(new_request_id(), surface.name, time.perf_counter())
         request[META] = meta  # for the access log
         if gw.tracer is not None:
-            headers = request.headers
-            meta.trace = gw.tracer.start(headers.get("traceparent"), headers.get("tracestate"))
+            meta.trace = gw.tracer.of(request.headers)
         in_flight.inc()
         try:
             response = await serve(request, gw, surface, default_model, meta)
@@ -160,6 +161,8 @@ async def _serve(
         body, view = await _guard(gw.guardrails, policies, surface, body, view, model_id, key, meta)
     stream = surface.streaming and view.stream
     meta.stream = stream
+    if meta.trace is not None and gw.tracer.capture:  # type: ignore[union-attr]
+        meta.trace.sent = body  # as the provider gets it (redacted): read for the span when it is exported
     wants_meta = view.meta if isinstance(view.meta, bool) else gw.config.meta.always
     if surface.name in CACHED_SURFACES:
         hit = await _from_cache(request, gw, surface, body, view, key, meta, stream, wants_meta)
@@ -180,29 +183,28 @@ async def _serve(
     return await _try_targets(request, gw, surface, body, view, model_id, model, targets, meta, wants_meta, echo)
 
 
-def _request_attributes(view: RequestView) -> dict[str, Any]:
+def _request_attributes(view: RequestView) -> tuple[tuple[str, Any], ...]:
     """The request's gen_ai.request.* attributes (numbers the request names as numbers)."""
-    out: dict[str, Any] = {}
+    out: list[tuple[str, Any]] = []
     bound = view.output_bound()
     if bound is not None:
-        out["gen_ai.request.max_tokens"] = bound
-    for name, raw in (("temperature", view.temperature), ("top_p", view.top_p)):
+        out.append(("gen_ai.request.max_tokens", bound))
+    for name, raw in (("gen_ai.request.temperature", view.temperature), ("gen_ai.request.top_p", view.top_p)):
         if raw is not UNSET:
             try:
-                value = float(bytes(raw))
+                out.append((name, float(bytes(raw))))
             except ValueError:
                 continue
-            out[f"gen_ai.request.{name}"] = value
-    return out
+    return tuple(out)
 
 
-def _trace_attributes(meta: RequestMeta) -> dict[str, Any]:
+def _trace_attributes(meta: RequestMeta) -> tuple[tuple[str, Any], ...]:
     """The gateway's own attributes of a request's server span (never a secret: the key by its id)."""
-    out: dict[str, Any] = {"gateway.team": meta.team_id, "gateway.key_id": meta.key_id}
+    out: tuple[tuple[str, Any], ...] = (("gateway.team", meta.team_id), ("gateway.key_id", meta.key_id))
     if meta.cache is not None:
-        out["gateway.cache"] = meta.cache.status.lower()
+        out += (("gateway.cache", meta.cache.status.lower()),)
     if meta.guardrails:
-        out["gateway.guardrails"] = [f["policy"] for f in meta.guardrails]
+        out += (("gateway.guardrails", tuple(f["policy"] for f in meta.guardrails)),)
     return out
 
 
@@ -566,6 +568,8 @@ async def _respond(
         lookup.owner.finish(lookup, entry_of(lookup.owner, lookup, meta, answer, False))
     if redactions:
         data = guarded.redact(data, redactions)  # type: ignore[union-attr]
+    if meta.trace is not None:
+        meta.trace.answer = data  # its finish reasons (and content) are read when its spans are exported
     meta.status = resp.status
     headers = {"Content-Type": "application/json", "x-request-id": meta.request_id}
     if meta.dropped_params:
@@ -653,6 +657,7 @@ async def _relay(
     lookup = meta.cache
     keep = bytearray() if lookup is not None and lookup.store else None  # the stream, for the cache
     keep_limit = lookup.owner.config.max_entry_bytes * 4 if lookup is not None else 0  # events outweigh JSON
+    traced = bytearray() if meta.trace is not None else None  # the stream's end, for its trace
     try:
         while True:
             if echo is not None:
@@ -669,6 +674,10 @@ async def _relay(
                         keep += data
                     else:
                         keep = None  # too big to keep: not cached
+                if traced is not None:
+                    traced += data
+                    if len(traced) > TRACED_STREAM_BYTES:  # its end is enough for the finish reasons
+                        del traced[: len(traced) - TRACED_STREAM_BYTES // 2]
             if state.done:
                 break
             chunk = await content.readany()
@@ -714,6 +723,8 @@ async def _relay(
     with contextlib.suppress(ConnectionError):
         await out.write_eof()  # the client's stream is complete before the upstream's is drained
         meta.finished = True
+    if traced is not None:
+        meta.trace.answer, meta.trace.streamed = bytes(traced + closing), True  # type: ignore[union-attr]
     if keep and meta.finished and lookup is not None:  # the whole stream, as the client got it
         keep += closing
         lookup.owner.finish(lookup, entry_of(lookup.owner, lookup, meta, bytes(keep), True))

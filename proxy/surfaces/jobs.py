@@ -268,12 +268,21 @@ async def bill(gw: Gateway, job: Job, surface: str, usage: Usage, tariff: Tariff
     return meta
 
 
+def traced(request: web.Request, gw: Gateway, meta: RequestMeta) -> None:
+    """Start the trace of a request that creates a job (`account` ends it): its spans say what it asked of
+    which provider, not what the job later made."""
+    if gw.tracer is not None:
+        meta.trace = gw.tracer.of(request.headers)
+
+
 def account(gw: Gateway, meta: RequestMeta) -> None:
-    """Record a request about a job (its generation record and its metrics), whatever its outcome."""
+    """Record a request about a job (its generation record, its metrics and its trace), whatever its outcome."""
     meta.t_end = time.perf_counter()
     if gw.accountant is not None:
         gw.accountant.submit(meta)
     gw.metrics.record(meta, meta.t_end)
+    if meta.trace is not None:
+        gw.tracer.end(meta, meta.t_end, (("gateway.team", meta.team_id), ("gateway.key_id", meta.key_id)))  # type: ignore[union-attr]
     if meta.limits is not None:  # a creation counted against the rate limits: it uses no tokens
         gw.limiter.settle(meta.limits, 0, time.monotonic())
 

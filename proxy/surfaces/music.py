@@ -36,6 +36,7 @@ from proxy.surfaces.jobs import (
     provider_error,
     raw_json,
     read_object,
+    traced,
     upstream_of,
 )
 from proxy.translators import suno
@@ -51,6 +52,7 @@ async def create(request: web.Request, gw: Gateway, key: KeyRecord, request_id: 
     """`POST /v1/music/generate` (JSON): start a task on the model's first available target."""
     meta = RequestMeta(request_id, SURFACE, time.perf_counter())
     meta.team_id, meta.key_id, meta.key_limited = key.team_id, key.kid, key.limited
+    traced(request, gw, meta)
     try:
         body = await read_body(request, gw.config.server)
         meta.request_bytes = len(body)

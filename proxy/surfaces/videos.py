@@ -46,6 +46,7 @@ from proxy.surfaces.jobs import (
     public_url,
     read_object,
     remove,
+    traced,
     upstream_of,
 )
 from proxy.surfaces.media import Upload
@@ -84,6 +85,7 @@ async def create(request: web.Request, gw: Gateway, key: KeyRecord, request_id: 
     form): start a job on the model's first available target."""
     meta = RequestMeta(request_id, SURFACE, time.perf_counter())
     meta.team_id, meta.key_id, meta.key_limited = key.team_id, key.kid, key.limited
+    traced(request, gw, meta)
     try:
         if request.content_type == "multipart/form-data":
             upload = await Upload.open(request, gw.config.server, meta)
