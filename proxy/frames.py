@@ -5,12 +5,14 @@ child's side reads its standard input and writes its standard output with blocki
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import struct
 import sys
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:  # the children never import asyncio for this (the SQLite writer runs without it)
+    import asyncio
 
 HEAD: Final = struct.Struct("!cI")
 COUNT: Final = struct.Struct("!q")
@@ -19,6 +21,8 @@ _ROOT: Final = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # th
 
 async def spawn(module: str) -> asyncio.subprocess.Process:
     """Start `python -m <module>` of this package, its standard input and output piped to the worker."""
+    import asyncio
+
     path = os.pathsep.join(filter(None, (_ROOT, os.environ.get("PYTHONPATH"))))
     return await asyncio.create_subprocess_exec(
         sys.executable,

@@ -28,7 +28,6 @@ from typing import Any, Final, final
 
 import orjson
 
-from proxy import trace_content
 from proxy.frames import COUNT, ignore_signals, read_frame, write_frame
 
 _BATCH: Final = 512  # requests exported in one call, at most
@@ -146,6 +145,8 @@ class Encoder:
         if failed:
             varying += _ERROR_TYPE % orjson.dumps(error_code or str(status))
         if self.capture_chars and r[SENT]:
+            from proxy import trace_content  # the surfaces' decoders: imported only when content is captured
+
             sent, answer = r[SENT].encode(), r[ANSWER].encode()
             for name_, text in trace_content.messages(surface, sent, answer, r[STREAMED], self.capture_chars):
                 varying += _STRING % (name_.encode(), orjson.dumps(text))
