@@ -24,7 +24,7 @@ from typing import Any
 from proxy.config import NANOS_PER_USD, ConfigError, GatewayConfig, load_config
 
 DEFAULT_CONFIG = "config/gateway.yaml"
-COMMANDS = ("serve", "reload", "check-config", "keys", "credits", "migrate")
+COMMANDS = ("serve", "reload", "check-config", "keys", "credits", "admin-token", "migrate")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -114,6 +114,15 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--usd", "--amount", dest="usd", type=_usd, required=True, metavar="USD")
     show = with_config(credits.add_parser("show", help="show a team's balance"))
     show.add_argument("--team", required=True)
+
+    tokens = sub.add_parser("admin-token", help="the dashboard's operator tokens").add_subparsers(
+        dest="action", required=True
+    )
+    made = with_config(tokens.add_parser("create", help="create an operator token (every team); prints it last"))
+    made.add_argument("--name", default="operator", help="who or what it is for")
+    with_config(tokens.add_parser("list", help="list operator tokens (never their secrets)"))
+    dropped = with_config(tokens.add_parser("revoke", help="revoke an operator token by its id"))
+    dropped.add_argument("id")
     return parser
 
 
@@ -363,12 +372,48 @@ async def _credits_show(store: Any, args: argparse.Namespace, config: GatewayCon
     return 0
 
 
+async def _admin_token_create(store: Any, args: argparse.Namespace, config: GatewayConfig) -> int:
+    import secrets
+
+    from proxy.auth import hash_secret
+    from proxy.dashboard.views import ADMIN_PREFIX
+
+    token_id = secrets.token_hex(6)
+    token = f"{ADMIN_PREFIX}{token_id}_{secrets.token_urlsafe(32)}"
+    await store.create_admin_token(token_id, hash_secret(token), args.name)
+    print(f"created operator token {token_id} ({args.name!r}): it signs in to /dashboard as the operator")
+    print("the token is shown once; store it now:")
+    print(token)
+    return 0
+
+
+async def _admin_token_list(store: Any, args: argparse.Namespace, config: GatewayConfig) -> int:
+    from datetime import UTC, datetime
+
+    print(f"{'id':<14} {'created (UTC)':<20} name")
+    for token in await store.list_admin_tokens():
+        created = datetime.fromtimestamp(token.created_at / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        print(f"{token.id:<14} {created:<20} {token.name}")
+    return 0
+
+
+async def _admin_token_revoke(store: Any, args: argparse.Namespace, config: GatewayConfig) -> int:
+    if not await store.revoke_admin_token(args.id):
+        print(f"no operator token {args.id!r}", file=sys.stderr)
+        return 1
+    print(f"revoked operator token {args.id}; its sessions end now")
+    return 0
+
+
 _ACTIONS = {
     ("keys", "create"): _keys_create,
     ("keys", "list"): _keys_list,
     ("keys", "revoke"): _keys_revoke,
     ("credits", "add"): _credits_add,
     ("credits", "show"): _credits_show,
+    ("admin-token", "create"): _admin_token_create,
+    ("admin-token", "list"): _admin_token_list,
+    ("admin-token", "revoke"): _admin_token_revoke,
 }
 
 if __name__ == "__main__":

@@ -80,6 +80,10 @@ def build_app(config: GatewayConfig) -> web.Application:
     for path, handler in ops_routes:
         app.router.add_get(path, handler)
         known.setdefault(path, set()).add("GET")
+    if config.dashboard.enabled:
+        from proxy.dashboard import add_routes
+
+        add_routes(app)
     app.router.add_route("*", r"/{tail:[\s\S]*}", ops.not_found(known))  # any path, newlines included
     return app
 

@@ -77,13 +77,18 @@ class KeyCache:
         if parts is None:
             raise GatewayError(Code.invalid_api_key, _INVALID)
         kid, secret = parts
-        record = self._cache.get(kid)
-        if isinstance(record, Missing):
-            record = await self._cache.load(kid)
+        record = await self.record(kid)
         if record is None or not hmac.compare_digest(record.secret_hash, hash_secret(secret)):
             raise GatewayError(Code.invalid_api_key, _INVALID)
         if record.status != ACTIVE:
             raise GatewayError(Code.invalid_api_key, f"This API key ({kid}) is {record.status}.")
+        return record
+
+    async def record(self, kid: str) -> KeyRecord | None:
+        """The key `kid` names as the cache has it (read from the store when not cached), whatever its status."""
+        record = self._cache.get(kid)
+        if isinstance(record, Missing):
+            record = await self._cache.load(kid)
         return record
 
     def forget(self, kid: str) -> None:

@@ -213,6 +213,13 @@ class TelemetryConfig(_Base):
     traces: TracesConfig = msgspec.field(default_factory=TracesConfig)
 
 
+class DashboardConfig(_Base):
+    """The web dashboard at /dashboard. See docs/dashboard.md."""
+
+    enabled: bool = True  # false: none of its routes exists
+    session_ttl_s: float = 43200.0  # a sign-in lasts this long (12 hours), unless signed out before
+
+
 class CacheConfig(_Base):
     """The response cache: exact-match answers of chat, responses, messages and embeddings. See docs/cache.md."""
 
@@ -406,6 +413,7 @@ class GatewayConfig(_Base):
     guardrails: GuardrailsConfig = msgspec.field(default_factory=GuardrailsConfig)
     cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
     telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
+    dashboard: DashboardConfig = msgspec.field(default_factory=DashboardConfig)
     providers: dict[str, ProviderConfig] = {}
     models: dict[str, ModelConfig] = {}
     routes: list[RouteConfig] = []  # none in the file: default_routes(models)
@@ -659,6 +667,8 @@ def check(config: GatewayConfig, fail: Any) -> None:
         fail(["rate_limits", "default_output_tokens"], "expected a whole number of tokens >= 1")
     _check_guardrails(config.guardrails, config.models, fail)
     _check_cache(config.cache, fail)
+    if config.dashboard.session_ttl_s < 60:
+        fail(["dashboard", "session_ttl_s"], "expected a duration >= 60 seconds")
     traces = config.telemetry.traces
     if not 0 <= traces.sample_ratio <= 1:
         fail(["telemetry", "traces", "sample_ratio"], f"expected a fraction 0 <= x <= 1, got {traces.sample_ratio}")

@@ -4,7 +4,7 @@ and a throwaway PostgreSQL server (bench/pg_server.py) with a fresh database per
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,12 +16,15 @@ from bench.pg_server import PgServer, find_bin_dir
 from proxy.app import build_app
 from proxy.auth import generate_key, hash_secret, split_key
 from proxy.config import NANOS_PER_USD, GatewayConfig, load_config
-from proxy.store import open_store
+from proxy.store import Store, open_store
 from proxy.store.base import SCOPE_INFERENCE, SCOPE_MANAGEMENT, KeyRecord
 from tests.mock_anthropic import AnthropicControl, build_anthropic_mock
 from tests.mock_gemini import GeminiControl, build_gemini_mock
 from tests.mock_upstream import MockControl, build_mock
 from tests.redis_server import RedisServer
+
+# The browser-test fixtures (browser, new_page, live_gateway): tests/browser.py.
+pytest_plugins = ["tests.browser"]
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "config" / "gateway.yaml"
@@ -214,3 +217,21 @@ async def ant(gw: TestClient, key: str):
     sdk = anthropic.AsyncAnthropic(base_url=str(gw.make_url("")), api_key=key, max_retries=0, timeout=10)
     yield sdk
     await sdk.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new, empty store of each backend (the Postgres server starts only for the first test that needs it)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/gateway.db"
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+async def store(url: str) -> AsyncIterator[Store]:
+    """An open store of each backend (`url`)."""
+    opened = await open_store(url)
+    try:
+        yield opened
+    finally:
+        await opened.close()

@@ -103,7 +103,7 @@ class MockProxy(_Server):
             expected = "Basic " + base64.b64encode(self.credentials.encode()).decode()
             if head.headers.get("proxy-authorization") != expected:
                 writer.write(
-                    b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=\"mock\"\r\n"
+                    b'HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm="mock"\r\n'
                     b"Content-Length: 0\r\nConnection: close\r\n\r\n"
                 )
                 await writer.drain()

@@ -618,8 +618,6 @@ def test_omitted_routes_do_not_share_state_between_loads(tmp_path: Path) -> None
     assert moderation == ["openai/omni-moderation-latest"]
 
 
-
-
 @pytest.mark.parametrize(
     "text", [BASE.split("routes:")[0], "", "# only a comment\n"], ids=["no-routes", "empty", "comment"]
 )

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import get_args
@@ -40,23 +40,6 @@ from tests.conftest import DEFAULT_CONFIG, ROOT
 
 DAY_MS = 86_400_000
 HASH = bytes(range(32))  # a sha256 digest's length, with a NUL byte in it
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A new, empty store of each backend (the Postgres server starts only for the first test that needs it)."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/gateway.db"
-    return request.getfixturevalue("pg_url")
-
-
-@pytest.fixture
-async def store(url: str) -> AsyncIterator[Store]:
-    store = await open_store(url)
-    try:
-        yield store
-    finally:
-        await store.close()
 
 
 def ms(text: str) -> int:
@@ -445,7 +428,7 @@ async def test_a_store_of_schema_5_gains_the_guardrails_columns(url: str, monkey
         await store.close()
     store = await open_store(url)
     try:
-        assert await store.schema_version() == len(migrations.SQLITE) == 7
+        assert await store.schema_version() == len(migrations.SQLITE) == 9
         assert (await store.get_key("k1")).guardrails == ()  # type: ignore[union-attr]
         found = await store.get_generation(team.id, "r_old")
         assert found is not None and found.guardrails == "" and found.row() == (*old, "", "", 0)
@@ -466,7 +449,7 @@ async def test_a_store_of_schema_6_gains_the_cache_columns(url: str, monkeypatch
         await store.close()
     store = await open_store(url)
     try:
-        assert await store.schema_version() == len(migrations.POSTGRES) == 7
+        assert await store.schema_version() == len(migrations.POSTGRES) == 9
         key = await store.get_key("k1")
         assert key is not None and key.cache is None and key.guardrails == ("pii",)
         found = await store.get_generation(team.id, "r_old")

@@ -188,6 +188,67 @@ class Credits(msgspec.Struct, frozen=True):
     spend_30d_nanos: int
 
 
+class UsageFigures(msgspec.Struct, frozen=True):
+    """What a team (or every team) did over a time bucket or a range, from the usage rollups (`proxy.rollups`).
+    Percentiles are None when nothing was timed; they are within one histogram bucket (12%) of the exact ones."""
+
+    requests: int
+    errors: int  # status 400 or more, or not a success
+    cost_nanos: int
+    input_tokens: int
+    output_tokens: int
+    cache_hits: int
+    saved_nanos: int  # what the cache hits would have cost
+    latency_p50_ms: float | None
+    latency_p95_ms: float | None
+    ttft_p50_ms: float | None
+    ttft_p95_ms: float | None
+
+
+class UsagePoint(UsageFigures, frozen=True):
+    start_ms: int  # the bucket's start (unix milliseconds, UTC; a multiple of the overview's step)
+
+
+class Spend(msgspec.Struct, frozen=True):
+    """A model, provider or key among the top spenders of a range."""
+
+    name: str  # the model id, provider name or key id
+    requests: int
+    cost_nanos: int
+
+
+class Overview(msgspec.Struct, frozen=True):
+    """`Store.overview`: a range's series (every step, empty buckets included), totals and top spenders."""
+
+    since_ms: int
+    until_ms: int
+    step_ms: int
+    rollup_step_ms: int  # the rollups read: 60,000 (minutes) or 3,600,000 (hours)
+    series: list[UsagePoint]
+    totals: UsageFigures
+    top_models: list[Spend]
+    top_providers: list[Spend]
+    top_keys: list[Spend]
+
+
+class DashboardSession(msgspec.Struct, frozen=True):
+    """A dashboard sign-in (`proxy.dashboard`): kept by its token's hash, never the token."""
+
+    token_hash: bytes
+    role: str  # "team" or "operator"
+    team_id: str  # the team's ("" for the operator)
+    key_id: str  # the management key it signed in with, or the operator token's id ("env": GATEWAY_ADMIN_TOKEN)
+    csrf: str  # the token every form of the session carries
+    created_at: int  # unix milliseconds
+    expires_at: int
+
+
+class AdminToken(msgspec.Struct, frozen=True):
+    id: str
+    name: str
+    created_at: int  # unix milliseconds
+
+
 class Store(Protocol):
     """What the gateway needs from its database. Methods raise `StoreError` on failure."""
 
@@ -249,6 +310,35 @@ class Store(Protocol):
         """(total rows, the page): per UTC day, model, provider and endpoint, newest day first. A row is (day,
         model, provider, endpoint, cost nanos, requests, prompt, completion and reasoning tokens, cache hits,
         saved nanos); a token sum is None when no record of the row reported it."""
+        ...
+
+    async def overview(self, team_id: str | None, since_ms: int, until_ms: int, step_ms: int) -> Overview:
+        """The team's usage (every team's for None) over [since_ms, until_ms), from the rollups, never from
+        `generations`: a series every step_ms (buckets aligned to multiples of it, UTC), the totals, and the top
+        models, providers and keys by spend. Minute rollups answer ranges of a day or less (within the 48 hours they
+        are kept), hour rollups the others; the range is widened to whole rollup buckets, and step_ms must be a
+        multiple of the rollup step (ValueError otherwise)."""
+        ...
+
+    async def list_teams(self) -> list[Team]: ...
+    async def create_session(self, session: DashboardSession) -> None:
+        """Keep a new dashboard session (and forget those that expired)."""
+        ...
+
+    async def get_session(self, token_hash: bytes, now_ms: int) -> DashboardSession | None:
+        """The session of that token hash, unless it expired."""
+        ...
+
+    async def delete_session(self, token_hash: bytes) -> None: ...
+    async def create_admin_token(self, token_id: str, secret_hash: bytes, name: str) -> None: ...
+    async def admin_token(self, secret_hash: bytes) -> str | None:
+        """The id of the operator token with that hash; None when there is none."""
+        ...
+
+    async def admin_token_live(self, token_id: str) -> bool: ...
+    async def list_admin_tokens(self) -> list[AdminToken]: ...
+    async def revoke_admin_token(self, token_id: str) -> bool:
+        """Delete an operator token and end its sessions; False when there was none."""
         ...
 
     async def create_job(self, job: Job) -> None: ...

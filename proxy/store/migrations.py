@@ -5,6 +5,17 @@ SQLITE and POSTGRES grow together, step for step: version N is the same schema o
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Callable
+
+from proxy.rollups import BOUNDS, HOUR_MS, MINUTE_MS, MINUTES_KEPT_MS, PRUNE_EVERY_MS
+from proxy.store import sqlite_usage
+
+# Migration 8's backfill keeps minute rollups from here on (as `proxy.rollups.minutes_from` at the migration's time).
+_SQLITE_NOW_MS = "CAST(strftime('%s', 'now') AS INTEGER) * 1000"
+_POSTGRES_NOW_MS = "(extract(epoch FROM now()) * 1000)::bigint"
+_MINUTES_FROM = f"(({{now}} - {MINUTES_KEPT_MS}) - ({{now}} - {MINUTES_KEPT_MS}) % {PRUNE_EVERY_MS})"
+
 SQLITE: list[str] = [
     # 1: teams, wallets with a ledger, hashed API keys
     """
@@ -111,7 +122,74 @@ SQLITE: list[str] = [
     ALTER TABLE generations ADD COLUMN cache_status TEXT NOT NULL DEFAULT '';
     ALTER TABLE generations ADD COLUMN saved_nanos INTEGER NOT NULL DEFAULT 0;
     """,
+    # 8: usage rollups (`proxy.rollups`): sums per minute and per hour by team, key, model and provider; the same
+    # sums per minute and hour by team, with latency and TTFT histograms ({"<bucket>": count}); where minute rows
+    # are pruned up to. Filled from `generations` by SQLITE_BACKFILLS[8].
+    f"""
+    CREATE TABLE usage_rollups (
+        step_ms         INTEGER NOT NULL,
+        team_id         TEXT NOT NULL,
+        bucket_ms       INTEGER NOT NULL,
+        key_id          TEXT NOT NULL,
+        model_id        TEXT NOT NULL,
+        provider        TEXT NOT NULL,
+        requests        INTEGER NOT NULL,
+        errors          INTEGER NOT NULL,
+        cache_hits      INTEGER NOT NULL,
+        input_tokens    INTEGER NOT NULL,
+        output_tokens   INTEGER NOT NULL,
+        cost_nanos      INTEGER NOT NULL,
+        saved_nanos     INTEGER NOT NULL,
+        latency_ms_sum  REAL NOT NULL,
+        ttft_ms_sum     REAL NOT NULL,
+        ttft_count      INTEGER NOT NULL,
+        PRIMARY KEY (step_ms, team_id, bucket_ms, key_id, model_id, provider)
+    ) WITHOUT ROWID;
+    CREATE TABLE team_rollups (
+        step_ms         INTEGER NOT NULL,
+        team_id         TEXT NOT NULL,
+        bucket_ms       INTEGER NOT NULL,
+        requests        INTEGER NOT NULL,
+        errors          INTEGER NOT NULL,
+        cache_hits      INTEGER NOT NULL,
+        input_tokens    INTEGER NOT NULL,
+        output_tokens   INTEGER NOT NULL,
+        cost_nanos      INTEGER NOT NULL,
+        saved_nanos     INTEGER NOT NULL,
+        latency_ms_sum  REAL NOT NULL,
+        ttft_ms_sum     REAL NOT NULL,
+        ttft_count      INTEGER NOT NULL,
+        latency_hist    TEXT NOT NULL,
+        ttft_hist       TEXT NOT NULL,
+        PRIMARY KEY (step_ms, team_id, bucket_ms)
+    ) WITHOUT ROWID;
+    CREATE TABLE rollup_pruning (minutes_before_ms INTEGER NOT NULL);
+    INSERT INTO rollup_pruning VALUES ({_MINUTES_FROM.format(now=_SQLITE_NOW_MS)});
+    """,
+    # 9: the dashboard: sessions (their token's hash only) and operator tokens (hashed like keys)
+    """
+    CREATE TABLE dashboard_sessions (
+        token_hash  BLOB PRIMARY KEY,
+        role        TEXT NOT NULL,
+        team_id     TEXT NOT NULL,
+        key_id      TEXT NOT NULL,
+        csrf        TEXT NOT NULL,
+        created_at  INTEGER NOT NULL,
+        expires_at  INTEGER NOT NULL
+    );
+    CREATE INDEX dashboard_sessions_expiry ON dashboard_sessions(expires_at);
+    CREATE TABLE admin_tokens (
+        id          TEXT PRIMARY KEY,
+        secret_hash BLOB NOT NULL UNIQUE,
+        name        TEXT NOT NULL,
+        created_at  INTEGER NOT NULL
+    );
+    """,
 ]
+
+# The SQLite steps whose data Python fills in after their SQL, in their transaction: migration 8's rollups, by the
+# writer's own code (`sqlite_usage.backfill_rollups`), ten times faster than SQLite reading the JSON members itself.
+SQLITE_BACKFILLS: dict[int, Callable[[sqlite3.Connection], None]] = {8: sqlite_usage.backfill_rollups}
 
 # The same steps for PostgreSQL (so a version number means the same schema on both): nanos and
 # timestamps as BIGINT, hashes as BYTEA, flags as BOOLEAN, and the JSON members as `json`, which keeps
@@ -223,5 +301,117 @@ POSTGRES: list[str] = [
     ALTER TABLE api_keys ADD COLUMN cache BOOLEAN;
     ALTER TABLE generations ADD COLUMN cache_status TEXT NOT NULL DEFAULT '';
     ALTER TABLE generations ADD COLUMN saved_nanos BIGINT NOT NULL DEFAULT 0;
+    """,
+    # 8: usage rollups (`proxy.rollups`), as in SQLite; histograms as `json` (read back as written, cheaply), added by
+    # `rollup_hist_add` inside the upsert (atomic with several gateways writing); `rollup_bucket`: a duration's bucket.
+    f"""
+    CREATE TABLE usage_rollups (
+        step_ms         BIGINT NOT NULL,
+        team_id         TEXT NOT NULL,
+        bucket_ms       BIGINT NOT NULL,
+        key_id          TEXT NOT NULL,
+        model_id        TEXT NOT NULL,
+        provider        TEXT NOT NULL,
+        requests        BIGINT NOT NULL,
+        errors          BIGINT NOT NULL,
+        cache_hits      BIGINT NOT NULL,
+        input_tokens    BIGINT NOT NULL,
+        output_tokens   BIGINT NOT NULL,
+        cost_nanos      BIGINT NOT NULL,
+        saved_nanos     BIGINT NOT NULL,
+        latency_ms_sum  DOUBLE PRECISION NOT NULL,
+        ttft_ms_sum     DOUBLE PRECISION NOT NULL,
+        ttft_count      BIGINT NOT NULL,
+        PRIMARY KEY (step_ms, team_id, bucket_ms, key_id, model_id, provider)
+    );
+    CREATE TABLE team_rollups (
+        step_ms         BIGINT NOT NULL,
+        team_id         TEXT NOT NULL,
+        bucket_ms       BIGINT NOT NULL,
+        requests        BIGINT NOT NULL,
+        errors          BIGINT NOT NULL,
+        cache_hits      BIGINT NOT NULL,
+        input_tokens    BIGINT NOT NULL,
+        output_tokens   BIGINT NOT NULL,
+        cost_nanos      BIGINT NOT NULL,
+        saved_nanos     BIGINT NOT NULL,
+        latency_ms_sum  DOUBLE PRECISION NOT NULL,
+        ttft_ms_sum     DOUBLE PRECISION NOT NULL,
+        ttft_count      BIGINT NOT NULL,
+        latency_hist    JSON NOT NULL,
+        ttft_hist       JSON NOT NULL,
+        PRIMARY KEY (step_ms, team_id, bucket_ms)
+    );
+    CREATE TABLE rollup_pruning (minutes_before_ms BIGINT NOT NULL);
+    INSERT INTO rollup_pruning VALUES ({_MINUTES_FROM.format(now=_POSTGRES_NOW_MS)});
+    CREATE FUNCTION rollup_bucket(ms DOUBLE PRECISION) RETURNS INTEGER LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+        SELECT width_bucket(ms, '{{{",".join(map(repr, BOUNDS))}}}'::double precision[])
+    $$;
+    CREATE FUNCTION rollup_hist_add(a JSON, b JSON) RETURNS JSON LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+        SELECT COALESCE(json_object_agg(key, total), '{{}}'::json) FROM (
+            SELECT key, SUM(value::bigint) AS total
+            FROM (SELECT * FROM json_each_text(a) UNION ALL SELECT * FROM json_each_text(b)) AS e GROUP BY key
+        ) AS summed
+    $$;
+    WITH facts AS (
+        SELECT
+            s.step_ms, g.team_id, g.created_at - g.created_at % s.step_ms AS bucket_ms, g.key_id, g.model_id,
+            g.provider, (g.status_code >= 400 OR NOT g.success)::int AS error, (g.cache_status = 'hit')::int AS hit,
+            CASE WHEN json_typeof(g.usage -> 'prompt_tokens') = 'number'
+                THEN (g.usage ->> 'prompt_tokens')::numeric::bigint END AS input_tokens,
+            CASE WHEN json_typeof(g.usage -> 'completion_tokens') = 'number'
+                THEN (g.usage ->> 'completion_tokens')::numeric::bigint END AS output_tokens,
+            g.cost_nanos, g.saved_nanos,
+            CASE WHEN json_typeof(g.timings -> 'latency_ms') = 'number'
+                THEN (g.timings ->> 'latency_ms')::double precision END AS latency_ms,
+            CASE WHEN json_typeof(g.timings -> 'ttft_ms') = 'number'
+                THEN (g.timings ->> 'ttft_ms')::double precision END AS ttft_ms
+        FROM generations g JOIN (VALUES ({MINUTE_MS}::bigint), ({HOUR_MS})) AS s(step_ms)
+            ON s.step_ms = {HOUR_MS} OR g.created_at >= (SELECT minutes_before_ms FROM rollup_pruning)
+    ), sums AS (
+        INSERT INTO usage_rollups
+        SELECT step_ms, team_id, bucket_ms, key_id, model_id, provider, COUNT(*), SUM(error), SUM(hit),
+            COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0), SUM(cost_nanos), SUM(saved_nanos),
+            COALESCE(SUM(latency_ms), 0), COALESCE(SUM(ttft_ms), 0), COUNT(ttft_ms)
+        FROM facts GROUP BY step_ms, team_id, bucket_ms, key_id, model_id, provider
+    ), hists AS (
+        SELECT step_ms, team_id, bucket_ms,
+            json_object_agg(i, n) FILTER (WHERE kind = 0) AS latency_hist,
+            json_object_agg(i, n) FILTER (WHERE kind = 1) AS ttft_hist
+        FROM (
+            SELECT step_ms, team_id, bucket_ms, 0 AS kind, rollup_bucket(latency_ms) AS i, COUNT(*) AS n
+            FROM facts WHERE latency_ms IS NOT NULL GROUP BY step_ms, team_id, bucket_ms, i
+            UNION ALL
+            SELECT step_ms, team_id, bucket_ms, 1, rollup_bucket(ttft_ms), COUNT(*)
+            FROM facts WHERE ttft_ms IS NOT NULL GROUP BY step_ms, team_id, bucket_ms, 5
+        ) AS counts GROUP BY step_ms, team_id, bucket_ms
+    ), team_sums AS (
+        SELECT step_ms, team_id, bucket_ms, COUNT(*), SUM(error), SUM(hit), COALESCE(SUM(input_tokens), 0),
+            COALESCE(SUM(output_tokens), 0), SUM(cost_nanos), SUM(saved_nanos), COALESCE(SUM(latency_ms), 0),
+            COALESCE(SUM(ttft_ms), 0), COUNT(ttft_ms)
+        FROM facts GROUP BY step_ms, team_id, bucket_ms
+    )
+    INSERT INTO team_rollups
+    SELECT t.*, COALESCE(h.latency_hist, '{{}}'), COALESCE(h.ttft_hist, '{{}}')
+    FROM team_sums t LEFT JOIN hists h USING (step_ms, team_id, bucket_ms);
+    """,
+    # 9: the dashboard: sessions (their token's hash only) and operator tokens (hashed like keys)
+    """
+    CREATE TABLE dashboard_sessions (
+        token_hash  BYTEA PRIMARY KEY,
+        role        TEXT NOT NULL,
+        team_id     TEXT NOT NULL,
+        key_id      TEXT NOT NULL,
+        csrf        TEXT NOT NULL,
+        created_at  BIGINT NOT NULL,
+        expires_at  BIGINT NOT NULL
+    );
+    CREATE INDEX dashboard_sessions_expiry ON dashboard_sessions(expires_at);
+    CREATE TABLE admin_tokens (
+        id          TEXT PRIMARY KEY,
+        secret_hash BYTEA NOT NULL UNIQUE,
+        name        TEXT NOT NULL,
+        created_at  BIGINT NOT NULL
+    );
     """,
 ]

@@ -16,9 +16,10 @@ import time
 from collections.abc import AsyncIterator, Sequence
 
 import asyncpg
+import msgspec
 import orjson
 
-from proxy import records
+from proxy import records, rollups
 from proxy.store import migrations
 from proxy.store.base import (
     ACTIVE,
@@ -26,10 +27,13 @@ from proxy.store.base import (
     JOB_COLUMNS,
     KEY_COLUMNS,
     REVOKED,
+    AdminToken,
     Credits,
+    DashboardSession,
     Generation,
     Job,
     KeyRecord,
+    Overview,
     StoreError,
     Team,
     TopUp,
@@ -86,6 +90,9 @@ _NOW = 2
 # request id repeated in the batch wins (as in SQLite). Only rows actually inserted (not already stored: a
 # retried batch, a replayed journal) are debited. Wallets are locked in team order, so two workers whose
 # batches debit the same teams cannot deadlock; the debit is relative, so a concurrent top-up is kept.
+# The rows inserted are added to the usage rollups (`proxy.rollups`): grouped here, then one upsert per rollup row,
+# relative too (sums added, histograms added by `rollup_hist_add`), in key order (so no deadlock either). Minute rows
+# before $3 (`rollups.minutes_from`) are not written; once per step of $3, the first batch to see it deletes them.
 # Returns the count of rows inserted.
 _RECORD = f"""
 WITH batch AS (
@@ -96,7 +103,8 @@ WITH batch AS (
     INSERT INTO generations ({GENERATION_COLUMNS})
     SELECT {GENERATION_COLUMNS} FROM batch
     ON CONFLICT (request_id) DO NOTHING
-    RETURNING team_id, cost_nanos
+    RETURNING team_id, cost_nanos, created_at, key_id, model_id, provider, status_code, success, cache_status,
+        saved_nanos, usage::jsonb AS usage_doc, timings::jsonb AS timings_doc
 ), debits AS (
     SELECT team_id, SUM(cost_nanos)::bigint AS cost FROM inserted GROUP BY team_id HAVING SUM(cost_nanos) <> 0
 ), locked AS MATERIALIZED (
@@ -105,9 +113,75 @@ WITH batch AS (
 ), debited AS (
     UPDATE wallets w SET balance_nanos = w.balance_nanos - l.cost, updated_at = ${_NOW}
     FROM locked l WHERE w.team_id = l.team_id
+), facts AS (
+    SELECT
+        s.step_ms, i.team_id, i.created_at - i.created_at % s.step_ms AS bucket_ms, i.key_id, i.model_id, i.provider,
+        (i.status_code >= 400 OR NOT i.success)::int AS error, (i.cache_status = 'hit')::int AS hit,
+        CASE WHEN jsonb_typeof(i.usage_doc -> 'prompt_tokens') = 'number'
+            THEN (i.usage_doc ->> 'prompt_tokens')::numeric::bigint ELSE 0 END AS input_tokens,
+        CASE WHEN jsonb_typeof(i.usage_doc -> 'completion_tokens') = 'number'
+            THEN (i.usage_doc ->> 'completion_tokens')::numeric::bigint ELSE 0 END AS output_tokens,
+        i.cost_nanos, i.saved_nanos,
+        CASE WHEN jsonb_typeof(i.timings_doc -> 'latency_ms') = 'number'
+            THEN (i.timings_doc ->> 'latency_ms')::double precision END AS latency_ms,
+        CASE WHEN jsonb_typeof(i.timings_doc -> 'ttft_ms') = 'number'
+            THEN (i.timings_doc ->> 'ttft_ms')::double precision END AS ttft_ms
+    FROM inserted i JOIN (VALUES ({rollups.MINUTE_MS}::bigint), ({rollups.HOUR_MS})) AS s(step_ms)
+        ON s.step_ms = {rollups.HOUR_MS} OR i.created_at >= $3
+), summed AS (
+    INSERT INTO usage_rollups ({", ".join(rollups.KEY + rollups.SUMS)})
+    SELECT step_ms, team_id, bucket_ms, key_id, model_id, provider, COUNT(*), SUM(error), SUM(hit),
+        SUM(input_tokens), SUM(output_tokens), SUM(cost_nanos), SUM(saved_nanos), COALESCE(SUM(latency_ms), 0),
+        COALESCE(SUM(ttft_ms), 0), COUNT(ttft_ms)
+    FROM facts GROUP BY step_ms, team_id, bucket_ms, key_id, model_id, provider
+    ORDER BY step_ms, team_id COLLATE "C", bucket_ms, key_id COLLATE "C", model_id COLLATE "C", provider COLLATE "C"
+    ON CONFLICT ({", ".join(rollups.KEY)}) DO UPDATE SET
+        {", ".join(f"{name} = usage_rollups.{name} + EXCLUDED.{name}" for name in rollups.SUMS)}
+), counts AS (
+    SELECT step_ms, team_id, bucket_ms, 0 AS kind, rollup_bucket(latency_ms) AS i, COUNT(*) AS n
+    FROM facts WHERE latency_ms IS NOT NULL GROUP BY step_ms, team_id, bucket_ms, i
+    UNION ALL
+    SELECT step_ms, team_id, bucket_ms, 1, rollup_bucket(ttft_ms), COUNT(*)
+    FROM facts WHERE ttft_ms IS NOT NULL GROUP BY step_ms, team_id, bucket_ms, 5
+), hists AS (
+    SELECT step_ms, team_id, bucket_ms, json_object_agg(i, n) FILTER (WHERE kind = 0) AS latency_hist,
+        json_object_agg(i, n) FILTER (WHERE kind = 1) AS ttft_hist
+    FROM counts GROUP BY step_ms, team_id, bucket_ms
+), team_sums AS (
+    SELECT step_ms, team_id, bucket_ms, COUNT(*), SUM(error), SUM(hit), SUM(input_tokens), SUM(output_tokens),
+        SUM(cost_nanos), SUM(saved_nanos), COALESCE(SUM(latency_ms), 0), COALESCE(SUM(ttft_ms), 0), COUNT(ttft_ms)
+    FROM facts GROUP BY step_ms, team_id, bucket_ms
+), teamed AS (
+    INSERT INTO team_rollups (step_ms, team_id, bucket_ms, {", ".join(rollups.SUMS)}, latency_hist, ttft_hist)
+    SELECT t.*, COALESCE(h.latency_hist, '{{}}'), COALESCE(h.ttft_hist, '{{}}')
+    FROM team_sums t LEFT JOIN hists h USING (step_ms, team_id, bucket_ms)
+    ORDER BY t.step_ms, t.team_id COLLATE "C", t.bucket_ms
+    ON CONFLICT (step_ms, team_id, bucket_ms) DO UPDATE SET
+        {"".join(f"{name} = team_rollups.{name} + EXCLUDED.{name}, " for name in rollups.SUMS)}
+        latency_hist = rollup_hist_add(team_rollups.latency_hist, EXCLUDED.latency_hist),
+        ttft_hist = rollup_hist_add(team_rollups.ttft_hist, EXCLUDED.ttft_hist)
+), pruning AS (
+    UPDATE rollup_pruning SET minutes_before_ms = $3 WHERE minutes_before_ms < $3 RETURNING 1
+), pruned_sums AS (
+    DELETE FROM usage_rollups
+    WHERE step_ms = {rollups.MINUTE_MS} AND bucket_ms < $3 AND EXISTS (SELECT FROM pruning)
+), pruned_teams AS (
+    DELETE FROM team_rollups
+    WHERE step_ms = {rollups.MINUTE_MS} AND bucket_ms < $3 AND EXISTS (SELECT FROM pruning)
 )
 SELECT COUNT(*) FROM inserted
 """
+
+# `overview`'s reads, of one team's or every team's rollups ($2: their ids; one index range per team).
+_RANGE = "step_ms = $1 AND team_id = ANY($2::text[]) AND bucket_ms >= $3 AND bucket_ms < $4"
+_OVERVIEW_TEAMS = (
+    "SELECT bucket_ms - bucket_ms % $5, requests, errors, cost_nanos, input_tokens, output_tokens, cache_hits, "
+    f"saved_nanos, latency_hist, ttft_hist FROM team_rollups WHERE {_RANGE}"
+)
+_OVERVIEW_SPEND = (
+    "SELECT key_id, model_id, provider, SUM(requests)::bigint, SUM(cost_nanos)::bigint FROM usage_rollups "
+    f"WHERE {_RANGE} GROUP BY key_id, model_id, provider"
+)
 
 # A top-up and its ledger line in one statement; no wallet, no line (and `add_credit` raises).
 _ADD_CREDIT = """
@@ -319,8 +393,9 @@ class PostgresStore:
         if not lines:
             return 0
         batch = orjson.dumps(records.rows(lines)).decode()[1:-1]  # rows as JSON arrays; the server adds brackets
+        now = time.time()
         async with self._conn("cannot record usage") as conn:
-            return await conn.fetchval(_RECORD, batch, int(time.time()))
+            return await conn.fetchval(_RECORD, batch, int(now), rollups.minutes_from(int(now * 1000)))
 
     async def sync(self) -> None:
         """Nothing to do: a commit is durable once the server acknowledges it (`synchronous_commit` on)."""
@@ -427,6 +502,21 @@ class PostgresStore:
             )
         return total, [tuple(r) for r in rows]
 
+    async def overview(self, team_id: str | None, since_ms: int, until_ms: int, step_ms: int) -> Overview:
+        rollup = rollups.rollup_step(since_ms, until_ms, int(time.time() * 1000))
+        rollups.check_range(since_ms, until_ms, step_ms, rollup)
+        async with (
+            self._conn("cannot read the usage overview") as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),  # the reads of one snapshot
+        ):
+            teams = [team_id] if team_id is not None else [r[0] for r in await conn.fetch("SELECT id FROM teams")]
+            args = (rollup, teams, rollups.first_bucket(since_ms, rollup), until_ms)
+            teams_rows = await conn.fetch(_OVERVIEW_TEAMS, *args, step_ms)
+            spend = await conn.fetch(_OVERVIEW_SPEND, *args)
+        return rollups.overview(
+            since_ms=since_ms, until_ms=until_ms, step_ms=step_ms, rollup=rollup, teams=teams_rows, spend=spend
+        )
+
     async def get_generation(self, team_id: str, request_id: str) -> Generation | None:
         sql = (
             f"SELECT {GENERATION_COLUMNS} FROM generations WHERE team_id = $1 "
@@ -436,6 +526,66 @@ class PostgresStore:
         async with self._conn("cannot read a generation") as conn:
             row = await conn.fetchrow(sql, team_id, request_id)
         return None if row is None else Generation.from_row(tuple(row))
+
+    async def list_teams(self) -> list[Team]:
+        async with self._conn("cannot list teams") as conn:
+            rows = await conn.fetch(
+                "SELECT t.id, t.name, COALESCE(w.balance_nanos, 0), t.created_at FROM teams t "
+                "LEFT JOIN wallets w ON w.team_id = t.id ORDER BY t.name"
+            )
+        return [Team(*row) for row in rows]
+
+    async def create_session(self, session: DashboardSession) -> None:
+        async with self._conn("cannot keep a dashboard session") as conn, conn.transaction():
+            await conn.execute("DELETE FROM dashboard_sessions WHERE expires_at <= $1", session.created_at)
+            await conn.execute(
+                "INSERT INTO dashboard_sessions (token_hash, role, team_id, key_id, csrf, created_at, expires_at) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                *msgspec.structs.astuple(session),
+            )
+
+    async def get_session(self, token_hash: bytes, now_ms: int) -> DashboardSession | None:
+        async with self._conn("cannot read a dashboard session") as conn:
+            row = await conn.fetchrow(
+                "SELECT token_hash, role, team_id, key_id, csrf, created_at, expires_at FROM dashboard_sessions "
+                "WHERE token_hash = $1 AND expires_at > $2",
+                token_hash,
+                now_ms,
+            )
+        return DashboardSession(*row) if row else None
+
+    async def delete_session(self, token_hash: bytes) -> None:
+        async with self._conn("cannot end a dashboard session") as conn:
+            await conn.execute("DELETE FROM dashboard_sessions WHERE token_hash = $1", token_hash)
+
+    async def create_admin_token(self, token_id: str, secret_hash: bytes, name: str) -> None:
+        async with self._conn("cannot create an operator token") as conn:
+            await conn.execute(
+                "INSERT INTO admin_tokens (id, secret_hash, name, created_at) VALUES ($1, $2, $3, $4)",
+                token_id,
+                secret_hash,
+                name,
+                int(time.time() * 1000),
+            )
+
+    async def admin_token(self, secret_hash: bytes) -> str | None:
+        async with self._conn("cannot read operator tokens") as conn:
+            return await conn.fetchval("SELECT id FROM admin_tokens WHERE secret_hash = $1", secret_hash)
+
+    async def admin_token_live(self, token_id: str) -> bool:
+        async with self._conn("cannot read operator tokens") as conn:
+            return bool(await conn.fetchval("SELECT 1 FROM admin_tokens WHERE id = $1", token_id))
+
+    async def list_admin_tokens(self) -> list[AdminToken]:
+        async with self._conn("cannot list operator tokens") as conn:
+            rows = await conn.fetch("SELECT id, name, created_at FROM admin_tokens ORDER BY created_at")
+        return [AdminToken(*row) for row in rows]
+
+    async def revoke_admin_token(self, token_id: str) -> bool:
+        async with self._conn("cannot revoke an operator token") as conn, conn.transaction():
+            done = await conn.execute("DELETE FROM admin_tokens WHERE id = $1", token_id)
+            await conn.execute("DELETE FROM dashboard_sessions WHERE role = 'operator' AND key_id = $1", token_id)
+        return _count(done) > 0
 
     async def create_job(self, job: Job) -> None:
         marks = ", ".join(f"${i}" for i in range(1, len(Job.__struct_fields__) + 1))

@@ -6,11 +6,13 @@ import asyncio
 import secrets
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import aiosqlite
+import msgspec
 
+from proxy import rollups
 from proxy.store import migrations, sqlite_usage
 from proxy.store.base import (
     ACTIVE,
@@ -18,10 +20,13 @@ from proxy.store.base import (
     JOB_COLUMNS,
     KEY_COLUMNS,
     REVOKED,
+    AdminToken,
     Credits,
+    DashboardSession,
     Generation,
     Job,
     KeyRecord,
+    Overview,
     StoreError,
     Team,
     TopUp,
@@ -41,6 +46,9 @@ class SqliteStore:
         self._db: aiosqlite.Connection | None = None
         # One connection serves every coroutine: a write transaction must not interleave with another.
         self._write = asyncio.Lock()
+        # A second one, opened on first use, for the overviews: a long read must not hold up the store's other calls.
+        self._reader: aiosqlite.Connection | None = None
+        self._opening_reader = asyncio.Lock()
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -55,6 +63,7 @@ class SqliteStore:
             self._db = await aiosqlite.connect(self.path, isolation_level=None)
             for pragma in sqlite_usage.PRAGMAS:
                 await self._db.execute(pragma)
+            await self._db._execute(sqlite_usage.register, self._db._conn)  # used by `record`
             await self._migrate()
         except sqlite3.Error as e:
             await self.close()
@@ -73,10 +82,17 @@ class SqliteStore:
                 f"{len(migrations.SQLITE)}: upgrade the gateway"
             )
         for number, script in enumerate(migrations.SQLITE[version:], start=version + 1):
-            # executescript commits first; the version bump is part of the same script.
-            await self.db.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version={number};\nCOMMIT;")
+            backfill = migrations.SQLITE_BACKFILLS.get(number)
+            if backfill is None:
+                # executescript commits first; the version bump is part of the same script.
+                await self.db.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version={number};\nCOMMIT;")
+            else:
+                await self.db._execute(_migrate_step, self.db._conn, script, number, backfill)
 
     async def close(self) -> None:
+        if self._reader is not None:
+            reader, self._reader = self._reader, None
+            await reader.close()
         if self._db is not None:
             db, self._db = self._db, None
             await db.close()
@@ -320,6 +336,37 @@ class SqliteStore:
             raise StoreError(str(e)) from e
         return total, rows
 
+    async def overview(self, team_id: str | None, since_ms: int, until_ms: int, step_ms: int) -> Overview:
+        rollup = rollups.rollup_step(since_ms, until_ms, int(time.time() * 1000))
+        rollups.check_range(since_ms, until_ms, step_ms, rollup)
+        try:
+            if self.path == ":memory:":  # no second connection (it would see another database): the store's own
+                async with self._write:  # (its writes' transactions span several calls)
+                    return await self.db._execute(
+                        _overview, self.db._conn, team_id, since_ms, until_ms, step_ms, rollup
+                    )
+            reader = await self._reading()
+            # Both reads and their sums in one call into the reader's thread: the event loop only waits.
+            return await reader._execute(_overview, reader._conn, team_id, since_ms, until_ms, step_ms, rollup)
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read the usage overview: {e}") from e
+
+    async def _reading(self) -> aiosqlite.Connection:
+        """The overviews' connection, opened on first use."""
+        if self._db is None:
+            raise StoreError("the store is not open")
+        async with self._opening_reader:
+            if self._reader is None:
+                reader = await aiosqlite.connect(self.path, isolation_level=None)
+                try:
+                    for pragma in (*sqlite_usage.PRAGMAS, "PRAGMA query_only=ON"):
+                        await reader.execute(pragma)
+                except BaseException:
+                    await reader.close()
+                    raise
+                self._reader = reader
+            return self._reader
+
     async def get_generation(self, team_id: str, request_id: str) -> Generation | None:
         sql = (
             f"SELECT {GENERATION_COLUMNS} FROM generations WHERE team_id = ? "
@@ -329,6 +376,70 @@ class SqliteStore:
         async with self.db.execute(sql, (team_id, request_id, request_id, request_id)) as cur:
             row = await cur.fetchone()
         return None if row is None else Generation.from_row(tuple(row))
+
+    async def list_teams(self) -> list[Team]:
+        sql = (
+            "SELECT t.id, t.name, COALESCE(w.balance_nanos, 0), t.created_at FROM teams t "
+            "LEFT JOIN wallets w ON w.team_id = t.id ORDER BY t.name"
+        )
+        async with self.db.execute(sql) as cur:
+            return [Team(*row) for row in await cur.fetchall()]
+
+    async def create_session(self, session: DashboardSession) -> None:
+        async with self._write:
+            await self.db.execute("DELETE FROM dashboard_sessions WHERE expires_at <= ?", (session.created_at,))
+            await self.db.execute(
+                "INSERT INTO dashboard_sessions (token_hash, role, team_id, key_id, csrf, created_at, expires_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                msgspec.structs.astuple(session),
+            )
+
+    async def get_session(self, token_hash: bytes, now_ms: int) -> DashboardSession | None:
+        sql = (
+            "SELECT token_hash, role, team_id, key_id, csrf, created_at, expires_at FROM dashboard_sessions "
+            "WHERE token_hash = ? AND expires_at > ?"
+        )
+        async with self.db.execute(sql, (token_hash, now_ms)) as cur:
+            row = await cur.fetchone()
+        return DashboardSession(*row) if row else None
+
+    async def delete_session(self, token_hash: bytes) -> None:
+        async with self._write:
+            await self.db.execute("DELETE FROM dashboard_sessions WHERE token_hash = ?", (token_hash,))
+
+    async def create_admin_token(self, token_id: str, secret_hash: bytes, name: str) -> None:
+        async with self._write:
+            await self.db.execute(
+                "INSERT INTO admin_tokens (id, secret_hash, name, created_at) VALUES (?, ?, ?, ?)",
+                (token_id, secret_hash, name, int(time.time() * 1000)),
+            )
+
+    async def admin_token(self, secret_hash: bytes) -> str | None:
+        async with self.db.execute("SELECT id FROM admin_tokens WHERE secret_hash = ?", (secret_hash,)) as cur:
+            row = await cur.fetchone()
+        return row[0] if row else None
+
+    async def admin_token_live(self, token_id: str) -> bool:
+        async with self.db.execute("SELECT 1 FROM admin_tokens WHERE id = ?", (token_id,)) as cur:
+            return await cur.fetchone() is not None
+
+    async def list_admin_tokens(self) -> list[AdminToken]:
+        async with self.db.execute("SELECT id, name, created_at FROM admin_tokens ORDER BY created_at") as cur:
+            return [AdminToken(*row) for row in await cur.fetchall()]
+
+    async def revoke_admin_token(self, token_id: str) -> bool:
+        async with self._write:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                cur = await self.db.execute("DELETE FROM admin_tokens WHERE id = ?", (token_id,))
+                await self.db.execute(
+                    "DELETE FROM dashboard_sessions WHERE role = 'operator' AND key_id = ?", (token_id,)
+                )
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+        return cur.rowcount > 0
 
     async def create_job(self, job: Job) -> None:
         marks = ", ".join("?" * len(Job.__struct_fields__))
@@ -372,3 +483,56 @@ class SqliteStore:
                 return cur.rowcount > 0
         except sqlite3.Error as e:
             raise StoreError(f"cannot change a job: {e}") from e
+
+
+def _migrate_step(
+    db: sqlite3.Connection, script: str, number: int, backfill: Callable[[sqlite3.Connection], None]
+) -> None:
+    """A migration step whose data Python fills in: its SQL, the backfill and the version bump in one transaction."""
+    db.executescript(f"BEGIN IMMEDIATE;\n{script}")  # (commits nothing: it ends inside the transaction it began)
+    try:
+        backfill(db)
+        db.execute(f"PRAGMA user_version={number}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+def _overview_sql(team_id: str | None) -> tuple[str, str]:
+    """The overview's reads: `team_rollups` (series and totals) and `usage_rollups` (spend per key, model and
+    provider). Every team's: one range of the primary key per team."""
+    teams = "team_id IN (SELECT id FROM teams)" if team_id is None else "team_id = :team"
+    where = f"step_ms = :rollup AND {teams} AND bucket_ms >= :first AND bucket_ms < :until"
+    return (
+        "SELECT bucket_ms - bucket_ms % :step, requests, errors, cost_nanos, input_tokens, output_tokens, cache_hits, "
+        f"saved_nanos, latency_hist, ttft_hist FROM team_rollups WHERE {where}",
+        "SELECT key_id, model_id, provider, SUM(requests), SUM(cost_nanos) FROM usage_rollups "
+        f"WHERE {where} GROUP BY key_id, model_id, provider",
+    )
+
+
+_OVERVIEW_SQL = {scope: _overview_sql(scope) for scope in (None, "")}
+
+
+def _overview(
+    db: sqlite3.Connection, team_id: str | None, since_ms: int, until_ms: int, step_ms: int, rollup: int
+) -> Overview:
+    """`SqliteStore.overview`, in the reader's thread: both reads in one transaction (one snapshot)."""
+    teams_sql, spend_sql = _OVERVIEW_SQL[None if team_id is None else ""]
+    args = {
+        "rollup": rollup,
+        "team": team_id,
+        "first": rollups.first_bucket(since_ms, rollup),
+        "until": until_ms,
+        "step": step_ms,
+    }
+    db.execute("BEGIN")
+    try:
+        teams = db.execute(teams_sql, args).fetchall()
+        spend = db.execute(spend_sql, args).fetchall()
+    finally:
+        db.execute("COMMIT")
+    return rollups.overview(
+        since_ms=since_ms, until_ms=until_ms, step_ms=step_ms, rollup=rollup, teams=teams, spend=spend
+    )

@@ -1,0 +1,164 @@
+"""The web dashboard, over HTTP (the browser's view is tests/test_dashboard_browser.py): sign-in with a team's
+management key or the operator's token, its session cookie and CSRF tokens, the overview's figures from the
+rollups, a team never seeing another's, sign-out, the security headers, and `dashboard.enabled: false`."""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+import pytest
+from aiohttp.test_utils import TestClient
+
+from proxy.app import build_app
+from proxy.config import DashboardConfig, load_config
+from proxy.gateway import GATEWAY
+from tests.conftest import DEFAULT_CONFIG, auth, env_for
+
+CHAT = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture
+async def gw(aiohttp_client, mock, store_url) -> TestClient:
+    return await aiohttp_client(build_app(load_config(DEFAULT_CONFIG, env=env_for(mock, store_url))))
+
+
+async def _form_token(client: TestClient) -> str:
+    page = await client.get("/dashboard/signin")
+    assert page.status == 200
+    found = re.search(r'name="csrf" value="([^"]+)"', await page.text())
+    assert found
+    return found.group(1)
+
+
+async def sign_in(client: TestClient, credential: str, expect: int = 303) -> str:
+    """Sign in through the form; returns the session's CSRF token (for sign-out)."""
+    token = await _form_token(client)
+    r = await client.post("/dashboard/signin", data={"csrf": token, "credential": credential}, allow_redirects=False)
+    assert r.status == expect, await r.text()
+    if expect != 303:
+        return ""
+    assert r.headers["Location"] == "/dashboard/overview"
+    cookie = r.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/dashboard" in cookie
+    page = await client.get("/dashboard/overview")
+    found = re.search(r'name="csrf" value="([^"]+)"', await page.text())
+    assert found
+    return found.group(1)
+
+
+async def test_a_team_signs_in_sees_its_figures_and_signs_out(gw, make_key):
+    admin = await make_key(team="acme", management=True)
+    for _ in range(3):
+        assert (await gw.post("/v1/chat/completions", json=CHAT, headers=auth(admin))).status == 200
+    await gw.server.app[GATEWAY].accountant.flush()
+    assert (await gw.get("/dashboard/overview", allow_redirects=False)).headers["Location"] == "/dashboard/signin"
+    csrf = await sign_in(gw, admin)
+    page = await gw.get("/dashboard/overview?range=1h")
+    text = await page.text()
+    assert page.status == 200 and "Team acme" in text
+    requests = re.search(r'<div class="label">Requests</div><div class="value">(\d+)</div>', text)
+    assert requests and requests.group(1) == "3"
+    assert "openai/gpt-4o-mini" in text and "<circle" in text  # a top model, and points on the charts
+    policy = page.headers["Content-Security-Policy"]
+    assert "script-src" not in policy and "default-src 'none'" in policy and "'unsafe-inline'" not in policy
+    assert page.headers["X-Frame-Options"] == "DENY" and page.headers["Cache-Control"] == "no-store"
+    bad = await gw.post("/dashboard/signout", data={"csrf": "forged"}, allow_redirects=False)
+    assert bad.status == 303
+    assert (await gw.get("/dashboard/overview", allow_redirects=False)).status == 200  # a forged form ends nothing
+    out = await gw.post("/dashboard/signout", data={"csrf": csrf}, allow_redirects=False)
+    assert out.status == 303
+    assert (await gw.get("/dashboard/overview", allow_redirects=False)).status == 303  # signed out
+
+
+async def test_a_team_never_sees_another_team(gw, make_key):
+    first = await make_key(team="first-team", management=True)
+    second = await make_key(team="second-team", management=True)
+    await gw.post("/v1/chat/completions", json=CHAT, headers=auth(first))
+    await gw.server.app[GATEWAY].accountant.flush()
+    await sign_in(gw, second)
+    text = await (await gw.get("/dashboard/overview?range=1h&team=first-team")).text()
+    assert "first-team" not in text and "gpt-4o-mini" not in text  # the team parameter is the operator's only
+    assert re.search(r'<div class="label">Requests</div><div class="value">0</div>', text)
+
+
+async def test_what_cannot_sign_in(gw, make_key):
+    inference = await make_key(team="acme")
+    await sign_in(gw, inference, expect=401)  # not a management key
+    await sign_in(gw, "aistats_v1_admin_nope_" + "x" * 40, expect=401)
+    r = await gw.post("/dashboard/signin", data={"csrf": "x", "credential": inference}, allow_redirects=False)
+    assert r.status == 303 and r.headers["Location"] == "/dashboard/signin"  # no form token: a fresh form
+    statuses = []
+    for _ in range(10):
+        form = {"csrf": await _form_token(gw), "credential": "wrong"}
+        statuses.append((await gw.post("/dashboard/signin", data=form, allow_redirects=False)).status)
+    assert statuses == [401] * 8 + [429] * 2  # 10 attempts a minute per client: 2 were made above
+
+
+async def test_the_operator_sees_every_team(gw, make_key, monkeypatch):
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "operator-secret-of-the-test-0123456789")
+    for team in ("alpha", "beta"):
+        key = await make_key(team=team)
+        await gw.post("/v1/chat/completions", json=CHAT, headers=auth(key))
+    await gw.server.app[GATEWAY].accountant.flush()
+    await sign_in(gw, "operator-secret-of-the-test-0123456789")
+    text = await (await gw.get("/dashboard/overview?range=1h")).text()
+    assert "Operator" in text and re.search(r'<div class="label">Requests</div><div class="value">2</div>', text)
+    text = await (await gw.get("/dashboard/overview?range=1h&team=beta")).text()
+    assert "Overview · beta" in text and re.search(r'<div class="label">Requests</div><div class="value">1</div>', text)
+    monkeypatch.delenv("GATEWAY_ADMIN_TOKEN")
+    assert (await gw.get("/dashboard/overview", allow_redirects=False)).status == 303  # its token is gone
+
+
+async def test_a_revoked_signing_key_ends_the_session(gw, make_key, store_url):
+    from proxy.store import open_store
+    from proxy.store.base import REVOKED
+
+    admin = await make_key(team="acme", management=True)
+    await sign_in(gw, admin)
+    store = await open_store(store_url)
+    try:
+        await store.set_key_status(admin.split("_")[3], REVOKED)
+    finally:
+        await store.close()
+    gw.server.app[GATEWAY].keys.forget(admin.split("_")[3])
+    assert (await gw.get("/dashboard/overview", allow_redirects=False)).status == 303
+
+
+async def test_off_removes_every_route(aiohttp_client, mock, store_url):
+    config = load_config(DEFAULT_CONFIG, env=env_for(mock, store_url))
+    client = await aiohttp_client(build_app(msgspec.structs.replace(config, dashboard=DashboardConfig(enabled=False))))
+    for path in ("/dashboard", "/dashboard/signin", "/dashboard/overview", "/dashboard/static/dashboard.css"):
+        assert (await client.get(path, allow_redirects=False)).status == 404
+
+
+def test_operator_tokens_from_the_cli(store_url, monkeypatch, capsys):
+    from proxy.__main__ import main
+
+    monkeypatch.setenv("GATEWAY_STORE", store_url)
+    config = ["--config", str(DEFAULT_CONFIG)]
+    assert main(["admin-token", "create", "--name", "on-call", *config]) == 0
+    token = capsys.readouterr().out.strip().splitlines()[-1]
+    assert token.startswith("aistats_v1_admin_")
+    assert main(["admin-token", "list", *config]) == 0
+    listed = capsys.readouterr().out
+    token_id = token.removeprefix("aistats_v1_admin_").split("_")[0]
+    assert token_id in listed and "on-call" in listed and token not in listed  # never the secret
+    assert main(["admin-token", "revoke", token_id, *config]) == 0
+    assert main(["admin-token", "revoke", token_id, *config]) == 1  # gone
+
+
+async def test_an_operator_token_signs_in_until_revoked(gw, store_url):
+    from proxy.auth import hash_secret
+    from proxy.store import open_store
+
+    token = "aistats_v1_admin_0123456789ab_" + "s" * 43
+    store = await open_store(store_url)
+    try:
+        await store.create_admin_token("0123456789ab", hash_secret(token), "test")
+        await sign_in(gw, token)
+        assert "Operator" in await (await gw.get("/dashboard/overview")).text()
+        assert await store.revoke_admin_token("0123456789ab")
+    finally:
+        await store.close()
+    assert (await gw.get("/dashboard/overview", allow_redirects=False)).status == 303  # its session ended
