@@ -74,6 +74,7 @@ _CONFIG = load_config(DEFAULT_CONFIG, env=env_for(Mock("http://127.0.0.1:9/v1", 
 MODEL_IDS = sorted(_CONFIG.models)
 LINE_LIMIT = _CONFIG.server.max_header_bytes  # aiohttp refuses a longer request line or header value
 DEFAULT_MODEL = "openai/gpt-4o-mini"
+HTML = "html"  # the dashboard's routes: pages and redirects, not an API's envelope
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,9 @@ def _routes() -> list[Route]:
         if resource_route.method == "*" or "{tail" in path:
             continue  # the catch-all: fuzzed through unknown paths and methods
         surface = surfaces.get((resource_route.method, path), "")
-        if surface.startswith(("platform.", "catalogue.")):
+        if path.startswith("/dashboard"):
+            dialect = HTML
+        elif surface.startswith(("platform.", "catalogue.")):
             dialect = PLATFORM
         elif surface:
             dialect = SURFACES[surface].dialect
@@ -103,7 +106,7 @@ def _routes() -> list[Route]:
 
 
 ROUTES = _routes()
-API_ROUTES = [r for r in ROUTES if r.dialect]
+API_ROUTES = [r for r in ROUTES if r.dialect and r.dialect != HTML]
 INFERENCE_ROUTES = [r for r in API_ROUTES if r.surface and SURFACES[r.surface].endpoint]
 ID_ROUTES = [r for r in ROUTES if "{" in r.path]
 assert {r.surface for r in API_ROUTES} == {r.surface for r in _CONFIG.routes}, "a configured route was not found"
@@ -335,6 +338,11 @@ def check(answer: Answer, dialect: str, what: str, *, head: bool = False) -> Non
     assert answer.status != 500, where
     text = answer.body.decode("utf-8", "replace")
     assert not EXCEPTION_TEXT.search(text), where
+    if dialect == HTML:  # a page, a redirect (to sign in), or a refusal; its headers say it is not framed
+        assert answer.status in (200, 303, 400, 401, 404, 405, 413, 429), where
+        if answer.status in (200, 303, 401, 429):
+            assert answer.headers.get("X-Frame-Options") == "DENY", where
+        return
     if answer.status < 300 or head:
         return
     assert answer.headers.get("x-request-id"), where
@@ -792,7 +800,7 @@ def _route_for(method: str, target: str) -> Route:
     """The route aiohttp serves `method target` with (matching as it does, on `path_safe`), or the catch-all."""
     path = yarl.URL(target).path_safe
     for route in ROUTES:
-        if route.method == method and re.fullmatch(route.path.replace("{id}", "[^{}/]+"), path):
+        if route.method == method and re.fullmatch(re.sub(r"\{[^}]+\}", "[^{}/]+", route.path), path):
             return route
     return Route(method, path, OPENAI)
 

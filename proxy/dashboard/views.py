@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import quote
 
 import jinja2
 from aiohttp import web
@@ -327,7 +328,7 @@ async def _overview(request: web.Request, gw: Gateway, signed: Signed) -> web.St
         session=session,
         team_name=team_name,
         teams=teams,
-        team_query=f"&team={team_name}" if session.role == "operator" and team_name else "",
+        team_query=f"&team={quote(team_name)}" if session.role == "operator" and team_name else "",
         pages=PAGES,
         current="/dashboard/overview",
         ranges=RANGE_LABELS,
