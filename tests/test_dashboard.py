@@ -61,7 +61,7 @@ async def test_a_team_signs_in_sees_its_figures_and_signs_out(gw, make_key):
     assert requests and requests.group(1) == "3"
     assert "openai/gpt-4o-mini" in text and "<circle" in text  # a top model, and points on the charts
     policy = page.headers["Content-Security-Policy"]
-    assert "script-src" not in policy and "default-src 'none'" in policy and "'unsafe-inline'" not in policy
+    assert "script-src 'self';" in policy and "default-src 'none'" in policy and "'unsafe-inline'" not in policy
     assert page.headers["X-Frame-Options"] == "DENY" and page.headers["Cache-Control"] == "no-store"
     bad = await gw.post("/dashboard/signout", data={"csrf": "forged"}, allow_redirects=False)
     assert bad.status == 303
@@ -162,3 +162,71 @@ async def test_an_operator_token_signs_in_until_revoked(gw, store_url):
     finally:
         await store.close()
     assert (await gw.get("/dashboard/overview", allow_redirects=False)).status == 303  # its session ended
+
+
+async def _csrf_of(client: TestClient, path: str) -> str:
+    found = re.search(r'name="csrf" value="([^"]+)"', await (await client.get(path)).text())
+    assert found
+    return found.group(1)
+
+
+async def test_keys_are_made_changed_and_revoked_from_the_page(gw, make_key):
+    admin = await make_key(team="acme", management=True)
+    csrf = await sign_in(gw, admin)
+    form = {"csrf": csrf, "name": "ci <bot>", "daily_limit_usd": "1.50", "rpm_limit": "60", "cache": "off"}
+    form["allowed_models"] = "openai/gpt-4o-mini"
+    page = await gw.post("/dashboard/keys", data=form)
+    text = await page.text()
+    assert page.status == 200 and "never shown again" in text and "ci &lt;bot&gt;" in text  # escaped
+    secret = re.search(r'id="new-secret" readonly value="([^"]+)"', text).group(1)  # type: ignore[union-attr]
+    kid = secret.split("_")[3]
+    assert "$1.50/day" in text and "60 rpm" in text and "cache off" in text and "1 model" in text
+    assert (await gw.post("/v1/chat/completions", json=CHAT, headers=auth(secret))).status == 200
+    refused = await gw.post("/v1/chat/completions", json={**CHAT, "model": "openai/gpt-4o"}, headers=auth(secret))
+    assert refused.status == 403  # its allowed models, set in the page
+    assert secret not in await (await gw.get("/dashboard/keys")).text()  # shown once
+
+    bad = await gw.post("/dashboard/keys", data={"csrf": csrf, "rpm_limit": "many"})
+    assert bad.status == 400 and "whole number" in await bad.text()
+    forged = await gw.post(f"/dashboard/keys/{kid}/status", data={"csrf": "forged", "status": "disabled"})
+    assert (
+        forged.status == 400 and (await gw.post("/v1/chat/completions", json=CHAT, headers=auth(secret))).status == 200
+    )
+    await gw.post(f"/dashboard/keys/{kid}/status", data={"csrf": csrf, "status": "disabled"})
+    assert (await gw.post("/v1/chat/completions", json=CHAT, headers=auth(secret))).status == 401
+    await gw.post(f"/dashboard/keys/{kid}/status", data={"csrf": csrf, "status": "active"})
+    assert (await gw.post("/v1/chat/completions", json=CHAT, headers=auth(secret))).status == 200
+
+    saved = await gw.post(f"/dashboard/keys/{kid}", data={"csrf": csrf, "name": "renamed"}, allow_redirects=False)
+    assert saved.status == 303
+    text = await (await gw.get("/dashboard/keys")).text()
+    assert "renamed" in text and "$1.50/day" not in text  # the edit form sets every setting: empty clears
+
+    unconfirmed = await gw.post(f"/dashboard/keys/{kid}/revoke", data={"csrf": csrf})
+    assert unconfirmed.status == 400 and "Tick the box" in await unconfirmed.text()
+    await gw.post(f"/dashboard/keys/{kid}/revoke", data={"csrf": csrf, "confirm": "on"})
+    assert (await gw.post("/v1/chat/completions", json=CHAT, headers=auth(secret))).status == 401
+
+
+async def test_a_team_cannot_touch_another_teams_keys(gw, make_key):
+    other = await make_key(team="globex")
+    admin = await make_key(team="acme", management=True)
+    csrf = await sign_in(gw, admin)
+    kid = other.split("_")[3]
+    assert (await gw.get(f"/dashboard/keys/{kid}")).status == 404
+    r = await gw.post(f"/dashboard/keys/{kid}/revoke", data={"csrf": csrf, "confirm": "on"})
+    assert r.status == 400 and "No key" in await r.text()
+    assert (await gw.post("/v1/chat/completions", json=CHAT, headers=auth(other))).status == 200
+    assert kid not in await (await gw.get("/dashboard/keys?team=globex")).text()
+
+
+async def test_the_operator_manages_a_chosen_teams_keys(gw, make_key, monkeypatch):
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "operator-secret-of-the-test-0123456789")
+    member = await make_key(team="globex")
+    csrf = await sign_in(gw, "operator-secret-of-the-test-0123456789")
+    assert "Choose a team" in await (await gw.get("/dashboard/keys")).text()
+    text = await (await gw.get("/dashboard/keys?team=globex")).text()
+    assert member.split("_")[3] in text
+    page = await gw.post("/dashboard/keys?team=globex", data={"csrf": csrf, "name": "made by ops"})
+    secret = re.search(r'id="new-secret" readonly value="([^"]+)"', await page.text()).group(1)  # type: ignore[union-attr]
+    assert (await gw.post("/v1/chat/completions", json=CHAT, headers=auth(secret))).status == 200

@@ -89,3 +89,37 @@ async def test_a_team_sees_its_traffic_and_another_team_does_not(live_gateway, n
     assert "acme" not in text and "gpt-4o-mini" not in text
     assert await other.locator(".card", has_text="Requests").locator(".value").inner_text() == "0"
     assert_no_console_errors(other)
+
+
+async def test_a_key_made_in_the_page_works_with_the_sdk_until_revoked(live_gateway, new_page):
+    import openai
+
+    url = live_gateway.url
+    admin = await live_gateway.make_key(team="acme", credit_usd=5, management=True)
+    page = await new_page()
+    await _sign_in(page, url, admin)
+    await page.get_by_role("link", name="Keys").click()
+    await page.wait_for_url("**/dashboard/keys")
+    await page.get_by_label("Name").fill("notebook")
+    await page.get_by_label("Requests a minute").fill("100")
+    await page.get_by_role("button", name="Create key").click()
+    secret = await page.get_by_label("The new key").input_value()
+    await page.get_by_role("button", name="Copy").click()
+    await page.get_by_role("button", name="Copied").wait_for()  # the page's script ran (CSP allows its file)
+    await screenshot(page, "keys-created")
+
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=secret, max_retries=0)
+    answer = await client.chat.completions.create(
+        model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert answer.choices[0].message.content
+
+    row = page.get_by_role("row", name=re.compile("notebook"))
+    await row.get_by_label("sure").check()
+    await row.get_by_role("button", name="Revoke").click()
+    await page.wait_for_url("**/dashboard/keys")
+    assert await page.get_by_role("row", name=re.compile("notebook")).get_by_text("revoked").count() == 1
+    with pytest.raises(openai.AuthenticationError):
+        await client.chat.completions.create(model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    await client.close()
+    assert_no_console_errors(page)

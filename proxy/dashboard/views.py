@@ -18,7 +18,7 @@ import jinja2
 from aiohttp import web
 
 from proxy.auth import hash_secret, split_key
-from proxy.dashboard import charts
+from proxy.dashboard import charts, keys
 from proxy.dashboard.charts import Series
 from proxy.errors import GatewayError
 from proxy.gateway import GATEWAY, Gateway
@@ -32,13 +32,13 @@ ENV_TOKEN: Final = "env"  # an operator session's token: GATEWAY_ADMIN_TOKEN
 COOKIE: Final = "gw_session"
 SIGNIN_COOKIE: Final = "gw_signin"  # the sign-in form's CSRF token (no session yet)
 STATIC: Final = "/dashboard/static"
-STATIC_FILES: Final = {"dashboard.css": "text/css"}
-# Only this origin's stylesheet and images; no script at all yet, no frame, forms posted here only.
+STATIC_FILES: Final = {"dashboard.css": "text/css", "dashboard.js": "text/javascript"}
+# Only this origin's stylesheet, script and images (nothing inline), no frame, forms posted here only.
 POLICY: Final = (
-    "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
+    "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self' data:; form-action 'self'; "
     "frame-ancestors 'none'; base-uri 'none'"
 )
-PAGES: Final = (("/dashboard/overview", "Overview"),)
+PAGES: Final = (("/dashboard/overview", "Overview"), ("/dashboard/keys", "Keys"))
 # Range → (length, step) in milliseconds; a step is a multiple of the rollups' (minutes up to a day, hours past it).
 RANGES: Final = {
     "1h": (3_600_000, 60_000),
@@ -68,6 +68,12 @@ def add_routes(app: web.Application) -> None:
     router.add_post("/dashboard/signin", _signin)
     router.add_post("/dashboard/signout", _signout)
     router.add_get("/dashboard/overview", _page(_overview))
+    router.add_get("/dashboard/keys", _page(keys.listing))
+    router.add_post("/dashboard/keys", _page(keys.create))
+    router.add_get("/dashboard/keys/{kid}", _page(keys.edit))
+    router.add_post("/dashboard/keys/{kid}", _page(keys.save))
+    router.add_post("/dashboard/keys/{kid}/status", _page(keys.status))
+    router.add_post("/dashboard/keys/{kid}/revoke", _page(keys.revoke))
     router.add_get(STATIC + "/{name}", _static)
 
 
@@ -83,13 +89,18 @@ def _headers(response: web.StreamResponse) -> web.StreamResponse:
     return response
 
 
-def _html(template: str, status: int = 200, **context: Any) -> web.Response:
+def html(template: str, status: int = 200, **context: Any) -> web.Response:
     context.setdefault("session", None)
     body = _templates.get_template(template).render(static=STATIC, **context)
     return _headers(web.Response(text=body, status=status, content_type="text/html"))  # type: ignore[return-value]
 
 
-def _redirect(location: str) -> web.Response:
+def same(given: str, expected: str) -> bool:
+    """A token a form sent is the expected one (compared in constant time)."""
+    return bool(expected) and hmac.compare_digest(given.encode(), expected.encode())
+
+
+def redirect(location: str) -> web.Response:
     return _headers(web.Response(status=303, headers={"Location": location}))  # type: ignore[return-value]
 
 
@@ -145,26 +156,27 @@ def _page(page: Page) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         try:
             signed = await _signed(request, gw)
             if signed is None:
-                return _redirect("/dashboard/signin")
+                return redirect("/dashboard/signin")
             return await page(request, gw, signed)
-        except (StoreError, GatewayError) as e:
-            message = e.message if isinstance(e, GatewayError) else f"The store is unavailable: {e}"
-            return _html("signin.html", status=503, title="Unavailable", error=message, csrf="")
+        except GatewayError as e:  # a key of another team (404), a store that is down (503), …
+            return html("error.html", status=e.status, title="Error", error=e.message)
+        except StoreError as e:
+            return html("error.html", status=503, title="Unavailable", error=f"The store is unavailable: {e}")
         except Exception:
             log.exception("dashboard page %s failed", request.path)
             message = "The dashboard failed to show this page (the gateway's log says why)."
-            return _html("signin.html", status=500, title="Error", error=message, csrf="")
+            return html("error.html", status=500, title="Error", error=message)
 
     return handle
 
 
 async def _home(request: web.Request) -> web.StreamResponse:
-    return _redirect("/dashboard/overview")
+    return redirect("/dashboard/overview")
 
 
 async def _signin_page(request: web.Request) -> web.StreamResponse:
     csrf = secrets.token_urlsafe(24)
-    response = _html("signin.html", title="Sign in", error="", csrf=csrf)
+    response = html("signin.html", title="Sign in", error="", csrf=csrf)
     _set_cookie(response, request, SIGNIN_COOKIE, csrf, 3600)
     return response
 
@@ -193,18 +205,18 @@ async def _signin(request: web.Request) -> web.StreamResponse:
     form = await request.post()
     csrf = str(form.get("csrf", ""))
     expected = request.cookies.get(SIGNIN_COOKIE, "")
-    if not expected or not hmac.compare_digest(csrf.encode(), expected.encode()):
-        return _redirect("/dashboard/signin")  # a form from elsewhere, or an old one: a fresh form
+    if not same(csrf, expected):
+        return redirect("/dashboard/signin")  # a form from elsewhere, or an old one: a fresh form
     if not request.app[ATTEMPTS].allow(request.remote or ""):
-        return _html("signin.html", status=429, title="Sign in", csrf=csrf,
+        return html("signin.html", status=429, title="Sign in", csrf=csrf,
                      error=f"Too many attempts: at most {SIGNIN_PER_MINUTE} a minute. Try again shortly.")  # fmt: skip
     credential = str(form.get("credential", "")).strip()
     try:
         found = await _credential(gw, credential)
     except StoreError as e:
-        return _html("signin.html", status=503, title="Sign in", csrf=csrf, error=f"The store is unavailable: {e}")
+        return html("signin.html", status=503, title="Sign in", csrf=csrf, error=f"The store is unavailable: {e}")
     if found is None:
-        return _html("signin.html", status=401, title="Sign in", csrf=csrf,
+        return html("signin.html", status=401, title="Sign in", csrf=csrf,
                      error="That is neither a management key of a team nor the operator's token.")  # fmt: skip
     role, team_id, key_id = found
     token = secrets.token_urlsafe(32)
@@ -221,7 +233,7 @@ async def _signin(request: web.Request) -> web.StreamResponse:
     )
     assert gw.store is not None
     await gw.store.create_session(session)
-    response = _redirect("/dashboard/overview")
+    response = redirect("/dashboard/overview")
     _set_cookie(response, request, COOKIE, token, int(ttl_s))
     response.del_cookie(SIGNIN_COOKIE, path="/dashboard")
     return response
@@ -253,11 +265,11 @@ async def _signout(request: web.Request) -> web.StreamResponse:
     form = await request.post()
     signed = await _signed(request, gw)
     if signed is not None:
-        if not hmac.compare_digest(str(form.get("csrf", "")).encode(), signed.session.csrf.encode()):
-            return _redirect("/dashboard/overview")  # a form from elsewhere: the session goes on
+        if not same(str(form.get("csrf", "")), signed.session.csrf):
+            return redirect("/dashboard/overview")  # a form from elsewhere: the session goes on
         assert gw.store is not None
         await gw.store.delete_session(signed.session.token_hash)
-    response = _redirect("/dashboard/signin")
+    response = redirect("/dashboard/signin")
     response.del_cookie(COOKIE, path="/dashboard")
     return response
 
@@ -275,7 +287,7 @@ async def _static(request: web.Request) -> web.StreamResponse:
 # -- pages
 
 
-def _usd(nanos: float) -> str:
+def usd(nanos: float) -> str:
     """Dollars, with two decimals from a dollar up and three significant digits below (fractions of a cent)."""
     usd = nanos / 1e9
     if usd == 0:
@@ -302,7 +314,7 @@ def _ms(value: float | None) -> str:
     return f"{value:.0f} ms" if value >= 10 or value == 0 else f"{value:.1f} ms"
 
 
-def _moment(ms: int) -> str:
+def moment(ms: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.gmtime(ms / 1000))
 
 
@@ -322,7 +334,7 @@ async def _overview(request: web.Request, gw: Gateway, signed: Signed) -> web.St
         team_id, team_name = (team.id, team.name) if team is not None else ("", "")
     until = (int(time.time() * 1000) // step + 1) * step
     view = await store.overview(team_id or None, until - length, until, step)
-    return _html(
+    return html(
         "overview.html",
         title="Overview",
         session=session,
@@ -337,8 +349,8 @@ async def _overview(request: web.Request, gw: Gateway, signed: Signed) -> web.St
         charts=_charts(view),
         tops=_tops(view, {k.kid: k.name for k in await store.list_keys(team_id or None)}),
         rollup="minute" if view.rollup_step_ms == 60_000 else "hour",
-        since=_moment(view.since_ms),
-        until=_moment(view.until_ms),
+        since=moment(view.since_ms),
+        until=moment(view.until_ms),
     )
 
 
@@ -348,7 +360,7 @@ def _cards(view: Overview) -> list[dict[str, str]]:
     tokens = f"{_count(t.input_tokens)} in · {_count(t.output_tokens)} out"
     cards = [
         {"label": "Requests", "value": _count(t.requests), "note": f"{t.errors:,} errors"},
-        {"label": "Spend", "value": _usd(t.cost_nanos), "note": ""},
+        {"label": "Spend", "value": usd(t.cost_nanos), "note": ""},
         {"label": "Tokens", "value": _count(t.input_tokens + t.output_tokens), "note": tokens},
         {"label": "Error rate", "value": f"{error_rate:.1%}", "note": ""},
         {"label": "Latency p50 / p95", "value": _ms(t.latency_p50_ms), "note": f"p95 {_ms(t.latency_p95_ms)}"},
@@ -356,7 +368,7 @@ def _cards(view: Overview) -> list[dict[str, str]]:
     ]
     if t.cache_hits:
         hit_rate = t.cache_hits / t.requests if t.requests else 0.0
-        cards.append({"label": "Cache hits", "value": f"{hit_rate:.1%}", "note": f"{_usd(t.saved_nanos)} saved"})
+        cards.append({"label": "Cache hits", "value": f"{hit_rate:.1%}", "note": f"{usd(t.saved_nanos)} saved"})
     return cards
 
 
@@ -376,7 +388,7 @@ def _charts(view: Overview) -> list[dict[str, Any]]:
 
     return [
         chart("Requests", pair("requests", "errors", "requests", "errors"), _count),
-        chart("Spend (USD)", [Series("spend", [p.cost_nanos for p in points], "s1")], _usd),
+        chart("Spend (USD)", [Series("spend", [p.cost_nanos for p in points], "s1")], usd),
         chart("Latency", pair("latency_p50_ms", "latency_p95_ms", "p50", "p95"), _ms),
         chart("Time to first token", pair("ttft_p50_ms", "ttft_p95_ms", "p50", "p95"), _ms),
     ]
@@ -387,7 +399,7 @@ def _tops(view: Overview, key_names: dict[str, str]) -> list[dict[str, Any]]:
         shown = []
         for row in rows:
             label = f"{names[row.name]} ({row.name})" if names and names.get(row.name) else row.name
-            shown.append((label, float(row.cost_nanos), f"{_usd(row.cost_nanos)} · {row.requests:,} req"))
+            shown.append((label, float(row.cost_nanos), f"{usd(row.cost_nanos)} · {row.requests:,} req"))
         return {"title": title, "svg": charts.bars(title, shown)}
 
     return [

@@ -296,7 +296,7 @@ class _Limits(msgspec.Struct, forbid_unknown_fields=True):
         return any(getattr(self, f) is not msgspec.UNSET for f in _Limits.__struct_fields__)
 
 
-class _NewKey(_Limits, forbid_unknown_fields=True):
+class NewKey(_Limits, forbid_unknown_fields=True):
     name: str = ""
     management: bool = False
 
@@ -390,39 +390,49 @@ async def _apply_limits(gw: Gateway, kid: str, resolved: _Resolved) -> None:
 
 async def _keys_create(request: web.Request, gw: Gateway, key: KeyRecord) -> dict:
     """`POST /v1/keys` (management): a new key for the caller's team; the secret is in this answer only."""
-    ask = _decode(await read_body(request, gw.config.server) or b"{}", _NewKey)
+    ask = _decode(await read_body(request, gw.config.server) or b"{}", NewKey)
+    secret_key, record = await create_key(gw, key.team_id, ask)
+    return {"key": secret_key, "data": _key_record(record)}
+
+
+async def create_key(gw: Gateway, team_id: str, ask: NewKey) -> tuple[str, KeyRecord]:
+    """A new key of the team (its secret, shown once, and its record): the management API's and the dashboard's."""
     _check_name(ask.name)
     limits = _check_limits(gw, ask) if ask.touched() else None
     kid, secret_key = generate_key()
     scopes = (SCOPE_INFERENCE, SCOPE_MANAGEMENT) if ask.management else (SCOPE_INFERENCE,)
     secret = split_key(secret_key)[1]  # type: ignore[index]
     record = await gw.store.create_key(  # type: ignore[union-attr]
-        team_id=key.team_id, kid=kid, secret_hash=hash_secret(secret), name=ask.name, scopes=scopes
+        team_id=team_id, kid=kid, secret_hash=hash_secret(secret), name=ask.name, scopes=scopes
     )
     if limits is not None:
         await _apply_limits(gw, kid, limits)
         record = await gw.store.get_key(kid)  # type: ignore[union-attr,assignment]
-    return {"key": secret_key, "data": _key_record(record)}  # type: ignore[arg-type]
+    return secret_key, record
 
 
-async def _team_key(request: web.Request, gw: Gateway, key: KeyRecord) -> KeyRecord:
-    """The key named in the path, if it belongs to the caller's team (else 404, as if absent)."""
-    kid = request.match_info.get("id", "")
+async def team_key(gw: Gateway, team_id: str, kid: str) -> KeyRecord:
+    """The key `kid`, if it belongs to the team (else 404, as if absent)."""
     target = await gw.store.get_key(kid) if kid else None  # type: ignore[union-attr]
-    if target is None or target.team_id != key.team_id:
+    if target is None or target.team_id != team_id:
         raise GatewayError(Code.not_found, f"No key {kid!r} in this team.")
     return target
 
 
-class _KeyChange(_Limits, forbid_unknown_fields=True):
+class KeyChange(_Limits, forbid_unknown_fields=True):
     name: str | None = None
     status: str | None = None
 
 
 async def _keys_update(request: web.Request, gw: Gateway, key: KeyRecord) -> dict:
     """`PATCH /v1/keys/{id}` (management): rename, disable or re-enable a key of the team."""
-    target = await _team_key(request, gw, key)
-    change = _decode(await read_body(request, gw.config.server) or b"{}", _KeyChange)
+    change = _decode(await read_body(request, gw.config.server) or b"{}", KeyChange)
+    return {"data": _key_record(await change_key(gw, key.team_id, request.match_info.get("id", ""), change))}
+
+
+async def change_key(gw: Gateway, team_id: str, kid: str, change: KeyChange) -> KeyRecord:
+    """Rename, disable or re-enable a key of the team, or change its limits (all checked before any is written)."""
+    target = await team_key(gw, team_id, kid)
     if change.status not in (None, ACTIVE, DISABLED):
         raise GatewayError(
             Code.invalid_request, "`status` must be 'active' or 'disabled' (DELETE revokes).", param="status"
@@ -439,15 +449,20 @@ async def _keys_update(request: web.Request, gw: Gateway, key: KeyRecord) -> dic
     if limits is not None:
         await _apply_limits(gw, target.kid, limits)
     gw.keys.forget(target.kid)  # type: ignore[union-attr]
-    return {"data": _key_record(await gw.store.get_key(target.kid))}  # type: ignore[union-attr,arg-type]
+    return await gw.store.get_key(target.kid)  # type: ignore[union-attr,return-value]
 
 
 async def _keys_revoke(request: web.Request, gw: Gateway, key: KeyRecord) -> dict:
     """`DELETE /v1/keys/{id}` (management): revoke a key of the team, for good."""
-    target = await _team_key(request, gw, key)
+    return {"data": _key_record(await revoke_key(gw, key.team_id, request.match_info.get("id", "")))}
+
+
+async def revoke_key(gw: Gateway, team_id: str, kid: str) -> KeyRecord:
+    """Revoke a key of the team, for good (this worker refuses it at once, the others within auth.cache_ttl_s)."""
+    target = await team_key(gw, team_id, kid)
     await gw.store.set_key_status(target.kid, REVOKED)  # type: ignore[union-attr]
     gw.keys.forget(target.kid)  # type: ignore[union-attr]
-    return {"data": _key_record(await gw.store.get_key(target.kid))}  # type: ignore[union-attr,arg-type]
+    return await gw.store.get_key(target.kid)  # type: ignore[union-attr,return-value]
 
 
 def _day(text: str, name: str) -> int:
