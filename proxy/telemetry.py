@@ -244,7 +244,11 @@ class Tracer:
             return
         lines, spans = self._lines, self._spans
         self._lines, self._spans = [], 0
-        proc = await self._started()
+        try:
+            proc = await self._started()
+        except BaseException:
+            self._drop("export_failed", spans)  # no exporter to take them: counted, then the failure is told
+            raise
         stdin = proc.stdin
         assert stdin is not None and stdin.transport is not None
         if stdin.transport.get_write_buffer_size() > _PIPE_LIMIT:  # the exporter is stuck on the collector
