@@ -41,6 +41,8 @@ log = logging.getLogger("proxy.telemetry")
 
 INSTALL: Final = "pip install -e '.[otel]'"
 _TRACEPARENT: Final = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+STREAM_CONTENT_BYTES: Final = 1 << 20
+STREAM_END_BYTES: Final = 64 << 10
 _DELAY_S: Final = 0.25  # how often finished requests go to the exporter process
 _PIPE_LIMIT: Final = 16 << 20  # bytes waiting for the exporter to read, beyond which requests are dropped
 
@@ -88,6 +90,7 @@ class Tracer:
         "_spans",
         "capture",
         "ratio",
+        "stream_bytes",
     )
 
     def __init__(self, config: TracesConfig, dropped: Any = None):
@@ -127,6 +130,9 @@ class Tracer:
             }
         )
         self.capture = config.capture_content  # the request as sent is kept for the span
+        # A traced stream's events kept for its span: its whole answer when content is captured (up to 1 MB),
+        # else its end (the finish reasons); beyond, the older half is let go.
+        self.stream_bytes = STREAM_CONTENT_BYTES if self.capture else STREAM_END_BYTES
         self.ratio = _sample_ratio(config.sample_ratio)
         self._dropped = dropped  # gateway_trace_spans_dropped_total
         self._max = config.max_queue

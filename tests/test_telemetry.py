@@ -418,3 +418,15 @@ def test_requests_beyond_the_queue_are_dropped_and_counted():
         tracer.end(meta, 1.0, ())
     assert len(tracer._lines) == 2
     assert dropped.labels("queue_full")._value.get() == 2  # the third request's server and client spans
+
+
+async def test_a_long_streams_finish_reason_is_read_from_its_end(aiohttp_client, mock, store_url, key, receiver):
+    gw = await _gateway(
+        aiohttp_client, _traced(load_config(DEFAULT_CONFIG, env=env_for(mock, store_url)), receiver.url)
+    )
+    mock.control.pad_bytes = 20_000  # 5 events of ~20 KB: over the 64 KB a traced stream keeps
+    body = await (await gw.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=auth(key))).read()
+    assert len(body) > 64 << 10
+    trace_id = mock.control.last.headers["traceparent"].split("-")[1]
+    server, _ = _by_kind(await receiver.trace(trace_id, 2))
+    assert _attributes(server.attributes)["gen_ai.response.finish_reasons"] == ["stop"]

@@ -63,8 +63,6 @@ _TRANSPORT_ERRORS = (ClientError,)  # the lean client's failures (its timeouts a
 _encode = msgspec.json.Encoder().encode
 _DRAIN_BYTES = 64 * 1024  # after [DONE], read at most this much ...
 _DRAIN_S = 1.0  # ... for at most this long, before closing the upstream connection instead
-# A traced stream's events kept for its span (finish reasons, captured content); beyond, only its last half.
-TRACED_STREAM_BYTES = 1 << 20
 
 
 def _check_required(view: object, surface: Surface) -> None:
@@ -658,6 +656,7 @@ async def _relay(
     keep = bytearray() if lookup is not None and lookup.store else None  # the stream, for the cache
     keep_limit = lookup.owner.config.max_entry_bytes * 4 if lookup is not None else 0  # events outweigh JSON
     traced = bytearray() if meta.trace is not None else None  # the stream's end, for its trace
+    traced_limit = request.app[GATEWAY].tracer.stream_bytes if traced is not None else 0  # type: ignore[union-attr]
     try:
         while True:
             if echo is not None:
@@ -676,8 +675,8 @@ async def _relay(
                         keep = None  # too big to keep: not cached
                 if traced is not None:
                     traced += data
-                    if len(traced) > TRACED_STREAM_BYTES:  # its end is enough for the finish reasons
-                        del traced[: len(traced) - TRACED_STREAM_BYTES // 2]
+                    if len(traced) > traced_limit:  # its end is enough for the finish reasons
+                        del traced[: len(traced) - traced_limit // 2]
             if state.done:
                 break
             chunk = await content.readany()
