@@ -28,7 +28,7 @@ log = logging.getLogger("proxy.dashboard")
 
 HERE: Final = Path(__file__).parent
 ADMIN_PREFIX: Final = "aistats_v1_admin_"
-ENV_TOKEN: Final = "env"  # an operator session's token: GATEWAY_ADMIN_TOKEN
+ENV_TOKEN: Final = "env:"  # an operator session's token, GATEWAY_ADMIN_TOKEN: "env:" and 16 hex of its hash
 COOKIE: Final = "gw_session"
 SIGNIN_COOKIE: Final = "gw_signin"  # the sign-in form's CSRF token (no session yet)
 STATIC: Final = "/dashboard/static"
@@ -136,8 +136,8 @@ async def _signed(request: web.Request, gw: Gateway) -> Signed | None:
     if session is None:
         return None
     if session.role == "operator":  # while its token lasts
-        if session.key_id == ENV_TOKEN:
-            live = bool(os.environ.get("GATEWAY_ADMIN_TOKEN"))
+        if session.key_id.startswith(ENV_TOKEN):  # the same GATEWAY_ADMIN_TOKEN still: a rotated one ends it
+            live = session.key_id == _env_token_id()
         else:
             live = await store.admin_token_live(session.key_id)
         return Signed(session, "") if live else None
@@ -247,7 +247,7 @@ async def _credential(gw: Gateway, credential: str) -> tuple[str, str, str] | No
         return ("operator", "", token_id) if token_id else None
     configured = os.environ.get("GATEWAY_ADMIN_TOKEN", "")
     if configured and hmac.compare_digest(hash_secret(credential), hash_secret(configured)):
-        return "operator", "", ENV_TOKEN
+        return "operator", "", _env_token_id()
     parts = split_key(credential)
     if parts is None:
         return None
@@ -258,6 +258,11 @@ async def _credential(gw: Gateway, credential: str) -> tuple[str, str, str] | No
     if not key.management:
         return None
     return "team", key.team_id, key.kid
+
+
+def _env_token_id() -> str:
+    configured = os.environ.get("GATEWAY_ADMIN_TOKEN", "")
+    return ENV_TOKEN + hash_secret(configured).hex()[:16] if configured else ""
 
 
 async def _signout(request: web.Request) -> web.StreamResponse:

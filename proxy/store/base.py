@@ -237,7 +237,7 @@ class DashboardSession(msgspec.Struct, frozen=True):
     token_hash: bytes
     role: str  # "team" or "operator"
     team_id: str  # the team's ("" for the operator)
-    key_id: str  # the management key it signed in with, or the operator token's id ("env": GATEWAY_ADMIN_TOKEN)
+    key_id: str  # the management key it signed in with, or the operator token's id ("env:…": GATEWAY_ADMIN_TOKEN)
     csrf: str  # the token every form of the session carries
     created_at: int  # unix milliseconds
     expires_at: int
