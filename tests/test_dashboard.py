@@ -230,3 +230,30 @@ async def test_the_operator_manages_a_chosen_teams_keys(gw, make_key, monkeypatc
     page = await gw.post("/dashboard/keys?team=globex", data={"csrf": csrf, "name": "made by ops"})
     secret = re.search(r'id="new-secret" readonly value="([^"]+)"', await page.text()).group(1)  # type: ignore[union-attr]
     assert (await gw.post("/v1/chat/completions", json=CHAT, headers=auth(secret))).status == 200
+
+
+async def test_credits_a_team_reads_and_the_operator_adds(gw, make_key, monkeypatch):
+    admin = await make_key(team="acme", credit_usd=10, management=True)
+    await gw.post("/v1/chat/completions", json=CHAT, headers=auth(admin))
+    csrf = await sign_in(gw, admin)
+    text = await (await gw.get("/dashboard/credits")).text()
+    assert "Credits · acme" in text
+    spent = re.search(r'Spent, 24 hours</div><div class="value">\$([\d.]+)</div>', text)
+    assert spent and float(spent.group(1)) > 0  # the request, written or not yet
+    assert re.search(r"<td>\$10\.00</td>", text)  # the top-up itself
+    assert "Add credit" not in text
+    refused = await gw.post("/dashboard/credits", data={"csrf": csrf, "amount_usd": "5"})
+    assert refused.status == 403  # a team cannot top itself up
+
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "operator-secret-of-the-test-0123456789")
+    gw.session.cookie_jar.clear()
+    csrf = await sign_in(gw, "operator-secret-of-the-test-0123456789")
+    bad = await gw.post("/dashboard/credits?team=acme", data={"csrf": csrf, "amount_usd": "-3"})
+    assert bad.status == 400 and "more than $0" in await bad.text()
+    added = await gw.post(
+        "/dashboard/credits?team=acme", data={"csrf": csrf, "amount_usd": "25.5", "note": "invoice <7>"}
+    )
+    text = await added.text()
+    assert added.status == 200 and "invoice &lt;7&gt;" in text and re.search(r"<td>\$25\.50</td>", text)
+    balance = re.search(r'<div class="label">Balance</div><div class="value">\$([\d.,]+)</div>', text)
+    assert balance and balance.group(1) == "35.50"  # $10 + $25.50, less a request (shown to the cent)

@@ -60,6 +60,10 @@ async def test_a_team_sees_its_traffic_and_another_team_does_not(live_gateway, n
     await page.get_by_role("link", name="30 days").click()
     await page.wait_for_url("**range=30d")
     assert await page.locator(".card", has_text="Requests").locator(".value").inner_text() == "6"
+    await page.get_by_role("link", name="Credits").click()
+    await page.wait_for_url("**/dashboard/credits")
+    assert await page.locator(".card", has_text="Balance").locator(".value").inner_text() == "$5.00"  # less cents
+    await screenshot(page, "credits-light")
     assert_no_console_errors(page)
     await page.get_by_role("button", name="Sign out").click()
     await page.wait_for_url("**/dashboard/signin")

@@ -20,7 +20,7 @@ from proxy.surfaces.platform import KeyChange, NewKey, change_key, create_key, r
 _NANOS = Decimal(1_000_000_000)
 
 
-async def _team(request: web.Request, gw: Gateway, signed: views.Signed) -> tuple[str, str]:
+async def team_of(request: web.Request, gw: Gateway, signed: views.Signed) -> tuple[str, str]:
     """(team id, team name) the page is about: the session's team, or the one the operator picked (`?team=`)."""
     session = signed.session
     if session.role != "operator":
@@ -30,11 +30,11 @@ async def _team(request: web.Request, gw: Gateway, signed: views.Signed) -> tupl
     return (team.id, team.name) if team is not None else ("", "")
 
 
-def _team_query(signed: views.Signed, team_name: str) -> str:
+def team_query(signed: views.Signed, team_name: str) -> str:
     return f"?team={quote(team_name)}" if signed.session.role == "operator" and team_name else ""
 
 
-async def _form(request: web.Request, signed: views.Signed) -> MultiDictProxy[Any]:
+async def posted_form(request: web.Request, signed: views.Signed) -> MultiDictProxy[Any]:
     """The posted form, once its CSRF token is the session's (GatewayError otherwise)."""
     form = await request.post()
     if not views.same(str(form.get("csrf", "")), signed.session.csrf):
@@ -68,7 +68,7 @@ def _limits(form: MultiDictProxy[Any]) -> dict[str, Any]:
 async def _page(
     request: web.Request, gw: Gateway, signed: views.Signed, *, status: int = 200, **extra: Any
 ) -> web.Response:
-    team_id, team_name = await _team(request, gw, signed)
+    team_id, team_name = await team_of(request, gw, signed)
     store = gw.store
     assert store is not None
     teams = sorted(t.name for t in await store.list_teams()) if signed.session.role == "operator" else []
@@ -95,7 +95,7 @@ def _common(gw: Gateway, signed: views.Signed, team_name: str) -> dict[str, Any]
         "session": signed.session,
         "team_name": team_name,
         "pages": views.PAGES,
-        "team_query": _team_query(signed, team_name),
+        "team_query": team_query(signed, team_name),
         "models": sorted(gw.config.models),
         "policies": sorted(gw.config.guardrails.policies),
         "usd_value": _usd_value,
@@ -129,9 +129,9 @@ async def listing(request: web.Request, gw: Gateway, signed: views.Signed) -> we
 
 async def create(request: web.Request, gw: Gateway, signed: views.Signed) -> web.StreamResponse:
     """Create a key of the page's team; the answer shows its secret, once."""
-    team_id, _ = await _team(request, gw, signed)
+    team_id, _ = await team_of(request, gw, signed)
     try:
-        form = await _form(request, signed)
+        form = await posted_form(request, signed)
         if not team_id:
             raise GatewayError(Code.invalid_request, "Choose a team first.")
         fields = _limits(form)
@@ -143,7 +143,7 @@ async def create(request: web.Request, gw: Gateway, signed: views.Signed) -> web
 
 
 async def edit(request: web.Request, gw: Gateway, signed: views.Signed) -> web.StreamResponse:
-    team_id, team_name = await _team(request, gw, signed)
+    team_id, team_name = await team_of(request, gw, signed)
     key = await team_key(gw, team_id, request.match_info["kid"])
     return views.html("key.html", **_common(gw, signed, team_name), title="Key", current="/dashboard/keys", key=key,
                       error="")  # fmt: skip
@@ -151,10 +151,10 @@ async def edit(request: web.Request, gw: Gateway, signed: views.Signed) -> web.S
 
 async def save(request: web.Request, gw: Gateway, signed: views.Signed) -> web.StreamResponse:
     """A key's name and settings, from its edit form."""
-    team_id, team_name = await _team(request, gw, signed)
+    team_id, team_name = await team_of(request, gw, signed)
     kid = request.match_info["kid"]
     try:
-        form = await _form(request, signed)
+        form = await posted_form(request, signed)
         await change_key(gw, team_id, kid, msgspec.convert(_limits(form), KeyChange))
     except (GatewayError, msgspec.ValidationError) as e:
         if isinstance(e, GatewayError) and e.code is Code.not_found:
@@ -162,31 +162,31 @@ async def save(request: web.Request, gw: Gateway, signed: views.Signed) -> web.S
         key = await team_key(gw, team_id, kid)
         return views.html("key.html", status=400, **_common(gw, signed, team_name), title="Key",
                           current="/dashboard/keys", key=key, error=_message(e))  # fmt: skip
-    return views.redirect("/dashboard/keys" + _team_query(signed, team_name))
+    return views.redirect("/dashboard/keys" + team_query(signed, team_name))
 
 
 async def status(request: web.Request, gw: Gateway, signed: views.Signed) -> web.StreamResponse:
     """Disable or enable a key."""
-    team_id, team_name = await _team(request, gw, signed)
+    team_id, team_name = await team_of(request, gw, signed)
     try:
-        form = await _form(request, signed)
+        form = await posted_form(request, signed)
         await change_key(gw, team_id, request.match_info["kid"], KeyChange(status=str(form.get("status", ""))))
     except GatewayError as e:
         return await _page(request, gw, signed, status=400, error=_message(e))
-    return views.redirect("/dashboard/keys" + _team_query(signed, team_name))
+    return views.redirect("/dashboard/keys" + team_query(signed, team_name))
 
 
 async def revoke(request: web.Request, gw: Gateway, signed: views.Signed) -> web.StreamResponse:
     """Revoke a key, for good (the form's box must be ticked)."""
-    team_id, team_name = await _team(request, gw, signed)
+    team_id, team_name = await team_of(request, gw, signed)
     try:
-        form = await _form(request, signed)
+        form = await posted_form(request, signed)
         if form.get("confirm") != "on":
             raise GatewayError(Code.invalid_request, "Tick the box beside Revoke to revoke a key: it cannot be undone.")
         await revoke_key(gw, team_id, request.match_info["kid"])
     except GatewayError as e:
         return await _page(request, gw, signed, status=400, error=_message(e))
-    return views.redirect("/dashboard/keys" + _team_query(signed, team_name))
+    return views.redirect("/dashboard/keys" + team_query(signed, team_name))
 
 
 def _message(error: Exception) -> str:

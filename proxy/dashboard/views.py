@@ -18,7 +18,7 @@ import jinja2
 from aiohttp import web
 
 from proxy.auth import hash_secret, split_key
-from proxy.dashboard import charts, keys
+from proxy.dashboard import charts, credits, keys
 from proxy.dashboard.charts import Series
 from proxy.errors import GatewayError
 from proxy.gateway import GATEWAY, Gateway
@@ -38,7 +38,7 @@ POLICY: Final = (
     "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self' data:; form-action 'self'; "
     "frame-ancestors 'none'; base-uri 'none'"
 )
-PAGES: Final = (("/dashboard/overview", "Overview"), ("/dashboard/keys", "Keys"))
+PAGES: Final = (("/dashboard/overview", "Overview"), ("/dashboard/keys", "Keys"), ("/dashboard/credits", "Credits"))
 # Range → (length, step) in milliseconds; a step is a multiple of the rollups' (minutes up to a day, hours past it).
 RANGES: Final = {
     "1h": (3_600_000, 60_000),
@@ -74,6 +74,8 @@ def add_routes(app: web.Application) -> None:
     router.add_post("/dashboard/keys/{kid}", _page(keys.save))
     router.add_post("/dashboard/keys/{kid}/status", _page(keys.status))
     router.add_post("/dashboard/keys/{kid}/revoke", _page(keys.revoke))
+    router.add_get("/dashboard/credits", _page(credits.show))
+    router.add_post("/dashboard/credits", _page(credits.add))
     router.add_get(STATIC + "/{name}", _static)
 
 

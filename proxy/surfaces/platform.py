@@ -22,6 +22,7 @@ from proxy.store.base import (
     REVOKED,
     SCOPE_INFERENCE,
     SCOPE_MANAGEMENT,
+    Credits,
     Generation,
     KeyRecord,
     StoreError,
@@ -156,10 +157,16 @@ def _key_record(key: KeyRecord) -> dict:
     }
 
 
+async def team_credits(gw: Gateway, team_id: str, top_ups: int = 20) -> tuple[Credits, int]:
+    """The team's credits as the store has them, and the cost of its requests not yet written there (this
+    worker's): the balance is the first's less the second, the spend the first's plus it."""
+    credits = await gw.store.credits(team_id, top_ups)  # type: ignore[union-attr]
+    return credits, gw.wallets.pending.get(team_id, 0) if gw.wallets is not None else 0
+
+
 async def _credits(request: web.Request, gw: Gateway, key: KeyRecord) -> dict:
     """`GET /v1/credits` (management): the team's balance, latest top-ups and spend."""
-    credits = await gw.store.credits(key.team_id)  # type: ignore[union-attr]
-    unwritten = gw.wallets.pending.get(key.team_id, 0) if gw.wallets is not None else 0
+    credits, unwritten = await team_credits(gw, key.team_id)
     balance = credits.balance_nanos - unwritten
     return {
         "data": {

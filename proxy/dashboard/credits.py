@@ -1,0 +1,84 @@
+"""The dashboard's credits page: a team's balance, spend and top-ups (as `GET /v1/credits` gives them); the
+operator adds credit to a team."""
+
+from __future__ import annotations
+
+from decimal import Decimal, InvalidOperation
+
+from aiohttp import web
+
+from proxy.dashboard import views
+from proxy.dashboard.keys import posted_form, team_of, team_query
+from proxy.errors import Code, GatewayError
+from proxy.gateway import Gateway
+from proxy.surfaces.platform import team_credits
+
+_NANOS = Decimal(1_000_000_000)
+_MAX_TOP_UP_USD = Decimal(1_000_000)
+
+
+async def page(
+    request: web.Request, gw: Gateway, signed: views.Signed, *, status: int = 200, error: str = ""
+) -> web.Response:
+    team_id, team_name = await team_of(request, gw, signed)
+    store = gw.store
+    assert store is not None
+    teams = sorted(t.name for t in await store.list_teams()) if signed.session.role == "operator" else []
+    context: dict = {}
+    if team_id:
+        credits, unwritten = await team_credits(gw, team_id, top_ups=50)
+        context = {
+            "balance": views.usd(credits.balance_nanos - unwritten),
+            "minimum": views.usd(gw.config.auth.min_balance_nanos),
+            "spend_24h": views.usd(credits.spend_24h_nanos + unwritten),
+            "spend_30d": views.usd(credits.spend_30d_nanos + unwritten),
+            "top_ups": credits.top_ups,
+        }
+    return views.html(
+        "credits.html",
+        status=status,
+        title="Credits",
+        session=signed.session,
+        pages=views.PAGES,
+        current="/dashboard/credits",
+        team_id=team_id,
+        team_name=team_name,
+        teams=teams,
+        team_query=team_query(signed, team_name),
+        usd=views.usd,
+        moment=views.moment,
+        error=error,
+        **context,
+    )
+
+
+async def add(request: web.Request, gw: Gateway, signed: views.Signed) -> web.StreamResponse:
+    """The operator adds credit to the page's team (a team cannot top itself up here)."""
+    team_id, team_name = await team_of(request, gw, signed)
+    try:
+        form = await posted_form(request, signed)
+        if signed.session.role != "operator":
+            raise GatewayError(Code.forbidden, "Only the operator adds credit.")
+        if not team_id:
+            raise GatewayError(Code.invalid_request, "Choose a team first.")
+        text = str(form.get("amount_usd", "")).strip().lstrip("$")
+        try:
+            amount = Decimal(text)
+        except InvalidOperation:
+            raise GatewayError(Code.invalid_request, "The amount must be in USD, like 25 or 12.50.") from None
+        if not 0 < amount <= _MAX_TOP_UP_USD:
+            raise GatewayError(
+                Code.invalid_request, f"The amount must be more than $0 and at most ${_MAX_TOP_UP_USD:,}."
+            )
+        nanos = int(amount * _NANOS)
+        note = str(form.get("note", "")).strip()[:200] or "dashboard"
+        assert gw.store is not None and gw.wallets is not None
+        await gw.store.add_credit(team_id, nanos, note=note)
+        gw.wallets.adjust(team_id, nanos)  # this worker's cached balance, at once
+    except GatewayError as e:
+        return await page(request, gw, signed, status=e.status, error=e.message)
+    return views.redirect("/dashboard/credits" + team_query(signed, team_name))
+
+
+async def show(request: web.Request, gw: Gateway, signed: views.Signed) -> web.StreamResponse:
+    return await page(request, gw, signed)
