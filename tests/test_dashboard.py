@@ -257,3 +257,24 @@ async def test_credits_a_team_reads_and_the_operator_adds(gw, make_key, monkeypa
     assert added.status == 200 and "invoice &lt;7&gt;" in text and re.search(r"<td>\$25\.50</td>", text)
     balance = re.search(r'<div class="label">Balance</div><div class="value">\$([\d.,]+)</div>', text)
     assert balance and balance.group(1) == "35.50"  # $10 + $25.50, less a request (shown to the cent)
+
+
+async def test_requests_are_listed_filtered_and_opened(gw, make_key):
+    admin = await make_key(team="acme", management=True)
+    other = await make_key(team="globex")
+    for body in (CHAT, {**CHAT, "model": "openai/gpt-4o"}, {**CHAT, "model": "no-such-model"}):
+        await gw.post("/v1/chat/completions", json=body, headers=auth(admin))
+    theirs = await gw.post("/v1/chat/completions", json=CHAT, headers=auth(other))
+    await gw.server.app[GATEWAY].accountant.flush()
+    await sign_in(gw, admin)
+    text = await (await gw.get("/dashboard/requests")).text()
+    assert text.count("/dashboard/requests/req_") == 3 and theirs.headers["x-request-id"] not in text
+    failed = await (await gw.get("/dashboard/requests?status=error")).text()
+    assert failed.count("/dashboard/requests/req_") == 1 and "model_not_found" in failed
+    only = await (await gw.get("/dashboard/requests?model=openai/gpt-4o")).text()
+    assert only.count("/dashboard/requests/req_") == 1
+    request_id = re.search(r"/dashboard/requests/(req_[^\"?]+)", only).group(1)  # type: ignore[union-attr]
+    page = await gw.get(f"/dashboard/requests/{request_id}")
+    detail = await page.text()
+    assert page.status == 200 and "Pricing lines" in detail and "openai/gpt-4o" in detail and "latency_ms" in detail
+    assert (await gw.get(f"/dashboard/requests/{theirs.headers['x-request-id']}")).status == 404  # another team's

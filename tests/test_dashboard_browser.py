@@ -1,7 +1,8 @@
 """The dashboard in a real browser (the system Chromium, driven by Playwright: tests/browser.py), as a person would
 use it: a gateway process serves traffic, a team signs in with its management key, sees the overview's charts
-with data in them (light, dark, and on a phone), signs out; another team signs in and sees none of the first
-team's figures. No page logs a console error. Screenshots go to the test's temporary folder."""
+with data in them (light, dark, and on a phone), its requests and one request's record, its credits, and signs
+out; another team signs in and sees none of the first team's figures; a key made in the page serves the `openai`
+SDK until it is revoked there. No page logs a console error. Screenshots go to the test's temporary folder."""
 
 from __future__ import annotations
 
@@ -60,6 +61,13 @@ async def test_a_team_sees_its_traffic_and_another_team_does_not(live_gateway, n
     await page.get_by_role("link", name="30 days").click()
     await page.wait_for_url("**range=30d")
     assert await page.locator(".card", has_text="Requests").locator(".value").inner_text() == "6"
+    await page.get_by_role("link", name="Requests").click()
+    await page.wait_for_url("**/dashboard/requests")
+    assert await page.locator("tbody tr").count() == 6
+    await screenshot(page, "requests-light")
+    await page.locator("tbody tr").first.get_by_role("link").click()
+    await page.get_by_role("heading", name="Pricing lines").wait_for()  # one request's record
+    await screenshot(page, "request-light")
     await page.get_by_role("link", name="Credits").click()
     await page.wait_for_url("**/dashboard/credits")
     assert await page.locator(".card", has_text="Balance").locator(".value").inner_text() == "$5.00"  # less cents

@@ -855,3 +855,29 @@ async def test_a_job_is_updated_and_billed_exactly_once(store: Store):
     assert (await store.get_job(acme.id, "video_1")).billed  # type: ignore[union-attr]
     assert not await store.update_job("video_404", status="failed", data=b"{}")
     assert not await store.mark_job_billed("video_404")
+
+
+async def test_recent_generations_newest_first_filtered_and_paged(store: Store):
+    acme, rival = await funded_team(store, "acme"), await funded_team(store, "rival")
+    now = int(time.time() * 1000)
+    rows = [
+        generation(f"r{i}", acme.id, created_ms=now - i * 1000, key="k1" if i % 2 else "k2",
+                   model="openai/gpt-4o" if i == 3 else "openai/gpt-4o-mini")
+        for i in range(6)
+    ]  # fmt: skip
+    failed = list(generation("bad", acme.id, created_ms=now - 500))
+    fields = Generation.__struct_fields__
+    failed[fields.index("status_code")], failed[fields.index("success")] = 502, False
+    failed[fields.index("error_code")] = "upstream_error"
+    await record(store, [*rows, tuple(failed), generation("theirs", rival.id, created_ms=now)])
+
+    def ids(found: list[Generation]) -> list[str]:
+        return [g.request_id for g in found]
+
+    assert ids(await store.recent_generations(acme.id, limit=3)) == ["r0", "bad", "r1"]
+    assert ids(await store.recent_generations(acme.id, limit=3, before_ms=now - 1000)) == ["r2", "r3", "r4"]
+    assert ids(await store.recent_generations(acme.id, limit=10, model="openai/gpt-4o")) == ["r3"]
+    assert ids(await store.recent_generations(acme.id, limit=10, key_id="k2")) == ["r0", "r2", "r4"]
+    assert ids(await store.recent_generations(acme.id, limit=10, failed=True)) == ["bad"]
+    assert "bad" not in ids(await store.recent_generations(acme.id, limit=10, failed=False))
+    assert ids(await store.recent_generations(rival.id, limit=10)) == ["theirs"]

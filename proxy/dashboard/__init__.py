@@ -1,6 +1,6 @@
 """The web dashboard (`/dashboard`, `dashboard.enabled`): pages written on the server from templates
 (`templates/`), one stylesheet, SVG charts (`charts`), one small script (a copy button) and nothing inline.
-Pages: the overview (`views`), the keys (`keys`) and the credits (`credits`).
+Pages: the overview (`views`), the requests (`requests`), the keys (`keys`) and the credits (`credits`).
 
 Who signs in: a team, with one of its management keys (it sees its own team only, as the management API
 would show it), or the operator, with a token only the CLI (`stats-gateway admin-token create`) or the

@@ -8,7 +8,7 @@ from decimal import Decimal, InvalidOperation
 from aiohttp import web
 
 from proxy.dashboard import views
-from proxy.dashboard.keys import posted_form, team_of, team_query
+from proxy.dashboard.keys import common, posted_form, team_of, team_query
 from proxy.errors import Code, GatewayError
 from proxy.gateway import Gateway
 from proxy.surfaces.platform import team_credits
@@ -37,14 +37,11 @@ async def page(
     return views.html(
         "credits.html",
         status=status,
+        **common(gw, signed, team_name),
         title="Credits",
-        session=signed.session,
-        pages=views.PAGES,
         current="/dashboard/credits",
         team_id=team_id,
-        team_name=team_name,
         teams=teams,
-        team_query=team_query(signed, team_name),
         usd=views.usd,
         moment=views.moment,
         error=error,

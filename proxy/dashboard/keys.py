@@ -76,7 +76,7 @@ async def _page(
     return views.html(
         "keys.html",
         status=status,
-        **_common(gw, signed, team_name),
+        **common(gw, signed, team_name),
         title="Keys",
         current="/dashboard/keys",
         team_id=team_id,
@@ -90,7 +90,8 @@ async def _page(
     )
 
 
-def _common(gw: Gateway, signed: views.Signed, team_name: str) -> dict[str, Any]:
+def common(gw: Gateway, signed: views.Signed, team_name: str) -> dict[str, Any]:
+    """What every page about one team shows: the navigation, the session, the team, the configured choices."""
     return {
         "session": signed.session,
         "team_name": team_name,
@@ -145,7 +146,7 @@ async def create(request: web.Request, gw: Gateway, signed: views.Signed) -> web
 async def edit(request: web.Request, gw: Gateway, signed: views.Signed) -> web.StreamResponse:
     team_id, team_name = await team_of(request, gw, signed)
     key = await team_key(gw, team_id, request.match_info["kid"])
-    return views.html("key.html", **_common(gw, signed, team_name), title="Key", current="/dashboard/keys", key=key,
+    return views.html("key.html", **common(gw, signed, team_name), title="Key", current="/dashboard/keys", key=key,
                       error="")  # fmt: skip
 
 
@@ -160,7 +161,7 @@ async def save(request: web.Request, gw: Gateway, signed: views.Signed) -> web.S
         if isinstance(e, GatewayError) and e.code is Code.not_found:
             raise
         key = await team_key(gw, team_id, kid)
-        return views.html("key.html", status=400, **_common(gw, signed, team_name), title="Key",
+        return views.html("key.html", status=400, **common(gw, signed, team_name), title="Key",
                           current="/dashboard/keys", key=key, error=_message(e))  # fmt: skip
     return views.redirect("/dashboard/keys" + team_query(signed, team_name))
 

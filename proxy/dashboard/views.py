@@ -18,7 +18,7 @@ import jinja2
 from aiohttp import web
 
 from proxy.auth import hash_secret, split_key
-from proxy.dashboard import charts, credits, keys
+from proxy.dashboard import charts, credits, keys, requests
 from proxy.dashboard.charts import Series
 from proxy.errors import GatewayError
 from proxy.gateway import GATEWAY, Gateway
@@ -38,7 +38,12 @@ POLICY: Final = (
     "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self' data:; form-action 'self'; "
     "frame-ancestors 'none'; base-uri 'none'"
 )
-PAGES: Final = (("/dashboard/overview", "Overview"), ("/dashboard/keys", "Keys"), ("/dashboard/credits", "Credits"))
+PAGES: Final = (
+    ("/dashboard/overview", "Overview"),
+    ("/dashboard/requests", "Requests"),
+    ("/dashboard/keys", "Keys"),
+    ("/dashboard/credits", "Credits"),
+)
 # Range → (length, step) in milliseconds; a step is a multiple of the rollups' (minutes up to a day, hours past it).
 RANGES: Final = {
     "1h": (3_600_000, 60_000),
@@ -74,6 +79,8 @@ def add_routes(app: web.Application) -> None:
     router.add_post("/dashboard/keys/{kid}", _page(keys.save))
     router.add_post("/dashboard/keys/{kid}/status", _page(keys.status))
     router.add_post("/dashboard/keys/{kid}/revoke", _page(keys.revoke))
+    router.add_get("/dashboard/requests", _page(requests.listing))
+    router.add_get("/dashboard/requests/{request_id}", _page(requests.record))
     router.add_get("/dashboard/credits", _page(credits.show))
     router.add_post("/dashboard/credits", _page(credits.add))
     router.add_get(STATIC + "/{name}", _static)
@@ -313,7 +320,7 @@ def _count(value: float) -> str:
     return f"{value:.0f}" if value == int(value) else f"{value:.1f}"
 
 
-def _ms(value: float | None) -> str:
+def ms(value: float | None) -> str:
     if value is None:
         return "—"
     if value >= 1000:
@@ -370,8 +377,8 @@ def _cards(view: Overview) -> list[dict[str, str]]:
         {"label": "Spend", "value": usd(t.cost_nanos), "note": ""},
         {"label": "Tokens", "value": _count(t.input_tokens + t.output_tokens), "note": tokens},
         {"label": "Error rate", "value": f"{error_rate:.1%}", "note": ""},
-        {"label": "Latency p50 / p95", "value": _ms(t.latency_p50_ms), "note": f"p95 {_ms(t.latency_p95_ms)}"},
-        {"label": "TTFT p50 / p95", "value": _ms(t.ttft_p50_ms), "note": f"p95 {_ms(t.ttft_p95_ms)}"},
+        {"label": "Latency p50 / p95", "value": ms(t.latency_p50_ms), "note": f"p95 {ms(t.latency_p95_ms)}"},
+        {"label": "TTFT p50 / p95", "value": ms(t.ttft_p50_ms), "note": f"p95 {ms(t.ttft_p95_ms)}"},
     ]
     if t.cache_hits:
         hit_rate = t.cache_hits / t.requests if t.requests else 0.0
@@ -396,8 +403,8 @@ def _charts(view: Overview) -> list[dict[str, Any]]:
     return [
         chart("Requests", pair("requests", "errors", "requests", "errors"), _count),
         chart("Spend (USD)", [Series("spend", [p.cost_nanos for p in points], "s1")], usd),
-        chart("Latency", pair("latency_p50_ms", "latency_p95_ms", "p50", "p95"), _ms),
-        chart("Time to first token", pair("ttft_p50_ms", "ttft_p95_ms", "p50", "p95"), _ms),
+        chart("Latency", pair("latency_p50_ms", "latency_p95_ms", "p50", "p95"), ms),
+        chart("Time to first token", pair("ttft_p50_ms", "ttft_p95_ms", "p50", "p95"), ms),
     ]
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
@@ -320,6 +320,20 @@ class Store(Protocol):
         multiple of the rollup step (ValueError otherwise)."""
         ...
 
+    async def recent_generations(
+        self,
+        team_id: str,
+        *,
+        limit: int,
+        before_ms: int | None = None,
+        model: str = "",
+        key_id: str = "",
+        failed: bool | None = None,
+    ) -> list[Generation]:
+        """The team's latest records, newest first (older than `before_ms` when given): of one model, one key,
+        and only failures (True) or successes (False) when asked."""
+        ...
+
     async def list_teams(self) -> list[Team]: ...
     async def create_session(self, session: DashboardSession) -> None:
         """Keep a new dashboard session (and forget those that expired)."""
@@ -386,3 +400,31 @@ def redact_url(url: str) -> str:
         url = url.replace(parts.netloc, f"{userinfo.partition(':')[0]}:***@{hostinfo}", 1)
     head, mark, query = url.partition("?")
     return head + mark + re.sub(r"(?<![^&])password=[^&#]*", "password=***", query)
+
+
+def recent_query(
+    team_id: str,
+    limit: int,
+    before_ms: int | None,
+    model: str,
+    key_id: str,
+    failed: bool | None,
+    mark: Callable[[int], str],
+) -> tuple[str, list]:
+    """`Store.recent_generations`' SQL and arguments (`mark(i)` writes the i-th parameter: `?` or `$i`); it walks
+    the index on (team_id, created_at)."""
+    args: list = [team_id]
+    conditions = [f"team_id = {mark(1)}"]
+    for column, value in (("created_at <", before_ms), ("model_id =", model or None), ("key_id =", key_id or None)):
+        if value is not None:
+            args.append(value)
+            conditions.append(f"{column} {mark(len(args))}")
+    if failed is not None:
+        failure = "(status_code >= 400 OR error_code <> '')"
+        conditions.append(failure if failed else f"NOT {failure}")
+    args.append(limit)
+    sql = (
+        f"SELECT {GENERATION_COLUMNS} FROM generations WHERE {' AND '.join(conditions)} "
+        f"ORDER BY created_at DESC LIMIT {mark(len(args))}"
+    )
+    return sql, args

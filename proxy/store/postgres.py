@@ -38,6 +38,7 @@ from proxy.store.base import (
     Team,
     TopUp,
     key_from_row,
+    recent_query,
     redact_url,
     url_secrets,
 )
@@ -526,6 +527,21 @@ class PostgresStore:
         async with self._conn("cannot read a generation") as conn:
             row = await conn.fetchrow(sql, team_id, request_id)
         return None if row is None else Generation.from_row(tuple(row))
+
+    async def recent_generations(
+        self,
+        team_id: str,
+        *,
+        limit: int,
+        before_ms: int | None = None,
+        model: str = "",
+        key_id: str = "",
+        failed: bool | None = None,
+    ) -> list[Generation]:
+        sql, args = recent_query(team_id, limit, before_ms, model, key_id, failed, lambda i: f"${i}")
+        async with self._conn("cannot read generations") as conn:
+            rows = await conn.fetch(sql, *args)
+        return [Generation.from_row(tuple(row)) for row in rows]
 
     async def list_teams(self) -> list[Team]:
         async with self._conn("cannot list teams") as conn:

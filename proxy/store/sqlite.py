@@ -31,6 +31,7 @@ from proxy.store.base import (
     Team,
     TopUp,
     key_from_row,
+    recent_query,
 )
 from proxy.store.sqlite_usage import sqlite_path
 
@@ -376,6 +377,20 @@ class SqliteStore:
         async with self.db.execute(sql, (team_id, request_id, request_id, request_id)) as cur:
             row = await cur.fetchone()
         return None if row is None else Generation.from_row(tuple(row))
+
+    async def recent_generations(
+        self,
+        team_id: str,
+        *,
+        limit: int,
+        before_ms: int | None = None,
+        model: str = "",
+        key_id: str = "",
+        failed: bool | None = None,
+    ) -> list[Generation]:
+        sql, args = recent_query(team_id, limit, before_ms, model, key_id, failed, lambda i: "?")
+        async with self.db.execute(sql, args) as cur:
+            return [Generation.from_row(tuple(row)) for row in await cur.fetchall()]
 
     async def list_teams(self) -> list[Team]:
         sql = (
