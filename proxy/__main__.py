@@ -18,10 +18,9 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from proxy.config import NANOS_PER_USD, ConfigError, GatewayConfig, load_config
+from proxy.config import ConfigError, GatewayConfig, load_config
 
 DEFAULT_CONFIG = "config/gateway.yaml"
 COMMANDS = ("serve", "reload", "check-config", "keys", "credits", "admin-token", "migrate")
@@ -29,13 +28,12 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def _usd(text: str) -> int:
+    from proxy.credit import parse_usd
+
     try:
-        amount = Decimal(text)
-    except InvalidOperation:
-        raise argparse.ArgumentTypeError(f"expected an amount in USD such as 25 or 0.50, got {text!r}") from None
-    if not amount.is_finite():
-        raise argparse.ArgumentTypeError(f"expected a finite amount, got {text!r}")
-    return int(amount * NANOS_PER_USD)
+        return parse_usd(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _count(text: str) -> int:

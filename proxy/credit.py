@@ -8,6 +8,7 @@ requests see it without waiting for the store.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, final
 
 from proxy.cache import Missing, TTLCache
@@ -17,6 +18,17 @@ from proxy.store.base import KeyRecord, Store, StoreError
 
 if TYPE_CHECKING:
     from proxy.shared_limits import SharedLimits
+
+
+def parse_usd(text: str) -> int:
+    """An amount in USD as people write it (`25`, `0.50`) in nano-dollars; ValueError saying what was expected."""
+    try:
+        amount = Decimal(text)
+    except InvalidOperation:
+        raise ValueError(f"expected an amount in USD such as 25 or 0.50, got {text!r}") from None
+    if not amount.is_finite():
+        raise ValueError(f"expected a finite amount, got {text!r}")
+    return int(amount * NANOS_PER_USD)
 
 
 def usd(nanos: int) -> str:

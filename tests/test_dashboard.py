@@ -188,6 +188,9 @@ async def test_keys_are_made_changed_and_revoked_from_the_page(gw, make_key):
 
     bad = await gw.post("/dashboard/keys", data={"csrf": csrf, "rpm_limit": "many"})
     assert bad.status == 400 and "whole number" in await bad.text()
+    for amount in ("NaN", "Infinity", "lots"):  # refused as amounts, never a failure of the page
+        bad = await gw.post("/dashboard/keys", data={"csrf": csrf, "daily_limit_usd": amount})
+        assert bad.status == 400 and "daily limit usd" in await bad.text()
     forged = await gw.post(f"/dashboard/keys/{kid}/status", data={"csrf": "forged", "status": "disabled"})
     assert (
         forged.status == 400 and (await gw.post("/v1/chat/completions", json=CHAT, headers=auth(secret))).status == 200
@@ -250,6 +253,9 @@ async def test_credits_a_team_reads_and_the_operator_adds(gw, make_key, monkeypa
     csrf = await sign_in(gw, "operator-secret-of-the-test-0123456789")
     bad = await gw.post("/dashboard/credits?team=acme", data={"csrf": csrf, "amount_usd": "-3"})
     assert bad.status == 400 and "more than $0" in await bad.text()
+    for amount in ("NaN", "Infinity", "lots"):
+        bad = await gw.post("/dashboard/credits?team=acme", data={"csrf": csrf, "amount_usd": amount})
+        assert bad.status == 400 and "must be in USD" in await bad.text()
     added = await gw.post(
         "/dashboard/credits?team=acme", data={"csrf": csrf, "amount_usd": "25.5", "note": "invoice <7>"}
     )

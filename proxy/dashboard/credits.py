@@ -3,18 +3,17 @@ operator adds credit to a team."""
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
-
 from aiohttp import web
 
+from proxy.config import NANOS_PER_USD
+from proxy.credit import parse_usd
 from proxy.dashboard import views
 from proxy.dashboard.keys import common, posted_form, team_of, team_query
 from proxy.errors import Code, GatewayError
 from proxy.gateway import Gateway
 from proxy.surfaces.platform import team_credits
 
-_NANOS = Decimal(1_000_000_000)
-_MAX_TOP_UP_USD = Decimal(1_000_000)
+_MAX_TOP_UP_NANOS = 1_000_000 * NANOS_PER_USD
 
 
 async def page(
@@ -60,14 +59,12 @@ async def add(request: web.Request, gw: Gateway, signed: views.Signed) -> web.St
             raise GatewayError(Code.invalid_request, "Choose a team first.")
         text = str(form.get("amount_usd", "")).strip().lstrip("$")
         try:
-            amount = Decimal(text)
-        except InvalidOperation:
+            nanos = parse_usd(text)
+        except ValueError:
             raise GatewayError(Code.invalid_request, "The amount must be in USD, like 25 or 12.50.") from None
-        if not 0 < amount <= _MAX_TOP_UP_USD:
-            raise GatewayError(
-                Code.invalid_request, f"The amount must be more than $0 and at most ${_MAX_TOP_UP_USD:,}."
-            )
-        nanos = int(amount * _NANOS)
+        if not 0 < nanos <= _MAX_TOP_UP_NANOS:
+            most = f"${_MAX_TOP_UP_NANOS // NANOS_PER_USD:,}"
+            raise GatewayError(Code.invalid_request, f"The amount must be more than $0 and at most {most}.")
         note = str(form.get("note", "")).strip()[:200] or "dashboard"
         assert gw.store is not None and gw.wallets is not None
         await gw.store.add_credit(team_id, nanos, note=note)

@@ -3,7 +3,7 @@ through the management API's own code (`proxy.surfaces.platform`: the same check
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 from urllib.parse import quote
 
@@ -11,13 +11,13 @@ import msgspec
 from aiohttp import web
 from multidict import MultiDictProxy
 
+from proxy.config import NANOS_PER_USD
+from proxy.credit import parse_usd
 from proxy.dashboard import views
 from proxy.errors import Code, GatewayError
 from proxy.gateway import Gateway
 from proxy.store.base import KeyRecord
 from proxy.surfaces.platform import KeyChange, NewKey, change_key, create_key, revoke_key, team_key
-
-_NANOS = Decimal(1_000_000_000)
 
 
 async def team_of(request: web.Request, gw: Gateway, signed: views.Signed) -> tuple[str, str]:
@@ -53,9 +53,9 @@ def _limits(form: MultiDictProxy[Any]) -> dict[str, Any]:
     ):
         text = str(form.get(field, "")).strip().lstrip("$")
         try:
-            out[member] = int(Decimal(text) * _NANOS) if text else None
-        except InvalidOperation:
-            raise GatewayError(Code.invalid_request, f"{field.replace('_', ' ')} must be an amount in USD.") from None
+            out[member] = parse_usd(text) if text else None
+        except ValueError as e:
+            raise GatewayError(Code.invalid_request, f"{field.replace('_', ' ')}: {e}.") from None
     for member in ("rpm_limit", "tpm_limit", "concurrency_limit"):
         text = str(form.get(member, "")).strip()
         if text and not text.isdigit():
@@ -104,7 +104,7 @@ def common(gw: Gateway, signed: views.Signed, team_name: str) -> dict[str, Any]:
 
 
 def _usd_value(nanos: int | None) -> str:
-    return "" if nanos is None else format(Decimal(nanos) / _NANOS, "f")
+    return "" if nanos is None else format(Decimal(nanos) / NANOS_PER_USD, "f")
 
 
 def _summary(key: KeyRecord) -> str:
