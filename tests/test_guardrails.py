@@ -44,10 +44,10 @@ guardrails:
 async def _gateway(aiohttp_client, mock, claude, store_url, extra: str = "", default: str = "") -> TestClient:
     text = DEFAULT_CONFIG.read_text() + POLICIES + extra + (f"  default: [{default}]\n" if default else "")
     env = env_for(mock, store_url, ANTHROPIC_BASE_URL=claude.url, ANTHROPIC_API_KEY="sk-ant-secret")
-    return await aiohttp_client(build_app(_load(text, store_url, env)))
+    return await aiohttp_client(build_app(config_from(text, store_url, env)))
 
 
-def _load(text: str, store_url: str, env: dict[str, str]) -> GatewayConfig:
+def config_from(text: str, store_url: str, env: dict[str, str]) -> GatewayConfig:
     """`text` as the config file (beside the test's store; the prices by their absolute path)."""
     file = Path(store_url.removeprefix("sqlite:///")).parent / "gateway.yaml"
     file.write_text(text + f"pricing: {{file: {DEFAULT_CONFIG.parent / 'pricing.yaml'}}}\n")

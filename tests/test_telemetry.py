@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from pathlib import Path
 
 import msgspec
 import orjson
@@ -22,6 +21,7 @@ from proxy.config import GatewayConfig, ProviderConfig, Target, TelemetryConfig,
 from proxy.gateway import GATEWAY
 from tests.conftest import DEFAULT_CONFIG, Mock, auth, env_for
 from tests.mock_upstream import MockControl, build_mock
+from tests.test_guardrails import config_from
 
 MINI = "openai/gpt-4o-mini"
 CHAT = {"model": MINI, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50, "temperature": 0.2}
@@ -280,10 +280,7 @@ guardrails:
 
 
 def _with_policies(store_url: str, env: dict[str, str], receiver_url: str, **traces) -> GatewayConfig:
-    file = Path(store_url.removeprefix("sqlite:///")).parent / "gateway.yaml"
-    pricing = f"pricing: {{file: {DEFAULT_CONFIG.parent / 'pricing.yaml'}}}\n"
-    file.write_text(DEFAULT_CONFIG.read_text() + CONTENT_POLICY + pricing)
-    return _traced(load_config(file, env=env), receiver_url, **traces)
+    return _traced(config_from(DEFAULT_CONFIG.read_text() + CONTENT_POLICY, store_url, env), receiver_url, **traces)
 
 
 @pytest.mark.parametrize("stream", [False, True])
