@@ -164,7 +164,7 @@ class Tracer:
             return None
         return Trace(random.getrandbits(128) or 1, random.getrandbits(64) or 1, None, "")
 
-    def end(self, meta: RequestMeta, now: float, attributes: tuple[tuple[str, Any], ...]) -> None:
+    def end(self, meta: RequestMeta, now: float) -> None:
         """Keep a finished request's figures for the exporter (dropped, and counted, when it is behind)."""
         trace = meta.trace
         if trace is None:
@@ -201,7 +201,7 @@ class Tracer:
                     meta.cost_nanos,
                     meta.native_id,
                     time.time_ns() - int(now * 1e9),
-                    attributes,
+                    _gateway_attributes(meta),
                     reasons,
                     sent,
                     answer,
@@ -294,6 +294,16 @@ class Tracer:
 
 
 # -- encoders and exporters
+
+
+def _gateway_attributes(meta: RequestMeta) -> tuple[tuple[str, Any], ...]:
+    """The gateway's own attributes of a request's server span (never a secret: the key by its id)."""
+    out: tuple[tuple[str, Any], ...] = (("gateway.team", meta.team_id), ("gateway.key_id", meta.key_id))
+    if meta.cache is not None:
+        out += (("gateway.cache", meta.cache.status.lower()),)
+    if meta.guardrails:
+        out += (("gateway.guardrails", tuple(f["policy"] for f in meta.guardrails)),)
+    return out
 
 
 def _headers(config: TracesConfig) -> dict[str, str]:

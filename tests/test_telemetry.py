@@ -412,7 +412,7 @@ def test_requests_beyond_the_queue_are_dropped_and_counted():
         meta = RequestMeta("req", "openai.chat", 0.0)
         meta.trace = tracer.start(None, None)
         meta.trace.upstream("127.0.0.1")  # type: ignore[union-attr]
-        tracer.end(meta, 1.0, ())
+        tracer.end(meta, 1.0)
     assert len(tracer._lines) == 2
     assert dropped.labels("queue_full")._value.get() == 2  # the third request's server and client spans
 

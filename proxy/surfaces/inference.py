@@ -125,7 +125,7 @@ def inference_handler(surface: Surface, default_model: str, metrics: Metrics, se
             _account(gw, meta)  # first: it prices an abandoned stream, which metrics then count
             gw.metrics.record(meta, meta.t_end)
             if meta.trace is not None:
-                gw.tracer.end(meta, time.perf_counter(), _trace_attributes(meta))  # type: ignore[union-attr]
+                gw.tracer.end(meta, time.perf_counter())  # type: ignore[union-attr]
             if meta.hold:  # after `_account`: its real cost is debited now
                 gw.wallets.release(  # type: ignore[union-attr]
                     meta.team_id, meta.hold, meta.request_id if meta.hold_shared else ""
@@ -194,16 +194,6 @@ def _request_attributes(view: RequestView) -> tuple[tuple[str, Any], ...]:
             except ValueError:
                 continue
     return tuple(out)
-
-
-def _trace_attributes(meta: RequestMeta) -> tuple[tuple[str, Any], ...]:
-    """The gateway's own attributes of a request's server span (never a secret: the key by its id)."""
-    out: tuple[tuple[str, Any], ...] = (("gateway.team", meta.team_id), ("gateway.key_id", meta.key_id))
-    if meta.cache is not None:
-        out += (("gateway.cache", meta.cache.status.lower()),)
-    if meta.guardrails:
-        out += (("gateway.guardrails", tuple(f["policy"] for f in meta.guardrails)),)
-    return out
 
 
 async def _from_cache(

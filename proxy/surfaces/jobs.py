@@ -282,7 +282,7 @@ def account(gw: Gateway, meta: RequestMeta) -> None:
         gw.accountant.submit(meta)
     gw.metrics.record(meta, meta.t_end)
     if meta.trace is not None:
-        gw.tracer.end(meta, meta.t_end, (("gateway.team", meta.team_id), ("gateway.key_id", meta.key_id)))  # type: ignore[union-attr]
+        gw.tracer.end(meta, meta.t_end)  # type: ignore[union-attr]
     if meta.limits is not None:  # a creation counted against the rate limits: it uses no tokens
         gw.limiter.settle(meta.limits, 0, time.monotonic())
 
