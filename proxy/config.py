@@ -218,6 +218,7 @@ class DashboardConfig(_Base):
 
     enabled: bool = True  # false: none of its routes exists
     session_ttl_s: float = 43200.0  # a sign-in lasts this long (12 hours), unless signed out before
+    live_interval_s: float = 1.0  # the requests page's live mode reads new requests this often (per team watched)
 
 
 class CacheConfig(_Base):
@@ -669,6 +670,8 @@ def check(config: GatewayConfig, fail: Any) -> None:
     _check_cache(config.cache, fail)
     if config.dashboard.session_ttl_s < 60:
         fail(["dashboard", "session_ttl_s"], "expected a duration >= 60 seconds")
+    if not 0.1 <= config.dashboard.live_interval_s <= 60:
+        fail(["dashboard", "live_interval_s"], "expected a duration from 0.1 to 60 seconds")
     traces = config.telemetry.traces
     if not 0 <= traces.sample_ratio <= 1:
         fail(["telemetry", "traces", "sample_ratio"], f"expected a fraction 0 <= x <= 1, got {traces.sample_ratio}")

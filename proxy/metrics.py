@@ -378,6 +378,22 @@ class Metrics:
             counter = self._attempts[key] = self.upstream_attempts.labels(*key)
         counter.inc()
 
+    def samples(self, *names: str) -> list[tuple[str, dict[str, str], float]]:
+        """The current samples (name, labels, value) of these metrics, every worker's in multiprocess mode (which
+        reads their files: call it off the event loop). A counter's sample names end in `_total`."""
+        if self.multiprocess:
+            registry = CollectorRegistry()
+            mp.MultiProcessCollector(registry)
+        else:
+            registry = self.registry
+        wanted = set(names)
+        return [
+            (sample.name, sample.labels, sample.value)
+            for family in registry.collect()
+            if family.name in wanted
+            for sample in family.samples
+        ]
+
     def render(self) -> tuple[bytes, str]:
         if self.multiprocess:
             registry = CollectorRegistry()

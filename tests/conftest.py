@@ -84,14 +84,14 @@ MakeKey = Callable[..., Awaitable[str]]
 
 @pytest.fixture
 def make_key(store_url: str) -> MakeKey:
-    async def make(team: str = "acme", credit_usd: float = 10.0, management: bool = False) -> str:
+    async def make(team: str = "acme", credit_usd: float = 10.0, management: bool = False, name: str = "") -> str:
         store = await open_store(store_url)
         try:
             t = await store.ensure_team(team)
             kid, key = generate_key()
             scopes = (SCOPE_INFERENCE, SCOPE_MANAGEMENT) if management else (SCOPE_INFERENCE,)
             secret = split_key(key)[1]  # type: ignore[index]
-            await store.create_key(team_id=t.id, kid=kid, secret_hash=hash_secret(secret), name="", scopes=scopes)
+            await store.create_key(team_id=t.id, kid=kid, secret_hash=hash_secret(secret), name=name, scopes=scopes)
             if credit_usd:
                 await store.add_credit(t.id, int(credit_usd * NANOS_PER_USD))
             return key

@@ -4,14 +4,17 @@ rollups, a team never seeing another's, sign-out, the security headers, and `das
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import msgspec
+import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
 from proxy.app import build_app
-from proxy.config import DashboardConfig, load_config
+from proxy.config import BreakerConfig, DashboardConfig, load_config
+from proxy.dashboard import live
 from proxy.gateway import GATEWAY
 from tests.conftest import DEFAULT_CONFIG, auth, env_for
 
@@ -284,3 +287,131 @@ async def test_requests_are_listed_filtered_and_opened(gw, make_key):
     detail = await page.text()
     assert page.status == 200 and "Pricing lines" in detail and "openai/gpt-4o" in detail and "latency_ms" in detail
     assert (await gw.get(f"/dashboard/requests/{theirs.headers['x-request-id']}")).status == 404  # another team's
+
+
+def _row(text: str, *cells: str) -> list[str]:
+    """The cells of the first table row holding these cells, in order (tags stripped)."""
+    for row in re.findall(r"<tr>(.*?)</tr>", text, re.S):
+        found = [re.sub(r"<[^>]+>", " ", c).split() for c in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
+        shown = [" ".join(c) for c in found]
+        if all(cell in shown for cell in cells):
+            return shown
+    raise AssertionError(f"no row with {cells}")
+
+
+async def test_providers_show_breakers_error_rates_and_prices(aiohttp_client, mock, store_url, make_key, monkeypatch):
+    config = load_config(DEFAULT_CONFIG, env=env_for(mock, store_url))
+    config.providers["openai"].breaker = BreakerConfig(failures=2, cooldown_s=600)
+    config.models["openai/gpt-4o-mini"].retries = 0
+    client = await aiohttp_client(build_app(config))
+    admin = await make_key(team="acme", management=True)
+    other = await make_key(team="other")
+    assert (await client.post("/v1/chat/completions", json=CHAT, headers=auth(other))).status == 200
+    for _ in range(3):
+        assert (await client.post("/v1/chat/completions", json=CHAT, headers=auth(admin))).status == 200
+    mock.control.mode, mock.control.status = "status", 500
+    for _ in range(2):
+        assert (await client.post("/v1/chat/completions", json=CHAT, headers=auth(admin))).status >= 500
+    await client.server.app[GATEWAY].accountant.flush()
+
+    await sign_in(client, admin)
+    page = await client.get("/dashboard/providers?team=other")
+    text = await page.text()
+    assert page.status == 200 and "Providers · acme" in text
+    # openai answered acme 5 requests, 2 failed (the other team's request is not acme's); its one target is open
+    openai = _row(text, "openai", "openai")
+    assert openai[3:7] == ["5", "40.0%", "5", "40.0%"] and "1 open" in openai[2]
+    target = _row(text, "openai/gpt-4o-mini", "gpt-4o-mini")
+    assert target[4].startswith("open") and target[5].startswith("2 last:") and target[8:10] == ["5", "40.0%"]
+    assert "Calls since start" not in text  # every team's traffic: the operator's only
+    price = _row(text, "openai/gpt-4o-mini", "chat.completions, responses, messages")
+    assert price[4:7] == ["$0.15", "$0.60", "$0.075"]
+
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "operator-secret-of-the-test-0123456789")
+    operator = await aiohttp_client(client.server)
+    await sign_in(operator, "operator-secret-of-the-test-0123456789")
+    text = await (await operator.get("/dashboard/providers")).text()
+    openai = _row(text, "openai", "openai")
+    assert openai[3:5] == ["6", "33.3%"] and openai[-2:] == ["4", "500: 2"]  # every team's; calls since start
+    text = await (await operator.get("/dashboard/providers?team=other")).text()
+    assert _row(text, "openai", "openai")[3:5] == ["1", "0.0%"]
+
+
+async def _event(response, timeout: float = 5.0) -> tuple[str, dict]:
+    """The next event of a server-sent stream (comments skipped), within `timeout` seconds."""
+    name, data = "", b""
+    while True:
+        line = await asyncio.wait_for(response.content.readline(), timeout)
+        assert line, "the stream ended"
+        line = line.rstrip(b"\n")
+        if not line:
+            if name:
+                return name, orjson.loads(data)
+            continue
+        field, _, value = line.partition(b": ")
+        if field == b"event":
+            name = value.decode()
+        elif field == b"data":
+            data += value
+
+
+def _ids(html: str) -> list[str]:
+    return re.findall(r'href="/dashboard/requests/([^"?]+)', html)
+
+
+async def test_live_mode_streams_new_requests_as_they_are_recorded(
+    aiohttp_client, mock, store_url, make_key, monkeypatch
+):
+    monkeypatch.setattr(live, "TICK_S", 0.2)
+    config = load_config(DEFAULT_CONFIG, env=env_for(mock, store_url))
+    config.dashboard.live_interval_s = 0.1
+    client = await aiohttp_client(build_app(config))
+    gateway = client.server.app[GATEWAY]
+    admin = await make_key(team="acme", management=True, name="ops")
+    rival = await make_key(team="rival")
+
+    async def chat(key: str, model: str = "openai/gpt-4o-mini") -> str:
+        r = await client.post("/v1/chat/completions", json={**CHAT, "model": model}, headers=auth(key))
+        assert r.status == 200
+        return r.headers["x-request-id"]
+
+    first = await chat(admin)
+    await gateway.accountant.flush()
+    await sign_in(client, admin)
+    page = await (await client.get("/dashboard/requests")).text()
+    url = re.search(r'data-live="([^"]+)"', page).group(1)
+    stream = await client.get(url.replace("&amp;", "&"))
+    assert stream.status == 200 and stream.headers["Content-Type"] == "text/event-stream"
+    assert stream.headers["Content-Security-Policy"].startswith("default-src 'none'")
+    name, data = await _event(stream)
+    assert name == "rows" and data["reset"] and _ids(data["html"]) == [first]  # the table as the page has it
+
+    watcher = await aiohttp_client(client.server)  # another person of the team, in another session
+    await sign_in(watcher, await make_key(team="acme", management=True))
+    filtered = await watcher.get("/dashboard/requests/live?model=openai/o3")  # another model only
+    assert _ids((await _event(filtered))[1]["html"]) == []
+    await chat(rival)  # another team's: never in acme's stream
+    second, third = await chat(admin), await chat(admin, "openai/o3")
+    await gateway.accountant.flush()
+    seen: list[str] = []
+    while len(seen) < 2:
+        name, data = await _event(stream)
+        assert name == "rows" and not data.get("reset")
+        assert "ops" in data["html"]  # the key's name
+        seen += _ids(data["html"])
+    assert sorted(seen) == sorted([second, third])
+    assert _ids((await _event(filtered))[1]["html"]) == [third]
+
+    for _ in range(3):  # quiet: comments keep the stream open, and nothing is sent twice
+        assert (await asyncio.wait_for(stream.content.readline(), 2)).startswith(b": ping")
+        assert await asyncio.wait_for(stream.content.readline(), 2) == b"\n"
+
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    assert (await client.post("/dashboard/signout", data={"csrf": csrf}, allow_redirects=False)).status == 303
+    name, data = await _event(stream)
+    assert name == "end" and "Signed out" in data["reason"]
+    assert await asyncio.wait_for(stream.content.read(), 2) == b""  # and the stream is over
+    await client.server.app[live.FEED].close(client.server.app)  # the gateway stopping ends the other
+    name, data = await _event(filtered)
+    assert name == "end" and "stopping" in data["reason"]
+    assert not client.server.app[live.FEED].channels  # nobody watches: nothing is polled

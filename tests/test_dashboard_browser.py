@@ -11,6 +11,7 @@ import re
 
 import aiohttp
 import pytest
+from playwright.async_api import expect
 
 from tests.browser import assert_no_console_errors, screenshot
 
@@ -135,3 +136,40 @@ async def test_a_key_made_in_the_page_works_with_the_sdk_until_revoked(live_gate
         await client.chat.completions.create(model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
     await client.close()
     assert_no_console_errors(page)
+
+
+async def test_live_requests_and_the_providers_page(live_gateway, new_page):
+    url = live_gateway.url
+    admin = await live_gateway.make_key(team="acme", credit_usd=5, management=True)
+    await _traffic(url, admin, 2)
+    page = await new_page()
+    await _sign_in(page, url, admin)
+    await _requests_shown(page, url, "2")
+    await page.goto(f"{url}/dashboard/requests")
+    rows = page.locator("tbody tr[data-created]")
+    assert await rows.count() == 2
+    await page.get_by_role("button", name="Live").click()
+    await page.get_by_text("Live: new requests appear").wait_for()
+    await _traffic(url, admin, 4)  # appended as they are recorded, without reloading the page
+    await expect(rows).to_have_count(6, timeout=15_000)
+    assert await page.locator("tbody tr.fresh").count() == 4
+    times = await rows.evaluate_all("rows => rows.map(r => Number(r.dataset.created))")
+    assert times == sorted(times, reverse=True)  # newest first
+    await screenshot(page, "requests-live")
+    await page.get_by_role("button", name="Pause").click()
+    await page.get_by_text("Paused.").wait_for()
+    assert_no_console_errors(page)
+
+    await page.get_by_role("link", name="Providers").click()
+    await page.wait_for_url("**/dashboard/providers")
+    provider = page.get_by_role("row", name=re.compile(r"^openai openai "))
+    assert "6" in await provider.inner_text() and "0.0%" in await provider.inner_text()
+    assert await provider.locator(".state.closed").count() == 1
+    price = page.get_by_role("row", name="openai/gpt-4o-mini chat.completions, responses")
+    assert "$0.15" in await price.inner_text() and "$0.60" in await price.inner_text()
+    await screenshot(page, "providers-light")
+    dark = await new_page(dark=True)
+    await _sign_in(dark, url, admin)
+    await dark.goto(f"{url}/dashboard/providers")
+    await screenshot(dark, "providers-dark")
+    assert_no_console_errors(dark)

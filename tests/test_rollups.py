@@ -392,3 +392,24 @@ async def test_migration_8_backfills_the_rollups(url: str, monkeypatch: pytest.M
         assert (await store.overview(teams[0], now_ms() - HOUR_MS, now_ms() + 1, 60_000)).totals.requests >= 1
     finally:
         await store.close()
+
+
+async def test_target_usage_sums_minute_rows_per_model_and_provider(store: Store):
+    teams = [(await funded_team(store, name)).id for name in ("acme", "rival")]
+    lines = random_lines(random.Random(5), teams, 300, 0, 2 * HOUR_MS)
+    await store.record(lines)
+    rows = [records.generation(x) for x in lines]
+    since = now_ms() - HOUR_MS
+    for team in (teams[0], None):
+        expected: dict[tuple[str, str], list] = {}
+        for g in rows:
+            if g.created_at >= since // 60_000 * 60_000 and team in (None, g.team_id):
+                figures = expected.setdefault((g.model_id, g.provider), [0, 0, 0.0])
+                figures[0] += 1
+                figures[1] += g.status_code >= 400 or not g.success
+                figures[2] += orjson.loads(bytes(g.timings))["latency_ms"]
+        got = {(u.model_id, u.provider): u for u in await store.target_usage(team, since)}
+        assert got.keys() == expected.keys() and len(got) == len(MODELS)
+        for target, (requests, errors, latency) in expected.items():
+            assert (got[target].requests, got[target].errors) == (requests, errors)
+            assert got[target].latency_ms_sum == pytest.approx(latency)

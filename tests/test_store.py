@@ -876,6 +876,7 @@ async def test_recent_generations_newest_first_filtered_and_paged(store: Store):
 
     assert ids(await store.recent_generations(acme.id, limit=3)) == ["r0", "bad", "r1"]
     assert ids(await store.recent_generations(acme.id, limit=3, before_ms=now - 1000)) == ["r2", "r3", "r4"]
+    assert ids(await store.recent_generations(acme.id, limit=10, since_ms=now - 1000)) == ["r0", "bad", "r1"]
     assert ids(await store.recent_generations(acme.id, limit=10, model="openai/gpt-4o")) == ["r3"]
     assert ids(await store.recent_generations(acme.id, limit=10, key_id="k2")) == ["r0", "r2", "r4"]
     assert ids(await store.recent_generations(acme.id, limit=10, failed=True)) == ["bad"]

@@ -32,8 +32,15 @@ def _tokens(usage: dict[str, Any]) -> str:
     return f"{sum(known):,}" if known else "—"
 
 
-def _ok(record: Generation) -> bool:
+def ok(record: Generation) -> bool:
     return record.status_code < 400 and not record.error_code
+
+
+def filters(request: web.Request) -> tuple[dict[str, str], bool | None]:
+    """The page's filters (model, key, status) as chosen, and whether only failures (True) or successes (False)."""
+    query = request.query
+    chosen = {"model": query.get("model", ""), "key": query.get("key", ""), "status": query.get("status", "")}
+    return chosen, {"ok": False, "error": True}.get(chosen["status"])
 
 
 async def listing(request: web.Request, gw: Gateway, signed: views.Signed) -> web.StreamResponse:
@@ -41,7 +48,7 @@ async def listing(request: web.Request, gw: Gateway, signed: views.Signed) -> we
     store = gw.store
     assert store is not None
     query = request.query
-    chosen = {"model": query.get("model", ""), "key": query.get("key", ""), "status": query.get("status", "")}
+    chosen, failed = filters(request)
     try:
         before = int(query["before"]) if query.get("before") else None
     except ValueError:
@@ -50,36 +57,21 @@ async def listing(request: web.Request, gw: Gateway, signed: views.Signed) -> we
     if team_id:
         keys = await store.list_keys(team_id)
         names = {k.kid: k.name or k.kid for k in keys}
-        failed = {"ok": False, "error": True}.get(chosen["status"])
         records = await store.recent_generations(
             team_id, limit=PAGE, before_ms=before, model=chosen["model"], key_id=chosen["key"], failed=failed
         )
-        for record in records:
-            timings, usage = _figures(record)
-            rows.append(
-                {
-                    "id": record.request_id,
-                    "time": views.moment(record.created_at) + time_seconds(record.created_at),
-                    "key": names.get(record.key_id, record.key_id),
-                    "model": record.model_id or "—",
-                    "provider": record.provider or "—",
-                    "status": record.status_code
-                    if not record.error_code
-                    else f"{record.status_code} {record.error_code}",
-                    "ok": _ok(record),
-                    "latency": views.ms(timings.get("latency_ms")),
-                    "ttft": views.ms(timings.get("ttft_ms")),
-                    "tokens": _tokens(usage),
-                    "cost": views.usd(record.cost_nanos),
-                }
-            )
+        rows = [row(record, names) for record in records]
         if len(records) == PAGE:
             more = {k: v for k, v in {**chosen, "before": records[-1].created_at}.items() if v}
             if signed.session.role == "operator":
                 more["team"] = team_name
             older = "/dashboard/requests?" + urlencode(more)
+    live = {k: v for k, v in chosen.items() if v}
+    if signed.session.role == "operator":
+        live["team"] = team_name
     return views.html(
         "requests.html",
+        live="/dashboard/requests/live?" + urlencode(live) if team_id and before is None else "",
         **common(gw, signed, team_name),
         title="Requests",
         current="/dashboard/requests",
@@ -91,6 +83,25 @@ async def listing(request: web.Request, gw: Gateway, signed: views.Signed) -> we
         older=older,
         error="",
     )
+
+
+def row(record: Generation, key_names: dict[str, str]) -> dict[str, Any]:
+    """One request as a line of the table (`_request_row.html`)."""
+    timings, usage = _figures(record)
+    return {
+        "id": record.request_id,
+        "created": record.created_at,
+        "time": views.moment(record.created_at) + time_seconds(record.created_at),
+        "key": key_names.get(record.key_id, record.key_id),
+        "model": record.model_id or "—",
+        "provider": record.provider or "—",
+        "status": record.status_code if not record.error_code else f"{record.status_code} {record.error_code}",
+        "ok": ok(record),
+        "latency": views.ms(timings.get("latency_ms")),
+        "ttft": views.ms(timings.get("ttft_ms")),
+        "tokens": _tokens(usage),
+        "cost": views.usd(record.cost_nanos),
+    }
 
 
 def time_seconds(created_ms: int) -> str:

@@ -18,7 +18,7 @@ import jinja2
 from aiohttp import web
 
 from proxy.auth import hash_secret, split_key
-from proxy.dashboard import charts, credits, keys, requests
+from proxy.dashboard import charts, credits, keys, live, providers, requests
 from proxy.dashboard.charts import Series
 from proxy.errors import GatewayError
 from proxy.gateway import GATEWAY, Gateway
@@ -33,16 +33,17 @@ COOKIE: Final = "gw_session"
 SIGNIN_COOKIE: Final = "gw_signin"  # the sign-in form's CSRF token (no session yet)
 STATIC: Final = "/dashboard/static"
 STATIC_FILES: Final = {"dashboard.css": "text/css", "dashboard.js": "text/javascript"}
-# Only this origin's stylesheet, script and images (nothing inline), no frame, forms posted here only.
+# Only this origin's stylesheet, script, images and event streams (nothing inline), no frame, forms posted here only.
 POLICY: Final = (
-    "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self' data:; form-action 'self'; "
-    "frame-ancestors 'none'; base-uri 'none'"
+    "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
 PAGES: Final = (
     ("/dashboard/overview", "Overview"),
     ("/dashboard/requests", "Requests"),
     ("/dashboard/keys", "Keys"),
     ("/dashboard/credits", "Credits"),
+    ("/dashboard/providers", "Providers"),
 )
 # Range → (length, step) in milliseconds; a step is a multiple of the rollups' (minutes up to a day, hours past it).
 RANGES: Final = {
@@ -66,6 +67,8 @@ _templates = jinja2.Environment(
 def add_routes(app: web.Application) -> None:
     """The dashboard's routes (only when `dashboard.enabled`: off, none of them exists)."""
     app[ATTEMPTS] = _Attempts()
+    app[live.FEED] = live.LiveFeed()
+    app.on_shutdown.append(app[live.FEED].close)
     router = app.router
     router.add_get("/dashboard", _home)
     router.add_get("/dashboard/", _home)
@@ -80,16 +83,18 @@ def add_routes(app: web.Application) -> None:
     router.add_post("/dashboard/keys/{kid}/status", _page(keys.status))
     router.add_post("/dashboard/keys/{kid}/revoke", _page(keys.revoke))
     router.add_get("/dashboard/requests", _page(requests.listing))
+    router.add_get("/dashboard/requests/live", _page(live.stream))
     router.add_get("/dashboard/requests/{request_id}", _page(requests.record))
     router.add_get("/dashboard/credits", _page(credits.show))
     router.add_post("/dashboard/credits", _page(credits.add))
+    router.add_get("/dashboard/providers", _page(providers.show))
     router.add_get(STATIC + "/{name}", _static)
 
 
 # -- responses
 
 
-def _headers(response: web.StreamResponse) -> web.StreamResponse:
+def secure_headers(response: web.StreamResponse) -> web.StreamResponse:
     response.headers["Content-Security-Policy"] = POLICY
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["X-Frame-Options"] = "DENY"
@@ -101,7 +106,12 @@ def _headers(response: web.StreamResponse) -> web.StreamResponse:
 def html(template: str, status: int = 200, **context: Any) -> web.Response:
     context.setdefault("session", None)
     body = _templates.get_template(template).render(static=STATIC, **context)
-    return _headers(web.Response(text=body, status=status, content_type="text/html"))  # type: ignore[return-value]
+    return secure_headers(web.Response(text=body, status=status, content_type="text/html"))  # type: ignore[return-value]
+
+
+def fragment(template: str, **context: Any) -> str:
+    """A piece of a page (a table row a live stream sends)."""
+    return _templates.get_template(template).render(**context)
 
 
 def same(given: str, expected: str) -> bool:
@@ -110,7 +120,7 @@ def same(given: str, expected: str) -> bool:
 
 
 def redirect(location: str) -> web.Response:
-    return _headers(web.Response(status=303, headers={"Location": location}))  # type: ignore[return-value]
+    return secure_headers(web.Response(status=303, headers={"Location": location}))  # type: ignore[return-value]
 
 
 def _secure(request: web.Request) -> bool:
@@ -133,7 +143,7 @@ class Signed:
     team_name: str  # "" for the operator
 
 
-async def _signed(request: web.Request, gw: Gateway) -> Signed | None:
+async def signed_in(request: web.Request, gw: Gateway) -> Signed | None:
     """The request's live session: its cookie names one the store has, not expired, and (for a team) the key
     it signed in with is still active."""
     token = request.cookies.get(COOKIE, "")
@@ -163,7 +173,7 @@ def _page(page: Page) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handle(request: web.Request) -> web.StreamResponse:
         gw = request.app[GATEWAY]
         try:
-            signed = await _signed(request, gw)
+            signed = await signed_in(request, gw)
             if signed is None:
                 return redirect("/dashboard/signin")
             return await page(request, gw, signed)
@@ -277,7 +287,7 @@ def _env_token_id() -> str:
 async def _signout(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY]
     form = await request.post()
-    signed = await _signed(request, gw)
+    signed = await signed_in(request, gw)
     if signed is not None:
         if not same(str(form.get("csrf", "")), signed.session.csrf):
             return redirect("/dashboard/overview")  # a form from elsewhere: the session goes on
@@ -295,7 +305,7 @@ async def _static(request: web.Request) -> web.StreamResponse:
         raise web.HTTPNotFound()
     response = web.Response(body=(HERE / "static" / name).read_bytes(), content_type=kind)
     response.headers["Cache-Control"] = "public, max-age=3600"
-    return _headers(response)
+    return secure_headers(response)
 
 
 # -- pages

@@ -231,6 +231,16 @@ class Overview(msgspec.Struct, frozen=True):
     top_keys: list[Spend]
 
 
+class TargetUsage(msgspec.Struct, frozen=True):
+    """`Store.target_usage`: what one model's requests served by one provider did over a recent range."""
+
+    model_id: str
+    provider: str
+    requests: int
+    errors: int  # status 400 or more, or not a success
+    latency_ms_sum: float
+
+
 class DashboardSession(msgspec.Struct, frozen=True):
     """A dashboard sign-in (`proxy.dashboard`): kept by its token's hash, never the token."""
 
@@ -320,18 +330,24 @@ class Store(Protocol):
         multiple of the rollup step (ValueError otherwise)."""
         ...
 
+    async def target_usage(self, team_id: str | None, since_ms: int) -> list[TargetUsage]:
+        """Requests, errors and summed latency per (model, provider) from `since_ms` (floored to its minute, at most
+        48 hours ago) on, from the minute rollups: the team's, or every team's for None."""
+        ...
+
     async def recent_generations(
         self,
         team_id: str,
         *,
         limit: int,
         before_ms: int | None = None,
+        since_ms: int | None = None,
         model: str = "",
         key_id: str = "",
         failed: bool | None = None,
     ) -> list[Generation]:
-        """The team's latest records, newest first (older than `before_ms` when given): of one model, one key,
-        and only failures (True) or successes (False) when asked."""
+        """The team's latest records, newest first (older than `before_ms`, and from `since_ms` on, when given): of
+        one model, one key, and only failures (True) or successes (False) when asked."""
         ...
 
     async def list_teams(self) -> list[Team]: ...
@@ -406,6 +422,7 @@ def recent_query(
     team_id: str,
     limit: int,
     before_ms: int | None,
+    since_ms: int | None,
     model: str,
     key_id: str,
     failed: bool | None,
@@ -415,7 +432,12 @@ def recent_query(
     the index on (team_id, created_at)."""
     args: list = [team_id]
     conditions = [f"team_id = {mark(1)}"]
-    for column, value in (("created_at <", before_ms), ("model_id =", model or None), ("key_id =", key_id or None)):
+    for column, value in (
+        ("created_at <", before_ms),
+        ("created_at >=", since_ms),
+        ("model_id =", model or None),
+        ("key_id =", key_id or None),
+    ):
         if value is not None:
             args.append(value)
             conditions.append(f"{column} {mark(len(args))}")

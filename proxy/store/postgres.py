@@ -35,6 +35,7 @@ from proxy.store.base import (
     KeyRecord,
     Overview,
     StoreError,
+    TargetUsage,
     Team,
     TopUp,
     key_from_row,
@@ -182,6 +183,11 @@ _OVERVIEW_TEAMS = (
 _OVERVIEW_SPEND = (
     "SELECT key_id, model_id, provider, SUM(requests)::bigint, SUM(cost_nanos)::bigint FROM usage_rollups "
     f"WHERE {_RANGE} GROUP BY key_id, model_id, provider"
+)
+_TARGET_USAGE = (
+    "SELECT model_id, provider, SUM(requests)::bigint, SUM(errors)::bigint, SUM(latency_ms_sum)::float8 "
+    f"FROM usage_rollups WHERE step_ms = {rollups.MINUTE_MS} AND team_id = ANY($1::text[]) AND bucket_ms >= $2 "
+    "GROUP BY model_id, provider"
 )
 
 # A top-up and its ledger line in one statement; no wallet, no line (and `add_credit` raises).
@@ -518,6 +524,13 @@ class PostgresStore:
             since_ms=since_ms, until_ms=until_ms, step_ms=step_ms, rollup=rollup, teams=teams_rows, spend=spend
         )
 
+    async def target_usage(self, team_id: str | None, since_ms: int) -> list[TargetUsage]:
+        first = since_ms // rollups.MINUTE_MS * rollups.MINUTE_MS
+        async with self._conn("cannot read the usage per provider") as conn:
+            teams = [team_id] if team_id is not None else [r[0] for r in await conn.fetch("SELECT id FROM teams")]
+            rows = await conn.fetch(_TARGET_USAGE, teams, first)
+        return [TargetUsage(*row) for row in rows]
+
     async def get_generation(self, team_id: str, request_id: str) -> Generation | None:
         sql = (
             f"SELECT {GENERATION_COLUMNS} FROM generations WHERE team_id = $1 "
@@ -534,11 +547,12 @@ class PostgresStore:
         *,
         limit: int,
         before_ms: int | None = None,
+        since_ms: int | None = None,
         model: str = "",
         key_id: str = "",
         failed: bool | None = None,
     ) -> list[Generation]:
-        sql, args = recent_query(team_id, limit, before_ms, model, key_id, failed, lambda i: f"${i}")
+        sql, args = recent_query(team_id, limit, before_ms, since_ms, model, key_id, failed, lambda i: f"${i}")
         async with self._conn("cannot read generations") as conn:
             rows = await conn.fetch(sql, *args)
         return [Generation.from_row(tuple(row)) for row in rows]

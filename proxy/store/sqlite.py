@@ -28,6 +28,7 @@ from proxy.store.base import (
     KeyRecord,
     Overview,
     StoreError,
+    TargetUsage,
     Team,
     TopUp,
     key_from_row,
@@ -352,6 +353,22 @@ class SqliteStore:
         except sqlite3.Error as e:
             raise StoreError(f"cannot read the usage overview: {e}") from e
 
+    async def target_usage(self, team_id: str | None, since_ms: int) -> list[TargetUsage]:
+        teams = "team_id IN (SELECT id FROM teams)" if team_id is None else "team_id = ?"
+        sql = (
+            "SELECT model_id, provider, SUM(requests), SUM(errors), SUM(latency_ms_sum) FROM usage_rollups "
+            f"WHERE step_ms = {rollups.MINUTE_MS} AND {teams} AND bucket_ms >= ? GROUP BY model_id, provider"
+        )
+        first = since_ms // rollups.MINUTE_MS * rollups.MINUTE_MS
+        args = (first,) if team_id is None else (team_id, first)
+        try:
+            reader = self.db if self.path == ":memory:" else await self._reading()
+            async with reader.execute(sql, args) as cur:
+                rows = await cur.fetchall()
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read the usage per provider: {e}") from e
+        return [TargetUsage(*row) for row in rows]
+
     async def _reading(self) -> aiosqlite.Connection:
         """The overviews' connection, opened on first use."""
         if self._db is None:
@@ -384,11 +401,12 @@ class SqliteStore:
         *,
         limit: int,
         before_ms: int | None = None,
+        since_ms: int | None = None,
         model: str = "",
         key_id: str = "",
         failed: bool | None = None,
     ) -> list[Generation]:
-        sql, args = recent_query(team_id, limit, before_ms, model, key_id, failed, lambda i: "?")
+        sql, args = recent_query(team_id, limit, before_ms, since_ms, model, key_id, failed, lambda i: "?")
         async with self.db.execute(sql, args) as cur:
             return [Generation.from_row(tuple(row)) for row in await cur.fetchall()]
 
