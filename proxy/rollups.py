@@ -64,7 +64,13 @@ SUMS = (
     "latency_ms_sum",
     "ttft_ms_sum",
     "ttft_count",
+    "rate_limited",  # refused by a rate limit (migration 10)
+    "guarded",  # a guardrail policy matched (blocked, redacted, logged or clamped)
+    "blocked",  # refused by a guardrail policy
 )
+# The error codes of a request refused by a rate limit (`proxy.errors.Code`), and of one a guardrail refused.
+RATE_LIMITED = ("rate_limited", "too_many_streams")
+BLOCKED = "guardrail_blocked"
 KEY = ("step_ms", "team_id", "bucket_ms", "key_id", "model_id", "provider")
 
 _bucket = partial(bisect.bisect_right, BOUNDS)
@@ -84,6 +90,8 @@ _PICK = itemgetter(
             "cost_nanos",
             "cache_status",
             "saved_nanos",
+            "error_code",
+            "guardrails",
         ),
     )
 )
@@ -193,8 +201,9 @@ def _lenient(text: str, kind: type) -> msgspec.Struct:
 def aggregate(rows: Sequence[tuple], minutes_from_ms: int) -> tuple[list[tuple], list[tuple]]:
     """The rollup upserts of new generation rows (`GENERATION_COLUMNS` order): one per `usage_rollups` key, as
     (step_ms, team_id, bucket_ms, key_id, model_id, provider, requests, errors, cache_hits, input_tokens,
-    output_tokens, cost_nanos, saved_nanos, latency_ms_sum, ttft_ms_sum, ttft_count), and one per `team_rollups`
-    key, as (step_ms, team_id, bucket_ms, requests .. ttft_count, latency_hist, ttft_hist). Minute buckets before
+    output_tokens, cost_nanos, saved_nanos, latency_ms_sum, ttft_ms_sum, ttft_count, rate_limited, guarded, blocked),
+    and one per `team_rollups` key, as (step_ms, team_id, bucket_ms, requests .. blocked, latency_hist,
+    ttft_hist). Minute buckets before
     `minutes_from_ms` are left out (pruned already, or about to be).
 
     The writer runs this for every record, so a record costs one pass of the least work: its usage and timings
@@ -205,14 +214,41 @@ def aggregate(rows: Sequence[tuple], minutes_from_ms: int) -> tuple[list[tuple],
     groups: dict[tuple, list] = {}
     timed: dict[tuple, tuple[list[float], list[float]]] = {}  # per (minute, team): latencies and TTFTs
     find = groups.get
-    for (created, team, key_id, model, provider, status, success, cost, cache, saved), used, times in zip(
-        map(_PICK, rows), usage, timings, strict=True
-    ):
+    picked = map(_PICK, rows)
+    for (
+        created,
+        team,
+        key_id,
+        model,
+        provider,
+        status,
+        success,
+        cost,
+        cache,
+        saved,
+        code,
+        guarded,
+    ), used, times in zip(picked, usage, timings, strict=True):
         minute = created - created % MINUTE_MS
         key = (minute, team, key_id, model, provider)
         group = find(key)
         if group is None:
-            group = groups[key] = [0, 0, 0, 0, 0, 0, 0, 0.0, 0.0, 0, timed.setdefault((minute, team), ([], []))]
+            group = groups[key] = [
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0.0,
+                0.0,
+                0,
+                0,
+                0,
+                0,
+                timed.setdefault((minute, team), ([], [])),
+            ]
         group[0] += 1
         if status >= 400 or not success:
             group[1] += 1
@@ -224,16 +260,23 @@ def aggregate(rows: Sequence[tuple], minutes_from_ms: int) -> tuple[list[tuple],
         group[6] += saved
         if (latency := times.latency_ms) is not None:
             group[7] += latency
-            group[10][0].append(latency)
+            group[13][0].append(latency)
         if (ttft := times.ttft_ms) is not None:
             group[8] += ttft
             group[9] += 1
-            group[10][1].append(ttft)
+            group[13][1].append(ttft)
+        if code:
+            if code in RATE_LIMITED:
+                group[10] += 1
+            elif code == BLOCKED:
+                group[12] += 1
+        if guarded:
+            group[11] += 1
     sums: list[tuple] = []
     hours: dict[tuple, list] = {}
     teams: dict[tuple, list] = {}  # per (minute, team)
     for (minute, team, key_id, model, provider), group in groups.items():
-        figures = group[:10]
+        figures = group[:13]
         if minute >= minutes_from_ms:
             sums.append((MINUTE_MS, team, minute, key_id, model, provider, *figures))
         hour = (HOUR_MS, team, minute - minute % HOUR_MS, key_id, model, provider)
@@ -278,6 +321,9 @@ def first_bucket(since_ms: int, rollup: int) -> int:
     return since_ms - since_ms % rollup
 
 
+_READ = 10  # the sums an overview reads of `team_rollups`, as `UsageFigures` has them
+
+
 def overview(
     *,
     since_ms: int,
@@ -288,25 +334,26 @@ def overview(
     spend: Iterable[Sequence],
 ) -> Overview:
     """An Overview from a backend's two reads of a range: `teams` rows (start, requests, errors, cost_nanos,
-    input_tokens, output_tokens, cache_hits, saved_nanos, latency_hist, ttft_hist), one per team and rollup bucket,
+    input_tokens, output_tokens, cache_hits, saved_nanos, rate_limited, guarded, blocked, latency_hist, ttft_hist), one
+    per team and rollup bucket,
     `start` the series bucket (a multiple of step_ms) that holds it; `spend` rows (key_id, model_id, provider,
     requests, cost_nanos) summed over the range."""
     points: dict[int, tuple[list[int], dict[str, int], dict[str, int]]] = {}
     for start, *sums, latencies, ttfts in teams:
         point = points.get(start)
         if point is None:
-            point = points[start] = ([0] * 7, {}, {})
+            point = points[start] = ([0] * _READ, {}, {})
         point[0][:] = map(add, point[0], sums)
         add_hist(point[1], latencies)
         add_hist(point[2], ttfts)
     figures = {start: (sums, dense(latencies), dense(ttfts)) for start, (sums, latencies, ttfts) in points.items()}
-    empty = ([0] * 7, [0] * BUCKETS, [0] * BUCKETS)
+    empty = ([0] * _READ, [0] * BUCKETS, [0] * BUCKETS)
     first = first_bucket(since_ms, rollup)
     series = [
         UsagePoint(*_figures_of(*figures.get(start, empty)), start_ms=start)
         for start in range(first - first % step_ms, until_ms, step_ms)
     ]
-    totals = ([0] * 7, [0] * BUCKETS, [0] * BUCKETS)
+    totals = ([0] * _READ, [0] * BUCKETS, [0] * BUCKETS)
     for point in figures.values():
         for total, part in zip(totals, point, strict=True):
             total[:] = map(add, total, part)

@@ -415,3 +415,41 @@ async def test_live_mode_streams_new_requests_as_they_are_recorded(
     name, data = await _event(filtered)
     assert name == "end" and "stopping" in data["reason"]
     assert not client.server.app[live.FEED].channels  # nobody watches: nothing is polled
+
+
+GUARDED = """
+guardrails:
+  policies:
+    pii: {check: pii, action: redact}
+    no_o3: {check: models, deny: [openai/o3]}
+  default: [pii, no_o3]
+rate_limits:
+  key: {rpm: 3}
+"""
+
+
+async def test_the_overview_counts_rate_limit_refusals_and_guardrail_matches(aiohttp_client, mock, store_url, make_key):
+    from tests.test_guardrails import config_from
+
+    config = config_from(DEFAULT_CONFIG.read_text() + GUARDED, store_url, env_for(mock, store_url))
+    client = await aiohttp_client(build_app(config))
+    admin = await make_key(team="acme", management=True)
+    email = {**CHAT, "messages": [{"role": "user", "content": "mail me at jo@example.com"}]}
+    statuses = [
+        (await client.post("/v1/chat/completions", json=body, headers=auth(admin))).status
+        for body in (CHAT, email, {**CHAT, "model": "openai/o3"}, CHAT, CHAT, CHAT)
+    ]
+    assert statuses == [200, 200, 400, 200, 429, 429]  # redacted, blocked (not counted), then over 3 a minute
+    await client.server.app[GATEWAY].accountant.flush()
+    await sign_in(client, admin)
+    text = await (await client.get("/dashboard/overview?range=1h")).text()
+
+    def card(label: str) -> tuple[str, str]:
+        found = re.search(rf'<div class="label">{label}</div><div class="value">([^<]+)</div>'
+                          r'(?:<div class="note">([^<]*)</div>)?', text)  # fmt: skip
+        assert found, label
+        return found.group(1), found.group(2) or ""
+
+    assert card("Requests") == ("6", "3 errors")
+    assert card("Rate-limited") == ("2", "33.3% of requests")
+    assert card("Guardrail matches") == ("2", "1 blocked")

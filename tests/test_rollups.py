@@ -42,13 +42,18 @@ def line(
     tokens: tuple[int, int] = (11, 40),
     cost: int = 4650,
     cache_hit: bool = False,
+    guarded: bool = False,
 ) -> bytes:
-    """A finished request's journal line, as the accountant writes it."""
+    """A finished request's journal line, as the accountant writes it (429: refused by a rate limit, 400: by a
+    guardrail policy, which `guarded` then says matched)."""
     m = RequestMeta(request_id, "chat.completions", 1000.0)
     m.team_id, m.key_id, (m.model, m.provider) = team_id, key, MODELS[model]
     m.upstream_model, m.status = m.model.rpartition("/")[2], status
     if status >= 400:
-        m.error_code, m.error_message = "upstream_error", "bad gateway"
+        m.error_code = {429: "rate_limited", 400: "guardrail_blocked"}.get(status, "upstream_error")
+        m.error_message = "refused"
+    if guarded or status == 400:
+        m.guardrails = [{"policy": "pii", "stage": "request", "action": "block" if status == 400 else "redact"}]
     m.usage = Usage(input_tokens=tokens[0], output_tokens=tokens[1], total_tokens=sum(tokens))
     m.cost_nanos, m.pricing_json = (0, b"[]") if cache_hit else (cost, b"[]")
     if cache_hit:
@@ -68,12 +73,13 @@ def random_lines(rng: random.Random, teams: Sequence[str], count: int, start: in
             now_ms() - rng.randrange(spread_ms),
             key=f"{team}-k{rng.randrange(3)}",
             model=rng.randrange(len(MODELS)),
-            status=rng.choice((200, 200, 200, 200, 429, 502)),
+            status=rng.choice((200, 200, 200, 200, 429, 502, 400)),
             latency_s=rng.lognormvariate(-1.0, 1.2),
             ttft_s=rng.choice((None, rng.uniform(0.0001, 0.3))),
             tokens=(rng.randrange(5000), rng.randrange(2000)),
             cost=rng.randrange(1, 10**7),
             cache_hit=rng.random() < 0.1,
+            guarded=rng.random() < 0.1,
         )
         for i in range(count)
     ]
@@ -297,6 +303,9 @@ def assert_figures(figures, rows: Sequence[Generation]) -> None:
     assert figures.cost_nanos == sum(g.cost_nanos for g in rows)
     assert figures.saved_nanos == sum(g.saved_nanos for g in rows)
     assert figures.cache_hits == sum(1 for g in rows if g.cache_status == "hit")
+    assert figures.rate_limited == sum(1 for g in rows if g.error_code == "rate_limited")
+    assert figures.blocked == sum(1 for g in rows if g.error_code == "guardrail_blocked")
+    assert figures.guarded == sum(1 for g in rows if g.guardrails) >= figures.blocked
     assert figures.input_tokens == sum(orjson.loads(bytes(g.usage))["prompt_tokens"] for g in rows)
     assert figures.output_tokens == sum(orjson.loads(bytes(g.usage))["completion_tokens"] for g in rows)
     latencies = [orjson.loads(bytes(g.timings))["latency_ms"] for g in rows]
@@ -352,11 +361,12 @@ async def test_overview_picks_hours_beyond_a_day_and_checks_its_step(store: Stor
         await store.overview(team, now, now, 60_000)
 
 
-# --- migration 8 -----------------------------------------------------------------------------------------------
+# --- migrations 8 and 10 ----------------------------------------------------------------------------------------
 
 
-async def test_migration_8_backfills_the_rollups(url: str, monkeypatch: pytest.MonkeyPatch):
-    """Records written by a gateway of schema 7 (rows, odd ones included) are in the rollups once migrated."""
+async def test_migrations_8_and_10_backfill_the_rollups(url: str, monkeypatch: pytest.MonkeyPatch):
+    """Records written by a gateway of schema 7 (rows, odd ones included) are in the rollups once migrated: their
+    sums by migration 8, their refusals and guardrail matches by migration 10."""
     with monkeypatch.context() as m:
         m.setattr(migrations, "SQLITE", migrations.SQLITE[:7])
         m.setattr(migrations, "POSTGRES", migrations.POSTGRES[:7])

@@ -428,7 +428,7 @@ async def test_a_store_of_schema_5_gains_the_guardrails_columns(url: str, monkey
         await store.close()
     store = await open_store(url)
     try:
-        assert await store.schema_version() == len(migrations.SQLITE) == 9
+        assert await store.schema_version() == len(migrations.SQLITE) == 10
         assert (await store.get_key("k1")).guardrails == ()  # type: ignore[union-attr]
         found = await store.get_generation(team.id, "r_old")
         assert found is not None and found.guardrails == "" and found.row() == (*old, "", "", 0)
@@ -449,7 +449,7 @@ async def test_a_store_of_schema_6_gains_the_cache_columns(url: str, monkeypatch
         await store.close()
     store = await open_store(url)
     try:
-        assert await store.schema_version() == len(migrations.POSTGRES) == 9
+        assert await store.schema_version() == len(migrations.POSTGRES) == 10
         key = await store.get_key("k1")
         assert key is not None and key.cache is None and key.guardrails == ("pii",)
         found = await store.get_generation(team.id, "r_old")

@@ -369,7 +369,7 @@ async def _overview(request: web.Request, gw: Gateway, signed: Signed) -> web.St
         current="/dashboard/overview",
         ranges=RANGE_LABELS,
         range=chosen,
-        cards=_cards(view),
+        cards=_cards(view, gw),
         charts=_charts(view),
         tops=_tops(view, {k.kid: k.name for k in await store.list_keys(team_id or None)}),
         rollup="minute" if view.rollup_step_ms == 60_000 else "hour",
@@ -378,7 +378,7 @@ async def _overview(request: web.Request, gw: Gateway, signed: Signed) -> web.St
     )
 
 
-def _cards(view: Overview) -> list[dict[str, str]]:
+def _cards(view: Overview, gw: Gateway) -> list[dict[str, str]]:
     t = view.totals
     error_rate = t.errors / t.requests if t.requests else 0.0
     tokens = f"{_count(t.input_tokens)} in · {_count(t.output_tokens)} out"
@@ -393,6 +393,11 @@ def _cards(view: Overview) -> list[dict[str, str]]:
     if t.cache_hits:
         hit_rate = t.cache_hits / t.requests if t.requests else 0.0
         cards.append({"label": "Cache hits", "value": f"{hit_rate:.1%}", "note": f"{usd(t.saved_nanos)} saved"})
+    if t.rate_limited or gw.limiter.active:  # configured, or keys of their own refused some
+        share = f"{t.rate_limited / t.requests:.1%} of requests" if t.requests else ""
+        cards.append({"label": "Rate-limited", "value": _count(t.rate_limited), "note": share})
+    if t.guarded or gw.config.guardrails.policies:
+        cards.append({"label": "Guardrail matches", "value": _count(t.guarded), "note": f"{t.blocked:,} blocked"})
     return cards
 
 

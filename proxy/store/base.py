@@ -199,6 +199,9 @@ class UsageFigures(msgspec.Struct, frozen=True):
     output_tokens: int
     cache_hits: int
     saved_nanos: int  # what the cache hits would have cost
+    rate_limited: int  # refused by a rate limit
+    guarded: int  # a guardrail policy matched
+    blocked: int  # refused by a guardrail policy
     latency_p50_ms: float | None
     latency_p95_ms: float | None
     ttft_p50_ms: float | None

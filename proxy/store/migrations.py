@@ -8,13 +8,46 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 
-from proxy.rollups import BOUNDS, HOUR_MS, MINUTE_MS, MINUTES_KEPT_MS, PRUNE_EVERY_MS
+from proxy.rollups import BLOCKED, BOUNDS, HOUR_MS, MINUTE_MS, MINUTES_KEPT_MS, PRUNE_EVERY_MS, RATE_LIMITED
 from proxy.store import sqlite_usage
 
 # Migration 8's backfill keeps minute rollups from here on (as `proxy.rollups.minutes_from` at the migration's time).
 _SQLITE_NOW_MS = "CAST(strftime('%s', 'now') AS INTEGER) * 1000"
 _POSTGRES_NOW_MS = "(extract(epoch FROM now()) * 1000)::bigint"
 _MINUTES_FROM = f"(({{now}} - {MINUTES_KEPT_MS}) - ({{now}} - {MINUTES_KEPT_MS}) % {PRUNE_EVERY_MS})"
+
+
+def _refusals(integer: str) -> str:
+    """Migration 10 (both backends; `integer`: the column type): the rollups' counts of requests refused by a rate
+    limit, matched by a guardrail policy and refused by one, filled for the rollup rows already there from the
+    records they sum (minute rows already pruned stay so)."""
+    limited = ", ".join(f"'{code}'" for code in RATE_LIMITED)
+    columns = "".join(
+        f"ALTER TABLE {table} ADD COLUMN {name} {integer} NOT NULL DEFAULT 0;\n"
+        for table in ("usage_rollups", "team_rollups")
+        for name in ("rate_limited", "guarded", "blocked")
+    )
+    fills = []
+    values = ("s.step_ms", "g.team_id", "g.created_at - g.created_at % s.step_ms")
+    values += ("g.key_id", "g.model_id", "g.provider")
+    for table, keys in (
+        ("usage_rollups", ("step_ms", "team_id", "bucket_ms", "key_id", "model_id", "provider")),
+        ("team_rollups", ("step_ms", "team_id", "bucket_ms")),
+    ):
+        grouped = ", ".join(str(i) for i in range(1, len(keys) + 1))
+        fills.append(f"""
+    UPDATE {table} SET rate_limited = f.limited, guarded = f.guarded, blocked = f.blocked FROM (
+        SELECT {", ".join(f"{value} AS {key}" for value, key in zip(values, keys, strict=False))},
+            SUM(CASE WHEN g.error_code IN ({limited}) THEN 1 ELSE 0 END) AS limited,
+            SUM(CASE WHEN g.guardrails <> '' THEN 1 ELSE 0 END) AS guarded,
+            SUM(CASE WHEN g.error_code = '{BLOCKED}' THEN 1 ELSE 0 END) AS blocked
+        FROM generations g CROSS JOIN (SELECT {MINUTE_MS} AS step_ms UNION ALL SELECT {HOUR_MS}) AS s
+        WHERE g.error_code IN ({limited}, '{BLOCKED}') OR g.guardrails <> ''
+        GROUP BY {grouped}
+    ) AS f
+    WHERE {" AND ".join(f"{table}.{key} = f.{key}" for key in keys)};""")
+    return columns + "".join(fills)
+
 
 SQLITE: list[str] = [
     # 1: teams, wallets with a ledger, hashed API keys
@@ -185,10 +218,13 @@ SQLITE: list[str] = [
         created_at  INTEGER NOT NULL
     );
     """,
+    # 10: the rollups count the requests refused by a rate limit, matched by a guardrail policy, refused by one
+    _refusals("INTEGER"),
 ]
 
 # The SQLite steps whose data Python fills in after their SQL, in their transaction: migration 8's rollups, by the
-# writer's own code (`sqlite_usage.backfill_rollups`), ten times faster than SQLite reading the JSON members itself.
+# writer's own code (`sqlite_usage.backfill_rollups`, in migration 8's columns), ten times faster than SQLite reading
+# the JSON members itself.
 SQLITE_BACKFILLS: dict[int, Callable[[sqlite3.Connection], None]] = {8: sqlite_usage.backfill_rollups}
 
 # The same steps for PostgreSQL (so a version number means the same schema on both): nanos and
@@ -414,4 +450,6 @@ POSTGRES: list[str] = [
         created_at  BIGINT NOT NULL
     );
     """,
+    # 10: the rollups count the requests refused by a rate limit, matched by a guardrail policy, refused by one
+    _refusals("BIGINT"),
 ]

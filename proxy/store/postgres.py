@@ -92,6 +92,9 @@ _NOW = 2
 # request id repeated in the batch wins (as in SQLite). Only rows actually inserted (not already stored: a
 # retried batch, a replayed journal) are debited. Wallets are locked in team order, so two workers whose
 # batches debit the same teams cannot deadlock; the debit is relative, so a concurrent top-up is kept.
+# A request refused by a rate limit, as 1 (else 0), of a row of `table`.
+_RATE_LIMITED = "({table}.error_code IN (" + ", ".join(f"'{c}'" for c in rollups.RATE_LIMITED) + "))::int"
+
 # The rows inserted are added to the usage rollups (`proxy.rollups`): grouped here, then one upsert per rollup row,
 # relative too (sums added, histograms added by `rollup_hist_add`), in key order (so no deadlock either). Minute rows
 # before $3 (`rollups.minutes_from`) are not written; once per step of $3, the first batch to see it deletes them.
@@ -106,7 +109,7 @@ WITH batch AS (
     SELECT {GENERATION_COLUMNS} FROM batch
     ON CONFLICT (request_id) DO NOTHING
     RETURNING team_id, cost_nanos, created_at, key_id, model_id, provider, status_code, success, cache_status,
-        saved_nanos, usage::jsonb AS usage_doc, timings::jsonb AS timings_doc
+        saved_nanos, error_code, guardrails, usage::jsonb AS usage_doc, timings::jsonb AS timings_doc
 ), debits AS (
     SELECT team_id, SUM(cost_nanos)::bigint AS cost FROM inserted GROUP BY team_id HAVING SUM(cost_nanos) <> 0
 ), locked AS MATERIALIZED (
@@ -127,14 +130,16 @@ WITH batch AS (
         CASE WHEN jsonb_typeof(i.timings_doc -> 'latency_ms') = 'number'
             THEN (i.timings_doc ->> 'latency_ms')::double precision END AS latency_ms,
         CASE WHEN jsonb_typeof(i.timings_doc -> 'ttft_ms') = 'number'
-            THEN (i.timings_doc ->> 'ttft_ms')::double precision END AS ttft_ms
+            THEN (i.timings_doc ->> 'ttft_ms')::double precision END AS ttft_ms,
+        {_RATE_LIMITED.format(table="i")} AS limited, (i.guardrails <> '')::int AS guarded,
+        (i.error_code = '{rollups.BLOCKED}')::int AS blocked
     FROM inserted i JOIN (VALUES ({rollups.MINUTE_MS}::bigint), ({rollups.HOUR_MS})) AS s(step_ms)
         ON s.step_ms = {rollups.HOUR_MS} OR i.created_at >= $3
 ), summed AS (
     INSERT INTO usage_rollups ({", ".join(rollups.KEY + rollups.SUMS)})
     SELECT step_ms, team_id, bucket_ms, key_id, model_id, provider, COUNT(*), SUM(error), SUM(hit),
         SUM(input_tokens), SUM(output_tokens), SUM(cost_nanos), SUM(saved_nanos), COALESCE(SUM(latency_ms), 0),
-        COALESCE(SUM(ttft_ms), 0), COUNT(ttft_ms)
+        COALESCE(SUM(ttft_ms), 0), COUNT(ttft_ms), SUM(limited), SUM(guarded), SUM(blocked)
     FROM facts GROUP BY step_ms, team_id, bucket_ms, key_id, model_id, provider
     ORDER BY step_ms, team_id COLLATE "C", bucket_ms, key_id COLLATE "C", model_id COLLATE "C", provider COLLATE "C"
     ON CONFLICT ({", ".join(rollups.KEY)}) DO UPDATE SET
@@ -151,7 +156,8 @@ WITH batch AS (
     FROM counts GROUP BY step_ms, team_id, bucket_ms
 ), team_sums AS (
     SELECT step_ms, team_id, bucket_ms, COUNT(*), SUM(error), SUM(hit), SUM(input_tokens), SUM(output_tokens),
-        SUM(cost_nanos), SUM(saved_nanos), COALESCE(SUM(latency_ms), 0), COALESCE(SUM(ttft_ms), 0), COUNT(ttft_ms)
+        SUM(cost_nanos), SUM(saved_nanos), COALESCE(SUM(latency_ms), 0), COALESCE(SUM(ttft_ms), 0), COUNT(ttft_ms),
+        SUM(limited), SUM(guarded), SUM(blocked)
     FROM facts GROUP BY step_ms, team_id, bucket_ms
 ), teamed AS (
     INSERT INTO team_rollups (step_ms, team_id, bucket_ms, {", ".join(rollups.SUMS)}, latency_hist, ttft_hist)
@@ -178,7 +184,7 @@ SELECT COUNT(*) FROM inserted
 _RANGE = "step_ms = $1 AND team_id = ANY($2::text[]) AND bucket_ms >= $3 AND bucket_ms < $4"
 _OVERVIEW_TEAMS = (
     "SELECT bucket_ms - bucket_ms % $5, requests, errors, cost_nanos, input_tokens, output_tokens, cache_hits, "
-    f"saved_nanos, latency_hist, ttft_hist FROM team_rollups WHERE {_RANGE}"
+    f"saved_nanos, rate_limited, guarded, blocked, latency_hist, ttft_hist FROM team_rollups WHERE {_RANGE}"
 )
 _OVERVIEW_SPEND = (
     "SELECT key_id, model_id, provider, SUM(requests)::bigint, SUM(cost_nanos)::bigint FROM usage_rollups "

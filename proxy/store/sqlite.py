@@ -539,7 +539,7 @@ def _overview_sql(team_id: str | None) -> tuple[str, str]:
     where = f"step_ms = :rollup AND {teams} AND bucket_ms >= :first AND bucket_ms < :until"
     return (
         "SELECT bucket_ms - bucket_ms % :step, requests, errors, cost_nanos, input_tokens, output_tokens, cache_hits, "
-        f"saved_nanos, latency_hist, ttft_hist FROM team_rollups WHERE {where}",
+        f"saved_nanos, rate_limited, guarded, blocked, latency_hist, ttft_hist FROM team_rollups WHERE {where}",
         "SELECT key_id, model_id, provider, SUM(requests), SUM(cost_nanos) FROM usage_rollups "
         f"WHERE {where} GROUP BY key_id, model_id, provider",
     )

@@ -57,16 +57,8 @@ _ROW_MARKS = "(" + ", ".join("?" * len(Generation.__struct_fields__)) + ")"
 _MAX_ROWS_PER_INSERT = 256  # x 23 columns stays far below SQLite's 32,766 bound parameters
 _STORED = "SELECT request_id FROM generations WHERE request_id IN (SELECT value FROM json_each(?))"
 _DEBIT = "UPDATE wallets SET balance_nanos = balance_nanos - ?, updated_at = ? WHERE team_id = ?"
-_ROLLUP_MARKS = "(" + ", ".join("?" * len(rollups.KEY + rollups.SUMS)) + ")"
-_MAX_ROLLUPS_PER_UPSERT = 128  # x 16 columns
+_MAX_ROLLUPS_PER_UPSERT = 128  # x 19 columns
 _BACKFILL_CHUNK = 5000
-_ADD_TEAMS = (
-    f"INSERT INTO team_rollups (step_ms, team_id, bucket_ms, {', '.join(rollups.SUMS)}, latency_hist, ttft_hist) "
-    f"VALUES ({', '.join('?' * (5 + len(rollups.SUMS)))}) ON CONFLICT (step_ms, team_id, bucket_ms) DO UPDATE SET "
-    + "".join(f"{name} = {name} + excluded.{name}, " for name in rollups.SUMS)
-    + "latency_hist = rollup_hist_add(latency_hist, excluded.latency_hist), "
-    "ttft_hist = rollup_hist_add(ttft_hist, excluded.ttft_hist)"
-)
 _PRUNED = "SELECT minutes_before_ms FROM rollup_pruning"
 # Each team's minute rows before the cutoff (one range of the primary key per team).
 _PRUNE = (
@@ -84,12 +76,24 @@ def _insert(rows: int) -> str:
 
 
 @functools.cache
-def _add_sums(rows: int) -> str:
+def _add_sums(rows: int, sums: tuple[str, ...] = rollups.SUMS) -> str:
+    marks = "(" + ", ".join("?" * len(rollups.KEY + sums)) + ")"
     return (
-        f"INSERT INTO usage_rollups ({', '.join(rollups.KEY + rollups.SUMS)}) VALUES "
-        + ", ".join([_ROLLUP_MARKS] * rows)
+        f"INSERT INTO usage_rollups ({', '.join(rollups.KEY + sums)}) VALUES "
+        + ", ".join([marks] * rows)
         + f" ON CONFLICT ({', '.join(rollups.KEY)}) DO UPDATE SET "
-        + ", ".join(f"{name} = {name} + excluded.{name}" for name in rollups.SUMS)
+        + ", ".join(f"{name} = {name} + excluded.{name}" for name in sums)
+    )
+
+
+@functools.cache
+def _add_teams(sums: tuple[str, ...] = rollups.SUMS) -> str:
+    return (
+        f"INSERT INTO team_rollups (step_ms, team_id, bucket_ms, {', '.join(sums)}, latency_hist, ttft_hist) "
+        f"VALUES ({', '.join('?' * (5 + len(sums)))}) ON CONFLICT (step_ms, team_id, bucket_ms) DO UPDATE SET "
+        + "".join(f"{name} = {name} + excluded.{name}, " for name in sums)
+        + "latency_hist = rollup_hist_add(latency_hist, excluded.latency_hist), "
+        "ttft_hist = rollup_hist_add(ttft_hist, excluded.ttft_hist)"
     )
 
 
@@ -140,22 +144,30 @@ def roll_up(db: sqlite3.Connection, rows: Sequence[tuple], now_ms: int) -> None:
     _add_rollups(db, rows, minutes_from)
 
 
-def _add_rollups(db: sqlite3.Connection, rows: Sequence[tuple], minutes_from: int) -> None:
-    sums, teams = rollups.aggregate(rows, minutes_from)
-    for start, size in _chunks(len(sums), _MAX_ROLLUPS_PER_UPSERT):
-        db.execute(_add_sums(size), list(chain.from_iterable(sums[start : start + size])))
-    db.executemany(_ADD_TEAMS, teams)
+def _add_rollups(
+    db: sqlite3.Connection, rows: Sequence[tuple], minutes_from: int, sums: tuple[str, ...] = rollups.SUMS
+) -> None:
+    """Upsert the rollups of `rows`: every sum, or the first of them (`sums`: the columns an older migration made)."""
+    found, teams = rollups.aggregate(rows, minutes_from)
+    if sums != rollups.SUMS:
+        width = len(rollups.KEY) + len(sums)
+        found = [row[:width] for row in found]
+        teams = [(*row[: 3 + len(sums)], *row[-2:]) for row in teams]
+    for start, size in _chunks(len(found), _MAX_ROLLUPS_PER_UPSERT):
+        db.execute(_add_sums(size, sums), list(chain.from_iterable(found[start : start + size])))
+    db.executemany(_add_teams(sums), teams)
 
 
 def backfill_rollups(db: sqlite3.Connection) -> None:
     """Migration 8's data, in its transaction: the rollups of every stored record, by the writer's own code (minute
-    rows from `rollup_pruning`'s cutoff, as the migration set it). Reads `generations` in the order it was written
-    (mostly by time), so that each chunk adds to few rollup rows."""
+    rows from `rollup_pruning`'s cutoff, as the migration set it), in the columns migration 8 made (the first ten
+    sums; migration 10 adds and fills the others). Reads `generations` in the order it was written (mostly by
+    time), so that each chunk adds to few rollup rows."""
     (minutes_from,) = db.execute(_PRUNED).fetchone()
     register(db)
     rows = db.execute(f"SELECT {GENERATION_COLUMNS} FROM generations ORDER BY rowid")
     while chunk := rows.fetchmany(_BACKFILL_CHUNK):
-        _add_rollups(db, chunk, minutes_from)
+        _add_rollups(db, chunk, minutes_from, rollups.SUMS[:10])
 
 
 def fsync_wal(path: str) -> None:
