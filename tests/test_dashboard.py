@@ -246,7 +246,10 @@ async def test_credits_a_team_reads_and_the_operator_adds(gw, make_key, monkeypa
     assert "Credits · acme" in text
     spent = re.search(r'Spent, 24 hours</div><div class="value">\$([\d.]+)</div>', text)
     assert spent and float(spent.group(1)) > 0  # the request, written or not yet
-    assert re.search(r"<td>\$10\.00</td>", text)  # the top-up itself
+    assert re.search(r'<td class="amount in">\+\$10\.00</td>', text)  # the top-up itself, in the ledger
+    await gw.server.app[GATEWAY].accountant.flush()
+    text = await (await gw.get("/dashboard/credits")).text()
+    assert re.search(r'<td>Spend: 1 request</td><td class="amount out">-\$0\.0000\d+</td>', text)  # today's
     assert "Add credit" not in text
     refused = await gw.post("/dashboard/credits", data={"csrf": csrf, "amount_usd": "5"})
     assert refused.status == 403  # a team cannot top itself up
@@ -263,7 +266,11 @@ async def test_credits_a_team_reads_and_the_operator_adds(gw, make_key, monkeypa
         "/dashboard/credits?team=acme", data={"csrf": csrf, "amount_usd": "25.5", "note": "invoice <7>"}
     )
     text = await added.text()
-    assert added.status == 200 and "invoice &lt;7&gt;" in text and re.search(r"<td>\$25\.50</td>", text)
+    assert (
+        added.status == 200
+        and "invoice &lt;7&gt;" in text
+        and re.search(r'<td class="amount in">\+\$25\.50</td>', text)
+    )
     balance = re.search(r'<div class="label">Balance</div><div class="value">\$([\d.,]+)</div>', text)
     assert balance and balance.group(1) == "35.50"  # $10 + $25.50, less a request (shown to the cent)
 

@@ -1,7 +1,10 @@
-"""The dashboard's credits page: a team's balance, spend and top-ups (as `GET /v1/credits` gives them); the
-operator adds credit to a team."""
+"""The dashboard's credits page: a team's balance, spend and top-ups (as `GET /v1/credits` gives them) and its
+ledger of top-ups and daily spend; the operator adds credit to a team."""
 
 from __future__ import annotations
+
+import time
+from typing import Any
 
 from aiohttp import web
 
@@ -11,9 +14,42 @@ from proxy.dashboard import views
 from proxy.dashboard.keys import common, posted_form, team_of, team_query
 from proxy.errors import Code, GatewayError
 from proxy.gateway import Gateway
+from proxy.store.base import TopUp
 from proxy.surfaces.platform import team_credits
 
 _MAX_TOP_UP_NANOS = 1_000_000 * NANOS_PER_USD
+DAY_MS = 86_400_000
+LEDGER_DAYS = 30
+
+
+async def _ledger(gw: Gateway, team_id: str, top_ups: list[TopUp]) -> list[dict[str, Any]]:
+    """Money in and out, newest first: the latest top-ups (and adjustments) as the wallet's ledger has them, and each
+    UTC day's spend over the last LEDGER_DAYS days, from the rollups (the requests the store has)."""
+    assert gw.store is not None
+    today = int(time.time() * 1000) // DAY_MS * DAY_MS
+    view = await gw.store.overview(team_id, today - (LEDGER_DAYS - 1) * DAY_MS, today + DAY_MS, DAY_MS)
+    lines = [
+        {
+            "at": t.created_at * 1000,
+            "when": views.moment(t.created_at * 1000),
+            "what": t.note or ("Top-up" if t.amount_nanos > 0 else "Adjustment"),
+            "amount": ("+" if t.amount_nanos > 0 else "-") + views.usd(abs(t.amount_nanos)),
+            "kind": "in" if t.amount_nanos > 0 else "out",
+        }
+        for t in top_ups
+    ]
+    lines += [
+        {
+            "at": day.start_ms + DAY_MS - 1,  # after the day's top-ups
+            "when": time.strftime("%Y-%m-%d", time.gmtime(day.start_ms / 1000)),
+            "what": f"Spend: {day.requests:,} request{'s' if day.requests != 1 else ''}",
+            "amount": "-" + views.usd(day.cost_nanos),
+            "kind": "out",
+        }
+        for day in view.series
+        if day.requests
+    ]
+    return sorted(lines, key=lambda line: -line["at"])
 
 
 async def page(
@@ -31,7 +67,7 @@ async def page(
             "minimum": views.usd(gw.config.auth.min_balance_nanos),
             "spend_24h": views.usd(credits.spend_24h_nanos + unwritten),
             "spend_30d": views.usd(credits.spend_30d_nanos + unwritten),
-            "top_ups": credits.top_ups,
+            "ledger": await _ledger(gw, team_id, credits.top_ups),
         }
     return views.html(
         "credits.html",
