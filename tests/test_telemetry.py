@@ -427,3 +427,33 @@ async def test_a_long_streams_finish_reason_is_read_from_its_end(aiohttp_client,
     trace_id = mock.control.last.headers["traceparent"].split("-")[1]
     server, _ = _by_kind(await receiver.trace(trace_id, 2))
     assert _attributes(server.attributes)["gen_ai.response.finish_reasons"] == ["stop"]
+
+
+def test_a_line_the_exporter_cannot_read_is_counted_lost_not_fatal():
+    """The exporter decodes a batch of lines in one call: a line it cannot read loses its batch (each line a span
+    at least), counted, and the next batch goes on."""
+    from proxy import trace_export
+
+    sent: list[bytes] = []
+
+    class Collector:
+        def send(self, body: bytes) -> bool:
+            sent.append(body)
+            return True
+
+    encoder = trace_export.Encoder({"service.name": "test"}, 0)
+    good = (
+        b'["0af7651916cd43dd8448eb211c80319c",7,0,"",[[8,"api.openai.com"]],[],"openai.chat","openai/gpt-4o-mini",'
+        b'"openai","gpt-4o-mini",200,"",1.0,0.0,2.0,[["openai",200,1.0,2.0]],[3,4],5,"chatcmpl-1",0,[],["stop"],'
+        b'"","",false]'
+    )
+    assert trace_export.export(encoder, Collector(), [good, b'["not", "a", "request"]']) == 2  # (a batch: both)
+    assert not sent
+    assert trace_export.export(encoder, Collector(), [good]) == 0
+    [body] = sent
+    spans = orjson.loads(body)["resourceSpans"][0]["scopeSpans"][0]["spans"]
+    assert [s["name"] for s in spans] == ["chat openai/gpt-4o-mini", "chat gpt-4o-mini"]
+    assert spans[1]["parentSpanId"] == f"{7:016x}"
+    attributes = {a["key"]: a["value"] for a in spans[0]["attributes"]}
+    assert attributes["gen_ai.response.id"] == {"stringValue": "chatcmpl-1"}
+    assert attributes["gen_ai.response.finish_reasons"] == {"arrayValue": {"values": [{"stringValue": "stop"}]}}
