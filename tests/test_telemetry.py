@@ -457,3 +457,22 @@ def test_a_line_the_exporter_cannot_read_is_counted_lost_not_fatal():
     attributes = {a["key"]: a["value"] for a in spans[0]["attributes"]}
     assert attributes["gen_ai.response.id"] == {"stringValue": "chatcmpl-1"}
     assert attributes["gen_ai.response.finish_reasons"] == {"arrayValue": {"values": [{"stringValue": "stop"}]}}
+
+
+async def test_a_cache_hit_is_one_server_span_with_its_finish_reasons(aiohttp_client, mock, store_url, key, receiver):
+    config = _traced(load_config(DEFAULT_CONFIG, env=env_for(mock, store_url)), receiver.url)
+    config = msgspec.structs.replace(config, cache=msgspec.structs.replace(config.cache, enabled=True))
+    gw = await _gateway(aiohttp_client, config)
+    traces = [f"{i:032x}" for i in (0xA1, 0xA2, 0xA3)]
+    for trace, stream in zip(traces, (False, False, True), strict=True):
+        headers = {**auth(key), "traceparent": f"00-{trace}-00f067aa0ba902b7-01"}
+        r = await gw.post("/v1/chat/completions", json={**CHAT, "stream": stream}, headers=headers)
+        assert r.status == 200 and r.headers["x-cache"] == ("MISS" if trace == traces[0] else "HIT")
+        await r.read()
+    server, clients = _by_kind(await receiver.trace(traces[0], 2))
+    assert _attributes(server.attributes)["gateway.cache"] == "miss" and len(clients) == 1
+    for trace in traces[1:]:  # a hit: no call to a provider, the answer's own finish reasons
+        server, clients = _by_kind(await receiver.trace(trace, 1))
+        attributes = _attributes(server.attributes)
+        assert attributes["gateway.cache"] == "hit" and attributes["gen_ai.response.finish_reasons"] == ["stop"]
+        assert not clients and attributes["gateway.attempts"] == 0

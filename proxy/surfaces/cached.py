@@ -75,6 +75,8 @@ def answer_hit(
             memo[memo_key] = (tariff, worth, charged, lines, currency, pricing_json, answer)
     meta.status = 200
     meta.finished = True
+    if meta.trace is not None:  # its finish reasons (and content) are read from it when its spans are exported
+        meta.trace.answer, meta.trace.streamed = answer, stream and surface not in RAW
     headers = dict(SSE_HEADERS) if stream and surface not in RAW else {"Content-Type": "application/json"}
     headers["x-request-id"] = meta.request_id
     headers["x-cache"] = "HIT"
