@@ -195,7 +195,7 @@ class Encoder:
         spans = [_SPAN % (trace_id, span_id, parent, name, SERVER, start, end, fixed, varying, tail)]
         caller = b'"parentSpanId":"%016x",%b' % (span_id, state)
         ids = r.attempt_ids
-        if len(ids) < len(attempts):  # attempts that sent no traceparent (a job's): spans with ids of their own
+        if len(ids) < len(attempts):  # attempts that sent no traceparent (none yet): spans with ids of their own
             ids += [(random.getrandbits(64) or 1, "") for _ in range(len(attempts) - len(ids))]
         clients = self._clients
         for (who, code, started, ended), (attempt_id, address) in zip(attempts, ids, strict=False):

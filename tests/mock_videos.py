@@ -31,6 +31,7 @@ class VideoControl:
     deleted: list[str] = field(default_factory=list)
     fail_create: int = 0  # answer this many creates with 500 first
     ranges: list[str] = field(default_factory=list)
+    traceparents: list[str] = field(default_factory=list)  # each create's (empty: none sent)
 
 
 def build_video_mock(control: VideoControl) -> web.Application:
@@ -56,6 +57,7 @@ def build_video_mock(control: VideoControl) -> web.Application:
 
     async def create(request: web.Request) -> web.Response:
         authorized(request)
+        control.traceparents.append(request.headers.get("traceparent", ""))
         if control.fail_create > 0:
             control.fail_create -= 1
             return web.json_response({"error": {"message": "overloaded"}}, status=500)

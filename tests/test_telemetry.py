@@ -371,6 +371,9 @@ async def test_a_job_creation_has_its_operation_name(
     assert _attributes(created.attributes)["http.response.status_code"] == 200
     assert client[0].parent_span_id == created.span_id
     assert _attributes(client[0].attributes)["gen_ai.provider.name"] == "openai"
+    # the provider was told the attempt's span, as on the inference path
+    assert control.traceparents == [f"00-{created.trace_id.hex()}-{client[0].span_id.hex()}-01"]
+    assert _attributes(client[0].attributes)["server.address"] == "127.0.0.1"
 
 
 async def test_a_media_request_has_its_operation_name(aiohttp_client, mock, store_url, key, receiver):

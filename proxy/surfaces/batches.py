@@ -120,7 +120,7 @@ async def _start(
 ) -> web.Response:
     sent = patch_members(body, {"input_file_id": orjson.dumps(file.upstream_id)})
     meta.upstream_started()
-    status, answer = await call(upstream, "POST", "/batches", "creating a batch", data=sent)
+    status, answer = await call(upstream, "POST", "/batches", "creating a batch", data=sent, meta=meta)
     meta.upstream_ended(status)
     meta.status = status
     if status >= 400:

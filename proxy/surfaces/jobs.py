@@ -98,6 +98,12 @@ async def job_model(gw: Gateway, key: KeyRecord, meta: RequestMeta, name: str, s
     return model_id, model
 
 
+def attempt_headers(meta: RequestMeta, upstream: Upstream) -> dict[str, str]:
+    """The trace headers of an upstream attempt of a traced request (a `traceparent` naming the attempt's own
+    span); none when it is not traced."""
+    return meta.trace.upstream(upstream.host) if meta.trace is not None else {}
+
+
 def open_targets(gw: Gateway, meta: RequestMeta, targets: list[Target]) -> Iterator[tuple[Target, Health, Upstream]]:
     """The targets to try a job's creation at, in order, skipping those whose circuit is open; `meta` names
     each one as it comes."""
@@ -154,11 +160,20 @@ def upstream_of(gw: Gateway, job: Job) -> Upstream:
 
 
 async def call(
-    upstream: Upstream, method: str, path: str, doing: str, *, data: bytes | None = None, params: dict | None = None
+    upstream: Upstream,
+    method: str,
+    path: str,
+    doing: str,
+    *,
+    data: bytes | None = None,
+    params: dict | None = None,
+    meta: RequestMeta | None = None,
 ) -> tuple[int, bytes]:
-    """(status, body) of one call about a job (`data`: a JSON body); a provider that cannot be reached or
-    fails (5xx) is a 502."""
+    """(status, body) of one call about a job (`data`: a JSON body; `meta`: the traced request it is an attempt
+    of); a provider that cannot be reached or fails (5xx) is a 502."""
     headers = {"Content-Type": "application/json"} if data is not None else None
+    if meta is not None and meta.trace is not None:
+        headers = {**(headers or {}), **attempt_headers(meta, upstream)}
     try:
         async with upstream.session.request(
             method, upstream.url(path), data=data, params=params, headers=headers

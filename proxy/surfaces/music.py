@@ -79,7 +79,7 @@ async def _start(gw: Gateway, key: KeyRecord, meta: RequestMeta, body: bytes, re
         meta.upstream_started()
         try:
             path = NATIVE_PATH if native else suno.CREATE_PATH
-            status, answer = await call(upstream, "POST", path, "starting a music task", data=data)
+            status, answer = await call(upstream, "POST", path, "starting a music task", data=data, meta=meta)
         except GatewayError as e:  # unreachable, or failing (5xx): nothing was started
             meta.upstream_ended(0)
             failure = e

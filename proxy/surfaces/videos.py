@@ -31,6 +31,7 @@ from proxy.surfaces.inference import circuits_open
 from proxy.surfaces.jobs import (
     TRANSPORT_ERRORS,
     account,
+    attempt_headers,
     bill,
     call,
     download,
@@ -120,10 +121,11 @@ async def _start(
             data: object = body.payload()
             headers = {"Content-Type": form_type(body.boundary)}
         else:
-            data, headers = patch_members(body, {"model": orjson.dumps(target.model)}), None
+            data, headers = patch_members(body, {"model": orjson.dumps(target.model)}), {}
+        headers.update(attempt_headers(meta, upstream))
         meta.upstream_started()
         try:
-            async with upstream.session.post(upstream.url("/videos"), data=data, headers=headers) as resp:
+            async with upstream.session.post(upstream.url("/videos"), data=data, headers=headers or None) as resp:
                 answer = await resp.read()
         except TRANSPORT_ERRORS as e:
             meta.upstream_ended(0)
