@@ -75,6 +75,10 @@ class Channel:
                 if not failing:
                     log.warning("dashboard live mode: cannot read the latest requests: %s", e)
                 failing = True
+            except Exception:  # a fault of ours: logged once, and the watchers keep their stream
+                if not failing:
+                    log.exception("dashboard live mode: reading the latest requests failed")
+                failing = True
             else:
                 failing = False
                 fresh = [r for r in reversed(records) if r.request_id not in self.seen]  # oldest first
