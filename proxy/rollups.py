@@ -72,6 +72,7 @@ SUMS = (
 RATE_LIMITED = ("rate_limited", "too_many_streams")
 BLOCKED = "guardrail_blocked"
 KEY = ("step_ms", "team_id", "bucket_ms", "key_id", "model_id", "provider")
+_ZEROS = (0, 0, 0, 0, 0, 0, 0, 0.0, 0.0, 0, 0, 0, 0)  # a group's SUMS before its first record
 
 _bucket = partial(bisect.bisect_right, BOUNDS)
 _FIELDS = Generation.__struct_fields__
@@ -203,8 +204,7 @@ def aggregate(rows: Sequence[tuple], minutes_from_ms: int) -> tuple[list[tuple],
     (step_ms, team_id, bucket_ms, key_id, model_id, provider, requests, errors, cache_hits, input_tokens,
     output_tokens, cost_nanos, saved_nanos, latency_ms_sum, ttft_ms_sum, ttft_count, rate_limited, guarded, blocked),
     and one per `team_rollups` key, as (step_ms, team_id, bucket_ms, requests .. blocked, latency_hist,
-    ttft_hist). Minute buckets before
-    `minutes_from_ms` are left out (pruned already, or about to be).
+    ttft_hist). Minute buckets before `minutes_from_ms` are left out (pruned already, or about to be).
 
     The writer runs this for every record, so a record costs one pass of the least work: its usage and timings
     decoded with the batch's (two calls), its figures added to its (minute, team, key, model, provider) group's,
@@ -214,41 +214,13 @@ def aggregate(rows: Sequence[tuple], minutes_from_ms: int) -> tuple[list[tuple],
     groups: dict[tuple, list] = {}
     timed: dict[tuple, tuple[list[float], list[float]]] = {}  # per (minute, team): latencies and TTFTs
     find = groups.get
-    picked = map(_PICK, rows)
-    for (
-        created,
-        team,
-        key_id,
-        model,
-        provider,
-        status,
-        success,
-        cost,
-        cache,
-        saved,
-        code,
-        guarded,
-    ), used, times in zip(picked, usage, timings, strict=True):
+    for picked, used, times in zip(map(_PICK, rows), usage, timings, strict=True):
+        created, team, key_id, model, provider, status, success, cost, cache, saved, code, guarded = picked
         minute = created - created % MINUTE_MS
         key = (minute, team, key_id, model, provider)
         group = find(key)
-        if group is None:
-            group = groups[key] = [
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0.0,
-                0.0,
-                0,
-                0,
-                0,
-                0,
-                timed.setdefault((minute, team), ([], [])),
-            ]
+        if group is None:  # its sums (SUMS' order), then its (minute, team)'s latencies and TTFTs
+            group = groups[key] = [*_ZEROS, timed.setdefault((minute, team), ([], []))]
         group[0] += 1
         if status >= 400 or not success:
             group[1] += 1
@@ -335,9 +307,8 @@ def overview(
 ) -> Overview:
     """An Overview from a backend's two reads of a range: `teams` rows (start, requests, errors, cost_nanos,
     input_tokens, output_tokens, cache_hits, saved_nanos, rate_limited, guarded, blocked, latency_hist, ttft_hist), one
-    per team and rollup bucket,
-    `start` the series bucket (a multiple of step_ms) that holds it; `spend` rows (key_id, model_id, provider,
-    requests, cost_nanos) summed over the range."""
+    per team and rollup bucket, `start` the series bucket (a multiple of step_ms) that holds it; `spend` rows
+    (key_id, model_id, provider, requests, cost_nanos) summed over the range."""
     points: dict[int, tuple[list[int], dict[str, int], dict[str, int]]] = {}
     for start, *sums, latencies, ttfts in teams:
         point = points.get(start)
