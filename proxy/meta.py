@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Final, final
 
 import msgspec
@@ -70,6 +71,60 @@ def new_request_id() -> str:
 
 def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
+
+
+def _provider_latency(upstream_start: float, upstream_end: float) -> float | None:
+    return upstream_end - upstream_start if upstream_start and upstream_end else None
+
+
+def _generation(upstream_start: float, first_token: float, upstream_end: float) -> float | None:
+    if first_token and upstream_end:
+        return upstream_end - first_token
+    return _provider_latency(upstream_start, upstream_end)
+
+
+def _tpot(first_token: float, upstream_end: float, output_tokens: int) -> float | None:
+    if not first_token or not upstream_end or output_tokens < 2:
+        return None
+    return (upstream_end - first_token) / (output_tokens - 1)
+
+
+def _throughput(provider: float | None, output_tokens: int) -> float | None:
+    return output_tokens / provider if provider and output_tokens else None
+
+
+def timing_figures(
+    start: float,
+    upstream_start: float,
+    first_token: float,
+    upstream_end: float,
+    now: float,
+    output_tokens: int,
+    attempts: Iterable[Sequence],
+) -> dict:
+    """A request's timing figures (and attempts) from its clock readings (`time.perf_counter()`; 0: did not
+    happen), as `meta` and the generation record show them (`RequestMeta.timings`, and the journal's lines
+    made rows, `proxy.records`)."""
+    latency = now - start
+    provider = _provider_latency(upstream_start, upstream_end)
+    ttft = first_token - start if first_token else None
+    generation = _generation(upstream_start, first_token, upstream_end)
+    tpot = _tpot(first_token, upstream_end, output_tokens)
+    throughput = _throughput(provider, output_tokens)
+    return {
+        "latency_ms": _ms(latency),
+        "provider_latency_ms": None if provider is None else _ms(provider),
+        "ttft_ms": None if ttft is None else _ms(ttft),
+        "generation_ms": None if generation is None else _ms(generation),
+        "tpot_ms": None if tpot is None else _ms(tpot),
+        "throughput_tps": None if throughput is None else round(throughput, 3),
+        "output_speed_tps": None if not tpot else round(1.0 / tpot, 3),
+        "gateway_overhead_ms": None if provider is None else _ms(max(latency - provider, 0.0)),
+        "attempts": [
+            {"provider": name, "status": status, "duration_ms": _ms(end - begun)}
+            for name, status, begun, end in attempts
+        ],
+    }
 
 
 @final
@@ -189,52 +244,34 @@ class RequestMeta:
         return (now or time.perf_counter()) - self.t_start
 
     def provider_latency(self) -> float | None:
-        if not self.t_upstream_start or not self.t_upstream_end:
-            return None
-        return self.t_upstream_end - self.t_upstream_start
+        return _provider_latency(self.t_upstream_start, self.t_upstream_end)
 
     def ttft(self) -> float | None:
         return self.t_first_token - self.t_start if self.t_first_token else None
 
     def generation(self) -> float | None:
-        if self.t_first_token and self.t_upstream_end:
-            return self.t_upstream_end - self.t_first_token
-        return self.provider_latency()
+        return _generation(self.t_upstream_start, self.t_first_token, self.t_upstream_end)
 
     def tpot(self) -> float | None:
         """Time per output token after the first: (provider duration - TTFT) / (output tokens - 1)."""
-        out = self.usage.output_tokens if self.usage else 0
-        if not self.t_first_token or not self.t_upstream_end or out < 2:
-            return None
-        return (self.t_upstream_end - self.t_first_token) / (out - 1)
+        return _tpot(self.t_first_token, self.t_upstream_end, self.usage.output_tokens if self.usage else 0)
 
     def throughput(self) -> float | None:
         """Output tokens per second of provider time."""
-        duration = self.provider_latency()
-        out = self.usage.output_tokens if self.usage else 0
-        if not duration or not out:
-            return None
-        return out / duration
+        return _throughput(self.provider_latency(), self.usage.output_tokens if self.usage else 0)
 
     def timings(self, now: float) -> dict:
         """The timing figures (and attempts), as meta and the generation record show them."""
-        latency = now - self.t_start
-        provider = self.provider_latency()
-        ttft, generation, tpot, throughput = self.ttft(), self.generation(), self.tpot(), self.throughput()
-        return {
-            "latency_ms": _ms(latency),
-            "provider_latency_ms": None if provider is None else _ms(provider),
-            "ttft_ms": None if ttft is None else _ms(ttft),
-            "generation_ms": None if generation is None else _ms(generation),
-            "tpot_ms": None if tpot is None else _ms(tpot),
-            "throughput_tps": None if throughput is None else round(throughput, 3),
-            "output_speed_tps": None if not tpot else round(1.0 / tpot, 3),
-            "gateway_overhead_ms": None if provider is None else _ms(max(latency - provider, 0.0)),
-            "attempts": [
-                {"provider": name, "status": status, "duration_ms": _ms(end - start)}
-                for name, status, start, end in self.attempts
-            ],
-        }
+        output_tokens = self.usage.output_tokens if self.usage else 0
+        return timing_figures(
+            self.t_start,
+            self.t_upstream_start,
+            self.t_first_token,
+            self.t_upstream_end,
+            now,
+            output_tokens,
+            self.attempts,
+        )
 
     def as_dict(self, now: float | None = None) -> dict:
         """The `meta` object of a response (`dropped_params` only when a parameter was left out, `guardrails`

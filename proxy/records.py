@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import msgspec
 import orjson
 
-from proxy.meta import MEDIA_UNITS, RequestMeta, Usage
+from proxy.meta import MEDIA_UNITS, RequestMeta, Usage, timing_figures
 from proxy.store.base import Generation
 
 SNAPSHOT = 1
@@ -77,8 +77,17 @@ _ROWS = tuple(msgspec.json.Decoder(tuple[_ROW_TYPES[:length]]) for length in ROW
 
 def line(meta: RequestMeta, created_ms: int) -> bytes:
     """The journal line of a finished request (a JSON array and a newline)."""
+    snapshot = _snapshot(meta, created_ms)
+    try:
+        return orjson.dumps(snapshot, option=orjson.OPT_APPEND_NEWLINE)
+    except orjson.JSONEncodeError:  # a string that is not valid Unicode (a lone surrogate): repaired
+        return orjson.dumps(tuple(_repaired(v) for v in snapshot), option=orjson.OPT_APPEND_NEWLINE)
+
+
+def _snapshot(meta: RequestMeta, created_ms: int) -> tuple:
+    """A finished request's figures, as its journal line holds them (`_MEMBERS`)."""
     usage = meta.usage
-    snapshot = (
+    return (
         SNAPSHOT,
         meta.request_id,
         created_ms,
@@ -108,10 +117,6 @@ def line(meta: RequestMeta, created_ms: int) -> bytes:
         meta.cache_status,
         meta.saved_nanos,
     )
-    try:
-        return orjson.dumps(snapshot, option=orjson.OPT_APPEND_NEWLINE)
-    except orjson.JSONEncodeError:  # a string that is not valid Unicode (a lone surrogate): repaired
-        return orjson.dumps(tuple(_repaired(v) for v in snapshot), option=orjson.OPT_APPEND_NEWLINE)
 
 
 def _repaired(value: object) -> object:
@@ -147,15 +152,7 @@ def _row(item: list) -> tuple:
     if len(item) < len(_MEMBERS):  # an older gateway's snapshot: the members it lacks at their defaults
         item = [*item, *_MISSING[len(item) - len(_V1_MEMBERS) :]]
     (
-        _,
-        request_id,
-        created_ms,
-        team_id,
-        key_id,
-        surface,
-        model,
-        provider,
-        upstream_model,
+        *_,
         native_id,
         stream,
         status,
@@ -176,17 +173,27 @@ def _row(item: list) -> tuple:
         cache_status,
         saved_nanos,
     ) = item
-    meta = RequestMeta(request_id, surface, t_start)
-    meta.team_id, meta.key_id, meta.model, meta.provider = team_id, key_id, model, provider
-    meta.upstream_model, meta.native_id, meta.stream, meta.status = upstream_model, native_id, stream, status
-    meta.error_code, meta.error_message, meta.usage_source = error_code, error_message, usage_source
-    meta.usage = None if usage is None else Usage(*usage)
-    meta.cost_nanos, meta.currency, meta.pricing_json = cost, currency, orjson.dumps(pricing)
-    meta.t_upstream_start, meta.t_first_token, meta.t_upstream_end = t_upstream_start, t_first_token, t_upstream_end
-    meta.t_end = t_end
-    meta.attempts = [tuple(attempt) for attempt in attempts]
-    meta.guardrails, meta.cache_status, meta.saved_nanos = guardrails, cache_status, saved_nanos
-    return row(meta, created_ms)
+    used = None if usage is None else Usage(*usage)
+    output_tokens = used.output_tokens if used else 0
+    timings = timing_figures(t_start, t_upstream_start, t_first_token, t_upstream_end, t_end, output_tokens, attempts)
+    return (
+        *item[1:9],  # request id, created at, team, key, surface, model, provider, upstream model: as they are
+        native_id.replace("\0", ""),  # from the provider; PostgreSQL text cannot hold NUL
+        stream,
+        status,
+        200 <= status < 300 and not error_code,
+        error_code,
+        error_message.replace("\0", ""),
+        _usage_json(used),
+        usage_source if used else "none",
+        cost or 0,
+        currency,
+        orjson.dumps(pricing).decode(),
+        orjson.dumps(timings).decode(),
+        orjson.dumps(guardrails).decode() if guardrails else "",
+        cache_status,
+        saved_nanos,
+    )
 
 
 _USAGE = (
@@ -196,44 +203,23 @@ _USAGE = (
 
 
 def row(meta: RequestMeta, created_ms: int) -> tuple:
-    """The generation record of a finished request, as a row in the store's column order."""
-    usage = meta.usage
+    """The generation record of a finished request, as a row in the store's column order: what its journal line
+    becomes (`rows`), without the JSON between."""
+    return _row(_snapshot(meta, created_ms))
+
+
+def _usage_json(usage: Usage | None) -> str:
     if usage is None:
-        usage_json = "{}"
-    else:
-        usage_json = _USAGE % (
-            usage.input_tokens,
-            usage.output_tokens,
-            usage.total_tokens,
-            usage.cached_input_tokens,
-            usage.cache_write_tokens,
-            usage.reasoning_tokens,
-        )
-        if usage.units():  # media units, each only when metered: token-only records stay as they were
-            metered = {name: value for name in MEDIA_UNITS if (value := getattr(usage, name))}
-            usage_json = usage_json[:-1] + "," + orjson.dumps(metered).decode()[1:]
-    return (
-        meta.request_id,
-        created_ms,
-        meta.team_id,
-        meta.key_id,
-        meta.surface,
-        meta.model,
-        meta.provider,
-        meta.upstream_model,
-        meta.native_id.replace("\0", ""),  # from the provider; PostgreSQL text cannot hold NUL
-        meta.stream,
-        meta.status,
-        200 <= meta.status < 300 and not meta.error_code,
-        meta.error_code,
-        meta.error_message.replace("\0", ""),
-        usage_json,
-        meta.usage_source if usage else "none",
-        meta.cost_nanos or 0,
-        meta.currency,
-        meta.pricing_json.decode(),
-        orjson.dumps(meta.timings(meta.t_end)).decode(),
-        orjson.dumps(meta.guardrails).decode() if meta.guardrails else "",
-        meta.cache_status,
-        meta.saved_nanos,
+        return "{}"
+    out = _USAGE % (
+        usage.input_tokens,
+        usage.output_tokens,
+        usage.total_tokens,
+        usage.cached_input_tokens,
+        usage.cache_write_tokens,
+        usage.reasoning_tokens,
     )
+    if usage.units():  # media units, each only when metered: token-only records stay as they were
+        metered = {name: value for name in MEDIA_UNITS if (value := getattr(usage, name))}
+        out = out[:-1] + "," + orjson.dumps(metered).decode()[1:]
+    return out
