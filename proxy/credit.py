@@ -138,21 +138,23 @@ class KeyBudgets:
     written (`pending`), as the wallet does.
     """
 
-    __slots__ = ("_cache", "pending", "store")
+    __slots__ = ("_cache", "_teams", "pending", "store")
 
     def __init__(self, store: Store, ttl: float, stale_s: float = 0.0):
         self.store = store
         self.pending: dict[str, int] = {}  # kid → cost submitted but not yet in the store
+        self._teams: dict[str, str] = {}  # kid → its team, for the store's read (the team's usage rollups)
         self._cache: TTLCache[tuple[str, int], int] = TTLCache(self._fetch, ttl, stale_s=stale_s, name="key spend")
 
     async def _fetch(self, key: tuple[str, int]) -> int:
         kid, since_ms = key
         try:
-            return await self.store.key_spend(kid, since_ms) + self.pending.get(kid, 0)
+            return await self.store.key_spend(self._teams[kid], kid, since_ms) + self.pending.get(kid, 0)
         except StoreError as e:
             raise GatewayError(Code.unavailable, "The key store is unavailable; retry shortly.") from e
 
-    async def spent(self, kid: str, since_ms: int) -> int:
+    async def spent(self, team_id: str, kid: str, since_ms: int) -> int:
+        self._teams[kid] = team_id
         spent = self._cache.get((kid, since_ms))
         return await self._cache.load((kid, since_ms)) if isinstance(spent, Missing) else spent
 
@@ -167,7 +169,7 @@ class KeyBudgets:
         ):
             if limit is None:
                 continue
-            spent = await self.spent(key.kid, since)
+            spent = await self.spent(key.team_id, key.kid, since)
             if spent >= limit:
                 raise GatewayError(
                     Code.key_budget_exceeded,

@@ -288,6 +288,12 @@ def check_range(since_ms: int, until_ms: int, step_ms: int, rollup: int) -> None
         raise ValueError(f"step_ms ({step_ms}) must be a positive multiple of the rollup step ({rollup} ms)")
 
 
+def check_hour(since_ms: int) -> None:
+    """A sum of hour rollups from `since_ms` on is exact only from the start of an hour (ValueError otherwise)."""
+    if since_ms % HOUR_MS:
+        raise ValueError(f"since_ms ({since_ms}) must be the start of a UTC hour")
+
+
 def first_bucket(since_ms: int, rollup: int) -> int:
     """The first rollup bucket of a range: the one holding since_ms (a range is widened to whole rollup buckets)."""
     return since_ms - since_ms % rollup

@@ -285,11 +285,16 @@ async def test_credits_spend_windows(store: Store):
             generation("r-1h", team.id, cost=1, created_ms=now - 3_600_000),
             generation("r-5d", team.id, cost=20, created_ms=now - 5 * DAY_MS),
             generation("r-40d", team.id, cost=300, created_ms=now - 40 * DAY_MS),
+            # either side of each window's start: exact, though the rollups' buckets are a minute and an hour
+            generation("in-24h", team.id, cost=4_000, created_ms=now - DAY_MS + 5_000),
+            generation("out-24h", team.id, cost=50_000, created_ms=now - DAY_MS - 5_000),
+            generation("in-30d", team.id, cost=600_000, created_ms=now - 30 * DAY_MS + 5_000),
+            generation("out-30d", team.id, cost=7_000_000, created_ms=now - 30 * DAY_MS - 5_000),
         ],
     )
     credits = await store.credits(team.id)
-    assert (credits.spend_24h_nanos, credits.spend_30d_nanos) == (1, 21)
-    assert credits.balance_nanos == 1_000_000 - 321
+    assert (credits.spend_24h_nanos, credits.spend_30d_nanos) == (4_001, 654_021)
+    assert credits.balance_nanos == 1_000_000 - 7_654_321
 
 
 # --- keys ------------------------------------------------------------------------------------------------
@@ -636,9 +641,12 @@ async def test_key_spend(store: Store):
             generation("r4", team.id, key="k2", cost=5_000, created_ms=since),  # another key
         ],
     )
-    assert await store.key_spend("k1", since) == 120
-    assert await store.key_spend("k2", since) == 5_000
-    assert await store.key_spend("nope", since) == 0
+    assert await store.key_spend(team.id, "k1", since) == 120  # from the hour rollups
+    assert await store.key_spend(team.id, "k2", since) == 5_000
+    assert await store.key_spend(team.id, "nope", since) == 0
+    assert await store.key_spend("another-team", "k1", since) == 0
+    with pytest.raises(ValueError, match="start of a UTC hour"):
+        await store.key_spend(team.id, "k1", since + 1)
 
 
 async def test_activity_groups_by_day_model_provider_endpoint_and_pages(store: Store):

@@ -316,7 +316,11 @@ class Store(Protocol):
         """Whether the response cache serves the key's requests (None: the config's default for its team)."""
         ...
 
-    async def key_spend(self, kid: str, since_ms: int) -> int: ...
+    async def key_spend(self, team_id: str, kid: str, since_ms: int) -> int:
+        """What the team's key spent from `since_ms` on (the start of a UTC hour: a day's, a month's), from the
+        hour rollups, which count every record in the transaction that stores it."""
+        ...
+
     async def activity(
         self, team_id: str, *, since_ms: int, until_ms: int, model: str, key_id: str, limit: int, offset: int
     ) -> tuple[int, list[tuple]]:
@@ -419,6 +423,24 @@ def redact_url(url: str) -> str:
         url = url.replace(parts.netloc, f"{userinfo.partition(':')[0]}:***@{hostinfo}", 1)
     head, mark, query = url.partition("?")
     return head + mark + re.sub(r"(?<![^&])password=[^&#]*", "password=***", query)
+
+
+def spend_query(mark: Callable[[int], str]) -> str:
+    """A team's spend from a time on, exactly and cheaply: its records from then up to the next whole rollup
+    bucket (at most a bucket of them), then the team's rollups from that bucket on. Arguments: (team id, since,
+    the next whole bucket's start, the rollup step: minutes up to 48 hours back, hours past that)."""
+    return (
+        "SELECT (SELECT COALESCE(SUM(cost_nanos), 0) FROM generations "
+        f"WHERE team_id = {mark(1)} AND created_at >= {mark(2)} AND created_at < {mark(3)}) + "
+        "(SELECT COALESCE(SUM(cost_nanos), 0) FROM team_rollups "
+        f"WHERE step_ms = {mark(4)} AND team_id = {mark(1)} AND bucket_ms >= {mark(3)})"
+    )
+
+
+def spend_args(team_id: str, now_ms: int) -> list[tuple[str, int, int, int]]:
+    """`spend_query`'s arguments for a team's last 24 hours (from minute rollups) and 30 days (hour rollups)."""
+    windows = ((now_ms - 86_400_000, 60_000), (now_ms - 30 * 86_400_000, 3_600_000))
+    return [(team_id, since, -(-since // step) * step, step) for since, step in windows]
 
 
 def recent_query(

@@ -41,6 +41,8 @@ from proxy.store.base import (
     key_from_row,
     recent_query,
     redact_url,
+    spend_args,
+    spend_query,
     url_secrets,
 )
 
@@ -190,6 +192,7 @@ _OVERVIEW_SPEND = (
     "SELECT key_id, model_id, provider, SUM(requests)::bigint, SUM(cost_nanos)::bigint FROM usage_rollups "
     f"WHERE {_RANGE} GROUP BY key_id, model_id, provider"
 )
+_SPEND = spend_query(lambda i: f"${i}")
 _TARGET_USAGE = (
     "SELECT model_id, provider, SUM(requests)::bigint, SUM(errors)::bigint, SUM(latency_ms_sum)::float8 "
     f"FROM usage_rollups WHERE step_ms = {rollups.MINUTE_MS} AND team_id = ANY($1::text[]) AND bucket_ms >= $2 "
@@ -427,13 +430,7 @@ class PostgresStore:
                     top_ups,
                 )
             ]
-            day, month = await conn.fetchrow(
-                "SELECT COALESCE(SUM(cost_nanos) FILTER (WHERE created_at >= $1), 0)::bigint, "
-                "COALESCE(SUM(cost_nanos), 0)::bigint FROM generations WHERE team_id = $2 AND created_at >= $3",
-                now_ms - 86_400_000,
-                team_id,
-                now_ms - 30 * 86_400_000,
-            )
+            day, month = [int(await conn.fetchval(_SPEND, *args)) for args in spend_args(team_id, now_ms)]
         return Credits(balance_nanos=balance, top_ups=ledger, spend_24h_nanos=day, spend_30d_nanos=month)
 
     async def rename_key(self, kid: str, name: str) -> bool:
@@ -476,12 +473,15 @@ class PostgresStore:
             done = await conn.execute("UPDATE api_keys SET cache = $1 WHERE kid = $2", cache, kid)
         return _count(done) > 0
 
-    async def key_spend(self, kid: str, since_ms: int) -> int:
+    async def key_spend(self, team_id: str, kid: str, since_ms: int) -> int:
+        rollups.check_hour(since_ms)
         async with self._conn("cannot read a key's spend") as conn:
             return await conn.fetchval(
-                "SELECT COALESCE(SUM(cost_nanos), 0)::bigint FROM generations WHERE key_id = $1 AND created_at >= $2",
-                kid,
+                "SELECT COALESCE(SUM(cost_nanos), 0)::bigint FROM usage_rollups "
+                f"WHERE step_ms = {rollups.HOUR_MS} AND team_id = $1 AND bucket_ms >= $2 AND key_id = $3",
+                team_id,
                 since_ms,
+                kid,
             )
 
     async def activity(

@@ -33,6 +33,8 @@ from proxy.store.base import (
     TopUp,
     key_from_row,
     recent_query,
+    spend_args,
+    spend_query,
 )
 from proxy.store.sqlite_usage import sqlite_path
 
@@ -254,12 +256,12 @@ class SqliteStore:
                 (team_id, top_ups),
             ) as cur:
                 ledger = [TopUp(*r) for r in await cur.fetchall()]
-            async with self.db.execute(
-                "SELECT COALESCE(SUM(CASE WHEN created_at >= ? THEN cost_nanos END), 0), "
-                "COALESCE(SUM(cost_nanos), 0) FROM generations WHERE team_id = ? AND created_at >= ?",
-                (now_ms - 86_400_000, team_id, now_ms - 30 * 86_400_000),
-            ) as cur:
-                day, month = await cur.fetchone()  # type: ignore[misc]
+            spent = []
+            for args in spend_args(team_id, now_ms):
+                async with self.db.execute(_SPEND, args) as cur:
+                    (total,) = await cur.fetchone()  # type: ignore[misc]
+                spent.append(int(total))
+            day, month = spent
         except sqlite3.Error as e:
             raise StoreError(str(e)) from e
         return Credits(balance_nanos=balance, top_ups=ledger, spend_24h_nanos=day, spend_30d_nanos=month)
@@ -298,11 +300,13 @@ class SqliteStore:
             cur = await self.db.execute("UPDATE api_keys SET cache = ? WHERE kid = ?", (cache, kid))
         return cur.rowcount > 0
 
-    async def key_spend(self, kid: str, since_ms: int) -> int:
+    async def key_spend(self, team_id: str, kid: str, since_ms: int) -> int:
+        rollups.check_hour(since_ms)
         try:
             async with self.db.execute(
-                "SELECT COALESCE(SUM(cost_nanos), 0) FROM generations WHERE key_id = ? AND created_at >= ?",
-                (kid, since_ms),
+                "SELECT COALESCE(SUM(cost_nanos), 0) FROM usage_rollups "
+                f"WHERE step_ms = {rollups.HOUR_MS} AND team_id = ? AND bucket_ms >= ? AND key_id = ?",
+                (team_id, since_ms, kid),
             ) as cur:
                 (spent,) = await cur.fetchone()  # type: ignore[misc]
         except sqlite3.Error as e:
@@ -530,6 +534,9 @@ def _migrate_step(
     except BaseException:
         db.execute("ROLLBACK")
         raise
+
+
+_SPEND = spend_query(lambda i: f"?{i}")
 
 
 def _overview_sql(team_id: str | None) -> tuple[str, str]:
