@@ -209,6 +209,10 @@ async def stream(request: web.Request, gw: Gateway, signed: views.Signed) -> web
     except StoreError as e:
         with contextlib.suppress(ConnectionError):
             await response.write(_event("end", {"reason": f"The store is unavailable: {e}"}))
+    except Exception:  # a fault of ours, once the stream has begun: logged, and the browser told
+        log.exception("dashboard live stream failed")
+        with contextlib.suppress(ConnectionError):
+            await response.write(_event("end", {"reason": "The live view failed (the gateway's log says why)."}))
     finally:
         feed.leave(team_id, watcher)
     return response
