@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from decimal import Decimal
 
 import msgspec
 import orjson
@@ -271,8 +272,12 @@ async def test_credits_a_team_reads_and_the_operator_adds(gw, make_key, monkeypa
         and "invoice &lt;7&gt;" in text
         and re.search(r'<td class="amount in">\+\$25\.50</td>', text)
     )
-    balance = re.search(r'<div class="label">Balance</div><div class="value">\$([\d.,]+)</div>', text)
-    assert balance and balance.group(1) == "35.50"  # $10 + $25.50, less a request (shown to the cent)
+    balance = re.search(
+        r'<div class="label">Balance</div><div class="value" title="\$([\d.]+) exactly">\$([\d.,]+)</div>', text
+    )
+    assert balance and balance.group(2) == "35.50"  # $10 + $25.50, less a request (shown to the cent)
+    exact = Decimal(balance.group(1))  # to the nano-dollar, on hover: $35.50 less the request's fraction of a cent
+    assert Decimal("35.4999") < exact < Decimal("35.50") and exact.as_tuple().exponent < -4
 
 
 async def test_requests_are_listed_filtered_and_opened(gw, make_key):

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from proxy.config import NANOS_PER_USD
 from proxy.credit import parse_usd
+from proxy.credit import usd as exact_usd  # views.usd rounds from $1 up
 from proxy.dashboard import views
 from proxy.dashboard.keys import common, posted_form, team_of, team_query
 from proxy.errors import Code, GatewayError
@@ -64,6 +65,7 @@ async def page(
         credits, unwritten = await team_credits(gw, team_id, top_ups=50)
         context = {
             "balance": views.usd(credits.balance_nanos - unwritten),
+            "balance_exact": exact_usd(credits.balance_nanos - unwritten),  # shown on hover: to the nano-dollar
             "minimum": views.usd(gw.config.auth.min_balance_nanos),
             "spend_24h": views.usd(credits.spend_24h_nanos + unwritten),
             "spend_30d": views.usd(credits.spend_30d_nanos + unwritten),
