@@ -381,22 +381,21 @@ class Metrics:
     def samples(self, *names: str) -> list[tuple[str, dict[str, str], float]]:
         """The current samples (name, labels, value) of these metrics, every worker's in multiprocess mode (which
         reads their files: call it off the event loop). A counter's sample names end in `_total`."""
-        if self.multiprocess:
-            registry = CollectorRegistry()
-            mp.MultiProcessCollector(registry)
-        else:
-            registry = self.registry
         wanted = set(names)
         return [
             (sample.name, sample.labels, sample.value)
-            for family in registry.collect()
+            for family in self._collecting().collect()
             if family.name in wanted
             for sample in family.samples
         ]
 
     def render(self) -> tuple[bytes, str]:
-        if self.multiprocess:
-            registry = CollectorRegistry()
-            mp.MultiProcessCollector(registry)
-            return generate_latest(registry), CONTENT_TYPE_LATEST
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return generate_latest(self._collecting()), CONTENT_TYPE_LATEST
+
+    def _collecting(self) -> CollectorRegistry:
+        """This process's registry, or in multiprocess mode one that reads every worker's files."""
+        if not self.multiprocess:
+            return self.registry
+        registry = CollectorRegistry()
+        mp.MultiProcessCollector(registry)
+        return registry
