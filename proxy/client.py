@@ -517,12 +517,17 @@ class Pool:
 
     # --- the exchange
     async def request(
-        self, path: str, body: bytes | AsyncIterable[bytes], headers: Mapping[str, str] | None = None
+        self,
+        path: str,
+        body: bytes | AsyncIterable[bytes],
+        headers: Mapping[str, str] | None = None,
+        lines: bytes = b"",
     ) -> Response:
-        """Send a POST and wait for the answer's head. Raises a `ClientError` (a `TimeoutError` for timeouts)."""
+        """Send a POST and wait for the answer's head. `lines`: more headers, as encoded lines of the head
+        (each ending in CRLF; a trace's). Raises a `ClientError` (a `TimeoutError` for timeouts)."""
         loop = self.loop
         deadline = loop.time() + self.total_s
-        head = self._head(path, headers)
+        head = self._head(path, headers) + lines
         streamed = not isinstance(body, (bytes, bytearray))
         if not streamed:
             message = b"%sContent-Length: %d\r\n\r\n%s" % (head, len(body), body)  # type: ignore[arg-type]

@@ -22,9 +22,11 @@ from proxy.translators.exchange import SURFACES
 from proxy.translators.neutral import ContentPart, Message
 
 # A reason is a JSON string in the answer's own bytes: inside a text it would be escaped (\"), never matched.
+# Each member's name is found with `bytes.find` (much faster than a regular expression's scan over a long
+# answer or stream end), its value read where it is found.
 _FINISH: Final = {
-    "openai.chat": re.compile(rb'"finish_reason":\s*"([A-Za-z0-9_.-]{1,64})"'),
-    "anthropic.messages": re.compile(rb'"stop_reason":\s*"([A-Za-z0-9_.-]{1,64})"'),
+    "openai.chat": (b'"finish_reason"', re.compile(rb'"finish_reason":\s*"([A-Za-z0-9_.-]{1,64})"')),
+    "anthropic.messages": (b'"stop_reason"', re.compile(rb'"stop_reason":\s*"([A-Za-z0-9_.-]{1,64})"')),
 }
 _INCOMPLETE: Final = re.compile(rb'"incomplete_details":\s*\{\s*"reason":\s*"([A-Za-z0-9_.-]{1,64})"')
 _RESPONSE_STATUS: Final = re.compile(rb'"status":\s*"(completed|incomplete|failed|cancelled)"')
@@ -40,8 +42,18 @@ def finish_reasons(surface: str, answer: bytes, streamed: bool) -> tuple[str, ..
     if surface == "openai.responses":
         found = _INCOMPLETE.search(answer) or (_RESPONSE_END if streamed else _RESPONSE_STATUS).search(answer)
         return (found[1].decode(),) if found else ()
-    pattern = _FINISH.get(surface)
-    return tuple(reason.decode() for reason in pattern.findall(answer)) if pattern is not None else ()
+    found = _FINISH.get(surface)
+    if found is None:
+        return ()
+    name, pattern = found
+    reasons = []
+    at = answer.find(name)
+    while at >= 0:
+        value = pattern.match(answer, at)
+        if value is not None:
+            reasons.append(value[1].decode())
+        at = answer.find(name, at + len(name))
+    return tuple(reasons)
 
 
 def messages(surface: str, sent: bytes, answer: bytes, streamed: bool, limit: int) -> list[tuple[str, str]]:

@@ -7,9 +7,9 @@ of a request's figures (`Tracer.end`) and one pipe write every 250 ms.
 
 Frames (`proxy.frames`), worker to child: `C` the configuration (JSON: endpoint, headers, timeout, protocol,
 resource attributes, content limit; first, once: headers may hold an API key, never an argument), `B` finished
-requests (`Tracer.end`'s lines, separated by newlines). Child to worker: `D` and an 8-byte count, spans an export
-lost (the collector refused, timed out or is down). The child exits when its input closes, having exported
-what it had.
+requests (`Tracer`'s hand-over: one JSON array, `[wall, [request, …]]`, each request a `Finished`). Child to
+worker: `D` and an 8-byte count, spans an export lost (the collector refused, timed out or is down). The child
+exits when its input closes, having exported what it had.
 
 Each request becomes one SERVER span (`{operation} {model}`), a CLIENT span per upstream attempt and a
 `gen_ai.first_token` event, exported over OTLP/HTTP up to 512 requests a call: OTLP/JSON written here as bytes
@@ -53,7 +53,7 @@ CLIENT: Final = 3
 
 
 class Finished(msgspec.Struct, array_like=True):
-    """A finished request, as `Tracer.end` writes it (a JSON array, in this order). The members that are the same
+    """A finished request, as `Tracer.end` keeps it (a JSON array, in this order). The members that are the same
     from request to request, or only copied into the spans, stay JSON text (`Raw`): no objects made for them."""
 
     trace_id: str
@@ -75,20 +75,37 @@ class Finished(msgspec.Struct, array_like=True):
     usage: tuple[int, int] | None
     cost: int | None
     native_id: msgspec.Raw  # a JSON string
-    wall: int  # nanoseconds since the epoch at perf_counter() 0
-    extra: msgspec.Raw  # [[name, value], …]: the gateway's own attributes
+    gateway: msgspec.Raw  # [team, key id, cache status or "", [guardrail policy, …]]: the gateway's attributes
     finish_reasons: msgspec.Raw  # [reason, …]
     sent: str
     answer: str
     streamed: bool
 
 
-_decode: Final = msgspec.json.Decoder(list[Finished]).decode
+_decode: Final = msgspec.json.Decoder(tuple[int, list[Finished]]).decode
+_decode_loosely: Final = msgspec.json.Decoder(tuple[int, list[msgspec.Raw]]).decode
+_decode_one: Final = msgspec.json.Decoder(Finished).decode
 
 
-def decode_lines(lines: list[bytes]) -> list[Finished]:
-    """`Tracer.end`'s lines, in one call."""
-    return _decode(b"[" + b",".join(lines) + b"]")
+def decode_batch(payload: bytes) -> tuple[int, list[Finished], int]:
+    """A hand-over's requests, in one call, with its `wall` (nanoseconds since the epoch at `perf_counter()` 0);
+    if some cannot be read, the others, and how many could not (none, or the whole payload, are expected)."""
+    try:
+        wall, requests = _decode(payload)
+        return wall, requests, 0
+    except msgspec.DecodeError:
+        pass
+    try:
+        wall, items = _decode_loosely(payload)
+    except msgspec.DecodeError:
+        return 0, [], 1
+    requests, unread = [], 0
+    for item in items:
+        try:
+            requests.append(_decode_one(item))
+        except msgspec.DecodeError:
+            unread += 1
+    return wall, requests, unread
 
 
 _MEMO_MAX: Final = 4096  # distinct sets of fixed attributes kept encoded (per span kind)
@@ -151,15 +168,15 @@ class Encoder:
         self._reasons: dict[bytes, bytes] = {}  # finish reasons (JSON) → their attribute
         self._clients: dict[tuple, tuple[bytes, bytes]] = {}
 
-    def body(self, requests: list[Finished]) -> bytes:
-        return _BODY % (self.resource, b",".join([self.request(request) for request in requests]))
+    def body(self, requests: list[Finished], wall: int) -> bytes:
+        return _BODY % (self.resource, b",".join([self.request(request, wall) for request in requests]))
 
-    def request(self, r: Finished) -> bytes:
+    def request(self, r: Finished, wall: int) -> bytes:
         """One request's spans: its SERVER span and a CLIENT span per upstream attempt."""
         surface, model, upstream_model = r.surface, r.model, r.upstream_model
         status, error_code = r.status, r.error_code
         operation = OPERATIONS.get(surface, surface)
-        key = (operation, model, r.provider, upstream_model, bytes(r.request), bytes(r.extra))
+        key = (operation, model, r.provider, upstream_model, bytes(r.request), bytes(r.gateway))
         name, fixed = _memo(self._servers, key, _server)
         attempts, usage, cost, native = r.attempts, r.usage, r.cost, r.native_id
         failed = status >= 400 or bool(error_code)
@@ -184,7 +201,6 @@ class Encoder:
             sent, answer = r.sent.encode(), r.answer.encode()
             for name_, text in trace_content.messages(surface, sent, answer, r.streamed, self.capture_chars):
                 varying += _STRING % (name_.encode(), orjson.dumps(text))
-        wall = r.wall
         tail = _FIRST_TOKEN % (wall + int(r.t_first_token * 1e9)) if r.t_first_token else b""
         if failed:
             tail += _FAILED
@@ -226,14 +242,20 @@ def _finish_reasons(reasons: bytes) -> bytes:
 
 
 def _server(
-    operation: str, model: str, provider: str, upstream_model: str, request: bytes, extra: bytes
+    operation: str, model: str, provider: str, upstream_model: str, request: bytes, gateway: bytes
 ) -> tuple[bytes, bytes]:
     pairs: list[Any] = [("gen_ai.operation.name", operation), ("gen_ai.request.model", model)]
     if provider:
         pairs.append(("gen_ai.provider.name", PROVIDERS.get(provider, provider)))
     if upstream_model:
         pairs.append(("gen_ai.response.model", upstream_model))
-    pairs += [*orjson.loads(request), *orjson.loads(extra)]
+    pairs += orjson.loads(request)
+    team, key_id, cache, policies = orjson.loads(gateway)  # never a secret: the key by its id
+    pairs += [("gateway.team", team), ("gateway.key_id", key_id)]
+    if cache:
+        pairs.append(("gateway.cache", cache))
+    if policies:
+        pairs.append(("gateway.guardrails", policies))
     return orjson.dumps(f"{operation} {model}" if model else operation), _attributes(pairs)
 
 
@@ -287,22 +309,31 @@ class Sender:
             return False
 
 
-def export(encoder: Encoder, sender: Sender, lines: list[bytes]) -> int:
-    """Export requests' spans, `_BATCH` requests a call; returns how many spans were lost."""
-    lost = 0
-    for start in range(0, len(lines), _BATCH):
-        batch = lines[start : start + _BATCH]
-        requests: list[Finished] = []
+def export(encoder: Encoder, sender: Sender, payload: bytes) -> int:
+    """Export a hand-over's spans, `_BATCH` requests a call; returns how many spans were lost (a request that
+    cannot be read counts one)."""
+    try:
+        wall, requests, lost = decode_batch(payload)
+    except Exception as e:  # a fault of ours: counted, never fatal
+        _complain(f"reading {len(payload)} bytes of finished requests failed: {e!r}")
+        return 1
+    if lost:
+        _complain(f"{lost} finished requests could not be read")
+    for start in range(0, len(requests), _BATCH):
+        batch = requests[start : start + _BATCH]
         try:
-            requests = decode_lines(batch)
-            ok = sender.send(encoder.body(requests))
-        except Exception as e:  # a fault of ours (a line or an answer that cannot be read): counted, never fatal
-            with contextlib.suppress(OSError):
-                os.write(2, f"traces: exporting the spans of {len(batch)} requests failed: {e!r}\n".encode())
+            ok = sender.send(encoder.body(batch, wall))
+        except Exception as e:  # a fault of ours (an answer that cannot be read): counted, never fatal
+            _complain(f"exporting the spans of {len(batch)} requests failed: {e!r}")
             ok = False
-        if not ok:  # (lines that could not be read count a span each)
-            lost += sum(1 + len(r.attempts) for r in requests) if requests else len(batch)
+        if not ok:
+            lost += sum(1 + len(r.attempts) for r in batch)
     return lost
+
+
+def _complain(message: str) -> None:
+    with contextlib.suppress(OSError):
+        os.write(2, f"traces: {message}\n".encode())
 
 
 def main() -> None:
@@ -316,7 +347,7 @@ def main() -> None:
     while (frame := read_frame()) is not None:
         if frame[0] != b"B":
             continue
-        lost = export(encoder, sender, [line for line in frame[1].split(b"\n") if line])
+        lost = export(encoder, sender, frame[1])
         if lost:
             try:
                 write_frame(b"D", COUNT.pack(lost))

@@ -78,10 +78,14 @@ class Upstream:
         self.retired = False  # replaced by a reload: closed when `users` comes back to 0
 
     async def post(
-        self, path: str, body: bytes | AsyncIterable[bytes], headers: Mapping[str, str] | None = None
+        self,
+        path: str,
+        body: bytes | AsyncIterable[bytes],
+        headers: Mapping[str, str] | None = None,
+        lines: bytes = b"",
     ) -> Response:
         """An inference request (`path` under the base URL) over the pool; its answer's head has arrived."""
-        return await self.pool.request(self.base_path + path, body, headers)
+        return await self.pool.request(self.base_path + path, body, headers, lines)
 
     @property
     def session(self) -> aiohttp.ClientSession:

@@ -432,34 +432,94 @@ async def test_a_long_streams_finish_reason_is_read_from_its_end(aiohttp_client,
     assert _attributes(server.attributes)["gen_ai.response.finish_reasons"] == ["stop"]
 
 
-def test_a_line_the_exporter_cannot_read_is_counted_lost_not_fatal():
-    """The exporter decodes a batch of lines in one call: a line it cannot read loses its batch (each line a span
-    at least), counted, and the next batch goes on."""
+GOOD = (
+    b'["0af7651916cd43dd8448eb211c80319c",7,0,"",[[8,"api.openai.com"]],[],"openai.chat","openai/gpt-4o-mini",'
+    b'"openai","gpt-4o-mini",200,"",1.0,0.0,2.0,[["openai",200,1.0,2.0]],[3,4],5,"chatcmpl-1",["team_1","k1","",[]],'
+    b'["stop"],"","",false]'
+)
+
+
+class Collector:
+    def __init__(self):
+        self.sent: list[bytes] = []
+
+    def send(self, body: bytes) -> bool:
+        self.sent.append(body)
+        return True
+
+
+def test_a_request_the_exporter_cannot_read_is_counted_lost_not_fatal():
+    """The exporter decodes a hand-over in one call; one that holds a request it cannot read is read request by
+    request: that one is lost (a span), counted, and the others are exported."""
     from proxy import trace_export
 
-    sent: list[bytes] = []
-
-    class Collector:
-        def send(self, body: bytes) -> bool:
-            sent.append(body)
-            return True
-
-    encoder = trace_export.Encoder({"service.name": "test"}, 0)
-    good = (
-        b'["0af7651916cd43dd8448eb211c80319c",7,0,"",[[8,"api.openai.com"]],[],"openai.chat","openai/gpt-4o-mini",'
-        b'"openai","gpt-4o-mini",200,"",1.0,0.0,2.0,[["openai",200,1.0,2.0]],[3,4],5,"chatcmpl-1",0,[],["stop"],'
-        b'"","",false]'
-    )
-    assert trace_export.export(encoder, Collector(), [good, b'["not", "a", "request"]']) == 2  # (a batch: both)
-    assert not sent
-    assert trace_export.export(encoder, Collector(), [good]) == 0
-    [body] = sent
+    encoder, collector = trace_export.Encoder({"service.name": "test"}, 0), Collector()
+    assert trace_export.export(encoder, collector, b'[1000,[%b,["not", "a", "request"]]]' % GOOD) == 1
+    assert trace_export.export(encoder, collector, b"not a hand-over") == 1
+    [body] = collector.sent
     spans = orjson.loads(body)["resourceSpans"][0]["scopeSpans"][0]["spans"]
     assert [s["name"] for s in spans] == ["chat openai/gpt-4o-mini", "chat gpt-4o-mini"]
     assert spans[1]["parentSpanId"] == f"{7:016x}"
+    assert spans[0]["startTimeUnixNano"] == str(1000 + 10**9)  # the hand-over's epoch, plus the clock reading
     attributes = {a["key"]: a["value"] for a in spans[0]["attributes"]}
     assert attributes["gen_ai.response.id"] == {"stringValue": "chatcmpl-1"}
     assert attributes["gen_ai.response.finish_reasons"] == {"arrayValue": {"values": [{"stringValue": "stop"}]}}
+    assert attributes["gateway.team"] == {"stringValue": "team_1"}
+    assert attributes["gateway.key_id"] == {"stringValue": "k1"}
+    assert "gateway.cache" not in attributes and "gateway.guardrails" not in attributes
+
+
+def test_a_request_whose_text_is_not_unicode_is_not_exported_and_counted():
+    """A lone surrogate in a request's figures: its spans are dropped (counted: one, and one per attempt), never
+    an error for the request; the others go on."""
+    from prometheus_client import CollectorRegistry, Counter
+
+    from proxy import trace_export
+    from proxy.meta import RequestMeta
+    from proxy.telemetry import Tracer
+
+    dropped = Counter("dropped", "", ["reason"], registry=CollectorRegistry())
+    tracer = Tracer(TracesConfig(enabled=True, endpoint="http://127.0.0.1:9/v1/traces"), dropped)
+    for native_id in ("chatcmpl-1", "chatcmpl-\ud800"):
+        meta = RequestMeta("req", "openai.chat", 1.0)
+        meta.team_id, meta.key_id, meta.native_id, meta.status = "team_1", "k1", native_id, 200
+        meta.trace = tracer.start(None, None)
+        meta.trace.upstream_lines("127.0.0.1")  # type: ignore[union-attr]
+        tracer.end(meta, 2.0)
+    assert dropped.labels("export_failed")._value.get() == 2
+    wall, [request], unread = trace_export.decode_batch(b"[5,[%b]]" % b",".join(tracer._lines))
+    assert (wall, unread, bytes(request.native_id)) == (5, 0, b'"chatcmpl-1"')
+
+
+def test_a_tracestate_is_passed_on_only_as_w3c_allows():
+    from proxy.telemetry import Tracer
+
+    tracer = Tracer(TracesConfig(enabled=True, endpoint="http://127.0.0.1:9/v1/traces"))
+    parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    trace = tracer.start(parent, "vendor=x,other=y")
+    assert trace is not None
+    lines = trace.upstream_lines("api.openai.com").decode()
+    [(span_id, address)] = trace.attempt_ids
+    assert lines == (
+        f"traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-{span_id:016x}-01\r\ntracestate: vendor=x,other=y\r\n"
+    )
+    assert address == "api.openai.com"
+    for bad in ("vendor=\x7f", "vendor=\u00e9", "vendor=" + "x" * 600):  # a control, not ASCII, too long
+        trace = tracer.start(parent, bad)
+        assert trace is not None and trace.state == "" and "tracestate" not in trace.upstream_lines("h").decode()
+
+
+def test_finish_reasons_are_read_from_the_answers_members_only():
+    from proxy.trace_content import finish_reasons
+
+    answer = (
+        b'{"choices":[{"message":{"content":"say \\"finish_reason\\": \\"bogus\\""},"finish_reason": "length"},'
+        b'{"finish_reason":"stop"}]}'
+    )
+    assert finish_reasons("openai.chat", answer, False) == ("length", "stop")
+    assert finish_reasons("openai.chat", b'{"choices":[{"finish_reason":null}]}', True) == ()
+    assert finish_reasons("anthropic.messages", b'{"stop_reason":"tool_use","usage":{}}', False) == ("tool_use",)
+    assert finish_reasons("openai.embeddings", b'{"finish_reason":"stop"}', False) == ()
 
 
 async def test_a_cache_hit_is_one_server_span_with_its_finish_reasons(aiohttp_client, mock, store_url, key, receiver):

@@ -426,10 +426,9 @@ async def attempt(
     try:
         try:
             data = up.body if exchange.upload is None else exchange.upload.payload()
-            headers = up.headers or None
-            if meta.trace is not None:  # the attempt's own span, as its parent
-                headers = {**up.headers, **meta.trace.upstream(upstream.host)}
-            resp = await upstream.post(up.path, data, headers)
+            # A traced request's attempt names its own span as the provider's parent.
+            lines = meta.trace.upstream_lines(upstream.host) if meta.trace is not None else b""
+            resp = await upstream.post(up.path, data, up.headers or None, lines)
         except _TRANSPORT_ERRORS as e:
             meta.upstream_ended(0)
             if exchange.upload is not None and exchange.upload.error is not None:
