@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import http.client
 import os
 import random
+import ssl
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable
 from typing import Any, Final, final
@@ -287,9 +290,12 @@ def protobuf(body: bytes) -> bytes:
 
 @final
 class Sender:
-    """POSTs export requests to the collector (OTLP/HTTP), as JSON or protobuf."""
+    """POSTs export requests to the collector (OTLP/HTTP), as JSON or protobuf, over one keep-alive connection
+    (HTTPS verified as the standard library does: its default context, `SSL_CERT_FILE`), opened again when the
+    collector closed it. Through an `HTTP(S)_PROXY` the environment names for the collector (`NO_PROXY` honoured),
+    each export is a request of its own through `urllib`."""
 
-    __slots__ = ("endpoint", "headers", "protobuf", "timeout")
+    __slots__ = ("_conn", "_direct", "_reused", "endpoint", "headers", "protobuf", "target", "timeout")
 
     def __init__(self, endpoint: str, headers: dict[str, str], timeout: float, protobuf: bool):
         self.endpoint = endpoint
@@ -297,9 +303,56 @@ class Sender:
         kind = "application/x-protobuf" if protobuf else "application/json"
         self.headers = {**headers, "Content-Type": kind}
         self.timeout = timeout
+        url = urllib.parse.urlsplit(endpoint)
+        self.target = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        proxied = url.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(url.hostname or "")
+        # (scheme, host, port) to keep a connection to; None: urllib (a proxy, or a URL it will refuse)
+        self._direct = (url.scheme, url.hostname, url.port) if url.scheme in _SCHEMES and not proxied else None
+        self._conn: http.client.HTTPConnection | None = None
+        self._reused = False  # the connection has carried an export already
 
     def send(self, body: bytes) -> bool:
         data = protobuf(body) if self.protobuf else body
+        if self._direct is None:
+            return self._send_through_urllib(data)
+        while True:
+            reused = self._reused and self._conn is not None
+            try:
+                conn = self._connection()
+                conn.request("POST", self.target, body=data, headers=self.headers)
+                answer = conn.getresponse()
+                answer.read()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                self.close()
+                if reused:  # the collector had closed the idle connection: once more, on a new one
+                    continue
+                return False
+            except (OSError, http.client.HTTPException, ValueError):  # refused, timed out, not HTTP
+                self.close()
+                return False
+            self._reused = True
+            if answer.will_close:
+                self.close()
+            return 200 <= answer.status < 300
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            scheme, host, port = self._direct  # type: ignore[misc]
+            if scheme == "https":
+                self._conn = http.client.HTTPSConnection(
+                    host, port, timeout=self.timeout, context=ssl.create_default_context()
+                )
+            else:
+                self._conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
+            self._reused = False
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _send_through_urllib(self, data: bytes) -> bool:
         request = urllib.request.Request(self.endpoint, data=data, headers=self.headers, method="POST")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as answer:
@@ -307,6 +360,9 @@ class Sender:
                 return 200 <= answer.status < 300
         except (OSError, ValueError):  # refused, timed out, an HTTP error status, a bad URL
             return False
+
+
+_SCHEMES: Final = ("http", "https")
 
 
 def export(encoder: Encoder, sender: Sender, payload: bytes) -> int:
@@ -352,7 +408,8 @@ def main() -> None:
             try:
                 write_frame(b"D", COUNT.pack(lost))
             except BrokenPipeError:
-                return
+                break
+    sender.close()
 
 
 if __name__ == "__main__":

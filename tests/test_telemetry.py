@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 
 import msgspec
 import orjson
@@ -539,3 +540,45 @@ async def test_a_cache_hit_is_one_server_span_with_its_finish_reasons(aiohttp_cl
         attributes = _attributes(server.attributes)
         assert attributes["gateway.cache"] == "hit" and attributes["gen_ai.response.finish_reasons"] == ["stop"]
         assert not clients and attributes["gateway.attempts"] == 0
+
+
+async def test_the_exporter_keeps_one_connection_and_opens_another_when_the_collector_closed_it(aiohttp_server):
+    from proxy.trace_export import Sender
+
+    peers: list[tuple] = []
+    status = 200
+
+    async def collect(request: web.Request) -> web.Response:
+        peers.append(request.transport.get_extra_info("peername"))  # type: ignore[union-attr]
+        await request.read()
+        return web.Response(status=status)
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", collect)
+    server = await aiohttp_server(app)
+    sender = Sender(f"http://127.0.0.1:{server.port}/v1/traces", {"x-api-key": "k"}, 5.0, False)
+    send = functools.partial(asyncio.get_running_loop().run_in_executor, None, sender.send)
+    for _ in range(3):
+        assert await send(b"{}")
+    assert len(peers) == 3 and len(set(peers)) == 1  # one connection for every export
+    await server.runner.server.shutdown(1.0)  # the collector closes its idle connections
+    assert await send(b"{}")  # the closed one is found out, and the export goes on a new one
+    assert len(peers) == 4 and peers[3] != peers[0]
+    status = 503
+    assert not await send(b"{}")  # refused: lost (and counted by the caller)
+    status = 200
+    assert await send(b"{}") and len(set(peers)) == 2  # the refusal kept the connection
+    sender.close()
+    await server.close()
+    assert not await send(b"{}")  # the collector is gone
+
+
+def test_the_exporter_goes_through_the_proxy_the_environment_names(monkeypatch):
+    from proxy.trace_export import Sender
+
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("no_proxy", "collector.internal")
+    assert Sender("http://otel.example:4318/v1/traces", {}, 1.0, False)._direct is None  # urllib, through the proxy
+    bypassed = Sender("http://collector.internal:4318/v1/traces?x=1", {}, 1.0, False)
+    assert bypassed._direct == ("http", "collector.internal", 4318) and bypassed.target == "/v1/traces?x=1"
+    assert Sender("https://otel.example/v1/traces", {}, 1.0, False)._direct == ("https", "otel.example", None)
