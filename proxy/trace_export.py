@@ -91,8 +91,8 @@ _decode_one: Final = msgspec.json.Decoder(Finished).decode
 
 
 def decode_batch(payload: bytes) -> tuple[int, list[Finished], int]:
-    """A hand-over's requests, in one call, with its `wall` (nanoseconds since the epoch at `perf_counter()` 0);
-    if some cannot be read, the others, and how many could not (none, or the whole payload, are expected)."""
+    """A hand-over's requests, in one call, with its `wall` (nanoseconds since the epoch at `perf_counter()` 0),
+    and how many could not be read (0, unless a fault of ours: then the others are read one by one)."""
     try:
         wall, requests = _decode(payload)
         return wall, requests, 0
@@ -305,9 +305,14 @@ class Sender:
         self.timeout = timeout
         url = urllib.parse.urlsplit(endpoint)
         self.target = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        try:
+            port = url.port
+        except ValueError:  # not a port: urllib refuses it, each export counted lost
+            port = -1
         proxied = url.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(url.hostname or "")
+        direct = url.scheme in _SCHEMES and bool(url.hostname) and port != -1 and not proxied
         # (scheme, host, port) to keep a connection to; None: urllib (a proxy, or a URL it will refuse)
-        self._direct = (url.scheme, url.hostname, url.port) if url.scheme in _SCHEMES and not proxied else None
+        self._direct = (url.scheme, url.hostname, port) if direct else None
         self._conn: http.client.HTTPConnection | None = None
         self._reused = False  # the connection has carried an export already
 

@@ -576,9 +576,16 @@ async def test_the_exporter_keeps_one_connection_and_opens_another_when_the_coll
 def test_the_exporter_goes_through_the_proxy_the_environment_names(monkeypatch):
     from proxy.trace_export import Sender
 
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
     monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
     monkeypatch.setenv("no_proxy", "collector.internal")
     assert Sender("http://otel.example:4318/v1/traces", {}, 1.0, False)._direct is None  # urllib, through the proxy
     bypassed = Sender("http://collector.internal:4318/v1/traces?x=1", {}, 1.0, False)
     assert bypassed._direct == ("http", "collector.internal", 4318) and bypassed.target == "/v1/traces?x=1"
     assert Sender("https://otel.example/v1/traces", {}, 1.0, False)._direct == ("https", "otel.example", None)
+    monkeypatch.delenv("http_proxy")
+    for bad in ("http://127.0.0.1:99999/v1/traces", "http:///v1/traces", "ftp://127.0.0.1:9/"):
+        sender = Sender(bad, {}, 1.0, False)
+        assert sender._direct is None and not sender.send(b"{}")  # refused by urllib: lost, never fatal
