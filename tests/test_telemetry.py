@@ -542,8 +542,18 @@ async def test_a_cache_hit_is_one_server_span_with_its_finish_reasons(aiohttp_cl
         assert not clients and attributes["gateway.attempts"] == 0
 
 
-async def test_the_exporter_keeps_one_connection_and_opens_another_when_the_collector_closed_it(aiohttp_server):
+def _without_proxies(monkeypatch) -> None:
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
+async def test_the_exporter_keeps_one_connection_and_opens_another_when_the_collector_closed_it(
+    aiohttp_server, monkeypatch
+):
     from proxy.trace_export import Sender
+
+    _without_proxies(monkeypatch)
 
     peers: list[tuple] = []
     status = 200
@@ -576,9 +586,7 @@ async def test_the_exporter_keeps_one_connection_and_opens_another_when_the_coll
 def test_the_exporter_goes_through_the_proxy_the_environment_names(monkeypatch):
     from proxy.trace_export import Sender
 
-    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.upper(), raising=False)
+    _without_proxies(monkeypatch)
     monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
     monkeypatch.setenv("no_proxy", "collector.internal")
     assert Sender("http://otel.example:4318/v1/traces", {}, 1.0, False)._direct is None  # urllib, through the proxy
