@@ -63,6 +63,9 @@ TARGETS = (
     "litellm",
     "portkey",
 )
+# Measured only when named: the gateway's upstream client behind aiohttp's server, or behind a bare protocol,
+# doing nothing else (bench/floor_proxy.py): what is left of a request when the gateway does no work.
+FLOORS = ("floor-aiohttp", "floor-lean")
 WARMUP_CONNECTIONS = 8
 UPSTREAM_KEY = "sk-bench"
 
@@ -144,6 +147,8 @@ class Launcher:
         if name.startswith("gateway"):
             workers = (os.cpu_count() or 1) if name == "gateway-percore" else self.args.gateway_workers
             return self.gateway(name, accounting=name != "gateway-noacct", workers=workers)
+        if name in FLOORS:
+            return self.floor(name)
         return {"direct": self.direct, "bare": self.bare}[name]()
 
     def direct(self) -> Target:
@@ -153,6 +158,13 @@ class Launcher:
         port = free_port()
         pid = self._serve("bare", port, "bench.bare_proxy", "--upstream", f"http://127.0.0.1:{self.mock_port}")
         return Target("bare", _chat_url(port), UPSTREAM_KEY, "gpt-4o-mini", pid=pid)
+
+    def floor(self, name: str) -> Target:
+        port = free_port()
+        server = name.removeprefix("floor-")
+        upstream = f"http://127.0.0.1:{self.mock_port}"
+        pid = self._serve(name, port, "bench.floor_proxy", "--upstream", upstream, "--server", server)
+        return Target(name, _chat_url(port), UPSTREAM_KEY, "gpt-4o-mini", pid=pid)
 
     def _gateway_env(self, name: str, store: str, accounting: bool = True) -> dict[str, str]:
         writer = "thread" if name == "gateway-thread" else "process"
@@ -418,9 +430,9 @@ def _load_list(value: str) -> list[str]:
 
 def _target_list(value: str) -> list[str]:
     names = [name.strip() for name in value.split(",") if name.strip()]
-    unknown = sorted(set(names) - set(TARGETS))
+    unknown = sorted(set(names) - set(TARGETS) - set(FLOORS))
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"choose from {','.join(TARGETS)} (got {value!r})")
+        raise argparse.ArgumentTypeError(f"choose from {','.join(TARGETS + FLOORS)} (got {value!r})")
     return list(dict.fromkeys(names))
 
 
@@ -430,7 +442,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--duration", type=int, default=5, help="seconds per measurement (default 5)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds over all loads and targets (default 2)")
-    parser.add_argument("--targets", type=_target_list, default=list(TARGETS), help="default " + ",".join(TARGETS))
+    parser.add_argument(
+        "--targets",
+        type=_target_list,
+        default=list(TARGETS),
+        help="default " + ",".join(TARGETS) + "; also " + ",".join(FLOORS),
+    )
     parser.add_argument(
         "--loads",
         type=_load_list,

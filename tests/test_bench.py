@@ -78,3 +78,25 @@ def test_a_short_soak_loses_no_record_and_ends_with_nothing_in_flight():
     assert {"chat 200", "stream 200", "abort 200", "error 500"} <= set(outcomes), outcomes
     assert not [k for k in outcomes if "failed" in k], outcomes
     assert 0 < payload["reloaded_at"] < 6 and len(samples) >= 2 and all(s["rss_mb"] > 10 for s in samples)
+
+
+def test_the_server_floors_pass_chat_and_streams_through():
+    """`floor-aiohttp` and `floor-lean` (bench/floor_proxy.py, named only on request): the gateway's upstream
+    client behind aiohttp's server and behind a bare protocol answer every chat request and relay every stream
+    whole (`data: [DONE]` included), with CPU measured."""
+    options = ["--quick", "--targets", "floor-aiohttp,floor-lean", "--loads", "c32,c1,stream", "--streams", "4"]
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", *options, "--events", "5", "--gap-ms", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for target in ("floor-aiohttp", "floor-lean"):
+        rows = [line for line in result.stdout.splitlines() if line.startswith(f"| {target} |")]
+        assert len(rows) == 3, result.stdout[-3000:]
+        for row in rows:
+            cells = [cell.strip() for cell in row.strip("|").split("|")]
+            assert float(cells[3].replace(",", "")) > 0 and cells[-1] == "0", row  # requests/s, errors
+            assert cells[10] not in ("", "—"), row  # CPU µs per request
