@@ -3,13 +3,13 @@ server or behind a bare HTTP/1.1 protocol (~60 lines); what is left of a request
 
 `python -m bench.floor_proxy --port P --upstream http://127.0.0.1:M --server aiohttp|lean`
 
-Both send every request's body to the upstream as it came (a POST to the same path, over `proxy.client.Pool`:
-a keep-alive pool of asyncio protocols with llhttp parsing) and answer with the upstream's status and body:
-whole, or relayed event by event as a chunked body when the upstream streams. `aiohttp`: an `aiohttp.web`
-application, as the gateway serves. `lean`: an `asyncio.Protocol` parsing requests with `httptools`, answering
-each in one write; a measuring instrument only (no pipelining, no limits, no error answers), not a server to
-deploy. The gap between the two is what aiohttp's server costs a request (bench targets `floor-aiohttp`,
-`floor-lean`).
+Both send every request's body to the upstream as it came (a POST to the same path, through a
+`proxy.upstream.Upstream` as the gateway makes one: a keep-alive pool of asyncio protocols with llhttp parsing)
+and answer with the upstream's status and body: whole, or relayed event by event as a chunked body when the
+upstream streams. `aiohttp`: an `aiohttp.web` application, as the gateway serves. `lean`: an `asyncio.Protocol`
+parsing requests with `httptools`, answering each in one write; a measuring instrument only (no pipelining, no
+limits, no error answers), not a server to deploy. The gap between the two is what aiohttp's server costs a
+request (bench targets `floor-aiohttp`, `floor-lean`).
 """
 
 from __future__ import annotations
@@ -19,27 +19,22 @@ import asyncio
 from typing import final
 
 import httptools
+import msgspec
 import uvloop
 from aiohttp import web
-from yarl import URL
 
-from proxy.client import Pool, Response
+from proxy.client import Response
+from proxy.config import ProviderConfig
+from proxy.upstream import Upstream
 
 _SSE = "text/event-stream"
 
 
-def make_pool(upstream: str) -> tuple[Pool, str]:
-    """The upstream's pool, and the path its requests go under."""
-    url = URL(upstream)
-    port = url.port or 80
-
-    async def connect(factory, timeout_s: float):  # type: ignore[no-untyped-def]
-        loop = asyncio.get_running_loop()
-        return await asyncio.wait_for(loop.create_connection(factory, url.host, port), timeout_s)
-
-    headers = {"Host": f"{url.host}:{port}", "Content-Type": "application/json", "Authorization": "Bearer sk-bench"}
-    pool = Pool(connect, headers, limit=1000, connect_s=5.0, first_byte_s=30.0, total_s=60.0)
-    return pool, url.raw_path.rstrip("/")
+def make_upstream(upstream: str) -> Upstream:
+    """The upstream as the gateway makes a provider (its pool, connection policy and request head), an
+    OpenAI-style one with the bench's key."""
+    config = msgspec.convert({"kind": "openai", "base_url": upstream, "api_key": "sk-bench"}, ProviderConfig)
+    return Upstream("bench", config)
 
 
 def _streams(resp: Response) -> bool:
@@ -51,14 +46,13 @@ def _streams(resp: Response) -> bool:
 
 def aiohttp_app(upstream: str) -> web.Application:
     app = web.Application()
-    pools: list[tuple[Pool, str]] = []
+    upstreams: list[Upstream] = []
 
     async def startup(app: web.Application) -> None:
-        pools.append(make_pool(upstream))
+        upstreams.append(make_upstream(upstream))
 
     async def forward(request: web.Request) -> web.StreamResponse:
-        pool, base = pools[0]
-        resp = await pool.request(base + request.path, await request.read())
+        resp = await upstreams[0].post(request.path, await request.read())
         try:
             if not _streams(resp):
                 return web.Response(status=resp.status, body=await resp.read(), content_type=resp.content_type)
@@ -83,8 +77,8 @@ def aiohttp_app(upstream: str) -> web.Application:
 class _Lean(asyncio.Protocol):
     """One client connection: requests parsed by httptools, answered one after another."""
 
-    def __init__(self, pool: Pool, base: str):
-        self.pool, self.base = pool, base
+    def __init__(self, upstream: Upstream):
+        self.upstream = upstream
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.url = b""
@@ -123,7 +117,7 @@ class _Lean(asyncio.Protocol):
         while True:
             url, body, keep_alive = await self.queue.get()
             try:
-                resp = await self.pool.request(self.base + url.decode(), body)
+                resp = await self.upstream.post(url.decode(), body)
             except Exception:  # the upstream failed: no error answer here, the connection is closed
                 transport.close()
                 return
@@ -149,8 +143,8 @@ class _Lean(asyncio.Protocol):
 
 
 async def serve_lean(host: str, port: int, upstream: str) -> None:
-    pool, base = make_pool(upstream)
-    server = await asyncio.get_running_loop().create_server(lambda: _Lean(pool, base), host, port)
+    target = make_upstream(upstream)
+    server = await asyncio.get_running_loop().create_server(lambda: _Lean(target), host, port)
     async with server:
         await server.serve_forever()
 
