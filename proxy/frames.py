@@ -5,6 +5,7 @@ child's side reads its standard input and writes its standard output with blocki
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import struct
@@ -44,16 +45,17 @@ def frame(op: bytes, payload: bytes) -> bytes:
     return HEAD.pack(op, len(payload)) + payload
 
 
+_stdin: io.BufferedReader | None = None
+
+
 def _read(size: int) -> bytes:
-    """Exactly `size` bytes of standard input; b"" when it closed first (the worker is gone)."""
-    chunks, left = [], size
-    while left:
-        chunk = os.read(0, left)
-        if not chunk:
-            return b""
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
+    """Exactly `size` bytes of standard input (read straight into one buffer of that size, the small ones
+    through a read-ahead); b"" when it closed first (the worker is gone)."""
+    global _stdin
+    if _stdin is None:
+        _stdin = open(0, "rb", buffering=1 << 16, closefd=False)  # noqa: SIM115 (for the process's life)
+    data = _stdin.read(size)
+    return data if len(data) == size else b""
 
 
 def read_frame() -> tuple[bytes, bytes] | None:

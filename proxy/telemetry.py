@@ -7,12 +7,13 @@ imports OpenTelemetry and a request does no tracing work.
 A request's spans are not built while it runs. At its start the gateway reads an incoming W3C `traceparent`
 (its parent; its sampled flag decides, else `sample_ratio` of trace ids) and draws the ids it will use; each
 upstream attempt gets its own span id, sent upstream in the attempt's `traceparent`. When the request has
-ended, its figures (already in its meta: clock readings, attempts, usage, cost; the finish reasons read from
-its answer) become one JSON text (one `orjson` call), kept in memory; every 250 ms those kept go down a pipe
-to this worker's trace exporter process (`proxy.trace_export`), which makes the spans and sends them to the
-collector. The worker never waits for it: requests beyond `max_queue`, or while the pipe is full (a
-collector down or slow), are dropped and counted in `gateway_trace_spans_dropped_total`; so are spans the
-exporter could not deliver. A dead exporter is started again.
+ended, its spans are written from its meta as OTLP/JSON bytes (`proxy.trace_spans`: clock readings, attempts,
+usage, cost; the finish reasons read from its answer) and kept; every 250 ms those kept go down a pipe to this
+worker's trace exporter process (`proxy.trace_export`), a batch of up to 512 requests a frame, which sends them
+to the collector (rendering the messages first when content is captured). The worker never waits for it:
+requests beyond `max_queue`, or while the pipe is full (a collector down or slow), are dropped and counted in
+`gateway_trace_spans_dropped_total`; so are spans the exporter could not deliver. A dead exporter is started
+again.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from typing import TYPE_CHECKING, Any, Final, final
 
 import orjson
 
-from proxy import trace_content
-from proxy.frames import COUNT, frame, receive, spawn
+from proxy import trace_content, trace_spans
+from proxy.frames import COUNT, HEAD, frame, receive, spawn
 
 if TYPE_CHECKING:
     from proxy.config import TracesConfig
@@ -44,6 +45,7 @@ _TRACEPARENT: Final = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2
 STREAM_CONTENT_BYTES: Final = 1 << 20
 STREAM_END_BYTES: Final = 64 << 10
 _DELAY_S: Final = 0.25  # how often finished requests go to the exporter process
+_BATCH: Final = 512  # requests a hand-over frame (an export request) holds, at most
 _PIPE_LIMIT: Final = 16 << 20  # bytes waiting for the exporter to read, beyond which requests are dropped
 
 
@@ -89,15 +91,20 @@ class Tracer:
     """Starts requests' traces, and hands finished ones to the exporter process."""
 
     __slots__ = (
+        "_batch",
+        "_batch_spans",
+        "_batches",
         "_config",
+        "_content",
         "_dropped",
+        "_encoder",
         "_flusher",
-        "_lines",
         "_logged_at",
         "_max",
         "_proc",
         "_reader",
-        "_spans",
+        "_requests",
+        "_wall",
         "capture",
         "ratio",
         "stream_bytes",
@@ -146,8 +153,15 @@ class Tracer:
         self.ratio = _sample_ratio(config.sample_ratio)
         self._dropped = dropped  # gateway_trace_spans_dropped_total
         self._max = config.max_queue
-        self._lines: list[bytes] = []  # finished requests (JSON), until the next hand-over
-        self._spans = 0  # the spans they make
+        self._encoder = trace_spans.Encoder(config.max_content_chars if config.capture_content else 0)
+        self._content = config.capture_content  # hand-overs hold `pending` requests (frames `P`), not spans (`B`)
+        self._wall = _wall()
+        # Finished requests' spans until the next hand-over, in batches: a batch's frame once it is closed, the
+        # requests' spans (bytes: not objects the garbage collector would walk) while it is open.
+        self._batches: list[bytes] = []  # closed: frame heads and payloads
+        self._batch: list[bytes] = []
+        self._batch_spans = 0
+        self._requests = 0  # kept, in all batches
         self._logged_at = -1e9
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -175,60 +189,33 @@ class Tracer:
         return Trace(random.getrandbits(128) or 1, random.getrandbits(64) or 1, None, "")
 
     def end(self, meta: RequestMeta, now: float) -> None:
-        """Keep a finished request's figures for the exporter (dropped, and counted, when it is behind): one
-        `orjson` call, now, so that nothing of the request outlives it. (Keeping its figures as a tuple until
-        the hand-over, to encode them all in one call, cost more in place: ~14 µs a request more CPU at 32
-        connections on the 2-core VM, of memory held longer.)"""
+        """Write a finished request's spans (OTLP/JSON, `proxy.trace_spans`) into the batch the exporter gets at
+        the next hand-over; dropped, and counted, when it is behind. Written now, into one buffer, so that
+        nothing of the request outlives it. (Keeping its figures until the hand-over cost more in place: ~14 µs a
+        request more CPU at 32 connections on the 2-core VM, of memory held longer.)"""
         trace = meta.trace
         if trace is None:
             return
-        spans = 1 + len(trace.attempt_ids)
-        if len(self._lines) >= self._max:
+        spans = 1 + max(len(trace.attempt_ids), len(meta.attempts))
+        if self._requests >= self._max:
             self._drop("queue_full", spans)
             return
         answer = trace.answer
         reasons = trace_content.finish_reasons(meta.surface, answer, trace.streamed) if answer else ()
-        usage = meta.usage
-        sent = text = ""
-        if trace.sent:
-            sent, text = trace.sent.decode("utf-8", "replace"), answer.decode("utf-8", "replace")
-        policies = [found["policy"] for found in meta.guardrails] if meta.guardrails else ()
         try:
-            line = orjson.dumps(
-                (  # proxy.trace_export's Finished, member for member
-                    trace.id,
-                    trace.span_id,
-                    trace.parent_id or 0,
-                    trace.state,
-                    trace.attempt_ids,
-                    trace.request,
-                    meta.surface,
-                    meta.model,
-                    meta.provider,
-                    meta.upstream_model,
-                    meta.status,
-                    meta.error_code,
-                    meta.t_start,
-                    meta.t_first_token,
-                    meta.t_end or now,
-                    meta.attempts,
-                    (usage.input_tokens, usage.output_tokens) if usage is not None else None,
-                    meta.cost_nanos,
-                    meta.native_id,
-                    (meta.team_id, meta.key_id, meta.cache_status, policies),
-                    reasons,
-                    sent,
-                    text,
-                    trace.streamed,
-                )
-            )
-        except orjson.JSONEncodeError:  # a text that is not Unicode (a lone surrogate): the request is not exported
+            written = self._encoder.request(meta, trace, reasons, meta.t_end or now, self._wall)
+            if self._content:  # rendered by the exporter process
+                written = trace_spans.pending(written, meta, trace)
+        except (orjson.JSONEncodeError, UnicodeEncodeError):  # text that is not Unicode (a lone surrogate)
             if self._dropped is not None:
                 self._dropped.labels("export_failed").inc(spans)
             log.warning("traces: spans dropped: their request's figures hold text that is not Unicode")
             return
-        self._lines.append(line)
-        self._spans += spans
+        if len(self._batch) >= _BATCH:
+            self._close_batch()
+        self._batch.append(written)
+        self._batch_spans += spans
+        self._requests += 1
 
     async def close(self, timeout: float = 5.0) -> None:
         """Hand over what is kept, and stop the exporter once it has exported it (killed after `timeout`)."""
@@ -265,22 +252,41 @@ class Tracer:
                 log.exception("traces: cannot hand spans to the exporter process")
 
     async def _flush(self) -> None:
-        if not self._lines:
+        if not self._requests:
             return
-        lines, spans = self._lines, self._spans
-        self._lines, self._spans = [], 0
         try:
             proc = await self._started()
         except BaseException:
-            self._drop("export_failed", spans)  # no exporter to take them: counted, then the failure is told
+            self._drop("export_failed", self._taken())  # no exporter to take them: counted, then the failure is told
             raise
         stdin = proc.stdin
         assert stdin is not None and stdin.transport is not None
         if stdin.transport.get_write_buffer_size() > _PIPE_LIMIT:  # the exporter is stuck on the collector
-            self._drop("queue_full", spans)
+            self._drop("queue_full", self._taken())
             return
-        wall = time.time_ns() - int(time.perf_counter() * 1e9)  # the epoch, on the clock the figures were read on
-        stdin.write(frame(b"B", b"[%d,[%b]]" % (wall, b",".join(lines))))  # no drain: its bound is checked above
+        stdin.writelines(self.handover())  # no drain: its bound is checked above
+
+    def handover(self) -> list[bytes]:
+        """The frames that hand the kept requests' spans to the exporter, a batch (`_BATCH` requests at most) a
+        frame: the spans it holds, as a count, then their OTLP/JSON, comma-separated (`B`), or, when content is
+        captured, a JSON array of `trace_spans.pending` texts (`P`). Nothing is kept after it."""
+        if self._batch:
+            self._close_batch()
+        frames, self._batches, self._requests = self._batches, [], 0
+        self._wall = _wall()  # read again for the next batches: the system clock may have been set
+        return frames
+
+    def _close_batch(self) -> None:
+        payload = b",".join(self._batch)
+        op = b"B"
+        if self._content:
+            op, payload = b"P", b"[%b]" % payload
+        self._batches += (HEAD.pack(op, COUNT.size + len(payload)) + COUNT.pack(self._batch_spans), payload)
+        self._batch, self._batch_spans = [], 0
+
+    def _taken(self) -> int:
+        """The spans kept, let go of (for the caller to count them lost)."""
+        return sum(COUNT.unpack_from(head, HEAD.size)[0] for head in self.handover()[::2])
 
     async def _started(self) -> asyncio.subprocess.Process:
         proc = self._proc
@@ -314,6 +320,11 @@ class Tracer:
 
 
 # -- encoders and exporters
+
+
+def _wall() -> int:
+    """Nanoseconds since the epoch at `perf_counter()` 0: what turns the requests' clock readings into times."""
+    return time.time_ns() - int(time.perf_counter() * 1e9)
 
 
 def _state(tracestate: str | None) -> str:

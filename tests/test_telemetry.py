@@ -417,7 +417,7 @@ def test_requests_beyond_the_queue_are_dropped_and_counted():
         meta.trace = tracer.start(None, None)
         meta.trace.upstream("127.0.0.1")  # type: ignore[union-attr]
         tracer.end(meta, 1.0)
-    assert len(tracer._lines) == 2
+    assert tracer._requests == 2
     assert dropped.labels("queue_full")._value.get() == 2  # the third request's server and client spans
 
 
@@ -433,41 +433,100 @@ async def test_a_long_streams_finish_reason_is_read_from_its_end(aiohttp_client,
     assert _attributes(server.attributes)["gen_ai.response.finish_reasons"] == ["stop"]
 
 
-GOOD = (
-    b'["0af7651916cd43dd8448eb211c80319c",7,0,"",[[8,"api.openai.com"]],[],"openai.chat","openai/gpt-4o-mini",'
-    b'"openai","gpt-4o-mini",200,"",1.0,0.0,2.0,[["openai",200,1.0,2.0]],[3,4],5,"chatcmpl-1",["team_1","k1","",[]],'
-    b'["stop"],"","",false]'
-)
-
-
 class Collector:
-    def __init__(self):
+    def __init__(self, ok: bool = True):
         self.sent: list[bytes] = []
+        self.ok = ok
 
     def send(self, body: bytes) -> bool:
-        self.sent.append(body)
-        return True
+        self.sent.append(bytes(body))
+        return self.ok
 
 
-def test_a_request_the_exporter_cannot_read_is_counted_lost_not_fatal():
-    """The exporter decodes a hand-over in one call; one that holds a request it cannot read is read request by
-    request: that one is lost (a span), counted, and the others are exported."""
+def _finished(tracer, native_id="chatcmpl-1", status=200, attempts=((200, 1.25, 1.75),)):
+    """A request as the handler leaves it, ended in `tracer`."""
+    from proxy.meta import RequestMeta, Usage
+
+    meta = RequestMeta("req", "openai.chat", 1.0)
+    meta.team_id, meta.key_id, meta.native_id, meta.status = "team_1", "k1", native_id, status
+    meta.model, meta.provider, meta.upstream_model = "openai/gpt-4o-mini", "openai", "gpt-4o-mini"
+    meta.usage, meta.cost_nanos = Usage(input_tokens=3, output_tokens=4, total_tokens=7), 5
+    meta.trace = tracer.start(None, None)
+    for code, start, end in attempts:
+        meta.trace.upstream_lines("api.openai.com")  # type: ignore[union-attr]
+        meta.attempts.append(("openai", code, start, end))
+    meta.trace.answer = b'{"choices":[{"finish_reason":"stop"}]}'  # type: ignore[union-attr]
+    tracer.end(meta, 2.0)
+    return meta
+
+
+def _payloads(frames):
+    """The payloads of a hand-over's frames (each given as its head, with the count, then the spans)."""
+    from proxy.frames import HEAD
+
+    return [frames[i][HEAD.size :] + frames[i + 1] for i in range(0, len(frames), 2)]
+
+
+def _spans(collector):
+    bodies = [orjson.loads(body) for body in collector.sent]
+    return [span for body in bodies for span in body["resourceSpans"][0]["scopeSpans"][0]["spans"]]
+
+
+def test_the_exporter_wraps_and_sends_the_batches_the_worker_hands_over():
+    """The worker writes a request's spans where it ends; a hand-over is a frame a batch (its span count, then
+    the spans); the exporter wraps each with the resource and sends it, or counts its spans lost."""
     from proxy import trace_export
+    from proxy.frames import COUNT
+    from proxy.telemetry import Tracer
 
-    encoder, collector = trace_export.Encoder({"service.name": "test"}, 0), Collector()
-    assert trace_export.export(encoder, collector, b'[1000,[%b,["not", "a", "request"]]]' % GOOD) == 1
-    assert trace_export.export(encoder, collector, b"not a hand-over") == 1
-    [body] = collector.sent
-    spans = orjson.loads(body)["resourceSpans"][0]["scopeSpans"][0]["spans"]
-    assert [s["name"] for s in spans] == ["chat openai/gpt-4o-mini", "chat gpt-4o-mini"]
-    assert spans[1]["parentSpanId"] == f"{7:016x}"
-    assert spans[0]["startTimeUnixNano"] == str(1000 + 10**9)  # the hand-over's epoch, plus the clock reading
+    tracer = Tracer(TracesConfig(enabled=True, endpoint="http://127.0.0.1:9/v1/traces"))
+    plain = _finished(tracer)
+    retried = _finished(tracer, native_id="", status=502, attempts=((503, 1.1, 1.2), (0, 1.3, 1.4)))
+    frames = tracer.handover()
+    assert tracer.handover() == []  # nothing kept after it
+    [batch] = _payloads(frames)  # one batch
+    assert COUNT.unpack_from(batch)[0] == 5  # 1 + 1 spans, then 1 + 2
+    resource = trace_export.attributes({"service.name": "test"}.items())
+    collector = Collector()
+    assert trace_export.export(resource, collector, batch) == 0
+    body = orjson.loads(collector.sent[0])
+    assert body["resourceSpans"][0]["resource"]["attributes"] == [
+        {"key": "service.name", "value": {"stringValue": "test"}}
+    ]
+    spans = _spans(collector)
+    server, client = "chat openai/gpt-4o-mini", "chat gpt-4o-mini"
+    assert [s["name"] for s in spans] == [server, client, server, client, client]
+    assert [s["kind"] for s in spans] == [2, 3, 2, 3, 3]
+    assert spans[0]["traceId"] == plain.trace.id and spans[2]["traceId"] == retried.trace.id
+    assert spans[1]["parentSpanId"] == spans[0]["spanId"] == f"{plain.trace.span_id:016x}"
+    assert spans[1]["spanId"] == f"{plain.trace.attempt_ids[0][0]:016x}"
+    start, end = int(spans[0]["startTimeUnixNano"]), int(spans[0]["endTimeUnixNano"])
+    assert end - start == 10**9 and int(spans[1]["endTimeUnixNano"]) - int(spans[1]["startTimeUnixNano"]) == 5 * 10**8
     attributes = {a["key"]: a["value"] for a in spans[0]["attributes"]}
     assert attributes["gen_ai.response.id"] == {"stringValue": "chatcmpl-1"}
     assert attributes["gen_ai.response.finish_reasons"] == {"arrayValue": {"values": [{"stringValue": "stop"}]}}
+    assert attributes["gen_ai.usage.input_tokens"] == {"intValue": "3"}
     assert attributes["gateway.team"] == {"stringValue": "team_1"}
     assert attributes["gateway.key_id"] == {"stringValue": "k1"}
-    assert "gateway.cache" not in attributes and "gateway.guardrails" not in attributes
+    assert "gateway.cache" not in attributes and "gateway.guardrails" not in attributes and "status" not in spans[0]
+    failed = {a["key"]: a["value"] for a in spans[2]["attributes"]}
+    assert failed["error.type"] == {"stringValue": "502"} and spans[2]["status"] == {"code": 2}
+    assert "gen_ai.response.id" not in failed
+    unreachable = {a["key"]: a["value"] for a in spans[4]["attributes"]}
+    assert unreachable["error.type"] == {"stringValue": "unreachable"} and spans[4]["status"] == {"code": 2}
+    assert trace_export.export(resource, Collector(ok=False), batch) == 5  # refused: its spans counted lost
+
+
+def test_a_hand_over_holds_512_requests_a_batch():
+    from proxy.frames import COUNT
+    from proxy.telemetry import Tracer
+
+    tracer = Tracer(TracesConfig(enabled=True, endpoint="http://127.0.0.1:9/v1/traces"))
+    for _ in range(513):
+        _finished(tracer)
+    batches = _payloads(tracer.handover())
+    assert [COUNT.unpack_from(batch)[0] for batch in batches] == [1024, 2]
+    assert [len(orjson.loads(b"[%b]" % batch[COUNT.size :])) for batch in batches] == [1024, 2]
 
 
 def test_a_request_whose_text_is_not_unicode_is_not_exported_and_counted():
@@ -475,21 +534,18 @@ def test_a_request_whose_text_is_not_unicode_is_not_exported_and_counted():
     an error for the request; the others go on."""
     from prometheus_client import CollectorRegistry, Counter
 
-    from proxy import trace_export
-    from proxy.meta import RequestMeta
+    from proxy.frames import COUNT
     from proxy.telemetry import Tracer
 
     dropped = Counter("dropped", "", ["reason"], registry=CollectorRegistry())
     tracer = Tracer(TracesConfig(enabled=True, endpoint="http://127.0.0.1:9/v1/traces"), dropped)
     for native_id in ("chatcmpl-1", "chatcmpl-\ud800"):
-        meta = RequestMeta("req", "openai.chat", 1.0)
-        meta.team_id, meta.key_id, meta.native_id, meta.status = "team_1", "k1", native_id, 200
-        meta.trace = tracer.start(None, None)
-        meta.trace.upstream_lines("127.0.0.1")  # type: ignore[union-attr]
-        tracer.end(meta, 2.0)
+        _finished(tracer, native_id)
     assert dropped.labels("export_failed")._value.get() == 2
-    wall, [request], unread = trace_export.decode_batch(b"[5,[%b]]" % b",".join(tracer._lines))
-    assert (wall, unread, bytes(request.native_id)) == (5, 0, b'"chatcmpl-1"')
+    [batch] = _payloads(tracer.handover())
+    assert COUNT.unpack_from(batch)[0] == 2
+    [server, _] = orjson.loads(b"[%b]" % batch[COUNT.size :])
+    assert {"key": "gen_ai.response.id", "value": {"stringValue": "chatcmpl-1"}} in server["attributes"]
 
 
 def test_a_tracestate_is_passed_on_only_as_w3c_allows():
@@ -597,3 +653,33 @@ def test_the_exporter_goes_through_the_proxy_the_environment_names(monkeypatch):
     for bad in ("http://127.0.0.1:99999/v1/traces", "http:///v1/traces", "ftp://127.0.0.1:9/"):
         sender = Sender(bad, {}, 1.0, False)
         assert sender._direct is None and not sender.send(b"{}")  # refused by urllib: lost, never fatal
+
+
+def test_captured_content_is_rendered_by_the_exporter_where_the_worker_marked_it():
+    """With `capture_content`, the worker hands its spans over unrendered (`P` frames): the exporter decodes the
+    request and the answer and puts their messages where the server span's marker is; a batch it cannot read is
+    counted lost."""
+    from proxy import trace_export
+    from proxy.frames import COUNT, HEAD
+    from proxy.telemetry import Tracer
+
+    config = TracesConfig(enabled=True, endpoint="http://127.0.0.1:9/v1/traces", capture_content=True)
+    tracer = Tracer(config)
+    meta = _finished(tracer)  # not kept: the request had no body as sent (none is rendered)
+    meta.trace.sent = b'{"model":"m","messages":[{"role":"user","content":"Say hi"}]}'  # type: ignore[union-attr]
+    meta.trace.answer = (  # type: ignore[union-attr]
+        b'{"id":"x","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,'
+        b'"message":{"role":"assistant","content":"Hi!"},"finish_reason":"stop"}]}'
+    )
+    tracer.end(meta, 2.0)
+    frames = tracer.handover()
+    assert [frame[: HEAD.size][:1] for frame in frames[::2]] == [b"P"]
+    [batch] = _payloads(frames)
+    rendered = trace_export._rendered(batch, 100)
+    assert rendered is not None and COUNT.unpack_from(rendered)[0] == 4
+    [plain, _, captured, _] = orjson.loads(b"[%b]" % rendered[COUNT.size :])
+    keys = {a["key"]: a["value"] for a in captured["attributes"]}
+    assert "Say hi" in keys["gen_ai.input.messages"]["stringValue"]
+    assert "Hi!" in keys["gen_ai.output.messages"]["stringValue"]
+    assert not any(a["key"].startswith("gen_ai.input") for a in plain["attributes"])
+    assert trace_export._rendered(batch[: COUNT.size] + b"[not json", 100) is None
