@@ -123,6 +123,40 @@ def aggregate(samples: Sequence[Sample], targets: Sequence[str]) -> list[Row]:
     return compared
 
 
+@dataclass(frozen=True, slots=True)
+class Ratio:
+    """A target's CPU per request over the baseline's, round by round (same load), and their median."""
+
+    target: str
+    load: str
+    median: float
+    rounds: list[float]
+
+
+def cpu_ratios(samples: Sequence[Sample], baseline: str) -> list[Ratio]:
+    """Each target's CPU per request divided by `baseline`'s in the same round and load; rounds where either
+    has no CPU figure are left out. The median of those ratios moves far less than a ratio of means when the
+    machine's speed drifts between rounds (both were measured minutes apart at most, in turn)."""
+    cpu = {(s.round, s.load, s.target): s.result.cpu_us for s in samples}
+    found: dict[tuple[str, str], list[float]] = {}
+    for s in samples:
+        base = cpu.get((s.round, s.load, baseline))
+        if s.target == baseline or not base or s.result.cpu_us is None:
+            continue
+        found.setdefault((s.target, s.load), []).append(s.result.cpu_us / base)
+    return [Ratio(t, load, statistics.median(rs), rs) for (t, load), rs in found.items()]
+
+
+def markdown_ratios(ratios: Sequence[Ratio], baseline: str) -> str:
+    if not ratios:
+        return ""
+    lines = [f"CPU per request over {baseline}'s, median of the per-round ratios (same load, same round):", ""]
+    for r in ratios:
+        each = ", ".join(f"{x:.3f}" for x in r.rounds)
+        lines.append(f"- {r.target}, {r.load}: **{r.median:.3f}x** ({each})")
+    return "\n".join(lines) + "\n"
+
+
 def _ms(value: float | None, sign: str = "") -> str:
     return "—" if value is None else f"{value:{sign}.2f}"
 
@@ -176,11 +210,14 @@ def markdown_report(
     settings: dict[str, Any],
     title: str,
     skipped: dict[str, str] | None = None,
+    ratios: str = "",
 ) -> str:
     notes = NOTES.format(rounds=settings["rounds"], duration=settings["duration_s"])
     skips = "".join(f"- skipped {name}: {why}\n" for name, why in (skipped or {}).items())
     skips = f"\n{skips}" if skips else ""
-    return f"# {title}\n\n{_line(info)}\n\n{_line(settings)}\n\n{markdown_table(rows)}\n{skips}\n{notes}\n"
+    ratios = f"\n{ratios}" if ratios else ""
+    table = markdown_table(rows)
+    return f"# {title}\n\n{_line(info)}\n\n{_line(settings)}\n\n{table}\n{skips}{ratios}\n{notes}\n"
 
 
 def plot(rows: Sequence[Row], path: Path) -> Path | None:

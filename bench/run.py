@@ -393,8 +393,13 @@ def run(args: argparse.Namespace) -> str:
         "gateway_workers": args.gateway_workers,
         "plain tool": "wrk" if wrk else "aiohttp",
     }
+    ratios = report.cpu_ratios(samples, args.baseline) if args.baseline in measured else []
+    if args.baseline:
+        settings["baseline"] = args.baseline
     title = f"Gateway benchmark, {started:%Y-%m-%d %H:%M} UTC"
-    markdown = report.markdown_report(rows, info, settings, title, skipped)
+    markdown = report.markdown_report(
+        rows, info, settings, title, skipped, report.markdown_ratios(ratios, args.baseline)
+    )
     payload = {
         "started": started.isoformat(),
         "machine": info,
@@ -402,6 +407,7 @@ def run(args: argparse.Namespace) -> str:
         "skipped": skipped,
         "rows": rows,
         "samples": samples,
+        "cpu_ratios": ratios,
     }
     stamp = f"{started:%Y%m%dT%H%M%SZ}"
     path = report.save(stamp, markdown, payload)
@@ -442,6 +448,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--duration", type=int, default=5, help="seconds per measurement (default 5)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds over all loads and targets (default 2)")
+    parser.add_argument(
+        "--baseline",
+        default="",
+        metavar="TARGET",
+        help="also report each target's CPU per request over TARGET's: the median of the per-round ratios",
+    )
     parser.add_argument(
         "--targets",
         type=_target_list,
@@ -494,6 +506,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--duration and --rounds must be at least 1")
     if args.soak < 0 or args.soak_rate < 1:
         parser.error("--soak must be >= 0 seconds and --soak-rate at least 1")
+    if args.baseline and args.baseline not in args.targets:
+        parser.error(f"--baseline {args.baseline} is not one of --targets ({','.join(args.targets)})")
     return args
 
 

@@ -9,14 +9,18 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from bench.pg_server import find_bin_dir
 from tests.conftest import ROOT
+
+BASELINE = ("--baseline", "gateway")  # each target's CPU per request over the gateway's, reported too
 
 
 def test_bench_quick_run_measures_all_targets(tmp_path):
     before = set((ROOT / "bench" / "results").glob("*.json"))
     result = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--streams", "8", "--events", "5", "--gap-ms", "2"],
+        [sys.executable, "-m", "bench", "--quick", "--streams", "8", "--events", "5", "--gap-ms", "2", *BASELINE],
         cwd=ROOT,
         # LiteLLM and Portkey, even when installed on this machine, are skipped: the smoke test stays quick
         # and checks the skip path (tests/test_bench_peers.py checks how they are set up).
@@ -55,6 +59,27 @@ def test_bench_quick_run_measures_all_targets(tmp_path):
     assert gateway_stream["ttft_ms"] > 0 and gateway_stream["event_delay_ms"] is not None
     translated = next(r for r in rows if r["target"] == "gateway-messages" and r["load"].startswith("stream"))
     assert translated["event_delay_ms"] is not None  # the send-time stamp survived the translation
+    otel = next(r for r in payload["cpu_ratios"] if r["target"] == "gateway-otel" and r["load"].startswith("chat"))
+    assert len(otel["rounds"]) == 1 and otel["median"] == otel["rounds"][0] > 0
+    assert not any(r["target"] in ("gateway", "direct") for r in payload["cpu_ratios"])  # direct: no CPU figure
+
+
+def test_cpu_ratios_are_the_median_of_each_rounds_ratio_to_the_baseline():
+    from bench.loads import Result
+    from bench.report import Sample, cpu_ratios, markdown_ratios
+    from bench.run import parse_args
+
+    def sample(round_no, target, cpu):
+        return Sample(round_no, target, "chat c=32", Result("wrk", 1000.0, 1.0, 2.0, 0, cpu_us=cpu))
+
+    samples = [sample(1, "gateway", 100.0), sample(1, "traced", 110.0), sample(2, "traced", 150.0)]
+    samples += [sample(2, "gateway", 150.0), sample(3, "gateway", 200.0), sample(3, "traced", 260.0)]
+    samples += [sample(4, "traced", 90.0), sample(5, "gateway", 100.0), sample(5, "traced", None)]
+    [ratio] = cpu_ratios(samples, "gateway")  # round 4 has no baseline, round 5 no figure: left out
+    assert (ratio.target, ratio.rounds, ratio.median) == ("traced", [1.1, 1.0, 1.3], 1.1)
+    assert "traced, chat c=32: **1.100x** (1.100, 1.000, 1.300)" in markdown_ratios([ratio], "gateway")
+    with pytest.raises(SystemExit):
+        parse_args(["--targets", "bare,gateway", "--baseline", "nginx"])
 
 
 def test_a_short_soak_loses_no_record_and_ends_with_nothing_in_flight():
