@@ -319,7 +319,7 @@ class Tracer:
             log.warning("traces: the exporter is behind (the collector is down or slow); dropping spans")
 
 
-# -- encoders and exporters
+# -- the clock, W3C headers and the configuration
 
 
 def _wall() -> int:

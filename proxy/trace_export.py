@@ -7,10 +7,11 @@ parsed into protobuf (`http/protobuf`: slower, ~40 µs a span). Its sending, whi
 is slow or down stay out of the worker's way.
 
 Frames (`proxy.frames`), worker to child: `C` the configuration (JSON: endpoint, headers, timeout, protocol,
-resource attributes; first, once: headers may hold an API key, never an argument), `B` a batch (the count of
-its spans, 8 bytes, then their OTLP/JSON, comma-separated). Child to worker: `D` and an 8-byte count, spans an
-export lost (the collector refused, timed out or is down). The child exits when its input closes, having
-exported what it had.
+resource attributes, content limit; first, once: headers may hold an API key, never an argument), `B` a batch
+(the count of its spans, 8 bytes, then their OTLP/JSON, comma-separated), or, when content is captured, `P` a
+batch to render first (the count, then a JSON array of `proxy.trace_spans.pending` texts). Child to worker:
+`D` and an 8-byte count, spans an export lost (the collector refused, timed out or is down). The child exits
+when its input closes, having exported what it had.
 """
 
 from __future__ import annotations
