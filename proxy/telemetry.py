@@ -33,6 +33,7 @@ import orjson
 
 from proxy import trace_content, trace_spans
 from proxy.frames import COUNT, HEAD, frame, receive, spawn
+from proxy.trace_spans import new_span_id
 
 if TYPE_CHECKING:
     from proxy.config import TracesConfig
@@ -81,7 +82,7 @@ class Trace:
         return lines.encode()
 
     def _attempt(self, address: str) -> int:
-        span_id = random.getrandbits(64) or 1
+        span_id = new_span_id()
         self.attempt_ids.append((span_id, address))
         return span_id
 
@@ -183,10 +184,10 @@ class Tracer:
             if not int(parent.group(3), 16) & 1:
                 return None  # the caller's trace is not sampled: neither is this part of it
             trace_id, parent_id = int(parent.group(1), 16), int(parent.group(2), 16)
-            return Trace(trace_id, random.getrandbits(64) or 1, parent_id, _state(tracestate))
+            return Trace(trace_id, new_span_id(), parent_id, _state(tracestate))
         if self.ratio <= 0 or (self.ratio < 1 and random.random() >= self.ratio):
             return None
-        return Trace(random.getrandbits(128) or 1, random.getrandbits(64) or 1, None, "")
+        return Trace(random.getrandbits(128) or 1, new_span_id(), None, "")
 
     def end(self, meta: RequestMeta, now: float) -> None:
         """Write a finished request's spans (OTLP/JSON, `proxy.trace_spans`) into the batch the exporter gets at

@@ -222,7 +222,7 @@ class Encoder:
         caller = b'"parentSpanId":"%016x",%b' % (span_id, state)
         ids = trace.attempt_ids
         if len(ids) < len(attempts):  # attempts that sent no traceparent: spans with ids of their own
-            ids = ids + [(_span_id(), "") for _ in range(len(attempts) - len(ids))]
+            ids = ids + [(new_span_id(), "") for _ in range(len(attempts) - len(ids))]
         for (who, code, started, ended), (attempt_id, address) in zip(attempts, ids, strict=False):
             name, fixed_attributes = _memo(self._clients, (fixed, who, address), self._client)
             if 0 < code < 400:
@@ -275,7 +275,8 @@ def with_content(items: bytes, limit: int) -> bytes:
     return b",".join(out)
 
 
-def _span_id() -> int:
+def new_span_id() -> int:
+    """A span id: 64 random bits, never 0 (W3C and OTLP read 0 as no span)."""
     return random.getrandbits(64) or 1
 
 

@@ -683,3 +683,23 @@ def test_captured_content_is_rendered_by_the_exporter_where_the_worker_marked_it
     assert "Hi!" in keys["gen_ai.output.messages"]["stringValue"]
     assert not any(a["key"].startswith("gen_ai.input") for a in plain["attributes"])
     assert trace_export._rendered(batch[: COUNT.size] + b"[not json", 100) is None
+
+
+def test_the_common_requests_template_writes_what_the_general_path_writes():
+    """The common request (one attempt, answered, usage, cost, response id) has its spans from one template; the
+    attribute-by-attribute path must write the same spans for it (a parent and a first token included)."""
+    from proxy import trace_spans
+    from proxy.telemetry import Tracer
+
+    tracer = Tracer(TracesConfig(enabled=True, endpoint="http://127.0.0.1:9/v1/traces"))
+    meta = _finished(tracer)
+    meta.trace.parent_id, meta.t_first_token = 42, 1.5  # type: ignore[union-attr]
+    encoder, reasons, wall = trace_spans.Encoder(0), ("stop",), 10**18
+    fast = encoder.request(meta, meta.trace, reasons, 2.0, wall)
+    fixed = next(iter(encoder._kinds))
+    kind, finish = encoder._kinds[fixed], encoder._reasons[reasons]
+    parent = b'"parentSpanId":"%016x",' % 42
+    first = trace_spans._FIRST_TOKEN % (wall + int(1.5e9))
+    general = encoder._spans(meta, meta.trace, 2.0, wall, fixed, kind, finish, parent, first)
+    assert orjson.loads(b"[%b]" % fast) == orjson.loads(b"[%b]" % general)
+    assert len(orjson.loads(b"[%b]" % fast)) == 2
