@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any, Final, final
 
 import orjson
 
-from proxy import trace_content, trace_spans
+from proxy import trace_collector, trace_content, trace_spans
 from proxy.frames import COUNT, HEAD, frame, receive, spawn
-from proxy.trace_spans import new_span_id
+from proxy.trace_spans import new_span_id, new_trace_id
 
 if TYPE_CHECKING:
     from proxy.config import TracesConfig
@@ -52,39 +52,59 @@ _PIPE_LIMIT: Final = 16 << 20  # bytes waiting for the exporter to read, beyond 
 
 @final
 class Trace:
-    """The ids one request's spans will have, drawn when it starts."""
+    """The ids one request's spans will have (lowercase hex, as ASCII bytes), drawn when it starts."""
 
-    __slots__ = ("answer", "attempt_ids", "id", "parent_id", "request", "sent", "span_id", "state", "streamed")
+    __slots__ = (
+        "answer",
+        "attempt_ids",
+        "parent_id",
+        "reasons",
+        "request",
+        "sent",
+        "span_id",
+        "state",
+        "streamed",
+        "trace_id",
+    )
 
-    def __init__(self, trace_id: int, span_id: int, parent_id: int | None, state: str):
-        self.id = f"{trace_id:032x}"  # as the W3C header, meta and the access log write it
+    def __init__(self, trace_id: bytes, span_id: bytes, parent_id: bytes, state: str):
+        self.trace_id = trace_id
         self.span_id = span_id
-        self.parent_id = parent_id  # the caller's span, when a traceparent came in
+        self.parent_id = parent_id  # the caller's span, when a traceparent came in (else b"")
         self.state = state  # the incoming tracestate, passed on
-        self.attempt_ids: list[tuple[int, str]] = []  # (span id, server address) per upstream attempt, in order
+        self.attempt_ids: list[tuple[bytes, str]] = []  # (span id, server address) per upstream attempt, in order
         self.request: tuple[tuple[str, Any], ...] = ()  # gen_ai.request.* attributes read from the request
         self.answer = b""  # the client's answer (whole, or the stream's end): its finish reasons
+        self.reasons: tuple[str, ...] | None = None  # they, when read with the answer's usage (else from `answer`)
         self.streamed = False
         self.sent = b""  # the request as sent on, when content is captured
 
+    @property
+    def id(self) -> str:
+        """The trace id, as the W3C header, meta and the access log write it."""
+        return self.trace_id.decode()
+
     def upstream(self, address: str) -> dict[str, str]:
         """The headers of the next upstream attempt (to `address`): a traceparent naming its own span."""
-        headers = {"traceparent": f"00-{self.id}-{self._attempt(address):016x}-01"}
+        headers = {"traceparent": f"00-{self.id}-{self._attempt(address).decode()}-01"}
         if self.state:
             headers["tracestate"] = self.state
         return headers
 
     def upstream_lines(self, address: str) -> bytes:
         """The same headers, as lines of a request head (`proxy.client.Pool.request`'s `lines`)."""
-        lines = f"traceparent: 00-{self.id}-{self._attempt(address):016x}-01\r\n"
+        lines = _TRACEPARENT_LINE % (self.trace_id, self._attempt(address))
         if self.state:
-            lines += f"tracestate: {self.state}\r\n"
-        return lines.encode()
+            lines += b"tracestate: %b\r\n" % self.state.encode()
+        return lines
 
-    def _attempt(self, address: str) -> int:
+    def _attempt(self, address: str) -> bytes:
         span_id = new_span_id()
         self.attempt_ids.append((span_id, address))
         return span_id
+
+
+_TRACEPARENT_LINE: Final = b"traceparent: 00-%b-%b-01\r\n"
 
 
 @final
@@ -95,16 +115,23 @@ class Tracer:
         "_batch",
         "_batch_spans",
         "_batches",
+        "_collector",
         "_config",
         "_content",
+        "_direct",
         "_dropped",
         "_encoder",
+        "_endpoint",
         "_flusher",
+        "_headers",
         "_logged_at",
         "_max",
         "_proc",
         "_reader",
         "_requests",
+        "_resource",
+        "_sending",
+        "_timeout",
         "_wall",
         "capture",
         "ratio",
@@ -137,10 +164,16 @@ class Tracer:
         # service.name and OTEL_RESOURCE_ATTRIBUTES, merged the SDK's way
         service = os.environ.get("OTEL_SERVICE_NAME") or config.service_name
         resource = Resource.create({"service.name": service})
+        self._endpoint, self._headers, self._timeout = _endpoint(config), _headers(config), config.timeout_s
+        trace_collector.check_endpoint(self._endpoint)
+        self._resource = trace_spans.attributes(resource.attributes.items())
+        # http/json without content: sent from here (`proxy.trace_collector`); else through the exporter process
+        self._direct = protocol == "http/json" and not config.capture_content
+        self._collector: trace_collector.Collector | None = None
         self._config = orjson.dumps(
             {
-                "endpoint": _endpoint(config),
-                "headers": _headers(config),
+                "endpoint": self._endpoint,
+                "headers": self._headers,
                 "timeout": config.timeout_s,
                 "protocol": protocol,
                 "resource": dict(resource.attributes),
@@ -157,9 +190,9 @@ class Tracer:
         self._encoder = trace_spans.Encoder(config.max_content_chars if config.capture_content else 0)
         self._content = config.capture_content  # hand-overs hold `pending` requests (frames `P`), not spans (`B`)
         self._wall = _wall()
-        # Finished requests' spans until the next hand-over, in batches: a batch's frame once it is closed, the
-        # requests' spans (bytes: not objects the garbage collector would walk) while it is open.
-        self._batches: list[bytes] = []  # closed: frame heads and payloads
+        # Finished requests' spans until the next hand-over, in batches: (its spans' count, its payload) once it
+        # is closed, the requests' spans (bytes: not objects the garbage collector would walk) while it is open.
+        self._batches: list[tuple[int, bytes]] = []  # closed
         self._batch: list[bytes] = []
         self._batch_spans = 0
         self._requests = 0  # kept, in all batches
@@ -167,15 +200,26 @@ class Tracer:
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
+        self._sending: asyncio.Task[None] | None = None  # the collector's export in progress
 
     async def open(self) -> None:
-        """Start the exporter process (at start-up: one that cannot start fails the start) and the hand-overs."""
-        await self._started()
+        """Start the exporter process (at start-up: one that cannot start fails the start), or the collector's
+        client, and the hand-overs."""
+        if self._direct:
+            self._collector = trace_collector.Collector(self._endpoint, self._headers, self._timeout, self._resource)
+        else:
+            await self._started()
         self._flusher = asyncio.get_running_loop().create_task(self._flush_every())
 
     def of(self, headers: Mapping[str, str]) -> Trace | None:
         """A request's trace (its parent from its `traceparent` and `tracestate`), or None when not sampled."""
-        return self.start(headers.get("traceparent"), headers.get("tracestate"))
+        traceparent = headers.get("traceparent")
+        if traceparent is None:  # the common case: a trace of its own, sampled or not
+            ratio = self.ratio
+            if ratio < 1 and (ratio <= 0 or random.random() >= ratio):
+                return None
+            return Trace(new_trace_id(), new_span_id(), b"", "")
+        return self.start(traceparent, headers.get("tracestate"))
 
     def start(self, traceparent: str | None, tracestate: str | None) -> Trace | None:
         """A request's trace, or None when it is not sampled."""
@@ -183,11 +227,11 @@ class Tracer:
         if parent is not None and int(parent.group(1), 16) and int(parent.group(2), 16):
             if not int(parent.group(3), 16) & 1:
                 return None  # the caller's trace is not sampled: neither is this part of it
-            trace_id, parent_id = int(parent.group(1), 16), int(parent.group(2), 16)
+            trace_id, parent_id = parent.group(1).encode(), parent.group(2).encode()
             return Trace(trace_id, new_span_id(), parent_id, _state(tracestate))
         if self.ratio <= 0 or (self.ratio < 1 and random.random() >= self.ratio):
             return None
-        return Trace(random.getrandbits(128) or 1, new_span_id(), None, "")
+        return Trace(new_trace_id(), new_span_id(), b"", "")
 
     def end(self, meta: RequestMeta, now: float) -> None:
         """Write a finished request's spans (OTLP/JSON, `proxy.trace_spans`) into the batch the exporter gets at
@@ -201,8 +245,9 @@ class Tracer:
         if self._requests >= self._max:
             self._drop("queue_full", spans)
             return
-        answer = trace.answer
-        reasons = trace_content.finish_reasons(meta.surface, answer, trace.streamed) if answer else ()
+        reasons, answer = trace.reasons, trace.answer
+        if reasons is None:
+            reasons = trace_content.finish_reasons(meta.surface, answer, trace.streamed) if answer else ()
         try:
             written = self._encoder.request(meta, trace, reasons, meta.t_end or now, self._wall)
             if self._content:  # rendered by the exporter process
@@ -219,11 +264,27 @@ class Tracer:
         self._requests += 1
 
     async def close(self, timeout: float = 5.0) -> None:
-        """Hand over what is kept, and stop the exporter once it has exported it (killed after `timeout`)."""
+        """Hand over what is kept and stop: the collector's client once it has sent it, or the exporter process
+        once it has exported it (killed after `timeout`). Spans not sent by then are counted lost."""
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
+        collector, self._collector = self._collector, None
+        if collector is not None:
+            try:
+                async with asyncio.timeout(timeout):
+                    if self._sending is not None:
+                        await self._sending
+                    await self._send(collector, self._take())
+            except TimeoutError:
+                log.warning("traces: the collector did not take the last spans in %.0f s: dropped", timeout)
+                if self._sending is not None:
+                    self._sending.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await self._sending  # its spans, counted
+            collector.close()
+            return
         with contextlib.suppress(OSError, RuntimeError):
             await self._flush()
         proc, self._proc = self._proc, None
@@ -242,7 +303,7 @@ class Tracer:
                 proc.kill()
             await proc.wait()
 
-    # -- the exporter process
+    # -- the hand-overs
 
     async def _flush_every(self) -> None:
         while True:
@@ -254,6 +315,10 @@ class Tracer:
 
     async def _flush(self) -> None:
         if not self._requests:
+            return
+        if self._collector is not None:  # one send at a time: while the collector is slow, requests wait here
+            if self._sending is None or self._sending.done():
+                self._sending = asyncio.get_running_loop().create_task(self._send(self._collector, self._take()))
             return
         try:
             proc = await self._started()
@@ -267,27 +332,48 @@ class Tracer:
             return
         stdin.writelines(self.handover())  # no drain: its bound is checked above
 
+    async def _send(self, collector: trace_collector.Collector, batches: list[tuple[int, bytes]]) -> None:
+        """Export the batches in turn; the spans of those the collector does not take are counted lost, and so
+        are those left when this is cancelled."""
+        done = 0
+        try:
+            for spans, payload in batches:
+                if not await collector.send(payload):
+                    self._lost(spans)
+                done += 1
+        finally:
+            self._lost(sum(spans for spans, _ in batches[done:]))
+
     def handover(self) -> list[bytes]:
-        """The frames that hand the kept requests' spans to the exporter, a batch (`_BATCH` requests at most) a
-        frame: the spans it holds, as a count, then their OTLP/JSON, comma-separated (`B`), or, when content is
-        captured, a JSON array of `trace_spans.pending` texts (`P`). Nothing is kept after it."""
+        """The frames that hand the kept requests' spans to the exporter process, a batch (`_BATCH` requests at
+        most) a frame: the spans it holds, as a count, then their OTLP/JSON, comma-separated (`B`), or, when
+        content is captured, a JSON array of `trace_spans.pending` texts (`P`). Nothing is kept after it."""
+        op = b"P" if self._content else b"B"
+        frames = []
+        for spans, payload in self._take():
+            frames += (HEAD.pack(op, COUNT.size + len(payload)) + COUNT.pack(spans), payload)
+        return frames
+
+    def _take(self) -> list[tuple[int, bytes]]:
+        """The kept batches, (spans, payload) each; nothing is kept after it."""
         if self._batch:
             self._close_batch()
-        frames, self._batches, self._requests = self._batches, [], 0
+        batches, self._batches, self._requests = self._batches, [], 0
         self._wall = _wall()  # read again for the next batches: the system clock may have been set
-        return frames
+        return batches
 
     def _close_batch(self) -> None:
         payload = b",".join(self._batch)
-        op = b"B"
-        if self._content:
-            op, payload = b"P", b"[%b]" % payload
-        self._batches += (HEAD.pack(op, COUNT.size + len(payload)) + COUNT.pack(self._batch_spans), payload)
+        self._batches.append((self._batch_spans, b"[%b]" % payload if self._content else payload))
         self._batch, self._batch_spans = [], 0
 
     def _taken(self) -> int:
         """The spans kept, let go of (for the caller to count them lost)."""
-        return sum(COUNT.unpack_from(head, HEAD.size)[0] for head in self.handover()[::2])
+        return sum(spans for spans, _ in self._take())
+
+    def _lost(self, spans: int) -> None:
+        if spans and self._dropped is not None:
+            self._dropped.labels("export_failed").inc(spans)
 
     async def _started(self) -> asyncio.subprocess.Process:
         proc = self._proc

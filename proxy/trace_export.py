@@ -28,12 +28,7 @@ from typing import Final, final
 import orjson
 
 from proxy.frames import COUNT, ignore_signals, read_frame, write_frame
-from proxy.trace_spans import attributes, with_content
-
-_BODY: Final = (  # an export request: the resource's attributes, then the spans
-    b'{"resourceSpans":[{"resource":{"attributes":[%b]},'
-    b'"scopeSpans":[{"scope":{"name":"stats-gateway"},"spans":[%b]}]}]}'
-)
+from proxy.trace_spans import EXPORT, attributes, with_content
 
 
 def protobuf(body: bytes) -> bytes:
@@ -141,7 +136,7 @@ def export(resource: bytes, sender: Sender, batch: bytes) -> int:
         return 0
     spans = COUNT.unpack_from(batch)[0]
     try:
-        ok = sender.send(_BODY % (resource, memoryview(batch)[COUNT.size :]))
+        ok = sender.send(EXPORT % (resource, memoryview(batch)[COUNT.size :]))
     except Exception as e:  # a fault of ours (an answer that cannot be read): counted, never fatal
         _complain(f"exporting {spans} spans failed: {e!r}")
         ok = False

@@ -11,8 +11,9 @@ the serving thread does not decode requests and answers for them.
 
 from __future__ import annotations
 
-import random
-from collections.abc import Iterable
+import binascii
+import os
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Final, final
 
 import orjson
@@ -41,9 +42,13 @@ SERVER: Final = 2  # OTLP's SpanKind
 CLIENT: Final = 3
 _MEMO_MAX: Final = 4096  # distinct sets of fixed attributes kept encoded (per kind of set)
 
+EXPORT: Final = (  # an export request: the resource's attributes, then the spans
+    b'{"resourceSpans":[{"resource":{"attributes":[%b]},'
+    b'"scopeSpans":[{"scope":{"name":"stats-gateway"},"spans":[%b]}]}]}'
+)
 # One span; its attributes: the fixed set (encoded once), then the varying ones, each with its leading comma.
 _SPAN: Final = (
-    b'{"traceId":"%b","spanId":"%016x",%b"name":%b,"kind":%d,"startTimeUnixNano":"%d","endTimeUnixNano":"%d",'
+    b'{"traceId":"%b","spanId":"%b",%b"name":%b,"kind":%d,"startTimeUnixNano":"%d","endTimeUnixNano":"%d",'
     b'"attributes":[%b%b]%b}'
 )
 _STATUS_CODE: Final = b',{"key":"http.response.status_code","value":{"intValue":"%d"}}'
@@ -61,12 +66,14 @@ _FIRST_TOKEN: Final = b',"events":[{"name":"gen_ai.first_token","timeUnixNano":"
 _FAILED: Final = b',"status":{"code":2}'  # OTLP's STATUS_CODE_ERROR
 CONTENT: Final = b"\x00"  # where a span's content attributes go (never in JSON text: it writes \u0000)
 # The common request in one template: answered on its one attempt, with usage, a cost and a response id; its
-# SERVER span, then its CLIENT span.
+# SERVER span, then its CLIENT span. Each distinct set of fixed figures writes its names and fixed attributes
+# into it once (`Encoder._answered_template`); what is left to fill is a request's own.
 _ANSWERED: Final = (
-    b'{"traceId":"%b","spanId":"%016x",%b"name":%b,"kind":2,"startTimeUnixNano":"%d","endTimeUnixNano":"%d",'
-    b'"attributes":[%b' + _STATUS_CODE + _ATTEMPTS + _RESPONSE_ID + _TOKENS + _COST + b"%b]%b},"
-    b'{"traceId":"%b","spanId":"%016x","parentSpanId":"%016x","name":%b,"kind":3,"startTimeUnixNano":"%d",'
-    b'"endTimeUnixNano":"%d","attributes":[%b' + _STATUS_CODE + b"]}"
+    b'{"traceId":"%%b","spanId":"%%b",%%b"name":%b,"kind":2,"startTimeUnixNano":"%%d","endTimeUnixNano":"%%d",'
+    b'"attributes":[%b'
+    + (_STATUS_CODE + _ATTEMPTS % 1 + _RESPONSE_ID + _TOKENS + _COST).replace(b"%", b"%%")
+    + b'%%b]%%b},{"traceId":"%%b","spanId":"%%b","parentSpanId":"%%b","name":%b,"kind":3,"startTimeUnixNano":"%%d",'
+    b'"endTimeUnixNano":"%%d","attributes":[%b' + _STATUS_CODE.replace(b"%", b"%%") + b"]}"
 )
 
 
@@ -128,18 +135,51 @@ class Encoder:
     """Requests' spans as OTLP/JSON: `request` gives one request's spans, comma-separated (a batch of them is
     wrapped in an export request by the exporter process)."""
 
-    __slots__ = ("_clients", "_kinds", "_reasons", "capture_chars")
+    __slots__ = ("_answered", "_clients", "_kinds", "_reasons", "capture_chars")
 
     def __init__(self, capture_chars: int):
         self.capture_chars = capture_chars  # content recorded per request (0: none)
         self._kinds: dict[tuple, _Kind] = {}  # fixed figures → what they make
         self._reasons: dict[tuple[str, ...], bytes] = {}  # finish reasons → their attribute
         self._clients: dict[tuple, tuple[bytes, bytes]] = {}  # (fixed figures, provider, address) → name, attributes
+        self._answered: dict[tuple, bytes] = {}  # (*fixed figures, provider, address) → the common request's template
 
     def request(self, meta: RequestMeta, trace: Trace, reasons: tuple[str, ...], end: float, wall: int) -> bytes:
         """One request's spans: its SERVER span and a CLIENT span per upstream attempt. `wall`: nanoseconds
         since the epoch at `perf_counter()` 0. Raises `orjson.JSONEncodeError` on text that is not Unicode."""
         policies = tuple(found["policy"] for found in meta.guardrails) if meta.guardrails else ()
+        finish = self._reasons.get(reasons) if reasons else b""
+        if finish is None:
+            finish = _memo(self._reasons, reasons, _finish_reasons)
+        parent = b'"parentSpanId":"%b",' % trace.parent_id if trace.parent_id else b""
+        first = _FIRST_TOKEN % (wall + int(meta.t_first_token * 1e9)) if meta.t_first_token else b""
+        attempts, ids, usage, status, native = meta.attempts, trace.attempt_ids, meta.usage, meta.status, meta.native_id
+        if (
+            len(ids) == 1
+            and len(attempts) == 1
+            and usage is not None
+            and meta.cost_nanos
+            and native
+            and status < 400
+            and not meta.error_code
+            and not trace.state
+            and not (self.capture_chars and trace.sent)
+            and 0 < attempts[0][1] < 400
+        ):  # the common request, in one template
+            (who, code, started, ended), (attempt_id, address) = attempts[0], ids[0]
+            figures = (
+                meta.surface, meta.model, meta.provider, meta.upstream_model, trace.request, meta.team_id,
+                meta.key_id, meta.cache_status, policies, who, address,
+            )  # fmt: skip
+            answered = self._answered.get(figures)
+            if answered is None:
+                answered = _memo(self._answered, figures, self._answered_template)
+            trace_id, span_id = trace.trace_id, trace.span_id
+            return answered % (
+                trace_id, span_id, parent, wall + int(meta.t_start * 1e9), wall + int(end * 1e9),
+                status, orjson.dumps(native), usage.input_tokens, usage.output_tokens, meta.cost_nanos, finish, first,
+                trace_id, attempt_id, span_id, wall + int(started * 1e9), wall + int((ended or started) * 1e9), code,
+            )  # fmt: skip
         fixed = (
             meta.surface,
             meta.model,
@@ -154,37 +194,16 @@ class Encoder:
         kind = self._kinds.get(fixed)
         if kind is None:
             kind = _memo(self._kinds, fixed, _Kind)
-        finish = self._reasons.get(reasons) if reasons else b""
-        if finish is None:
-            finish = _memo(self._reasons, reasons, _finish_reasons)
-        parent = b'"parentSpanId":"%016x",' % trace.parent_id if trace.parent_id else b""
-        first = _FIRST_TOKEN % (wall + int(meta.t_first_token * 1e9)) if meta.t_first_token else b""
-        attempts, ids, usage, status, native = meta.attempts, trace.attempt_ids, meta.usage, meta.status, meta.native_id
-        if (
-            len(attempts) == 1
-            and len(ids) == 1
-            and usage is not None
-            and meta.cost_nanos
-            and native
-            and status < 400
-            and not meta.error_code
-            and not trace.state
-            and not (self.capture_chars and trace.sent)
-            and 0 < attempts[0][1] < 400
-        ):  # the common request, in one template
-            (who, code, started, ended), (attempt_id, address) = attempts[0], ids[0]
-            client = self._clients.get((fixed, who, address))
-            if client is None:
-                client = _memo(self._clients, (fixed, who, address), self._client)
-            trace_id, span_id = trace.id.encode(), trace.span_id
-            return _ANSWERED % (
-                trace_id, span_id, parent, kind.name, wall + int(meta.t_start * 1e9), wall + int(end * 1e9),
-                kind.attributes, status, 1, orjson.dumps(native), usage.input_tokens, usage.output_tokens,
-                meta.cost_nanos, finish, first,
-                trace_id, attempt_id, span_id, client[0], wall + int(started * 1e9),
-                wall + int((ended or started) * 1e9), client[1], code,
-            )  # fmt: skip
         return self._spans(meta, trace, end, wall, fixed, kind, finish, parent, first)
+
+    def _answered_template(self, *figures: Any) -> bytes:
+        """The common request's two spans for these figures (the server span's fixed figures, then the attempt's
+        provider and address): `_ANSWERED` with what they make written in."""
+        fixed, (provider, address) = figures[:-2], figures[-2:]
+        kind = self._kinds.get(fixed) or _memo(self._kinds, fixed, _Kind)
+        name, attributes = self._client(fixed, provider, address)
+        parts = (kind.name, kind.attributes, name, attributes)
+        return _ANSWERED % tuple(part.replace(b"%", b"%%") for part in parts)
 
     def _spans(
         self,
@@ -214,12 +233,12 @@ class Encoder:
         if self.capture_chars and trace.sent:
             varying += CONTENT  # where the exporter puts the messages (`with_content`)
         tail = first + _FAILED if failed else first
-        trace_id, span_id = trace.id.encode(), trace.span_id
+        trace_id, span_id = trace.trace_id, trace.span_id
         state = b'"traceState":%b,' % orjson.dumps(trace.state) if trace.state else b""
         start, finished = wall + int(meta.t_start * 1e9), wall + int(end * 1e9)
         server = (trace_id, span_id, parent + state, kind.name, SERVER, start, finished, kind.attributes, varying, tail)
         spans = [_SPAN % server]
-        caller = b'"parentSpanId":"%016x",%b' % (span_id, state)
+        caller = b'"parentSpanId":"%b",%b' % (span_id, state)
         ids = trace.attempt_ids
         if len(ids) < len(attempts):  # attempts that sent no traceparent: spans with ids of their own
             ids = ids + [(new_span_id(), "") for _ in range(len(attempts) - len(ids))]
@@ -275,9 +294,33 @@ def with_content(items: bytes, limit: int) -> bytes:
     return b",".join(out)
 
 
-def new_span_id() -> int:
-    """A span id: 64 random bits, never 0 (W3C and OTLP read 0 as no span)."""
-    return random.getrandbits(64) or 1
+def _ids(size: int) -> Callable[[], bytes]:
+    """What gives ids of `size` random bytes, in lowercase hex (ASCII bytes), one at a time from `_drawn`."""
+    ids: Iterator[bytes] = iter(())
+
+    def take() -> bytes:
+        nonlocal ids
+        for found in ids:
+            return found
+        ids = _drawn(size)
+        return take()
+
+    return take
+
+
+def _drawn(size: int) -> Iterator[bytes]:
+    """Ids of `size` random bytes, in hex, drawn 4 KB at a time (one draw and one split instead of drawing and
+    formatting each); never all zeros, which W3C and OTLP read as none."""
+    ids = binascii.hexlify(os.urandom(_ID_BLOCK), b" ", size).split()
+    zero = b"00" * size
+    while zero in ids:
+        ids.remove(zero)
+    return iter(ids)
+
+
+_ID_BLOCK: Final = 4096  # random bytes drawn at once: 256 trace ids, or 512 span ids
+new_trace_id: Final = _ids(16)  # a trace id: 128 random bits, as 32 hex digits
+new_span_id: Final = _ids(8)  # a span id: 64 random bits, as 16 hex digits
 
 
 def _memo(memo: dict, key: Any, make: Any) -> Any:

@@ -142,6 +142,8 @@ async def test_a_plain_request_is_one_server_and_one_client_span(
     assert resource["service.name"] == "stats-gateway"
     expected = "application/json" if protocol == "http/json" else "application/x-protobuf"
     assert set(receiver.content_types) == {expected}
+    # http/json is sent by the worker itself; protobuf is made and sent by the exporter process
+    assert (gw.server.app[GATEWAY].tracer._proc is None) == (protocol == "http/json")
 
 
 async def test_a_stream_has_its_first_token_event(aiohttp_client, mock, store_url, key, receiver):
@@ -391,9 +393,8 @@ async def test_a_media_request_has_its_operation_name(aiohttp_client, mock, stor
 
 
 async def test_a_dead_exporter_process_is_replaced(aiohttp_client, mock, store_url, key, receiver):
-    gw = await _gateway(
-        aiohttp_client, _traced(load_config(DEFAULT_CONFIG, env=env_for(mock, store_url)), receiver.url)
-    )
+    config = load_config(DEFAULT_CONFIG, env=env_for(mock, store_url))
+    gw = await _gateway(aiohttp_client, _traced(config, receiver.url, protocol="http/protobuf"))
     tracer = gw.server.app[GATEWAY].tracer
     first = tracer._proc
     first.kill()
@@ -498,8 +499,8 @@ def test_the_exporter_wraps_and_sends_the_batches_the_worker_hands_over():
     assert [s["name"] for s in spans] == [server, client, server, client, client]
     assert [s["kind"] for s in spans] == [2, 3, 2, 3, 3]
     assert spans[0]["traceId"] == plain.trace.id and spans[2]["traceId"] == retried.trace.id
-    assert spans[1]["parentSpanId"] == spans[0]["spanId"] == f"{plain.trace.span_id:016x}"
-    assert spans[1]["spanId"] == f"{plain.trace.attempt_ids[0][0]:016x}"
+    assert spans[1]["parentSpanId"] == spans[0]["spanId"] == plain.trace.span_id.decode()
+    assert spans[1]["spanId"] == plain.trace.attempt_ids[0][0].decode()
     start, end = int(spans[0]["startTimeUnixNano"]), int(spans[0]["endTimeUnixNano"])
     assert end - start == 10**9 and int(spans[1]["endTimeUnixNano"]) - int(spans[1]["startTimeUnixNano"]) == 5 * 10**8
     attributes = {a["key"]: a["value"] for a in spans[0]["attributes"]}
@@ -558,7 +559,7 @@ def test_a_tracestate_is_passed_on_only_as_w3c_allows():
     lines = trace.upstream_lines("api.openai.com").decode()
     [(span_id, address)] = trace.attempt_ids
     assert lines == (
-        f"traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-{span_id:016x}-01\r\ntracestate: vendor=x,other=y\r\n"
+        f"traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-{span_id.decode()}-01\r\ntracestate: vendor=x,other=y\r\n"
     )
     assert address == "api.openai.com"
     for bad in ("vendor=\x7f", "vendor=\u00e9", "vendor=" + "x" * 600):  # a control, not ASCII, too long
@@ -577,6 +578,40 @@ def test_finish_reasons_are_read_from_the_answers_members_only():
     assert finish_reasons("openai.chat", b'{"choices":[{"finish_reason":null}]}', True) == ()
     assert finish_reasons("anthropic.messages", b'{"stop_reason":"tool_use","usage":{}}', False) == ("tool_use",)
     assert finish_reasons("openai.embeddings", b'{"finish_reason":"stop"}', False) == ()
+
+
+def test_a_chat_answers_finish_reasons_are_read_with_its_usage():
+    """A traced Chat Completions answer has its finish reasons read in the pass that reads its usage; an answer
+    whose choices are not as the API says gives none there (the span's are then read from the answer's bytes),
+    and is read as well as an untraced one."""
+    from proxy.translators.openai import response_view, traced_response_view
+
+    usage = b'"usage":{"prompt_tokens":3,"completion_tokens":4}'
+    answer = b'{"id":"c1","choices":[{"finish_reason":"stop"},{"finish_reason":"length"},{}],%b}' % usage
+    got, native, reasons = traced_response_view(answer)
+    assert (got, native) == response_view(answer) and got is not None and got.output_tokens == 4
+    assert native == "c1" and reasons == ("stop", "length")
+    assert traced_response_view(b'{"id":"c2","choices":[{"finish_reason":null}]}')[2] == ()
+    for odd in (b'{"id":"c3","choices":[{"finish_reason":5}]}', b'{"id":"c3","choices":"none"}'):
+        assert traced_response_view(odd) == (None, "c3", None)
+
+
+def test_ids_are_random_hex_and_never_zero(monkeypatch):
+    """Trace and span ids are cut from blocks of random bytes, in lowercase hex; an all-zero id (no id, for W3C
+    and OTLP) is never given."""
+    import os
+
+    from proxy import trace_spans
+
+    traces = [trace_spans.new_trace_id() for _ in range(1000)]  # more than one block of each
+    spans = [trace_spans.new_span_id() for _ in range(1000)]
+    assert len(set(traces)) == 1000 and len(set(spans)) == 1000
+    assert all(len(t) == 32 and int(t, 16) and t == t.lower() for t in traces)
+    assert all(len(s) == 16 and int(s, 16) and s == s.lower() for s in spans)
+    drawn = iter([bytes(8) + b"\x01" * 8 + bytes(4080), bytes(4096)])  # zeros, one id, zeros; then a fresh block
+    monkeypatch.setattr(os, "urandom", lambda n: next(drawn, b"\x02" * n))
+    new_span_id = trace_spans._ids(8)
+    assert [new_span_id() for _ in range(2)] == [b"01" * 8, b"02" * 8]
 
 
 async def test_a_cache_hit_is_one_server_span_with_its_finish_reasons(aiohttp_client, mock, store_url, key, receiver):
@@ -655,6 +690,90 @@ def test_the_exporter_goes_through_the_proxy_the_environment_names(monkeypatch):
         assert sender._direct is None and not sender.send(b"{}")  # refused by urllib: lost, never fatal
 
 
+async def test_the_worker_sends_json_exports_itself_on_one_connection(aiohttp_server, monkeypatch):
+    """http/json without content capture: the worker posts its batches to the collector itself (no exporter
+    process), with the configured headers, over one keep-alive connection opened again when the collector closed
+    it; an export the collector refuses is counted lost; closing sends what is left."""
+    from prometheus_client import CollectorRegistry, Counter
+
+    from proxy.telemetry import Tracer
+
+    _without_proxies(monkeypatch)
+    exports: list[tuple[tuple, dict, list]] = []  # (peer, headers, spans)
+    status = 200
+
+    async def collect(request: web.Request) -> web.Response:
+        body = orjson.loads(await request.read())
+        spans = body["resourceSpans"][0]["scopeSpans"][0]["spans"]
+        exports.append((request.transport.get_extra_info("peername"), dict(request.headers), spans))  # type: ignore[union-attr]
+        return web.Response(status=status)
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", collect)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    dropped = Counter("dropped", "", ["reason"], registry=CollectorRegistry())
+    config = TracesConfig(enabled=True, endpoint=str(server.make_url("/v1/traces")), headers={"x-api-key": "k1"})
+    tracer = Tracer(config, dropped)
+    await tracer.open()
+    assert tracer._proc is None
+
+    async def export(requests: int) -> None:
+        for _ in range(requests):
+            _finished(tracer)
+        await tracer._flush()
+        await tracer._sending
+
+    await export(2)
+    await export(1)
+    assert [len(spans) for _, _, spans in exports] == [4, 2]  # a server and a client span a request
+    assert len({peer for peer, _, _ in exports}) == 1
+    headers = exports[0][1]
+    assert headers["x-api-key"] == "k1" and headers["Content-Type"] == "application/json"
+    assert headers["User-Agent"].startswith("stats-gateway/")
+    await server.runner.server.shutdown(1.0)  # the collector closes its idle connections
+    await export(1)
+    assert len(exports) == 3 and exports[2][0] != exports[0][0]  # sent again, on a new connection
+    status = 503
+    await export(3)
+    assert dropped.labels("export_failed")._value.get() == 6  # refused: 3 requests' spans, counted
+    status = 200
+    _finished(tracer)
+    await tracer.close()
+    assert len(exports[-1][2]) == 2 and dropped.labels("export_failed")._value.get() == 6
+    await server.close()
+
+
+async def test_the_worker_sends_through_the_proxy_the_environment_names(monkeypatch):
+    """An HTTP_PROXY the environment names carries the worker's exports (absolute-form requests); NO_PROXY and
+    an endpoint that is not an http(s) URL with a host are told at start."""
+    from proxy.telemetry import Tracer
+
+    lines: list[bytes] = []
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))[15:])
+        await reader.readexactly(length)
+        lines.append(head.split(b"\r\n")[0])
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    _without_proxies(monkeypatch)
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{port}")
+    tracer = Tracer(TracesConfig(enabled=True, endpoint="http://collector.example:4318/v1/traces?x=1"))
+    await tracer.open()
+    _finished(tracer)
+    await tracer.close()
+    assert lines == [b"POST http://collector.example:4318/v1/traces?x=1 HTTP/1.1"]
+    server.close()
+    for bad in ("http://127.0.0.1:99999/v1/traces", "http:///v1/traces", "ftp://127.0.0.1:9/", "localhost:4318"):
+        with pytest.raises(RuntimeError, match="not an http\\(s\\) URL with a host"):
+            Tracer(TracesConfig(enabled=True, endpoint=bad))
+
+
 def test_captured_content_is_rendered_by_the_exporter_where_the_worker_marked_it():
     """With `capture_content`, the worker hands its spans over unrendered (`P` frames): the exporter decodes the
     request and the answer and puts their messages where the server span's marker is; a batch it cannot read is
@@ -693,12 +812,12 @@ def test_the_common_requests_template_writes_what_the_general_path_writes():
 
     tracer = Tracer(TracesConfig(enabled=True, endpoint="http://127.0.0.1:9/v1/traces"))
     meta = _finished(tracer)
-    meta.trace.parent_id, meta.t_first_token = 42, 1.5  # type: ignore[union-attr]
+    meta.trace.parent_id, meta.t_first_token = b"%016x" % 42, 1.5  # type: ignore[union-attr]
     encoder, reasons, wall = trace_spans.Encoder(0), ("stop",), 10**18
     fast = encoder.request(meta, meta.trace, reasons, 2.0, wall)
     fixed = next(iter(encoder._kinds))
     kind, finish = encoder._kinds[fixed], encoder._reasons[reasons]
-    parent = b'"parentSpanId":"%016x",' % 42
+    parent = b'"parentSpanId":"%016x",' % 42  # as the trace's parent_id above
     first = trace_spans._FIRST_TOKEN % (wall + int(1.5e9))
     general = encoder._spans(meta, meta.trace, 2.0, wall, fixed, kind, finish, parent, first)
     assert orjson.loads(b"[%b]" % fast) == orjson.loads(b"[%b]" % general)

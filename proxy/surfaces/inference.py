@@ -147,8 +147,9 @@ async def _serve(
     meta.request_bytes = len(body)
     view = decode_request(body)
     _check_required(view, surface)
+    bound = view.output_bound()  # guardrails redact text, never this
     if meta.trace is not None:
-        meta.trace.request = _request_attributes(view)
+        meta.trace.request = _request_attributes(view, bound)
     name = view.model if view.model is not UNSET else default_model
     if not name:
         raise GatewayError(Code.invalid_request, "Missing required field `model`.", param="model")
@@ -166,7 +167,7 @@ async def _serve(
         hit = await _from_cache(request, gw, surface, body, view, key, meta, stream, wants_meta)
         if hit is not None:
             return hit
-    tokens = estimate(len(body), view.output_bound(), gw.limiter.default_output)
+    tokens = estimate(len(body), bound, gw.limiter.default_output)
     await admit(gw, key, model_id, meta, tokens)
 
     prefs = decode_prefs(view.provider)
@@ -181,10 +182,12 @@ async def _serve(
     return await _try_targets(request, gw, surface, body, view, model_id, model, targets, meta, wants_meta, echo)
 
 
-def _request_attributes(view: RequestView) -> tuple[tuple[str, Any], ...]:
-    """The request's gen_ai.request.* attributes (numbers the request names as numbers)."""
+def _request_attributes(view: RequestView, bound: int | None) -> tuple[tuple[str, Any], ...]:
+    """The request's gen_ai.request.* attributes (numbers the request names as numbers; `bound`: its output
+    bound, `view.output_bound()`)."""
+    if view.temperature is UNSET and view.top_p is UNSET:  # the common case
+        return (("gen_ai.request.max_tokens", bound),) if bound is not None else ()
     out: list[tuple[str, Any]] = []
-    bound = view.output_bound()
     if bound is not None:
         out.append(("gen_ai.request.max_tokens", bound))
     for name, raw in (("gen_ai.request.temperature", view.temperature), ("gen_ai.request.top_p", view.top_p)):
@@ -532,7 +535,7 @@ async def _respond(
     if resp.status >= 400:
         return _upstream_error(resp, data, upstream, meta, exchange)
     try:
-        meta.usage, meta.native_id = exchange.read(data)
+        meta.usage, meta.native_id = exchange.read(data, meta.trace is not None)
     except GatewayError as e:  # not an answer at all: another try may get one
         if e.code is Code.content_policy_violation:
             raise  # unless the provider refused what was asked (an image blocked for safety): final
@@ -556,7 +559,8 @@ async def _respond(
     if redactions:
         data = guarded.redact(data, redactions)  # type: ignore[union-attr]
     if meta.trace is not None:
-        meta.trace.answer = data  # its finish reasons (and content) are read when its spans are exported
+        meta.trace.answer = data  # its content, when captured (and its finish reasons, unless `read` gave them)
+        meta.trace.reasons = exchange.reasons
     meta.status = resp.status
     headers = {"Content-Type": "application/json", "x-request-id": meta.request_id}
     if meta.dropped_params:

@@ -211,6 +211,7 @@ class Exchange:
         "model",
         "native",
         "raw",
+        "reasons",
         "surface",
         "upload",
         "upstream",
@@ -241,6 +242,7 @@ class Exchange:
         self.raw = False  # a 2xx answer that is not JSON is relayed as bytes, as it arrives (audio, text)
         self.usage: Usage | None = None  # known from the request alone (speech: its characters)
         self.upload: Upload | None = None  # the body, when it streams from the client instead of `upstream.body`
+        self.reasons: tuple[str, ...] | None = None  # a whole answer's finish reasons, when `read` for a trace
 
     def relay(self, request_id: str, wants_meta: bool) -> Relay:
         if self._surface is None or self._provider is None:
@@ -255,12 +257,16 @@ class Exchange:
         shows_cost = self.wants_usage or self.surface != "openai.chat"
         return Pipe(self._provider.reader(), writer, request_id, wants_meta, shows_cost)
 
-    def read(self, body: bytes) -> tuple[Usage | None, str]:
+    def read(self, body: bytes, traced: bool = False) -> tuple[Usage | None, str]:
         """(usage, the provider's id) of a whole answer; GatewayError(502) when it is not one (or, from a media
-        translator, 400 `content_policy_violation` when the provider refused to make it)."""
+        translator, 400 `content_policy_violation` when the provider refused to make it). `traced`: its finish
+        reasons are wanted too (`reasons`, when they are read in the same pass: a Chat Completions answer)."""
         if self._provider is None or self._surface is None:
             if self._answer is not None:
                 return self._answer.read(body)
+            if traced and self.surface == "openai.chat":
+                usage, native_id, self.reasons = openai.traced_response_view(body)
+                return usage, native_id
             return _NATIVE_READERS.get(self.surface, openai.response_view)(body)
         self._parsed, usage = self._provider.parse_response(body)
         return usage, self._parsed.id

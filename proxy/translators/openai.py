@@ -209,6 +209,37 @@ class _ResponseView(msgspec.Struct):
 _response_decoder = msgspec.json.Decoder(_ResponseView)
 
 
+class _Finish(msgspec.Struct, gc=False):
+    finish_reason: str | None = None
+
+
+class _TracedResponseView(msgspec.Struct):
+    """`_ResponseView` and the choices' finish reasons, for a traced request's span (read in the same pass)."""
+
+    id: str = ""
+    usage: OpenAIUsage | None = None
+    choices: list[_Finish] = []
+
+
+_traced_response_decoder = msgspec.json.Decoder(_TracedResponseView)
+
+
+def traced_response_view(body: bytes) -> tuple[Usage | None, str, tuple[str, ...] | None]:
+    """`response_view`, and the finish reasons of the answer's choices (None when they are not where and what
+    the API says: the caller reads them another way)."""
+    try:
+        view = _traced_response_decoder.decode(body)
+    except (msgspec.DecodeError, RecursionError):
+        return (*response_view(body), None)
+    choices = view.choices
+    if len(choices) == 1:  # the common answer
+        reason = choices[0].finish_reason
+        reasons: tuple[str, ...] = (reason,) if reason is not None else ()
+    else:
+        reasons = tuple([choice.finish_reason for choice in choices if choice.finish_reason is not None])
+    return (view.usage.neutral() if view.usage else None), view.id, reasons
+
+
 def response_view(body: bytes) -> tuple[Usage | None, str]:
     """(usage, the provider's response id) from a JSON body; GatewayError(502) when it is not a JSON object."""
     try:
