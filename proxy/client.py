@@ -40,6 +40,7 @@ HIGH_WATER: Final = 256 * 1024  # body bytes buffered before reading from the pr
 LOW_WATER: Final = 64 * 1024  # ... and below which it resumes
 KEEPALIVE_S: Final = 15.0  # an idle pooled connection is closed after this (aiohttp's default too)
 _MAX_HEADS: Final = 512  # encoded request heads cached per pool (paths come from the config's models)
+_JOINED_BODY: Final = 64 * 1024  # a body this long or longer is written after its head, not joined to it
 _SAFE_PATH: Final = "/:@!$&'()*+,;=-._~%?"  # left as they are when a path is percent-encoded
 
 
@@ -530,7 +531,11 @@ class Pool:
         head = self._head(path, headers) + lines
         streamed = not isinstance(body, (bytes, bytearray))
         if not streamed:
-            message = b"%sContent-Length: %d\r\n\r\n%s" % (head, len(body), body)  # type: ignore[arg-type]
+            joined = len(body) < _JOINED_BODY or not isinstance(body, bytes)  # type: ignore[arg-type]
+            if joined:
+                message = b"%sContent-Length: %d\r\n\r\n%s" % (head, len(body), body)  # type: ignore[arg-type]
+            else:  # a long body is not copied into the message: written after its head as it is
+                message = b"%sContent-Length: %d\r\n\r\n" % (head, len(body))  # type: ignore[arg-type]
         for again in (False, True):
             conn = self._take() or await self._open(deadline)
             reused = conn.used > 0
@@ -540,8 +545,10 @@ class Pool:
                 if streamed:
                     resp.sent(self.total_s)  # while the upload is read from the client, only the total bound
                     await _send_chunked(conn, head, body)  # type: ignore[arg-type]
-                else:
+                elif joined:
                     conn.transport.write(message)  # type: ignore[union-attr]
+                else:
+                    conn.transport.writelines((message, body))  # type: ignore[union-attr, arg-type]
                 resp.sent(self.first_byte_s)
                 await resp.head()
             except Disconnected:

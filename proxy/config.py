@@ -204,7 +204,7 @@ class TracesConfig(_Base):
     # OTLP/HTTP body encoding: http/json (cheap) or http/protobuf (the SDK's exporter); OTEL_EXPORTER_OTLP_PROTOCOL wins
     protocol: Literal["http/json", "http/protobuf"] = "http/json"
     timeout_s: float = 10.0  # one export call
-    max_queue: int = 8192  # requests waiting for export (taken every 250 ms); beyond, their spans are dropped
+    max_queue: int = 8192  # requests waiting for export (sent 128 at a time, or every 250 ms); beyond, dropped
     capture_content: bool = False  # record prompts and answers (gen_ai.input/output.messages), after redaction
     max_content_chars: int = 16384  # of text per content attribute; the rest is cut
 

@@ -5,15 +5,16 @@ OTLP/HTTP exporter), and without it the gateway refuses to start with the comman
 imports OpenTelemetry and a request does no tracing work.
 
 A request's spans are not built while it runs. At its start the gateway reads an incoming W3C `traceparent`
-(its parent; its sampled flag decides, else `sample_ratio` of trace ids) and draws the ids it will use; each
+(its parent; its sampled flag decides, else `sample_ratio` of requests) and takes the ids it will use; each
 upstream attempt gets its own span id, sent upstream in the attempt's `traceparent`. When the request has
 ended, its spans are written from its meta as OTLP/JSON bytes (`proxy.trace_spans`: clock readings, attempts,
-usage, cost; the finish reasons read from its answer) and kept; every 250 ms those kept go down a pipe to this
-worker's trace exporter process (`proxy.trace_export`), a batch of up to 512 requests a frame, which sends them
-to the collector (rendering the messages first when content is captured). The worker never waits for it:
-requests beyond `max_queue`, or while the pipe is full (a collector down or slow), are dropped and counted in
-`gateway_trace_spans_dropped_total`; so are spans the exporter could not deliver. A dead exporter is started
-again.
+usage, cost, finish reasons) and kept. In `http/json` without captured content, the worker sends them to the
+collector itself (`proxy.trace_collector`): 128 requests an export, a full batch at once unless an export is
+on its way, the rest every 250 ms. Otherwise every 250 ms they go down a pipe to this worker's trace exporter
+process (`proxy.trace_export`), 512 requests a frame, which makes protobuf of them or renders their messages,
+and sends them. The worker never waits for either: requests beyond `max_queue` (or while the pipe is full) are
+dropped and counted in `gateway_trace_spans_dropped_total`; so are spans an export could not deliver. A dead
+exporter process is started again.
 """
 
 from __future__ import annotations
@@ -46,7 +47,10 @@ _TRACEPARENT: Final = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2
 STREAM_CONTENT_BYTES: Final = 1 << 20
 STREAM_END_BYTES: Final = 64 << 10
 _DELAY_S: Final = 0.25  # how often finished requests go to the exporter process
-_BATCH: Final = 512  # requests a hand-over frame (an export request) holds, at most
+_BATCH: Final = 512  # requests a hand-over frame to the exporter process holds, at most
+# Requests an export the worker sends itself holds, at most; a full one is sent at once when no export is on
+# its way (under load, every ~20 ms: holding the spans for less time costs less CPU than fewer, larger exports).
+_SEND_BATCH: Final = 128
 _PIPE_LIMIT: Final = 16 << 20  # bytes waiting for the exporter to read, beyond which requests are dropped
 
 
@@ -109,10 +113,11 @@ _TRACEPARENT_LINE: Final = b"traceparent: 00-%b-%b-01\r\n"
 
 @final
 class Tracer:
-    """Starts requests' traces, and hands finished ones to the exporter process."""
+    """Starts requests' traces, and sends finished ones to the collector (or hands them to the exporter process)."""
 
     __slots__ = (
         "_batch",
+        "_batch_max",
         "_batch_spans",
         "_batches",
         "_collector",
@@ -129,10 +134,10 @@ class Tracer:
         "_proc",
         "_reader",
         "_requests",
-        "_resource",
         "_sending",
         "_timeout",
         "_wall",
+        "_wrap",
         "capture",
         "ratio",
         "stream_bytes",
@@ -166,9 +171,12 @@ class Tracer:
         resource = Resource.create({"service.name": service})
         self._endpoint, self._headers, self._timeout = _endpoint(config), _headers(config), config.timeout_s
         trace_collector.check_endpoint(self._endpoint)
-        self._resource = trace_spans.attributes(resource.attributes.items())
+        # An export request's text before and after its spans (`trace_spans.EXPORT`, with the resource's attributes)
+        before, between, after = trace_spans.EXPORT.split(b"%b")
+        self._wrap = (before + trace_spans.attributes(resource.attributes.items()) + between, after)
         # http/json without content: sent from here (`proxy.trace_collector`); else through the exporter process
         self._direct = protocol == "http/json" and not config.capture_content
+        self._batch_max = _SEND_BATCH if self._direct else _BATCH
         self._collector: trace_collector.Collector | None = None
         self._config = orjson.dumps(
             {
@@ -206,7 +214,7 @@ class Tracer:
         """Start the exporter process (at start-up: one that cannot start fails the start), or the collector's
         client, and the hand-overs."""
         if self._direct:
-            self._collector = trace_collector.Collector(self._endpoint, self._headers, self._timeout, self._resource)
+            self._collector = trace_collector.Collector(self._endpoint, self._headers, self._timeout)
         else:
             await self._started()
         self._flusher = asyncio.get_running_loop().create_task(self._flush_every())
@@ -257,9 +265,14 @@ class Tracer:
                 self._dropped.labels("export_failed").inc(spans)
             log.warning("traces: spans dropped: their request's figures hold text that is not Unicode")
             return
-        if len(self._batch) >= _BATCH:
+        batch = self._batch
+        if len(batch) >= self._batch_max:
             self._close_batch()
-        self._batch.append(written)
+            batch = self._batch
+            sending = self._sending
+            if self._collector is not None and (sending is None or sending.done()):  # sent now: less held
+                self._sending = asyncio.get_running_loop().create_task(self._send(self._collector, self._take()))
+        batch.append(written)
         self._batch_spans += spans
         self._requests += 1
 
@@ -363,7 +376,11 @@ class Tracer:
         return batches
 
     def _close_batch(self) -> None:
-        payload = b",".join(self._batch)
+        batch = self._batch
+        if self._direct:  # the export request the collector gets, in one copy
+            batch[0] = self._wrap[0] + batch[0]
+            batch[-1] += self._wrap[1]  # (the same request, when it is alone)
+        payload = b",".join(batch)
         self._batches.append((self._batch_spans, b"[%b]" % payload if self._content else payload))
         self._batch, self._batch_spans = [], 0
 

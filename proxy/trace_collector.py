@@ -19,7 +19,6 @@ from proxy import __version__
 from proxy.client import ClientError, Pool
 from proxy.config import ProviderConfig
 from proxy.egress import Egress, SettingError
-from proxy.trace_spans import EXPORT
 
 log = logging.getLogger("proxy.telemetry")
 
@@ -44,9 +43,9 @@ class Collector:
     """POSTs export requests (OTLP/JSON) to the collector at `endpoint`, one at a time, over one keep-alive
     connection. Made inside the worker's event loop."""
 
-    __slots__ = ("_failed_at", "_pool", "_target", "origin", "resource")
+    __slots__ = ("_failed_at", "_pool", "_target", "origin")
 
-    def __init__(self, endpoint: str, headers: dict[str, str], timeout_s: float, resource: bytes):
+    def __init__(self, endpoint: str, headers: dict[str, str], timeout_s: float):
         check_endpoint(endpoint)
         try:
             egress = Egress(endpoint, ProviderConfig(kind="otlp", base_url=endpoint))
@@ -55,7 +54,6 @@ class Collector:
         url = urlsplit(endpoint)
         self._target = (url.path or "/") + (f"?{url.query}" if url.query else "")
         self.origin = _origin(endpoint) + egress.via  # for messages: never credentials
-        self.resource = resource  # the resource's attributes, OTLP/JSON
         self._pool = Pool(
             egress.connect,
             {
@@ -73,11 +71,11 @@ class Collector:
         )
         self._failed_at = -1e9
 
-    async def send(self, spans: bytes) -> bool:
-        """Export `spans` (OTLP/JSON spans, comma-separated); False when the collector did not take them (down,
-        slow beyond the timeout, or an answer that is not 2xx)."""
+    async def send(self, body: bytes) -> bool:
+        """Post an export request (`proxy.trace_spans.EXPORT`, its resource's attributes and spans written in);
+        False when the collector did not take it (down, slow beyond the timeout, or an answer that is not 2xx)."""
         try:
-            answer = await self._pool.request(self._target, EXPORT % (self.resource, spans))
+            answer = await self._pool.request(self._target, body)
             try:
                 await answer.read()
             finally:

@@ -1,12 +1,13 @@
 """What a traced request asked and was answered, as the OpenTelemetry GenAI conventions record it.
 
-`finish_reasons` reads the reasons the model stopped from the answer the client got (always, for a traced
-request: a regular expression over its bytes, cheap). `messages` (only with `telemetry.traces.capture_content`)
-reads the request as the gateway sent it on (after any guardrail redaction) and the client's answer, whole or
-streamed, through the surfaces' own decoders (`proxy.translators`), and gives the conventions' attributes:
-`gen_ai.system_instructions` (the Messages API's `system`, the Responses API's `instructions`),
-`gen_ai.input.messages` and `gen_ai.output.messages`, each a JSON text of role and parts, its texts cut so that
-each attribute carries at most `limit` characters of them. Both run in the export thread, never while serving.
+`finish_reasons` reads the reasons the model stopped from the answer the client got (for a traced request
+whose reasons were not read with its usage: `bytes.find` and a regular expression over its bytes, cheap).
+`messages` (only with `telemetry.traces.capture_content`) reads the request as the gateway sent it on (after any
+guardrail redaction) and the client's answer, whole or streamed, through the surfaces' own decoders
+(`proxy.translators`), and gives the conventions' attributes: `gen_ai.system_instructions` (the Messages API's
+`system`, the Responses API's `instructions`), `gen_ai.input.messages` and `gen_ai.output.messages`, each a JSON
+text of role and parts, its texts cut so that each attribute carries at most `limit` characters of them: in the
+trace exporter process, never while serving.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""The trace exporter process (`python -m proxy.trace_export`), started by a worker's `proxy.telemetry.Tracer`.
+"""The trace exporter process (`python -m proxy.trace_export`), started by a worker's `proxy.telemetry.Tracer`
+when its traces are sent as `http/protobuf` or with captured content (in `http/json` without content the worker
+sends them itself: `proxy.trace_collector`).
 
 The worker writes each finished request's spans as OTLP/JSON where the request ends (`proxy.trace_spans`) and
 hands them here every 250 ms, a batch of up to 512 requests a frame; this process wraps each batch in an export

@@ -115,6 +115,21 @@ async def test_keep_alive_reuses_one_connection_and_sends_one_head():
     assert body == b'{"model":"m"}'
 
 
+async def test_long_bodies_arrive_whole_on_a_kept_connection():
+    """A body of 64 KB or more is written after its head instead of being copied into one message (a bytearray
+    is copied still: its owner may change it); every body arrives whole, the connection kept."""
+    bodies = [b"a" * (64 * 1024 - 1), b"b" * (64 * 1024), bytes(range(256)) * 4096, bytearray(b"c" * 100_000)]
+    async with Server(json_reply()) as server:
+        pool = pool_for(server.port)
+        for body in bodies:
+            resp = await pool.request("/v1/embeddings", body)
+            assert resp.status == 200 and await resp.read() == b'{"ok":true}'
+            resp.release()
+        pool.close()
+    assert server.connections == 1 and [body for _, body in server.requests] == [bytes(b) for b in bodies]
+    assert all(b"Content-Length: %d\r\n" % len(b) in head for (head, _), b in zip(server.requests, bodies, strict=True))
+
+
 async def test_per_request_headers_replace_the_providers_own():
     async with Server(json_reply()) as server:
         pool = pool_for(server.port)

@@ -480,7 +480,7 @@ def test_the_exporter_wraps_and_sends_the_batches_the_worker_hands_over():
     from proxy.frames import COUNT
     from proxy.telemetry import Tracer
 
-    tracer = Tracer(TracesConfig(enabled=True, endpoint="http://127.0.0.1:9/v1/traces"))
+    tracer = Tracer(TracesConfig(enabled=True, endpoint="http://127.0.0.1:9/v1/traces", protocol="http/protobuf"))
     plain = _finished(tracer)
     retried = _finished(tracer, native_id="", status=502, attempts=((503, 1.1, 1.2), (0, 1.3, 1.4)))
     frames = tracer.handover()
@@ -519,15 +519,45 @@ def test_the_exporter_wraps_and_sends_the_batches_the_worker_hands_over():
 
 
 def test_a_hand_over_holds_512_requests_a_batch():
+    """A frame to the exporter process holds 512 requests at most (http/protobuf; likewise with content)."""
     from proxy.frames import COUNT
     from proxy.telemetry import Tracer
 
-    tracer = Tracer(TracesConfig(enabled=True, endpoint="http://127.0.0.1:9/v1/traces"))
+    tracer = Tracer(TracesConfig(enabled=True, endpoint="http://127.0.0.1:9/v1/traces", protocol="http/protobuf"))
     for _ in range(513):
         _finished(tracer)
     batches = _payloads(tracer.handover())
     assert [COUNT.unpack_from(batch)[0] for batch in batches] == [1024, 2]
     assert [len(orjson.loads(b"[%b]" % batch[COUNT.size :])) for batch in batches] == [1024, 2]
+
+
+async def test_the_worker_sends_a_full_batch_at_once(aiohttp_server, monkeypatch):
+    """When it sends its exports itself, the worker sends a batch of 128 requests as soon as it is full (unless
+    an export is on its way), not at the next 250 ms hand-over; what is left goes at the hand-over."""
+    from proxy.telemetry import Tracer
+
+    _without_proxies(monkeypatch)
+    exports: list[int] = []  # spans an export held
+    arrived = asyncio.Event()
+
+    async def collect(request: web.Request) -> web.Response:
+        exports.append(len(orjson.loads(await request.read())["resourceSpans"][0]["scopeSpans"][0]["spans"]))
+        arrived.set()
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", collect)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    tracer = Tracer(TracesConfig(enabled=True, endpoint=str(server.make_url("/v1/traces"))))
+    await tracer.open()
+    tracer._flusher.cancel()  # no hand-over on the clock: only a full batch is sent, until the close
+    for _ in range(130):
+        _finished(tracer)
+    async with asyncio.timeout(5):
+        await arrived.wait()
+    assert exports == [256] and tracer._requests == 2  # the first 128 requests' spans, sent before any hand-over
+    await tracer.close()
+    assert exports == [256, 4]
 
 
 def test_a_request_whose_text_is_not_unicode_is_not_exported_and_counted():
@@ -539,7 +569,8 @@ def test_a_request_whose_text_is_not_unicode_is_not_exported_and_counted():
     from proxy.telemetry import Tracer
 
     dropped = Counter("dropped", "", ["reason"], registry=CollectorRegistry())
-    tracer = Tracer(TracesConfig(enabled=True, endpoint="http://127.0.0.1:9/v1/traces"), dropped)
+    config = TracesConfig(enabled=True, endpoint="http://127.0.0.1:9/v1/traces", protocol="http/protobuf")
+    tracer = Tracer(config, dropped)
     for native_id in ("chatcmpl-1", "chatcmpl-\ud800"):
         _finished(tracer, native_id)
     assert dropped.labels("export_failed")._value.get() == 2
