@@ -242,10 +242,11 @@ class Tracer:
         return Trace(new_trace_id(), new_span_id(), b"", "")
 
     def end(self, meta: RequestMeta, now: float) -> None:
-        """Write a finished request's spans (OTLP/JSON, `proxy.trace_spans`) into the batch the exporter gets at
-        the next hand-over; dropped, and counted, when it is behind. Written now, into one buffer, so that
-        nothing of the request outlives it. (Keeping its figures until the hand-over cost more in place: ~14 µs a
-        request more CPU at 32 connections on the 2-core VM, of memory held longer.)"""
+        """Write a finished request's spans (OTLP/JSON, `proxy.trace_spans`) into the current batch (sent, or
+        handed to the exporter process, when it is full or at the next hand-over); dropped, and counted, when
+        `max_queue` requests wait. Written now, so that nothing of the request outlives it: keeping its figures
+        to write them later, in one loop, cost more CPU in place (memory held longer; measured in
+        docs/telemetry.md)."""
         trace = meta.trace
         if trace is None:
             return
