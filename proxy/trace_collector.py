@@ -83,6 +83,9 @@ class Collector:
         except (ClientError, OSError) as e:  # refused, timed out, not HTTP
             self._failed(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
             return False
+        except Exception:  # a fault of ours: the export is lost (counted), never the worker
+            log.exception("traces: an export to %s failed", self.origin)
+            return False
         if not 200 <= answer.status < 300:
             self._failed(f"it answered HTTP {answer.status}")
             return False
