@@ -774,6 +774,31 @@ async def test_the_worker_sends_json_exports_itself_on_one_connection(aiohttp_se
     await server.close()
 
 
+async def test_an_export_that_fails_on_a_fault_of_ours_is_lost_not_raised(caplog, monkeypatch):
+    """A fault of the sender itself (not the collector's) loses that export, counted and logged with the
+    collector's origin only; the worker's send task goes on."""
+    from prometheus_client import CollectorRegistry, Counter
+
+    from proxy.telemetry import Tracer
+
+    dropped = Counter("dropped", "", ["reason"], registry=CollectorRegistry())
+    endpoint = "http://127.0.0.1:9/v1/traces?key=secret"
+    tracer = Tracer(TracesConfig(enabled=True, endpoint=endpoint), dropped)
+    await tracer.open()
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    from proxy.client import Pool
+
+    monkeypatch.setattr(Pool, "request", broken)
+    _finished(tracer)
+    await tracer.close()
+    assert dropped.labels("export_failed")._value.get() == 2
+    logged = [r for r in caplog.records if "an export to" in r.getMessage()]
+    assert logged and "http://127.0.0.1:9" in logged[0].getMessage() and "secret" not in caplog.text
+
+
 async def test_the_worker_sends_through_the_proxy_the_environment_names(monkeypatch):
     """An HTTP_PROXY the environment names carries the worker's exports (absolute-form requests); NO_PROXY and
     an endpoint that is not an http(s) URL with a host are told at start."""
