@@ -270,9 +270,7 @@ class Tracer:
         if len(batch) >= self._batch_max:
             self._close_batch()
             batch = self._batch
-            sending = self._sending
-            if self._collector is not None and (sending is None or sending.done()):  # sent now: less held
-                self._sending = asyncio.get_running_loop().create_task(self._send(self._collector, self._take()))
+            self._send_kept()  # now, when the worker sends its exports itself: less held
         batch.append(written)
         self._batch_spans += spans
         self._requests += 1
@@ -330,9 +328,8 @@ class Tracer:
     async def _flush(self) -> None:
         if not self._requests:
             return
-        if self._collector is not None:  # one send at a time: while the collector is slow, requests wait here
-            if self._sending is None or self._sending.done():
-                self._sending = asyncio.get_running_loop().create_task(self._send(self._collector, self._take()))
+        if self._collector is not None:
+            self._send_kept()
             return
         try:
             proc = await self._started()
@@ -345,6 +342,13 @@ class Tracer:
             self._drop("queue_full", self._taken())
             return
         stdin.writelines(self.handover())  # no drain: its bound is checked above
+
+    def _send_kept(self) -> None:
+        """Send what is kept to the collector, unless an export is on its way: one at a time, so that while the
+        collector is slow the requests that end wait here (`max_queue` at most)."""
+        sending, collector = self._sending, self._collector
+        if collector is not None and (sending is None or sending.done()):
+            self._sending = asyncio.get_running_loop().create_task(self._send(collector, self._take()))
 
     async def _send(self, collector: trace_collector.Collector, batches: list[tuple[int, bytes]]) -> None:
         """Export the batches in turn; the spans of those the collector does not take are counted lost, and so

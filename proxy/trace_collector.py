@@ -40,13 +40,12 @@ def check_endpoint(endpoint: str) -> None:
 
 @final
 class Collector:
-    """POSTs export requests (OTLP/JSON) to the collector at `endpoint`, one at a time, over one keep-alive
-    connection. Made inside the worker's event loop."""
+    """POSTs export requests (OTLP/JSON) to the collector at `endpoint` (one `check_endpoint` passed), one at a
+    time, over one keep-alive connection. Made inside the worker's event loop."""
 
     __slots__ = ("_failed_at", "_pool", "_target", "origin")
 
     def __init__(self, endpoint: str, headers: dict[str, str], timeout_s: float):
-        check_endpoint(endpoint)
         try:
             egress = Egress(endpoint, ProviderConfig(kind="otlp", base_url=endpoint))
         except SettingError as e:
